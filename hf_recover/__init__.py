@@ -1,0 +1,87 @@
+"""hf_recover: heal structurally pruned language models by knowledge distillation.
+
+The public API. Names are imported lazily so that `import hf_recover` stays fast and a CLI
+`--help` does not pay for importing torch and transformers.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DistillationConfig": "config",
+    "DistillationTrainer": "trainer",
+    "PrunedConfig": "pruned_config",
+    "load_default_teacher": "models",
+    "load_default_corpus": "data",
+    "load_recovery_data": "data",
+    "prepare_recovery_dataset": "data",
+    "evaluate_perplexity": "evaluation",
+    "recovery_metrics": "evaluation",
+    "forward_kl": "losses",
+    "reverse_kl": "losses",
+    "skew_forward_kl": "losses",
+    "skew_reverse_kl": "losses",
+    "generalized_jsd": "losses",
+    "total_variation": "losses",
+    "hidden_alignment_loss": "losses",
+    "feature_dynamics_loss": "losses",
+    "build_layer_map": "alignment",
+    "block_importance": "pruning",
+    "plot_block_importance": "pruning",
+    "neuron_importance": "pruning",
+    "prune_depth": "pruning",
+    "prune_width": "pruning",
+    "load_pruned": "pruning",
+    "select_candidate": "pruning",
+    "CandidateReport": "pruning",
+    "generate_model_card": "hub",
+    "save_model_card": "hub",
+    "push_recovered": "hub",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # cache: the next lookup skips __getattr__
+        return value
+    raise AttributeError(f"module 'hf_recover' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .alignment import build_layer_map
+    from .config import DistillationConfig
+    from .data import load_default_corpus, load_recovery_data, prepare_recovery_dataset
+    from .evaluation import evaluate_perplexity, recovery_metrics
+    from .hub import generate_model_card, push_recovered, save_model_card
+    from .losses import (
+        feature_dynamics_loss,
+        forward_kl,
+        generalized_jsd,
+        hidden_alignment_loss,
+        reverse_kl,
+        skew_forward_kl,
+        skew_reverse_kl,
+        total_variation,
+    )
+    from .models import load_default_teacher
+    from .pruned_config import PrunedConfig
+    from .pruning import (
+        CandidateReport,
+        block_importance,
+        load_pruned,
+        neuron_importance,
+        plot_block_importance,
+        prune_depth,
+        prune_width,
+        select_candidate,
+    )
+    from .trainer import DistillationTrainer

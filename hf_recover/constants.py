@@ -1,0 +1,10 @@
+"""Names shared across hf_recover, defined once."""
+
+IGNORE_INDEX = -100
+"""Label value ignored by the losses and by perplexity (as in `torch.nn.CrossEntropyLoss`)."""
+
+PRUNED_CONFIG_NAME = "pruned_config.json"
+"""File written next to the weights of every pruned or recovered model."""
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
+"""`config.model_type` values that depth and width pruning support and test."""

@@ -1,0 +1,107 @@
+"""Offline fixtures: tiny models built from configs and a tokenizer trained on a few paragraphs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+TINY_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps in the warm sun all afternoon.",
+    "In the beginning was the word, and the word was written down in a small book of many pages.",
+    "Pruning removes whole transformer blocks or the neurons of their feed-forward layers.",
+    "Knowledge distillation teaches a small student to imitate the outputs of a larger teacher.",
+    "A river runs through the valley; farmers plant wheat and barley along its fertile banks.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "She sells sea shells by the sea shore, and the shells she sells are surely sea shells.",
+    "Perplexity is the exponential of the average negative log-likelihood per predicted token.",
+    "To be, or not to be, that is the question: whether tis nobler in the mind to suffer.",
+    "The kernel schedules tasks across processors and handles interrupts from many devices.",
+]
+
+# Every architecture that pruning supports, as tiny configs: (model_type, config class, extra kwargs).
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_TEXTS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def tiny_config(model_type: str = "llama", *, vocab_size: int = 320, **overrides):
+    """A tiny config of `model_type` (6 blocks, hidden 32, GLU MLP 64, 4 heads / 2 KV heads)."""
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    if model_type == "gemma3_text":
+        # Mixed sliding/full attention: every third block is full, the others slide over 8 tokens.
+        kwargs.update(head_dim=8, sliding_window=8, sliding_window_pattern=3)
+    if model_type == "qwen3":
+        kwargs.update(head_dim=8)
+    if model_type == "mistral":
+        kwargs.update(sliding_window=16)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_tiny_model(model_type: str = "llama", *, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="eager")
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model_factory():
+    """`tiny_model_factory("qwen3", num_hidden_layers=4)` builds a fresh tiny model."""
+    return build_tiny_model
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny_model(request):
+    """A tiny model of each supported architecture (the test runs once per architecture)."""
+    return build_tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_model("llama")
