@@ -14,7 +14,7 @@ _EXPORTS = {
     "DistillationTrainer": "trainer",
     "PrunedConfig": "pruned_config",
     "load_default_teacher": "models",
-    "load_default_corpus": "data",
+    "load_default_corpus": "corpus",
     "load_recovery_data": "data",
     "prepare_recovery_dataset": "data",
     "evaluate_perplexity": "evaluation",
@@ -59,7 +59,8 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .alignment import build_layer_map
     from .config import DistillationConfig
-    from .data import load_default_corpus, load_recovery_data, prepare_recovery_dataset
+    from .corpus import load_default_corpus
+    from .data import load_recovery_data, prepare_recovery_dataset
     from .evaluation import evaluate_perplexity, recovery_metrics
     from .hub import generate_model_card, push_recovered, save_model_card
     from .losses import (

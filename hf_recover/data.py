@@ -8,7 +8,9 @@ as every Hugging Face causal LM receives them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .constants import IGNORE_INDEX
@@ -18,6 +20,119 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "labels")
+
+
+LOCAL_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_recovery_data(
+    name_or_path: str | os.PathLike | Sequence[str | os.PathLike | Mapping[str, Any]],
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    weights: Sequence[float] | None = None,
+    subset: str | None = None,
+    seed: int = 0,
+    max_documents: int | None = None,
+    **load_kwargs: Any,
+) -> Dataset:
+    """Load recovery text as a `Dataset` with a `text` column (and `source`), from anywhere.
+
+    `name_or_path` is one source or a list of sources. A source is:
+    - `"default"`: the embedded offline corpus (`split` picks `train`, `validation` or `ood`);
+    - a local `.txt` (one document per file), `.json`/`.jsonl` or `.parquet` file, or a folder of them;
+    - a Hub dataset id (`subset` is its config name), used when the Hub is reachable;
+    - a dict `{"path": ..., "text_column": ..., "subset": ..., "split": ...}` overriding those per source.
+    Several sources are mixed by `datasets.interleave_datasets` with probabilities `weights` (equal by
+    default; the book mixes equal parts of four Cosmopedia subsets) until the first one runs out.
+    `max_documents` keeps the first documents after a shuffle with `seed`.
+    """
+    from datasets import interleave_datasets
+
+    specs = [name_or_path] if isinstance(name_or_path, str | os.PathLike | Mapping) else list(name_or_path)
+    if not specs:
+        raise ValueError("name_or_path is an empty list: give at least one dataset id, file or folder.")
+    if weights is not None:
+        if len(weights) != len(specs):
+            raise ValueError(f"Got {len(weights)} weights for {len(specs)} sources; give one weight per source.")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be >= 0 and not all zero, got {list(weights)}.")
+    sources = [_source_spec(spec, text_column=text_column, split=split, subset=subset) for spec in specs]
+    for source in sources:  # fail on a missing file before loading anything
+        _check_source_exists(source)
+    datasets = [_load_source(source, **load_kwargs) for source in sources]
+    if len(datasets) == 1:
+        dataset = datasets[0]
+    else:
+        probabilities = [w / sum(weights) for w in weights] if weights is not None else None
+        dataset = interleave_datasets(datasets, probabilities=probabilities, seed=seed)
+    if len(dataset) == 0:
+        raise ValueError(f"The recovery data from {specs} is empty.")
+    if max_documents is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_documents, len(dataset))))
+    return dataset
+
+
+def _source_spec(spec, *, text_column: str, split: str, subset: str | None) -> dict[str, Any]:
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - {"path", "text_column", "subset", "split"}
+        if "path" not in spec or unknown:
+            raise ValueError(
+                f"A source dict needs 'path' and may have 'text_column', 'subset', 'split'; got keys {sorted(spec)}."
+            )
+        return {"text_column": text_column, "split": split, "subset": subset, **spec, "path": str(spec["path"])}
+    return {"path": str(spec), "text_column": text_column, "split": split, "subset": subset}
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).exists() or path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_FORMATS
+
+
+def _check_source_exists(source: dict[str, Any]) -> None:
+    path = source["path"]
+    if path != "default" and _is_local(path) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"No such file or folder: {path}.")
+
+
+def _load_source(source: dict[str, Any], **load_kwargs: Any) -> Dataset:
+    from datasets import load_dataset
+
+    path, column = source["path"], source["text_column"]
+    if path == "default":
+        from .corpus import load_default_corpus
+
+        dataset = load_default_corpus()[source["split"]]
+    elif _is_local(path):
+        files = _local_files(Path(path).expanduser())
+        builder = LOCAL_FORMATS[files[0].suffix]
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs, **load_kwargs)
+    else:
+        try:
+            dataset = load_dataset(path, source["subset"], split=source["split"], **load_kwargs)
+        except (ConnectionError, OSError) as err:
+            raise OSError(
+                f"Could not load the Hub dataset {path!r} ({err}). Without the Hub, pass local .txt/.json/.jsonl/"
+                ".parquet files or 'default' (the embedded offline corpus)."
+            ) from err
+    _check_text_dataset(dataset, column, f"source {path!r}")
+    dataset = dataset.select_columns([column])
+    if column != "text":
+        dataset = dataset.rename_column(column, "text")
+    return dataset.add_column("source", [path] * len(dataset))
+
+
+def _local_files(path: Path) -> list[Path]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS)
+    if not files:
+        raise FileNotFoundError(f"{path} holds no {'/'.join(LOCAL_FORMATS)} file.")
+    unsupported = [f for f in files if f.suffix not in LOCAL_FORMATS]
+    if unsupported:
+        raise ValueError(f"Unsupported file type {unsupported[0].suffix!r}; use one of {sorted(LOCAL_FORMATS)}.")
+    formats = {LOCAL_FORMATS[f.suffix] for f in files}
+    if len(formats) > 1:
+        raise ValueError(f"{path} mixes file formats {sorted(formats)}; give each format as its own source.")
+    return files
 
 
 def prepare_recovery_dataset(
@@ -51,8 +166,13 @@ def prepare_recovery_dataset(
         return DatasetDict(
             {
                 name: prepare_recovery_dataset(
-                    split, tokenizer, max_length=max_length, packing=packing, text_column=text_column,
-                    num_proc=num_proc, seed=seed,
+                    split,
+                    tokenizer,
+                    max_length=max_length,
+                    packing=packing,
+                    text_column=text_column,
+                    num_proc=num_proc,
+                    seed=seed,
                 )
                 for name, split in dataset.items()
             }

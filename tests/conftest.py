@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
 
-import pytest
-import torch
+# Tests never reach the Hugging Face Hub: set before huggingface_hub / datasets read their settings.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY_TEXTS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the warm sun all afternoon.",
