@@ -39,6 +39,7 @@ _EXPORTS = {
     "generate_model_card": "hub",
     "save_model_card": "hub",
     "push_recovered": "hub",
+    "HubPushError": "hub",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -62,7 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .corpus import load_default_corpus
     from .data import load_recovery_data, prepare_recovery_dataset
     from .evaluation import evaluate_perplexity, recovery_metrics
-    from .hub import generate_model_card, push_recovered, save_model_card
+    from .hub import HubPushError, generate_model_card, push_recovered, save_model_card
     from .losses import (
         feature_dynamics_loss,
         forward_kl,
