@@ -1,0 +1,222 @@
+"""The recovery workflow the CLI, the examples and the strategy lab share: evaluate before and after,
+run a `DistillationTrainer`, and report the before/after table and the loss curve."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluation import count_parameters, evaluate_perplexity, recovery_metrics
+
+STRATEGIES: dict[str, dict[str, Any]] = {
+    # The strategy lab's recovery recipes (DistillationConfig fields). T = 2 throughout.
+    "ce_only": {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0},
+    "logits_kd": {"alpha": 0.5, "beta": 0.5, "gamma": 0.0, "delta": 0.0, "divergence": "forward_kl"},
+    "compound": {"alpha": 0.5, "beta": 0.5, "gamma": 0.1, "delta": 0.0, "divergence": "forward_kl"},
+    "skew_fdd": {"alpha": 0.5, "beta": 0.5, "gamma": 0.0, "delta": 0.1, "divergence": "skew_forward_kl",
+                 "skew_lambda": 0.1},
+}  # fmt: skip
+"""Named recovery strategies: CE only, logits KD, compound (CE + KD + hidden alignment), skew KL + FDD."""
+
+
+@dataclass
+class RecoveryResult:
+    """Before/after figures of one recovery run, as the model card and the tables read them."""
+
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
+    """`{split: {"teacher": ..., "pruned": ..., "recovered": ...}}`."""
+    teacher_parameters: int | None = None
+    student_parameters: int | None = None
+    train_steps: int | None = None
+    train_tokens: int | None = None
+    train_runtime: float | None = None
+    wall_time: float | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def card_metrics(self) -> dict[str, Any]:
+        """The `metrics` dict `hf_recover.generate_model_card` takes."""
+        metrics = {k: v for k, v in asdict(self).items() if k not in ("log_history", "wall_time") and v is not None}
+        return metrics
+
+    def recovery(self, split: str) -> dict[str, float] | None:
+        ppl = self.perplexity.get(split, {})
+        if {"teacher", "pruned", "recovered"} <= set(ppl):
+            return recovery_metrics(ppl["teacher"], ppl["pruned"], ppl["recovered"])
+        return None
+
+    def to_markdown(self) -> str:
+        """The before/after table: perplexity per split, recovery %, retention, parameters, time."""
+        lines = [
+            "| split | teacher PPL | pruned PPL | recovered PPL | recovery | retention |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for split, ppl in self.perplexity.items():
+            rec = self.recovery(split)
+            cells = [_ppl(ppl.get(k)) for k in ("teacher", "pruned", "recovered")]
+            cells += [f"{rec['recovery']:.1%}", f"{rec['retention']:.1%}"] if rec else ["", ""]
+            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+        facts = []
+        if self.teacher_parameters and self.student_parameters:
+            facts.append(
+                f"parameters: {_count(self.teacher_parameters)} -> {_count(self.student_parameters)} "
+                f"({1 - self.student_parameters / self.teacher_parameters:.1%} fewer)"
+            )
+        if self.train_steps is not None:
+            facts.append(
+                f"training: {self.train_steps} steps, {self.train_tokens:,} tokens, {self.train_runtime:.0f} s"
+            )
+        if self.wall_time is not None:
+            facts.append(f"wall time: {self.wall_time:.0f} s")
+        return "\n".join(lines) + ("\n\n" + "; ".join(facts) if facts else "")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _ppl(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.1f}" if value < 1e5 else f"{value:,.0f}"
+
+
+def needs_calibration(spec: dict[str, Any]) -> bool:
+    """Whether pruning by `spec` scores blocks or neurons on calibration data."""
+    return _scored_depth(spec.get("depth")) or spec.get("width", {}).get("method") == "activation"
+
+
+def _scored_depth(depth: dict[str, Any] | None) -> bool:
+    return bool(depth) and "remove" not in depth and "scores" not in depth and depth.get("method") != "last"
+
+
+def build_student(teacher: torch.nn.Module, spec: dict[str, Any], *, data: Any = None, max_batches: int | None = None):
+    """Prune a copy of `teacher` as `spec` says (`{"depth": {...}, "width": {...}}`, depth first).
+
+    `data` is the calibration data for the scored methods (depth `importance`/`angular`, width
+    `activation`; see `needs_calibration`). Returns `(student, PrunedConfig)`; `teacher` is untouched.
+    """
+    from .pruning import prune_depth, prune_width
+
+    student, pruned_config = teacher, None
+    if "depth" in spec:
+        depth = dict(spec["depth"])
+        if _scored_depth(depth):
+            depth.update(data=data, max_batches=max_batches)
+        student, pruned_config = prune_depth(student, **depth)
+    if "width" in spec:
+        width = dict(spec["width"])
+        if width.get("method") == "activation":
+            width.update(data=data, max_batches=max_batches)
+        student, pruned_config = prune_width(student, inplace=student is not teacher, **width)
+    return student, pruned_config
+
+
+def evaluate_splits(
+    models: dict[str, torch.nn.Module], splits: dict[str, Any], *, batch_size: int = 8, max_batches: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Perplexity of every model on every prepared split: `{split: {model_name: ppl}}`."""
+    return {
+        split: {
+            name: evaluate_perplexity(
+                model, data, batch_size=batch_size, max_batches=max_batches, desc=f"{name}/{split}"
+            )["perplexity"]
+            for name, model in models.items()
+        }
+        for split, data in splits.items()
+    }
+
+
+def run_recovery(
+    *,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    tokenizer,
+    args,
+    train_dataset,
+    eval_splits: dict[str, Any],
+    pruned_config=None,
+    eval_batch_size: int = 8,
+    eval_max_batches: int | None = None,
+    before: dict[str, dict[str, float]] | None = None,
+    datasets: list[str] | None = None,
+    callbacks: list | None = None,
+    save: bool = True,
+) -> tuple[Any, RecoveryResult]:
+    """Evaluate teacher and pruned student, recover the student with `DistillationTrainer`, evaluate it.
+
+    `args` is a `DistillationConfig`. `before` reuses teacher/pruned perplexities measured earlier
+    (`{split: {"teacher": ..., "pruned": ...}}`), so a lab comparing strategies pays for them once.
+    With `save`, the recovered model, tokenizer, `pruned_config.json` and model card are written to
+    `args.output_dir`. Returns `(trainer, result)`.
+    """
+    from .trainer import DistillationTrainer
+
+    start = time.perf_counter()
+    if before is None:
+        before = evaluate_splits(
+            {"teacher": teacher, "pruned": student},
+            eval_splits,
+            batch_size=eval_batch_size,
+            max_batches=eval_max_batches,
+        )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher if (args.beta > 0 or args.gamma > 0 or args.delta > 0) else None,
+        args=args,
+        pruned_config=pruned_config,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    train_output = trainer.train()
+    after = evaluate_splits(
+        {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches
+    )
+    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    result = RecoveryResult(
+        perplexity={split: {**before[split], **after[split]} for split in eval_splits},
+        teacher_parameters=count_parameters(teacher),
+        student_parameters=count_parameters(trainer.model),
+        train_steps=trainer.state.global_step,
+        train_tokens=trainer.state.global_step * tokens_per_step * len(train_dataset[0]["input_ids"]),
+        train_runtime=train_output.metrics.get("train_runtime"),
+        log_history=list(trainer.state.log_history),
+    )
+    result.wall_time = time.perf_counter() - start
+    trainer.model_card_metrics = result.card_metrics()
+    trainer.model_card_datasets = datasets
+    if save:
+        trainer.save_model(args.output_dir)
+    return trainer, result
+
+
+def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path, *, keys=("loss", "ce", "kd")) -> Path:
+    """Plot training-log curves (Trainer `log_history` per run) to a PNG: one panel per logged key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in entry for history in curves.values() for entry in history)]
+    if not keys:
+        raise ValueError("The log histories hold none of the keys to plot; set logging_steps so the trainer logs.")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, history in curves.items():
+            points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
+            if points:
+                ax.plot(*zip(*points), label=name, marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

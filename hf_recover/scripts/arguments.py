@@ -1,0 +1,179 @@
+"""Arguments shared by the `hf-recover` commands, and the loaders they drive."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT = "default"
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] = field(
+        default_factory=lambda: [DEFAULT],
+        metadata={
+            "help": "Recovery text: 'default' (the embedded offline corpus), local .txt/.json/.jsonl/.parquet files "
+            "or folders, or Hub dataset ids. Several are mixed by --dataset_weights."
+        },
+    )
+    dataset_weights: list[float] | None = field(default=None, metadata={"help": "Mixture weights, one per dataset."})
+    text_column: str = field(default="text", metadata={"help": "Column that holds the text."})
+    ood_dataset: str | None = field(
+        default=None,
+        metadata={"help": "A held-out domain to measure generalisation (the default corpus has its own 'ood')."},
+    )
+    max_length: int = field(default=512, metadata={"help": "Tokens per packed training/evaluation block."})
+    eval_max_length: int = field(default=512, metadata={"help": "Tokens per perplexity block."})
+    eval_blocks: int = field(
+        default=32, metadata={"help": "Packed blocks per split used for perplexity (32 x 512 = 16k tokens)."}
+    )
+    calibration_blocks: int = field(
+        default=16, metadata={"help": "Packed blocks of training text used to score blocks or neurons."}
+    )
+    max_train_documents: int | None = field(
+        default=None, metadata={"help": "Use only this many training documents (after a seeded shuffle)."}
+    )
+    data_seed_value: int = field(default=0, metadata={"help": "Seed for shuffling and splitting documents."})
+
+
+@dataclass
+class OutputArguments:
+    output_dir: str = field(default="outputs/hf-recover", metadata={"help": "Folder to write results to."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the output folder if it exists."})
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to write into a non-empty folder unless `overwrite` is set (before any work is done)."""
+    path = Path(path)
+    if path.is_file():
+        raise ValueError(f"Output {path} is a file; give a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"Output folder {path} already exists and is not empty; pass --overwrite to replace it.")
+    return path
+
+
+def load_model(name_or_path: str, *, dtype: str | None = None):
+    """`(model, tokenizer)` from 'default' (the embedded teacher), a local folder or a Hub id.
+
+    Width-pruned folders whose layers have different MLP sizes go through `hf_recover.load_pruned`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else torch.float32
+    if name_or_path == DEFAULT:
+        from ..models import load_default_teacher
+
+        return load_default_teacher(dtype=torch_dtype)
+    path = Path(name_or_path)
+    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+        raise FileNotFoundError(f"No such model folder: {name_or_path}.")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no config.json: it is not a saved model folder.")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    from ..constants import PRUNED_CONFIG_NAME
+
+    if (path / PRUNED_CONFIG_NAME).is_file():
+        from ..pruning import load_pruned
+
+        model = load_pruned(name_or_path, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    return model.eval(), tokenizer
+
+
+def load_text_splits(args: DataArguments) -> dict[str, Any]:
+    """Text splits `train`, `validation` and (when known) `ood` for the data arguments."""
+    from ..corpus import load_default_corpus
+    from ..data import load_recovery_data
+
+    if args.dataset == [DEFAULT] and args.dataset_weights is None:
+        corpus = load_default_corpus()
+        splits = {name: corpus[name] for name in ("train", "validation", "ood")}
+    else:
+        data = load_recovery_data(
+            args.dataset, text_column=args.text_column, weights=args.dataset_weights, seed=args.data_seed_value
+        )
+        if len(data) < 2:
+            raise ValueError("The recovery data has fewer than 2 documents: nothing to hold out for validation.")
+        held_out = data.train_test_split(test_size=max(1, int(0.05 * len(data))), seed=args.data_seed_value)
+        splits = {"train": held_out["train"], "validation": held_out["test"]}
+    if args.ood_dataset:
+        splits["ood"] = load_recovery_data(args.ood_dataset, text_column=args.text_column)
+    if args.max_train_documents is not None:
+        train = splits["train"].shuffle(seed=args.data_seed_value)
+        splits["train"] = train.select(range(min(args.max_train_documents, len(train))))
+    return splits
+
+
+def prepare_eval_splits(splits: dict[str, Any], tokenizer, args: DataArguments) -> dict[str, Any]:
+    """The first `eval_blocks` packed blocks of `validation` and `ood` (when present), for perplexity."""
+    from ..data import prepare_recovery_dataset
+
+    prepared = {}
+    for name in ("validation", "ood"):
+        if name in splits:
+            data = prepare_recovery_dataset(splits[name], tokenizer, max_length=args.eval_max_length)
+            prepared[name] = data.select(range(min(args.eval_blocks, len(data))))
+    return prepared
+
+
+def parse_prune_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """A pruning spec as `select_candidate` takes it, from a dict, JSON, or a shorthand.
+
+    Shorthands: `importance:6`, `angular:6`, `last:6` (depth, `n` blocks by that method),
+    `remove:3,12,13` (depth, those blocks), `width:maw:0.2` (width, method and pruning ratio), and
+    `+` to chain them (`importance:4+width:maw:0.1`).
+    """
+    if isinstance(spec, dict):
+        return _check_prune_spec(spec)
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            return _check_prune_spec(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"Prune spec {spec!r} is not valid JSON: {err}.") from err
+    result: dict[str, Any] = {}
+    for part in text.split("+"):
+        kind, _, rest = part.partition(":")
+        if kind in ("importance", "angular", "last") and rest.isdigit():
+            result["depth"] = {"method": kind, "n": int(rest)}
+        elif kind == "remove" and rest:
+            try:
+                result["depth"] = {"remove": [int(i) for i in rest.split(",")]}
+            except ValueError:
+                raise ValueError(f"Prune spec {part!r}: 'remove:' takes comma-separated block indices.") from None
+        elif kind == "width" and rest.count(":") == 1:
+            method, ratio = rest.split(":")
+            try:
+                result["width"] = {"method": method, "pruning_ratio": float(ratio)}
+            except ValueError:
+                raise ValueError(f"Prune spec {part!r}: the width ratio must be a number.") from None
+        else:
+            raise ValueError(
+                f"Unknown prune spec {part!r}. Use importance:N, angular:N, last:N, remove:I,J,..., "
+                "width:METHOD:RATIO, chained with '+', or a JSON dict like "
+                '{"depth": {"method": "importance", "n": 6}}.'
+            )
+    return _check_prune_spec(result)
+
+
+PRUNE_SPEC_KEYS = {
+    "depth": {"remove", "n", "method", "scores"},
+    "width": {"pruning_ratio", "expansion_rate", "divisor", "method", "layers"},
+}
+
+
+def _check_prune_spec(spec: Any) -> dict[str, Any]:
+    if not isinstance(spec, dict) or not spec or set(spec) - set(PRUNE_SPEC_KEYS):
+        raise ValueError(f"A prune spec is a dict with keys 'depth' and/or 'width'; got {spec!r}.")
+    for kind, options in spec.items():
+        if not isinstance(options, dict) or set(options) - PRUNE_SPEC_KEYS[kind]:
+            raise ValueError(
+                f"Prune spec {kind!r} takes a dict with keys {sorted(PRUNE_SPEC_KEYS[kind])}; got {options!r}."
+            )
+    return spec

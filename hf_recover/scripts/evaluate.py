@@ -1,0 +1,85 @@
+"""`hf-recover evaluate`: perplexity, recovery % and retention of a recovered model.
+
+    hf-recover evaluate --model outputs/demo --teacher default --pruned outputs/student
+    hf-recover evaluate --model outputs/demo --tasks my_task --include_path examples/lm_eval_tasks
+
+Perplexity is measured on `validation` and `ood` (the default corpus, or --dataset/--ood_dataset).
+With `--teacher` and `--pruned`, recovery % and retention follow. `--tasks` runs lm-eval tasks
+(needs `pip install lm-eval`), including local task files from `--include_path` that work offline;
+with `--teacher`, capability retention (mean accuracy of the model over the teacher's) is reported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .arguments import DataArguments, load_model, load_text_splits, prepare_eval_splits
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(
+        default="outputs/demo", metadata={"help": "The model to evaluate: folder, Hub id or 'default'."}
+    )
+    teacher: str | None = field(default=None, metadata={"help": "The teacher, for recovery % and retention."})
+    pruned: str | None = field(default=None, metadata={"help": "The pruned student before recovery."})
+    tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval task names (needs lm-eval)."})
+    include_path: str | None = field(default=None, metadata={"help": "Folder of local lm-eval task YAML files."})
+    limit: int | None = field(default=None, metadata={"help": "lm-eval: examples per task."})
+    output_file: str | None = field(default=None, metadata={"help": "Write the figures as JSON here."})
+
+
+def make_parser(subparsers=None):
+    from transformers import HfArgumentParser
+
+    types = (EvaluateArguments, DataArguments)
+    if subparsers is None:
+        return HfArgumentParser(types, description=__doc__)
+    return subparsers.add_parser("evaluate", dataclass_types=types, help="Perplexity, recovery %, retention.")
+
+
+def main(args: EvaluateArguments, data_args: DataArguments):
+    from ..recovery import RecoveryResult, evaluate_splits
+
+    if args.output_file and Path(args.output_file).exists():
+        raise ValueError(f"--output_file {args.output_file} exists; choose another path or delete it.")
+    if args.tasks:
+        from ..evaluation import evaluate_lm_eval  # noqa: F401  - fails early with the install hint
+
+    paths = {"recovered": args.model, "teacher": args.teacher, "pruned": args.pruned}
+    models, tokenizer = {}, None
+    for name, path in paths.items():
+        if path is not None:
+            models[name], tok = load_model(path)
+            tokenizer = tokenizer or tok
+    eval_splits = prepare_eval_splits(load_text_splits(data_args), tokenizer, data_args)
+    result = RecoveryResult(perplexity=evaluate_splits(models, eval_splits))
+    figures = {"perplexity": result.perplexity}
+    for split in eval_splits:
+        if (rec := result.recovery(split)) is not None:
+            figures[f"recovery_{split}"] = rec
+    print(result.to_markdown())
+
+    if args.tasks:
+        from ..evaluation import capability_retention, evaluate_lm_eval
+
+        scores = {
+            name: evaluate_lm_eval(
+                models[name], tokenizer, args.tasks, include_path=args.include_path, limit=args.limit
+            )
+            for name in ("recovered", "teacher")
+            if name in models
+        }
+        figures["lm_eval"] = scores
+        for name, per_task in scores.items():
+            for task, metrics in per_task.items():
+                print(f"{name:10s} {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if "teacher" in scores:
+            figures["capability_retention"] = capability_retention(scores["teacher"], scores["recovered"])
+            print(f"capability retention: {figures['capability_retention']:.1%}")
+    if args.output_file:
+        Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_file).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return figures

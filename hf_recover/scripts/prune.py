@@ -1,0 +1,63 @@
+"""`hf-recover prune`: prune a model in depth and/or width and save the student.
+
+    hf-recover prune --model default --prune importance:6 --output_dir out/student
+    hf-recover prune --model default --prune remove:3,12,13,14,15,17 --output_dir out/student
+    hf-recover prune --model default --prune "importance:4+width:maw:0.2" --output_dir out/student
+    hf-recover prune --model default --prune '{"width": {"expansion_rate": 2.0, "divisor": 64}}' ...
+
+Spec shorthands: `importance:N` / `angular:N` / `last:N` (remove N blocks by that method),
+`remove:I,J,...` (those blocks), `width:METHOD:RATIO` (maw, vow, pon or activation; the fraction of
+MLP neurons removed per block), chained with `+` (depth first), or a JSON dict. The output folder gets
+the student's weights, tokenizer and `pruned_config.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arguments import DEFAULT, DataArguments, OutputArguments, check_output_dir, load_model, parse_prune_spec
+
+
+@dataclass
+class PruneArguments:
+    model: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
+    prune: str = field(default="importance:6", metadata={"help": "What to remove (see the shorthands above)."})
+
+
+def make_parser(subparsers=None):
+    from transformers import HfArgumentParser
+
+    types = (PruneArguments, DataArguments, OutputArguments)
+    if subparsers is None:
+        parser = HfArgumentParser(types, description=__doc__)
+    else:
+        parser = subparsers.add_parser("prune", dataclass_types=types, help="Prune a model; save the student.")
+    parser.set_defaults(output_dir="outputs/student")
+    return parser
+
+
+def main(args: PruneArguments, data_args: DataArguments, out: OutputArguments):
+    from ..data import prepare_recovery_dataset
+    from ..evaluation import count_parameters
+    from ..recovery import build_student, needs_calibration
+    from .arguments import load_text_splits
+
+    spec = parse_prune_spec(args.prune)
+    output_dir = check_output_dir(out.output_dir, out.overwrite)
+    model, tokenizer = load_model(args.model)
+    calibration = None
+    if needs_calibration(spec):
+        train = prepare_recovery_dataset(
+            load_text_splits(data_args)["train"], tokenizer, max_length=data_args.max_length
+        )
+        calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+    student, pruned_config = build_student(model, spec, data=calibration)
+    student.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    pruned_config.save_pretrained(output_dir)
+    print(f"kept blocks: {pruned_config.kept_layer_indices}")
+    print(f"removed blocks: {pruned_config.removed_layer_indices}")
+    print(f"MLP sizes: {pruned_config.student_intermediate_sizes}")
+    print(f"parameters: {count_parameters(model):,} -> {count_parameters(student):,}")
+    print(f"Student, tokenizer and pruned_config.json: {output_dir}")
+    return student, pruned_config

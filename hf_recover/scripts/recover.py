@@ -1,0 +1,136 @@
+"""`hf-recover recover`: recover a pruned student from its teacher with `DistillationTrainer`.
+
+    hf-recover recover --teacher default --prune importance:6 --output_dir out/recovered \\
+        --max_steps 60 --alpha 0.5 --beta 0.5 --gamma 0.1
+    hf-recover recover --teacher default --student out/student --output_dir out/recovered
+    hf-recover recover --config recover.yaml
+
+The student is a pruned model folder (`--student`, with its `pruned_config.json`) or is pruned from the
+teacher here (`--prune`, see `hf-recover prune --help` for the spec). Teacher, pruned and recovered
+perplexity are measured on `validation` (and `ood` when known) before and after. The output folder gets
+the recovered model, tokenizer, `pruned_config.json`, a model card, `results.json`, `results.md` and
+`loss_curve.png`. Every `DistillationConfig` / `TrainingArguments` flag works (`--learning_rate`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import DistillationConfig
+from .arguments import (
+    DEFAULT,
+    DataArguments,
+    check_output_dir,
+    load_model,
+    load_text_splits,
+    parse_prune_spec,
+    prepare_eval_splits,
+)
+
+
+@dataclass
+class RecoverArguments:
+    teacher: str = field(
+        default=DEFAULT, metadata={"help": "Teacher: 'default' (embedded SmolLM2), folder or Hub id."}
+    )
+    student: str | None = field(default=None, metadata={"help": "A pruned student folder (else --prune is used)."})
+    prune: str | None = field(
+        default=None,
+        metadata={"help": "Prune the teacher here: importance:N, angular:N, last:N, remove:I,J, width:METHOD:RATIO."},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists and is not empty."})
+
+
+RECOVER_DEFAULTS = {
+    "output_dir": "outputs/recovered",
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "constant",
+    "max_steps": 60,
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "report_to": "none",
+}
+
+
+def make_parser(subparsers=None, *, name: str = "recover", defaults: dict | None = None, help: str | None = None):
+    from transformers import HfArgumentParser
+
+    dataclass_types = (RecoverArguments, DataArguments, DistillationConfig)
+    if subparsers is None:
+        parser = HfArgumentParser(dataclass_types, description=__doc__)
+    else:
+        parser = subparsers.add_parser(name, dataclass_types=dataclass_types, help=help or "Recover a student.")
+    parser.set_defaults(**{**RECOVER_DEFAULTS, **(defaults or {})})
+    return parser
+
+
+def main(recover_args: RecoverArguments, data_args: DataArguments, config: DistillationConfig):
+    from ..data import prepare_recovery_dataset
+    from ..pruned_config import PrunedConfig
+    from ..recovery import build_student, run_recovery
+
+    start = time.perf_counter()
+    # Check everything that can be wrong before any model or data is loaded.
+    output_dir = check_output_dir(config.output_dir, recover_args.overwrite)
+    if (recover_args.student is None) == (recover_args.prune is None):
+        raise ValueError("Give exactly one of --student (a pruned model folder) or --prune (a spec to prune with).")
+    spec = parse_prune_spec(recover_args.prune) if recover_args.prune else None
+    if recover_args.student and not Path(recover_args.student).is_dir():
+        raise FileNotFoundError(f"--student {recover_args.student} is not a folder.")
+
+    teacher, tokenizer = load_model(recover_args.teacher)
+    splits = load_text_splits(data_args)
+    train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
+    eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
+
+    if spec is not None:
+        calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+        student, pruned_config = build_student(teacher, spec, data=calibration)
+    else:
+        student, _ = load_model(recover_args.student)
+        pruned_config = PrunedConfig.find_for(student)
+
+    trainer, result = run_recovery(
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
+        args=config,
+        train_dataset=train,
+        eval_splits=eval_splits,
+        pruned_config=pruned_config,
+        datasets=list(data_args.dataset),
+    )
+    result.wall_time = time.perf_counter() - start
+    write_results(output_dir, result, {"strategy": strategy_summary(config), "prune": spec or recover_args.student})
+    print(result.to_markdown())
+    print(f"\nRecovered model, tokenizer, pruned_config.json and model card: {output_dir}")
+    return result
+
+
+STRATEGY_FIELDS = (
+    "alpha", "beta", "gamma", "delta", "temperature", "divergence", "skew_lambda", "jsd_beta", "alignment",
+    "layer_map", "learning_rate", "lr_scheduler_type", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed",
+)  # fmt: skip
+
+
+def strategy_summary(config: DistillationConfig) -> dict:
+    """The recovery settings worth recording next to the results."""
+    return {name: getattr(config, name) for name in STRATEGY_FIELDS}
+
+
+def write_results(output_dir: Path, result, extra: dict) -> None:
+    """`results.json`, `results.md` and `loss_curve.png` next to the recovered model."""
+    from ..recovery import plot_loss_curves
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    payload = {**result.card_metrics(), "wall_time": result.wall_time, **extra}
+    (output_dir / "results.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    (output_dir / "results.md").write_text(result.to_markdown() + "\n")
+    plot_loss_curves(
+        {"recovery": result.log_history}, output_dir / "loss_curve.png", keys=("loss", "ce", "kd", "align", "fdd")
+    )

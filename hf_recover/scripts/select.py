@@ -1,0 +1,69 @@
+"""`hf-recover select`: build several pruning candidates, score them cheaply, keep the best.
+
+    hf-recover select --model default --candidates importance:4 importance:6 last:6 angular:6
+    hf-recover select --model default --candidates importance:6 width:maw:0.25 --save_best
+
+Each candidate is scored by perplexity and by KL(teacher || candidate) on held-out `validation`
+blocks. Writes `candidates.md` and `candidates.json`; with `--save_best`, also the best student
+(weights, tokenizer, `pruned_config.json`) under `best/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arguments import DEFAULT, DataArguments, OutputArguments, check_output_dir, load_model, parse_prune_spec
+
+
+@dataclass
+class SelectArguments:
+    model: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
+    candidates: list[str] = field(
+        default_factory=lambda: ["importance:6", "angular:6", "last:6"],
+        metadata={"help": "Prune specs to compare (see `hf-recover prune --help`)."},
+    )
+    rank_by: str = field(default="perplexity", metadata={"help": "perplexity or kl."})
+    save_best: bool = field(default=False, metadata={"help": "Save the best candidate under OUTPUT_DIR/best."})
+
+
+def make_parser(subparsers=None):
+    from transformers import HfArgumentParser
+
+    types = (SelectArguments, DataArguments, OutputArguments)
+    if subparsers is None:
+        parser = HfArgumentParser(types, description=__doc__)
+    else:
+        parser = subparsers.add_parser("select", dataclass_types=types, help="Rank pruning candidates.")
+    parser.set_defaults(output_dir="outputs/select", eval_blocks=16)
+    return parser
+
+
+def main(args: SelectArguments, data_args: DataArguments, out: OutputArguments):
+    from ..data import prepare_recovery_dataset
+    from ..pruning import select_candidate
+    from .arguments import load_text_splits
+
+    specs = {name: parse_prune_spec(name) for name in args.candidates}
+    output_dir = check_output_dir(out.output_dir, out.overwrite)
+    model, tokenizer = load_model(args.model)
+    splits = load_text_splits(data_args)
+    train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
+    held_out = prepare_recovery_dataset(splits["validation"], tokenizer, max_length=data_args.max_length)
+    report = select_candidate(
+        model,
+        specs,
+        held_out.select(range(min(data_args.eval_blocks, len(held_out)))),
+        calibration_data=train.select(range(min(data_args.calibration_blocks, len(train)))),
+        rank_by=args.rank_by,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "candidates.md").write_text(report.to_markdown())
+    (output_dir / "candidates.json").write_text(report.to_json())
+    print(report)
+    if args.save_best:
+        best = report.best
+        best.model.save_pretrained(output_dir / "best")
+        tokenizer.save_pretrained(output_dir / "best")
+        best.pruned_config.save_pretrained(output_dir / "best")
+        print(f"Best candidate ({best.name}) saved to {output_dir / 'best'}")
+    return report
