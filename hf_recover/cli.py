@@ -19,16 +19,7 @@ import argparse
 import sys
 from importlib import import_module
 
-COMMANDS = {
-    "demo": "Prune and recover the embedded default teacher; print the before/after table.",
-    "importance": "Score blocks (block influence or angular distance) and plot the scores.",
-    "prune": "Prune a model in depth and/or width; write the student and pruned_config.json.",
-    "select": "Build several pruning candidates, score them cheaply and rank them.",
-    "recover": "Recover a pruned student from its teacher with DistillationTrainer.",
-    "evaluate": "Perplexity, recovery % and retention (and lm-eval tasks when lm-eval is installed).",
-    "compare": "The strategy lab: pruning choices x recovery strategies at equal token budgets.",
-    "push": "Push a recovered model folder (weights, tokenizer, pruned_config.json, card) to the Hub.",
-}
+COMMANDS = ("demo", "importance", "prune", "select", "recover", "evaluate", "compare", "push")
 
 
 def make_root_parser() -> argparse.ArgumentParser:

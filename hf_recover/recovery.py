@@ -112,7 +112,8 @@ def build_student(teacher: torch.nn.Module, spec: dict[str, Any], *, data: Any =
         if width.get("method") == "activation":
             width.update(data=data, max_batches=max_batches)
         student, pruned_config = prune_width(student, inplace=student is not teacher, **width)
-    return student, pruned_config
+    # The copy inherits the teacher's flags, and a teacher that trained a student before is frozen.
+    return student.requires_grad_(True), pruned_config
 
 
 def evaluate_splits(

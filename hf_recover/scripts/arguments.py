@@ -46,6 +46,28 @@ class OutputArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace the output folder if it exists."})
 
 
+def command_parser(subparsers, name: str, dataclass_types: tuple, doc: str, **defaults):
+    """The `HfArgumentParser` of one command: standalone, or added to the `hf-recover` subparsers.
+
+    `--help` shows the module docstring `doc` (usage examples first) and every flag with its default.
+    """
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    summary = doc.strip().splitlines()[0].split(": ", 1)[-1].replace("%", "%%")  # argparse %-formats help
+    kwargs = {"description": doc, "formatter_class": Formatter}
+    if subparsers is None:
+        parser = HfArgumentParser(dataclass_types, prog=f"hf-recover {name}", **kwargs)
+    else:
+        parser = subparsers.add_parser(name, dataclass_types=dataclass_types, help=summary, **kwargs)
+    parser.set_defaults(**defaults)
+    return parser
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse to write into a non-empty folder unless `overwrite` is set (before any work is done)."""
     path = Path(path)

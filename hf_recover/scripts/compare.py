@@ -20,7 +20,15 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import DistillationConfig
-from .arguments import DEFAULT, DataArguments, check_output_dir, load_model, load_text_splits, prepare_eval_splits
+from .arguments import (
+    DEFAULT,
+    DataArguments,
+    check_output_dir,
+    command_parser,
+    load_model,
+    load_text_splits,
+    prepare_eval_splits,
+)
 
 PRUNINGS = ("importance", "last", "angular")
 
@@ -33,7 +41,7 @@ class CompareArguments:
         default_factory=lambda: ["ce_only", "logits_kd", "compound", "skew_fdd"],
         metadata={"help": "Recovery strategies (hf_recover.recovery.STRATEGIES)."},
     )
-    n_remove: int = field(default=6, metadata={"help": "Blocks to remove (6 of 30 = 20%)."})
+    n_remove: int = field(default=6, metadata={"help": "Blocks to remove (6 of 30 = 20%%)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists and is not empty."})
 
 
@@ -54,15 +62,9 @@ COMPARE_DEFAULTS = {
 
 
 def make_parser(subparsers=None):
-    from transformers import HfArgumentParser
-
-    types = (CompareArguments, DataArguments, DistillationConfig)
-    if subparsers is None:
-        parser = HfArgumentParser(types, description=__doc__)
-    else:
-        parser = subparsers.add_parser("compare", dataclass_types=types, help="The strategy lab.")
-    parser.set_defaults(**COMPARE_DEFAULTS)
-    return parser
+    return command_parser(
+        subparsers, "compare", (CompareArguments, DataArguments, DistillationConfig), __doc__, **COMPARE_DEFAULTS
+    )
 
 
 def main(args: CompareArguments, data_args: DataArguments, config: DistillationConfig):

@@ -31,9 +31,7 @@ DEMO_DEFAULTS = {
 
 
 def make_parser(subparsers=None):
-    return recover.make_parser(
-        subparsers, name="demo", defaults=DEMO_DEFAULTS, help="Prune and recover the embedded default (README)."
-    )
+    return recover.make_parser(subparsers, name="demo", doc=__doc__, defaults=DEMO_DEFAULTS)
 
 
 main = recover.main

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .arguments import DataArguments, load_model, load_text_splits, prepare_eval_splits
+from .arguments import DataArguments, command_parser, load_model, load_text_splits, prepare_eval_splits
 
 
 @dataclass
@@ -23,7 +23,7 @@ class EvaluateArguments:
     model: str = field(
         default="outputs/demo", metadata={"help": "The model to evaluate: folder, Hub id or 'default'."}
     )
-    teacher: str | None = field(default=None, metadata={"help": "The teacher, for recovery % and retention."})
+    teacher: str | None = field(default=None, metadata={"help": "The teacher, for recovery %% and retention."})
     pruned: str | None = field(default=None, metadata={"help": "The pruned student before recovery."})
     tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval task names (needs lm-eval)."})
     include_path: str | None = field(default=None, metadata={"help": "Folder of local lm-eval task YAML files."})
@@ -32,12 +32,7 @@ class EvaluateArguments:
 
 
 def make_parser(subparsers=None):
-    from transformers import HfArgumentParser
-
-    types = (EvaluateArguments, DataArguments)
-    if subparsers is None:
-        return HfArgumentParser(types, description=__doc__)
-    return subparsers.add_parser("evaluate", dataclass_types=types, help="Perplexity, recovery %, retention.")
+    return command_parser(subparsers, "evaluate", (EvaluateArguments, DataArguments), __doc__)
 
 
 def main(args: EvaluateArguments, data_args: DataArguments):

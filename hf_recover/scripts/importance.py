@@ -12,7 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .arguments import DEFAULT, DataArguments, OutputArguments, check_output_dir, load_model, load_text_splits
+from .arguments import (
+    DEFAULT,
+    DataArguments,
+    OutputArguments,
+    check_output_dir,
+    command_parser,
+    load_model,
+    load_text_splits,
+)
 
 
 @dataclass
@@ -23,15 +31,13 @@ class ImportanceArguments:
 
 
 def make_parser(subparsers=None):
-    from transformers import HfArgumentParser
-
-    types = (ImportanceArguments, DataArguments, OutputArguments)
-    if subparsers is None:
-        parser = HfArgumentParser(types, description=__doc__)
-    else:
-        parser = subparsers.add_parser("importance", dataclass_types=types, help="Score and plot block importance.")
-    parser.set_defaults(output_dir="outputs/importance")
-    return parser
+    return command_parser(
+        subparsers,
+        "importance",
+        (ImportanceArguments, DataArguments, OutputArguments),
+        __doc__,
+        output_dir="outputs/importance",
+    )
 
 
 def main(args: ImportanceArguments, data_args: DataArguments, out: OutputArguments):

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .arguments import DEFAULT, DataArguments, OutputArguments, check_output_dir, load_model, parse_prune_spec
+from .arguments import (
+    DEFAULT,
+    DataArguments,
+    OutputArguments,
+    check_output_dir,
+    command_parser,
+    load_model,
+    parse_prune_spec,
+)
 
 
 @dataclass
@@ -25,15 +33,9 @@ class PruneArguments:
 
 
 def make_parser(subparsers=None):
-    from transformers import HfArgumentParser
-
-    types = (PruneArguments, DataArguments, OutputArguments)
-    if subparsers is None:
-        parser = HfArgumentParser(types, description=__doc__)
-    else:
-        parser = subparsers.add_parser("prune", dataclass_types=types, help="Prune a model; save the student.")
-    parser.set_defaults(output_dir="outputs/student")
-    return parser
+    return command_parser(
+        subparsers, "prune", (PruneArguments, DataArguments, OutputArguments), __doc__, output_dir="outputs/student"
+    )
 
 
 def main(args: PruneArguments, data_args: DataArguments, out: OutputArguments):

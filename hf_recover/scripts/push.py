@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .arguments import command_parser
+
 
 @dataclass
 class PushArguments:
@@ -23,11 +25,7 @@ class PushArguments:
 
 
 def make_parser(subparsers=None):
-    from transformers import HfArgumentParser
-
-    if subparsers is None:
-        return HfArgumentParser(PushArguments, description=__doc__)
-    return subparsers.add_parser("push", dataclass_types=PushArguments, help="Push a recovered model to the Hub.")
+    return command_parser(subparsers, "push", (PushArguments,), __doc__)
 
 
 def main(args: PushArguments):

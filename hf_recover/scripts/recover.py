@@ -24,6 +24,7 @@ from .arguments import (
     DEFAULT,
     DataArguments,
     check_output_dir,
+    command_parser,
     load_model,
     load_text_splits,
     parse_prune_spec,
@@ -56,16 +57,9 @@ RECOVER_DEFAULTS = {
 }
 
 
-def make_parser(subparsers=None, *, name: str = "recover", defaults: dict | None = None, help: str | None = None):
-    from transformers import HfArgumentParser
-
-    dataclass_types = (RecoverArguments, DataArguments, DistillationConfig)
-    if subparsers is None:
-        parser = HfArgumentParser(dataclass_types, description=__doc__)
-    else:
-        parser = subparsers.add_parser(name, dataclass_types=dataclass_types, help=help or "Recover a student.")
-    parser.set_defaults(**{**RECOVER_DEFAULTS, **(defaults or {})})
-    return parser
+def make_parser(subparsers=None, *, name: str = "recover", doc: str = __doc__, defaults: dict | None = None):
+    types = (RecoverArguments, DataArguments, DistillationConfig)
+    return command_parser(subparsers, name, types, doc, **{**RECOVER_DEFAULTS, **(defaults or {})})
 
 
 def main(recover_args: RecoverArguments, data_args: DataArguments, config: DistillationConfig):

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .arguments import DEFAULT, DataArguments, OutputArguments, check_output_dir, load_model, parse_prune_spec
+from .arguments import (
+    DEFAULT,
+    DataArguments,
+    OutputArguments,
+    check_output_dir,
+    command_parser,
+    load_model,
+    parse_prune_spec,
+)
 
 
 @dataclass
@@ -27,15 +35,14 @@ class SelectArguments:
 
 
 def make_parser(subparsers=None):
-    from transformers import HfArgumentParser
-
-    types = (SelectArguments, DataArguments, OutputArguments)
-    if subparsers is None:
-        parser = HfArgumentParser(types, description=__doc__)
-    else:
-        parser = subparsers.add_parser("select", dataclass_types=types, help="Rank pruning candidates.")
-    parser.set_defaults(output_dir="outputs/select", eval_blocks=16)
-    return parser
+    return command_parser(
+        subparsers,
+        "select",
+        (SelectArguments, DataArguments, OutputArguments),
+        __doc__,
+        output_dir="outputs/select",
+        eval_blocks=16,
+    )
 
 
 def main(args: SelectArguments, data_args: DataArguments, out: OutputArguments):

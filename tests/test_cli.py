@@ -1,0 +1,203 @@
+"""`hf-recover` end to end on tiny models: prune -> recover -> evaluate -> push, and the other commands."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_TEXTS, build_tiny_model
+from huggingface_hub import HfApi
+
+from hf_recover import PrunedConfig
+from hf_recover.cli import main as cli
+from hf_recover.pruning import load_pruned
+from hf_recover.scripts.arguments import parse_prune_spec
+
+FAST = ["--max_length", "32", "--eval_max_length", "32", "--eval_blocks", "3", "--calibration_blocks", "3"]
+TRAIN = ["--max_steps", "3", "--logging_steps", "1", "--use_cpu", "--per_device_train_batch_size", "2"]
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_tokenizer):
+    teacher = build_tiny_model("llama")
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    for i in range(30):
+        text = " ".join(TINY_TEXTS[(i + j) % len(TINY_TEXTS)] for j in range(3))
+        (tmp_path / "data" / f"doc{i}.txt").write_text(text)
+    (tmp_path / "ood").mkdir()
+    for i in range(4):
+        (tmp_path / "ood" / f"doc{i}.txt").write_text(" ".join(reversed(TINY_TEXTS)))
+    return tmp_path
+
+
+def data_flags(ws):
+    return ["--dataset", str(ws / "data"), "--ood_dataset", str(ws / "ood"), *FAST]
+
+
+def test_prune_recover_evaluate_push(workspace, monkeypatch, capsys):
+    ws = workspace
+    cli(["prune", "--model", str(ws / "teacher"), "--prune", "importance:2", "--output_dir", str(ws / "student"),
+         *data_flags(ws)])  # fmt: skip
+    pruned = PrunedConfig.from_pretrained(ws / "student")
+    assert pruned.num_student_layers == 4 and len(pruned.removed_layer_indices) == 2
+
+    cli(["recover", "--teacher", str(ws / "teacher"), "--student", str(ws / "student"),
+         "--output_dir", str(ws / "recovered"), "--gamma", "0.1", *data_flags(ws), *TRAIN])  # fmt: skip
+    out = ws / "recovered"
+    for name in ("model.safetensors", "tokenizer.json", "pruned_config.json", "README.md", "loss_curve.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_steps"] == 3
+    assert set(results["perplexity"]) == {"validation", "ood"}
+    assert set(results["perplexity"]["validation"]) == {"teacher", "pruned", "recovered"}
+    printed = capsys.readouterr().out
+    assert "| validation |" in printed and "| ood |" in printed and "recovery" in printed
+    # The saved layer map is the one depth pruning kept.
+    assert PrunedConfig.from_pretrained(out).kept_layer_indices == pruned.kept_layer_indices
+
+    cli(["evaluate", "--model", str(out), "--teacher", str(ws / "teacher"), "--pruned", str(ws / "student"),
+         "--output_file", str(ws / "eval.json"), *data_flags(ws)])  # fmt: skip
+    figures = json.loads((ws / "eval.json").read_text())
+    # Same model, same data: evaluate reproduces the recovered perplexity that recover measured.
+    assert figures["perplexity"]["validation"]["recovered"] == pytest.approx(
+        results["perplexity"]["validation"]["recovered"], rel=1e-4
+    )
+    assert "recovery" in figures["recovery_validation"]
+
+    sent = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: sent.setdefault("repo", repo_id))
+    monkeypatch.setattr(
+        HfApi,
+        "create_commit",
+        lambda self, repo_id, operations, **kw: sent.update(files={op.path_in_repo for op in operations}, **kw),
+    )
+    cli(["push", "--folder", str(out), "--repo_id", "someone/tiny-recovered", "--commit_message", "recovered"])
+    assert sent["repo"] == "someone/tiny-recovered" and sent["commit_message"] == "recovered"
+    assert {"model.safetensors", "config.json", "pruned_config.json", "README.md", "tokenizer.json"} <= sent["files"]
+    assert "training_args.bin" not in sent["files"]
+
+
+def test_recover_with_prune_spec_and_yaml_config(workspace):
+    ws = workspace
+    config = ws / "recover.yaml"
+    config.write_text(
+        f"teacher: {ws / 'teacher'}\nprune: last:3\noutput_dir: {ws / 'from_yaml'}\ndataset: [{ws / 'data'}]\n"
+        "max_steps: 2\nbeta: 0.7\nalpha: 0.3\nmax_length: 32\neval_max_length: 32\neval_blocks: 2\nuse_cpu: true\n"
+    )
+    cli(["recover", "--config", str(config), "--alpha", "0.4"])  # the command line wins over the file
+    results = json.loads((ws / "from_yaml" / "results.json").read_text())
+    assert results["strategy"]["beta"] == 0.7 and results["strategy"]["alpha"] == 0.4
+    assert results["prune"] == {"depth": {"method": "last", "n": 3}}
+    assert PrunedConfig.from_pretrained(ws / "from_yaml").kept_layer_indices == [0, 1, 2]
+
+
+def test_width_prune_then_reload(workspace):
+    ws = workspace
+    cli(["prune", "--model", str(ws / "teacher"), "--prune", "width:maw:0.25", "--output_dir", str(ws / "narrow"),
+         *FAST])  # fmt: skip
+    model = load_pruned(ws / "narrow")
+    assert PrunedConfig.from_pretrained(ws / "narrow").student_intermediate_sizes == [48] * 6
+    assert model.model.layers[0].mlp.gate_proj.out_features == 48
+
+
+def test_importance_and_select(workspace, capsys):
+    ws = workspace
+    cli(["importance", "--model", str(ws / "teacher"), "--output_dir", str(ws / "imp"), *data_flags(ws)])
+    scores = json.loads((ws / "imp" / "importance.json").read_text())
+    assert len(scores["scores"]) == 6 and sorted(scores["ranking_low_to_high"]) == list(range(6))
+    assert (ws / "imp" / "importance.png").stat().st_size > 1000
+
+    cli(["select", "--model", str(ws / "teacher"), "--candidates", "importance:2", "last:2", "--save_best",
+         "--output_dir", str(ws / "sel"), *data_flags(ws)])  # fmt: skip
+    table = json.loads((ws / "sel" / "candidates.json").read_text())
+    assert {c["name"] for c in table["candidates"]} == {"importance:2", "last:2"}
+    ppl = [c["perplexity"] for c in table["candidates"]]
+    assert ppl == sorted(ppl)  # ranked best first
+    assert PrunedConfig.from_pretrained(ws / "sel" / "best").num_student_layers == 4
+
+
+def test_compare_lab_runs_every_pair_at_equal_budget(workspace):
+    ws = workspace
+    cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "importance", "last", "--strategies",
+         "ce_only", "skew_fdd", "--n_remove", "2", "--output_dir", str(ws / "lab"), "--max_steps", "2",
+         *data_flags(ws), "--use_cpu"])  # fmt: skip
+    rows = json.loads((ws / "lab" / "results.json").read_text())
+    assert [(r["pruning"], r["strategy"]) for r in rows] == [
+        ("importance", "ce_only"), ("importance", "skew_fdd"), ("last", "ce_only"), ("last", "skew_fdd")
+    ]  # fmt: skip
+    assert len({r["train_tokens"] for r in rows}) == 1  # equal token budgets
+    # Every strategy starts from the same pruned student.
+    assert rows[0]["validation"]["pruned"] == rows[1]["validation"]["pruned"]
+    assert rows[2]["removed"] == [4, 5]
+    assert "| importance | ce_only |" in (ws / "lab" / "results.md").read_text()
+    assert (ws / "lab" / "recovery_curves_last.png").is_file() and (ws / "lab" / "block_importance.png").is_file()
+
+
+def test_output_folder_is_never_overwritten_without_asking(workspace):
+    ws = workspace
+    (ws / "taken").mkdir()
+    (ws / "taken" / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="--overwrite"):
+        cli(["prune", "--model", str(ws / "teacher"), "--prune", "last:1", "--output_dir", str(ws / "taken")])
+    assert (ws / "taken" / "precious.txt").read_text() == "keep me"
+    cli(["prune", "--model", str(ws / "teacher"), "--prune", "last:1", "--output_dir", str(ws / "taken"),
+         "--overwrite"])  # fmt: skip
+    assert (ws / "taken" / "pruned_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, error, match",
+    [
+        (["recover", "--student", "./missing-student", "--teacher", "default"], FileNotFoundError, "not a folder"),
+        (["evaluate", "--model", "./no/such/model"], FileNotFoundError, "No such model folder"),
+        (["prune", "--prune", "importance:six"], ValueError, "Unknown prune spec"),
+        (["prune", "--prune", '{"depth": {"count": 3}}'], ValueError, "takes a dict with keys"),
+        (["compare", "--strategies", "magic"], ValueError, "Unknown pruning or strategy"),
+        (["recover", "--prune", "last:2", "--student", "x"], ValueError, "exactly one of"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, match):
+    monkeypatch.chdir(tmp_path)
+    import hf_recover.scripts.arguments as arguments
+
+    monkeypatch.setattr(arguments, "load_model", lambda *a, **k: pytest.fail("loaded a model before validating"))
+    with pytest.raises(error, match=match):
+        cli([*argv, "--output_dir", str(tmp_path / "out")] if argv[0] != "evaluate" else argv)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("teacher: default\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit, match="unknown keys \\['learning_rat'\\]"):
+        cli(["recover", "--config", str(tmp_path / "bad.yaml")])
+
+
+def test_prune_spec_shorthands():
+    assert parse_prune_spec("importance:6") == {"depth": {"method": "importance", "n": 6}}
+    assert parse_prune_spec("remove:3,12") == {"depth": {"remove": [3, 12]}}
+    assert parse_prune_spec("angular:4+width:vow:0.25") == {
+        "depth": {"method": "angular", "n": 4},
+        "width": {"method": "vow", "pruning_ratio": 0.25},
+    }
+
+
+def test_console_script_help_lists_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_recover.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("demo", "importance", "prune", "select", "recover", "evaluate", "compare", "push"):
+        assert command in out.stdout
+
+
+def test_recovered_model_reloads_with_identical_logits(workspace):
+    ws = workspace
+    cli(["recover", "--teacher", str(ws / "teacher"), "--prune", "remove:1,4", "--output_dir", str(ws / "r"),
+         "--dataset", str(ws / "data"), *FAST, *TRAIN])  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    a, b = AutoModelForCausalLM.from_pretrained(ws / "r"), load_pruned(ws / "r")
+    ids = torch.tensor([[5, 9, 20, 33, 7]])
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    assert a.config.num_hidden_layers == 4
