@@ -19,6 +19,8 @@ _EXPORTS = {
     "prepare_recovery_dataset": "data",
     "evaluate_perplexity": "evaluation",
     "recovery_metrics": "evaluation",
+    "evaluate_lm_eval": "evaluation",
+    "capability_retention": "evaluation",
     "forward_kl": "losses",
     "reverse_kl": "losses",
     "skew_forward_kl": "losses",
@@ -62,7 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .config import DistillationConfig
     from .corpus import load_default_corpus
     from .data import load_recovery_data, prepare_recovery_dataset
-    from .evaluation import evaluate_perplexity, recovery_metrics
+    from .evaluation import capability_retention, evaluate_lm_eval, evaluate_perplexity, recovery_metrics
     from .hub import HubPushError, generate_model_card, push_recovered, save_model_card
     from .losses import (
         feature_dynamics_loss,
