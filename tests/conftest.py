@@ -31,9 +31,12 @@ ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads(request):
     random.seed(0)
     torch.manual_seed(0)
+    # Tiny models gain nothing from a second thread and lose much to its synchronisation on a busy
+    # machine; the real-teacher tests (`slow`) use both cores.
+    torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
 
 
 def build_tiny_tokenizer():
