@@ -1,0 +1,816 @@
+"""Distillation losses against independent references: token loops in probability space, `F.kl_div`,
+hand-computed values, properties, chunked == unchunked, and float64 gradcheck."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_recover.constants import IGNORE_INDEX
+from hf_recover.losses import (
+    DIVERGENCES,
+    feature_dynamics_loss,
+    forward_kl,
+    generalized_jsd,
+    hidden_alignment_loss,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+
+# Each divergence with a non-default value of its own parameter, so the parameter is exercised.
+CASES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("skew_forward_kl", {"skew_lambda": 0.3}),
+    ("skew_reverse_kl", {"skew_lambda": 0.3}),
+    ("generalized_jsd", {"beta": 0.3}),
+    ("total_variation", {}),
+]
+CASE_IDS = [name for name, _ in CASES]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a shared machine waking the thread pool
+    # costs milliseconds per op.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_inputs(batch=3, seq=47, vocab=123, *, teacher_vocab=None, dtype=torch.float32, ignore=True, scale=3.0):
+    student = (scale * torch.randn(batch, seq, vocab)).to(dtype)
+    teacher = (scale * torch.randn(batch, seq, teacher_vocab or vocab)).to(dtype)
+    labels = torch.randint(0, vocab, (batch, seq))
+    if ignore:
+        labels[torch.rand(batch, seq) < 0.3] = IGNORE_INDEX
+        labels[0, :5] = IGNORE_INDEX  # a prompt-like prefix
+    return student, teacher, labels
+
+
+def token_divergence(name: str, p: torch.Tensor, q: torch.Tensor, params: dict) -> torch.Tensor:
+    """Per-token divergence, from the probability-space formulas of DESIGN.md; `p`, `q` are (V,) or (N, V)."""
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+
+    if name == "forward_kl":
+        return kl(p, q)
+    if name == "reverse_kl":
+        return kl(q, p)
+    if name == "skew_forward_kl":
+        lam = params.get("skew_lambda", 0.1)
+        return kl(p, lam * p + (1 - lam) * q)
+    if name == "skew_reverse_kl":
+        lam = params.get("skew_lambda", 0.1)
+        return kl(q, lam * q + (1 - lam) * p)
+    if name == "generalized_jsd":
+        beta = params.get("beta", 0.5)
+        if beta == 0:
+            return kl(p, q)
+        if beta == 1:
+            return kl(q, p)
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if name == "total_variation":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise KeyError(name)
+
+
+def naive_loss(name, student, teacher, labels, *, temperature=1.0, num_items_in_batch=None, **params):
+    """Explicit loop over (sequence, position) in float64; differentiable, so it is a gradient reference too."""
+    vocab = student.size(-1)
+    total, count = student.new_zeros((), dtype=torch.float64), 0
+    for b in range(labels.size(0)):
+        for t in range(labels.size(1) - 1):
+            if labels[b, t + 1] == IGNORE_INDEX:
+                continue
+            p = torch.softmax(teacher[b, t, :vocab].double() / temperature, -1)
+            q = torch.softmax(student[b, t].double() / temperature, -1)
+            total = total + token_divergence(name, p, q, params)
+            count += 1
+    return total / max(num_items_in_batch if num_items_in_batch is not None else count, 1)
+
+
+def reference_loss(name, student, teacher, labels, *, temperature=1.0, num_items_in_batch=None, **params):
+    """The loop above, vectorised over tokens with a boolean mask (fast enough for the larger shapes)."""
+    vocab = student.size(-1)
+    valid = labels[:, 1:] != IGNORE_INDEX
+    p = torch.softmax(teacher[:, :-1, :vocab][valid].double() / temperature, -1)  # (N, V)
+    q = torch.softmax(student[:, :-1][valid].double() / temperature, -1)
+    return token_divergence(name, p, q, params).sum() / max(
+        num_items_in_batch if num_items_in_batch is not None else len(p), 1
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Values against independent references
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_matches_naive_loop(name, params, temperature):
+    student, teacher, labels = make_inputs(batch=2, seq=13, vocab=37)
+    got = DIVERGENCES[name](student, teacher, labels, temperature=temperature, chunk_size=5, **params)
+    want = naive_loss(name, student, teacher, labels, temperature=temperature, **params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_matches_f_kl_div():
+    student, teacher, labels = make_inputs(batch=2, seq=9, vocab=17, ignore=False)
+    temperature = 2.0
+    # Shift as a causal LM does: every position but the last is scored (no label is ignored).
+    log_q = F.log_softmax(student[:, :-1].reshape(-1, 17) / temperature, -1)
+    log_p = F.log_softmax(teacher[:, :-1].reshape(-1, 17) / temperature, -1)
+    want_forward = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    want_reverse = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    torch.testing.assert_close(forward_kl(student, teacher, labels, temperature=temperature), want_forward)
+    torch.testing.assert_close(reverse_kl(student, teacher, labels, temperature=temperature), want_reverse)
+
+
+def hand_case(temperature=1.0):
+    """One scored token: q = (1/2, 1/2), p = (1/4, 3/4); the second position is never scored."""
+    student = torch.tensor([[[0.0, 0.0], [50.0, -50.0]]])
+    teacher = torch.tensor([[[0.0, temperature * math.log(3.0)], [-50.0, 50.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1]])
+    return student, teacher, labels
+
+
+L = math.log
+HAND_VALUES = {
+    ("forward_kl", ()): 0.25 * L(0.25 / 0.5) + 0.75 * L(0.75 / 0.5),
+    ("reverse_kl", ()): 0.5 * L(0.5 / 0.25) + 0.5 * L(0.5 / 0.75),
+    # λ = 0.5: m = (0.375, 0.625) for both skews.
+    ("skew_forward_kl", (("skew_lambda", 0.5),)): 0.25 * L(0.25 / 0.375) + 0.75 * L(0.75 / 0.625),
+    ("skew_reverse_kl", (("skew_lambda", 0.5),)): 0.5 * L(0.5 / 0.375) + 0.5 * L(0.5 / 0.625),
+    ("generalized_jsd", (("beta", 0.5),)): 0.5 * (0.25 * L(0.25 / 0.375) + 0.75 * L(0.75 / 0.625))
+    + 0.5 * (0.5 * L(0.5 / 0.375) + 0.5 * L(0.5 / 0.625)),
+    ("total_variation", ()): 0.5 * (0.25 + 0.25),
+}
+
+
+@pytest.mark.parametrize(("key", "value"), list(HAND_VALUES.items()), ids=[k[0] for k in HAND_VALUES])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_hand_computed(key, value, temperature):
+    name, params = key
+    student, teacher, labels = hand_case(temperature)
+    got = DIVERGENCES[name](student, teacher, labels, temperature=temperature, **dict(params))
+    assert got.item() == pytest.approx(value, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_zero_for_identical_and_nonnegative(name, params):
+    student, teacher, labels = make_inputs()
+    fn = DIVERGENCES[name]
+    assert fn(student, student.clone(), labels, **params).abs().item() < 1e-6
+    assert fn(student, teacher, labels, **params).item() > 1e-3  # different inputs: clearly positive
+
+
+def test_skew_lambda_endpoints():
+    student, teacher, labels = make_inputs()
+    torch.testing.assert_close(
+        skew_forward_kl(student, teacher, labels, skew_lambda=0.0), forward_kl(student, teacher, labels)
+    )
+    torch.testing.assert_close(
+        skew_reverse_kl(student, teacher, labels, skew_lambda=0.0), reverse_kl(student, teacher, labels)
+    )
+    assert skew_forward_kl(student, teacher, labels, skew_lambda=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert skew_reverse_kl(student, teacher, labels, skew_lambda=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    # Skewing shrinks the divergence monotonically (the mixture moves towards the left distribution).
+    values = [skew_forward_kl(student, teacher, labels, skew_lambda=lam).item() for lam in (0.0, 0.1, 0.5, 0.9)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_jsd_endpoints_and_symmetry():
+    student, teacher, labels = make_inputs()
+    torch.testing.assert_close(
+        generalized_jsd(student, teacher, labels, beta=0.0), forward_kl(student, teacher, labels)
+    )
+    torch.testing.assert_close(
+        generalized_jsd(student, teacher, labels, beta=1.0), reverse_kl(student, teacher, labels)
+    )
+    # JSD_β(p, q) = JSD_{1-β}(q, p): swapping the models mirrors β; β = 0.5 is symmetric.
+    torch.testing.assert_close(
+        generalized_jsd(student, teacher, labels, beta=0.2), generalized_jsd(teacher, student, labels, beta=0.8)
+    )
+    torch.testing.assert_close(
+        generalized_jsd(student, teacher, labels, beta=0.5), generalized_jsd(teacher, student, labels, beta=0.5)
+    )
+    assert generalized_jsd(student, teacher, labels).item() <= math.log(2)  # JS divergence is bounded by ln 2
+
+
+def test_total_variation_symmetric_and_bounded():
+    student, teacher, labels = make_inputs()
+    value = total_variation(student, teacher, labels)
+    torch.testing.assert_close(value, total_variation(teacher, student, labels))
+    assert 0.0 < value.item() <= 1.0
+    # Pinsker: TV <= sqrt(KL / 2) token by token, hence for the means via Jensen.
+    assert value.item() <= math.sqrt(forward_kl(student, teacher, labels).item() / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunking: chunked == unchunked, values and gradients
+# ---------------------------------------------------------------------------------------------
+
+TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-3}}
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["student_grad", "both_grads"])
+def test_chunked_equals_unchunked(name, params, dtype, teacher_grad):
+    """Student-only gradients take the hand-derived path, a teacher gradient the autograd one: both checked."""
+    student, teacher, labels = make_inputs(3, 47, 123, teacher_vocab=125, dtype=dtype)
+    fn = DIVERGENCES[name]
+    results = []
+    for chunk_size in (10**6, None, 1, 7, 64):
+        s = student.clone().requires_grad_()
+        t = teacher.clone().requires_grad_(teacher_grad)
+        loss = fn(s, t, labels, temperature=1.7, chunk_size=chunk_size, **params)
+        loss.backward()
+        results.append((loss, s.grad, t.grad))
+    reference = results[0]
+    for loss, student_grad, teacher_grad_ in results[1:]:
+        torch.testing.assert_close(loss, reference[0], **TOLERANCES[torch.float32])  # float32 compute in both
+        torch.testing.assert_close(student_grad, reference[1], **TOLERANCES[dtype])
+        if teacher_grad:
+            torch.testing.assert_close(teacher_grad_, reference[2], **TOLERANCES[dtype])
+    # And the unchunked path is right: against the float64 reference, per-dtype tolerance on gradients.
+    s = student.double().requires_grad_()
+    t = teacher.double().requires_grad_()
+    reference_loss(name, s, t, labels, temperature=1.7, **params).backward()
+    assert reference[0].dtype == torch.float32 and reference[1].dtype == dtype
+    torch.testing.assert_close(
+        reference[0].double(),
+        reference_loss(name, student, teacher, labels, temperature=1.7, **params),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(reference[1].double(), s.grad, **TOLERANCES[dtype])
+    if teacher_grad:
+        torch.testing.assert_close(reference[2].double(), t.grad, **TOLERANCES[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: float64 gradcheck catches a wrongly detached term
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_gradcheck(name, params):
+    """Both gradient paths: the hand-derived student gradient, and autograd when the teacher needs one."""
+    student, teacher, labels = make_inputs(2, 4, 5, teacher_vocab=6, dtype=torch.float64, scale=1.0)
+    student.requires_grad_()
+    fn = DIVERGENCES[name]
+
+    def loss(s, t):
+        return fn(s, t, labels, temperature=1.3, chunk_size=3, **params)
+
+    assert torch.autograd.gradcheck(loss, (student, teacher))
+    assert torch.autograd.gradcheck(loss, (student, teacher.requires_grad_()))
+
+
+def test_skew_gradient_flows_through_the_mixture():
+    """A student term detached inside the mixture leaves only KL(p‖λp + const): gradient zero. Ours is not,
+    and equals the analytic one: d/dz_s SKL = (1−λ)·(q ⊙ (1 − r) − q·Σ q(1 − r))/T... checked via the loop."""
+    student, teacher, labels = make_inputs(1, 4, 5, dtype=torch.float64, ignore=False, scale=1.0)
+    student.requires_grad_()
+    skew_forward_kl(student, teacher, labels, skew_lambda=0.5).backward()
+    assert student.grad[:, :-1].abs().max() > 1e-3
+    s = student.detach().clone().requires_grad_()
+    naive_loss("skew_forward_kl", s, teacher, labels, skew_lambda=0.5).backward()
+    torch.testing.assert_close(student.grad, s.grad)
+
+
+def test_scaled_backward_and_repeated_backward():
+    """`(w·loss).backward()` scales the gradient; retain_graph lets backward run twice without corruption."""
+    student, teacher, labels = make_inputs()
+    s = student.clone().requires_grad_()
+    loss = forward_kl(s, teacher, labels, chunk_size=16)
+    (grad_one,) = torch.autograd.grad(loss, s, retain_graph=True)
+    (grad_three,) = torch.autograd.grad(3.0 * loss, s, retain_graph=True)
+    (grad_one_again,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(grad_three, 3.0 * grad_one)
+    torch.testing.assert_close(grad_one_again, grad_one)
+
+
+def test_no_grad_mode_builds_no_graph():
+    student, teacher, labels = make_inputs()
+    student.requires_grad_()
+    with torch.no_grad():
+        value = forward_kl(student, teacher, labels)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, forward_kl(student, teacher, labels).detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking, normalisation, vocabulary padding
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_ignored_positions_have_no_effect(name, params):
+    student, teacher, labels = make_inputs(2, 11, 13)
+    ignored = torch.zeros_like(labels, dtype=torch.bool)
+    ignored[:, :-1] = labels[:, 1:] == IGNORE_INDEX
+    ignored[:, -1] = True  # the last position predicts nothing
+    s = student.clone().requires_grad_()
+    loss = DIVERGENCES[name](s, teacher, labels, **params)
+    loss.backward()
+    assert s.grad[ignored].abs().max() == 0
+    assert s.grad[~ignored].abs().max() > 0
+    # Garbage at ignored positions changes nothing.
+    noisy_student, noisy_teacher = student.clone(), teacher.clone()
+    noisy_student[ignored] = 100 * torch.randn_like(noisy_student[ignored])
+    noisy_teacher[ignored] = 100 * torch.randn_like(noisy_teacher[ignored])
+    torch.testing.assert_close(DIVERGENCES[name](noisy_student, noisy_teacher, labels, **params), loss.detach())
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("num_items_in_batch", [None, 0, 7])
+def test_empty_batch_is_zero_with_gradient(name, params, num_items_in_batch):
+    student, teacher, labels = make_inputs(2, 6, 9)
+    labels[:, 1:] = IGNORE_INDEX  # label 0 is never a target: no valid token at all
+    s = student.clone().requires_grad_()
+    loss = DIVERGENCES[name](s, teacher, labels, num_items_in_batch=num_items_in_batch, chunk_size=4, **params)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_num_items_in_batch_matches_gradient_accumulation(name, params):
+    student, teacher, labels = make_inputs(4, 10, 11)
+    fn = DIVERGENCES[name]
+    whole = fn(student, teacher, labels, **params)
+    num_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    # Two micro-batches, each divided by the token count of the whole batch, sum to the whole-batch mean.
+    for num_items in (num_valid, torch.tensor(num_valid)):
+        parts = [
+            fn(student[i : i + 2], teacher[i : i + 2], labels[i : i + 2], num_items_in_batch=num_items, **params)
+            for i in (0, 2)
+        ]
+        torch.testing.assert_close(sum(parts), whole)
+    torch.testing.assert_close(fn(student, teacher, labels, num_items_in_batch=2 * num_valid, **params), whole / 2)
+    want = reference_loss(name, student, teacher, labels, num_items_in_batch=50, **params)
+    torch.testing.assert_close(
+        fn(student, teacher, labels, num_items_in_batch=50, **params).double(), want, rtol=1e-5, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_teacher_padding_rows_are_sliced(name, params):
+    student, teacher, labels = make_inputs(2, 7, 100, teacher_vocab=105)
+    fn = DIVERGENCES[name]
+    torch.testing.assert_close(
+        fn(student, teacher, labels, **params), fn(student, teacher[..., :100], labels, **params)
+    )
+
+
+def test_qwen_sized_padding_is_accepted():
+    student, teacher, labels = make_inputs(1, 3, 151936, teacher_vocab=152064, scale=1.0, ignore=False)
+    torch.testing.assert_close(
+        forward_kl(student, teacher, labels), forward_kl(student, teacher[..., :151936], labels)
+    )
+
+
+@pytest.mark.parametrize(("student_vocab", "teacher_vocab"), [(100, 400), (100, 99), (32000, 128256)])
+def test_vocabulary_mismatch_is_an_error(student_vocab, teacher_vocab):
+    student = torch.randn(1, 3, student_vocab)
+    teacher = torch.randn(1, 3, teacher_vocab)
+    labels = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"{student_vocab}.*{teacher_vocab}"):
+        forward_kl(student, teacher, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and the registry
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_value_error():
+    student, teacher, labels = make_inputs(2, 5, 7)
+    with pytest.raises(ValueError, match="batch, seq_len"):
+        forward_kl(student, teacher, labels[:, :4])
+    with pytest.raises(ValueError, match="student_logits"):
+        forward_kl(student[0], teacher, labels)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        forward_kl(student, teacher[:1], labels)
+    with pytest.raises(ValueError, match="labels"):
+        forward_kl(student, teacher, labels.float())
+    for temperature in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            forward_kl(student, teacher, labels, temperature=temperature)
+    for value in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="skew_lambda"):
+            skew_forward_kl(student, teacher, labels, skew_lambda=value)
+        with pytest.raises(ValueError, match="skew_lambda"):
+            skew_reverse_kl(student, teacher, labels, skew_lambda=value)
+        with pytest.raises(ValueError, match="beta"):
+            generalized_jsd(student, teacher, labels, beta=value)
+    with pytest.raises(ValueError, match="chunk_size"):
+        forward_kl(student, teacher, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        forward_kl(student, teacher, labels, num_items_in_batch=-1)
+
+
+def test_registry_calls_like_the_trainer():
+    assert set(DIVERGENCES) == {
+        "forward_kl",
+        "reverse_kl",
+        "skew_forward_kl",
+        "skew_reverse_kl",
+        "generalized_jsd",
+        "total_variation",
+    }
+    student, teacher, labels = make_inputs()
+    for name, params in CASES:
+        value = DIVERGENCES[name](
+            student, teacher, labels, temperature=2.0, num_items_in_batch=40, chunk_size=8, **params
+        )
+        want = reference_loss(name, student, teacher, labels, temperature=2.0, num_items_in_batch=40, **params)
+        torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_public_api_exports_losses():
+    import hf_recover
+
+    assert hf_recover.forward_kl is forward_kl
+    assert hf_recover.feature_dynamics_loss is feature_dynamics_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Hidden-state losses
+# ---------------------------------------------------------------------------------------------
+
+
+def make_hidden(num_blocks, batch=2, seq=9, width=8, dtype=torch.float32):
+    return tuple(torch.randn(batch, seq, width, dtype=dtype) for _ in range(num_blocks + 1))
+
+
+def valid_positions(labels):
+    return [
+        (b, t) for b in range(labels.size(0)) for t in range(labels.size(1) - 1) if labels[b, t + 1] != IGNORE_INDEX
+    ]
+
+
+def naive_alignment(student_hs, teacher_hs, layer_map, labels, projectors=None, kind="cosine", num_items=None):
+    positions = valid_positions(labels)
+    pair_values = []
+    for i, j in enumerate(layer_map):
+        total = 0.0
+        for b, t in positions:
+            s = student_hs[i + 1][b, t].double()
+            if projectors is not None:
+                s = projectors[i](s.to(projectors[i].weight.dtype)).double()
+            h = teacher_hs[j + 1][b, t].double()
+            if kind == "cosine":
+                total = total + 1 - (s @ h) / (s.norm() * h.norm())
+            else:
+                total = total + ((s - h) ** 2).sum() / s.numel()
+        pair_values.append(total / max(num_items if num_items is not None else len(positions), 1))
+    return sum(pair_values) / len(pair_values)
+
+
+def naive_dynamics(student_hs, teacher_hs, layer_map, labels, projectors=None, magnitude_weight=0.0):
+    positions = valid_positions(labels)
+    values = []
+    for i in range(len(layer_map) - 1):
+        total = 0.0
+        for b, t in positions:
+            states = [student_hs[k + 1][b, t] for k in (i, i + 1)]
+            if projectors is not None:
+                states = [projectors[k](state) for k, state in zip((i, i + 1), states)]
+            ds = states[1].double() - states[0].double()
+            dt = teacher_hs[layer_map[i + 1] + 1][b, t].double() - teacher_hs[layer_map[i] + 1][b, t].double()
+            total = total + 1 - (ds @ dt) / (ds.norm() * dt.norm())
+            total = total + magnitude_weight * (ds.norm() - dt.norm()).abs() / dt.norm()
+        values.append(total / max(len(positions), 1))
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_hidden_alignment_matches_naive(kind):
+    _, _, labels = make_inputs(2, 9, 5)
+    student_hs, teacher_hs = make_hidden(3), make_hidden(6)
+    layer_map = [0, 2, 5]
+    got = hidden_alignment_loss(student_hs, teacher_hs, layer_map, labels, kind=kind)
+    torch.testing.assert_close(got.double(), naive_alignment(student_hs, teacher_hs, layer_map, labels, kind=kind))
+    got = hidden_alignment_loss(student_hs, teacher_hs, layer_map, labels, kind=kind, num_items_in_batch=30)
+    want = naive_alignment(student_hs, teacher_hs, layer_map, labels, kind=kind, num_items=30)
+    torch.testing.assert_close(got.double(), want)
+
+
+def test_hidden_alignment_with_projectors():
+    _, _, labels = make_inputs(2, 9, 5)
+    student_hs, teacher_hs = make_hidden(3, width=8), make_hidden(4, width=12)
+    projectors = nn.ModuleList(nn.Linear(8, 12) for _ in range(3))
+    layer_map = [1, 2, 3]
+    got = hidden_alignment_loss(student_hs, teacher_hs, layer_map, labels, projectors=projectors)
+    want = naive_alignment(student_hs, teacher_hs, layer_map, labels, projectors=projectors)
+    torch.testing.assert_close(got.double(), want)
+    # A ModuleDict keyed by student block means the same.
+    by_name = nn.ModuleDict({str(i): projector for i, projector in enumerate(projectors)})
+    torch.testing.assert_close(
+        hidden_alignment_loss(student_hs, teacher_hs, layer_map, labels, projectors=by_name), got
+    )
+    # The projectors receive gradients.
+    got.backward()
+    assert all(projector.weight.grad.abs().max() > 0 for projector in projectors)
+
+
+def test_hidden_alignment_partial_map_and_properties():
+    _, _, labels = make_inputs(2, 9, 5)
+    student_hs, teacher_hs = make_hidden(4), make_hidden(4)
+    # A dict aligns only some blocks: the mean over those pairs.
+    partial = hidden_alignment_loss(student_hs, teacher_hs, {1: 3, 3: 0}, labels)
+    one = hidden_alignment_loss(student_hs, teacher_hs, {1: 3}, labels)
+    other = hidden_alignment_loss(student_hs, teacher_hs, {3: 0}, labels)
+    torch.testing.assert_close(partial, (one + other) / 2)
+    # Identical states give 0; cosine ignores scale, MSE does not.
+    assert hidden_alignment_loss(student_hs, student_hs, [0, 1, 2, 3], labels).abs().item() < 1e-6
+    scaled = tuple(3 * h for h in student_hs)
+    assert hidden_alignment_loss(student_hs, scaled, [0, 1, 2, 3], labels).abs().item() < 1e-6
+    assert hidden_alignment_loss(student_hs, scaled, [0, 1, 2, 3], labels, kind="mse").item() > 1.0
+
+
+def test_hidden_losses_ignore_masked_positions_and_empty_batch():
+    _, _, labels = make_inputs(2, 9, 5)
+    student_hs, teacher_hs = make_hidden(3), make_hidden(3)
+    ignored = torch.zeros_like(labels, dtype=torch.bool)
+    ignored[:, :-1] = labels[:, 1:] == IGNORE_INDEX
+    ignored[:, -1] = True
+    noisy = tuple(h.masked_fill(ignored[..., None], 1e3) for h in student_hs)
+    for fn in (hidden_alignment_loss, feature_dynamics_loss):
+        torch.testing.assert_close(
+            fn(noisy, teacher_hs, [0, 1, 2], labels), fn(student_hs, teacher_hs, [0, 1, 2], labels)
+        )
+        empty = torch.full_like(labels, IGNORE_INDEX)
+        states = tuple(h.clone().requires_grad_() for h in student_hs)
+        loss = fn(states, teacher_hs, [0, 1, 2], empty)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert all(torch.equal(h.grad, torch.zeros_like(h)) for h in states[1:])
+
+
+@pytest.mark.parametrize("magnitude_weight", [0.0, 0.7])
+def test_feature_dynamics_matches_naive(magnitude_weight):
+    _, _, labels = make_inputs(2, 9, 5)
+    student_hs, teacher_hs = make_hidden(4), make_hidden(6)
+    layer_map = [0, 1, 3, 5]
+    got = feature_dynamics_loss(student_hs, teacher_hs, layer_map, labels, magnitude_weight=magnitude_weight)
+    want = naive_dynamics(student_hs, teacher_hs, layer_map, labels, magnitude_weight=magnitude_weight)
+    torch.testing.assert_close(got.double(), want)
+
+
+def test_feature_dynamics_with_projectors():
+    _, _, labels = make_inputs(2, 9, 5)
+    student_hs, teacher_hs = make_hidden(3, width=6), make_hidden(3, width=10)
+    projectors = [nn.Linear(6, 10) for _ in range(3)]
+    got = feature_dynamics_loss(student_hs, teacher_hs, [0, 1, 2], labels, projectors=projectors, magnitude_weight=0.5)
+    want = naive_dynamics(student_hs, teacher_hs, [0, 1, 2], labels, projectors=projectors, magnitude_weight=0.5)
+    torch.testing.assert_close(got.double(), want)
+
+
+def test_feature_dynamics_properties():
+    _, _, labels = make_inputs(2, 9, 5)
+    student_hs = make_hidden(4)
+    # A teacher whose residual stream moves the same way, c times as far: direction term 0, magnitude |1 − c| / c.
+    c = 3.0
+    teacher_hs = tuple(c * h + 5.0 for h in student_hs)  # a common offset cancels in the deltas
+    layer_map = [0, 1, 2, 3]
+    assert feature_dynamics_loss(student_hs, teacher_hs, layer_map, labels).abs().item() < 1e-5
+    got = feature_dynamics_loss(student_hs, teacher_hs, layer_map, labels, magnitude_weight=0.5)
+    assert got.item() == pytest.approx(0.5 * abs(1 - c) / c, rel=1e-4)
+    # FDD sees only the deltas, not where the states sit; alignment does.
+    other = tuple(torch.randn_like(h) for h in student_hs)
+    shifted = tuple(h + 2.0 for h in other)
+    torch.testing.assert_close(
+        feature_dynamics_loss(student_hs, shifted, layer_map, labels),
+        feature_dynamics_loss(student_hs, other, layer_map, labels),
+    )
+
+
+@pytest.mark.parametrize("loss_name", ["alignment_cosine", "alignment_mse", "dynamics"])
+def test_hidden_losses_gradcheck(loss_name):
+    _, _, labels = make_inputs(2, 5, 5)
+    student_hs, teacher_hs = (
+        make_hidden(3, seq=5, width=4, dtype=torch.float64),
+        make_hidden(5, seq=5, width=4, dtype=torch.float64),
+    )
+    layer_map = [0, 2, 4]
+
+    def loss(*states):
+        if loss_name == "dynamics":
+            return feature_dynamics_loss(states, teacher_hs, layer_map, labels, magnitude_weight=0.3)
+        return hidden_alignment_loss(states, teacher_hs, layer_map, labels, kind=loss_name.split("_")[1])
+
+    inputs = tuple(h.clone().requires_grad_() for h in student_hs)
+    assert torch.autograd.gradcheck(loss, inputs)
+
+
+def test_hidden_losses_on_tiny_models(tiny_model_factory):
+    student = tiny_model_factory("llama", num_hidden_layers=4, seed=1).train()
+    teacher = tiny_model_factory("llama", num_hidden_layers=6, seed=2)
+    input_ids = torch.randint(4, 320, (2, 12))
+    labels = input_ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    with torch.no_grad():
+        teacher_out = teacher(input_ids, output_hidden_states=True)
+    student_out = student(input_ids, output_hidden_states=True)
+    layer_map = [0, 2, 4, 5]
+    loss = (
+        forward_kl(student_out.logits, teacher_out.logits, labels, temperature=2.0)
+        + hidden_alignment_loss(student_out.hidden_states, teacher_out.hidden_states, layer_map, labels)
+        + feature_dynamics_loss(student_out.hidden_states, teacher_out.hidden_states, layer_map, labels)
+    )
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert student.model.layers[0].mlp.up_proj.weight.grad.abs().max() > 0
+
+
+def test_hidden_losses_bad_inputs():
+    _, _, labels = make_inputs(2, 9, 5)
+    student_hs, teacher_hs = make_hidden(3), make_hidden(4)
+    with pytest.raises(ValueError, match="teacher block 4"):
+        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, 4], labels)
+    with pytest.raises(ValueError, match="teacher block -1"):
+        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, -1], labels)
+    with pytest.raises(ValueError, match="student block 3"):
+        hidden_alignment_loss(student_hs, teacher_hs, {3: 0}, labels)
+    with pytest.raises(ValueError, match="3 blocks"):
+        hidden_alignment_loss(student_hs, teacher_hs, [0, 1], labels)
+    with pytest.raises(ValueError, match="projectors"):
+        hidden_alignment_loss(student_hs, make_hidden(4, width=12), [0, 1, 2], labels)
+    with pytest.raises(ValueError, match="projectors"):
+        feature_dynamics_loss(student_hs, make_hidden(4, width=12), [0, 1, 2], labels)
+    with pytest.raises(ValueError, match="projector"):
+        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, 2], labels, projectors=[None])
+    with pytest.raises(ValueError, match="kind"):
+        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, 2], labels, kind="l1")
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        hidden_alignment_loss(student_hs[-1], teacher_hs, [0], labels)
+    with pytest.raises(ValueError, match="batch, seq_len"):
+        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, 2], labels[:, :4])
+    with pytest.raises(ValueError, match="at least two"):
+        feature_dynamics_loss(student_hs, teacher_hs, {0: 1}, labels)
+    with pytest.raises(ValueError, match="magnitude_weight"):
+        feature_dynamics_loss(student_hs, teacher_hs, [0, 1, 2], labels, magnitude_weight=-1.0)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_no_full_batch_float32_intermediates(name, params):
+    """Forward + backward allocate nothing larger than one chunk, except the logits' gradient itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class RecordOutputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            return out
+
+    student, teacher, labels = make_inputs(2, 64, 50, ignore=False)
+    student.requires_grad_()
+    chunk_size = 8
+    with RecordOutputs() as recorder:
+        DIVERGENCES[name](student, teacher, labels, chunk_size=chunk_size, **params).backward()
+    large = [shape for shape in recorder.shapes if math.prod(shape) > chunk_size * 50]
+    assert large and set(large) == {tuple(student.shape)}  # only the gradient buffer (and in-place ops on it)
+    assert student.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused variant: hidden states + lm_head in, never the student's full logits
+# ---------------------------------------------------------------------------------------------
+
+
+def make_fused_inputs(batch=3, seq=29, hidden=16, vocab=61, *, teacher_vocab=None, dtype=torch.float32, bias=False):
+    _, teacher, labels = make_inputs(batch, seq, vocab, teacher_vocab=teacher_vocab)
+    states = torch.randn(batch, seq, hidden, dtype=dtype)
+    weight = (torch.randn(vocab, hidden) / hidden**0.5 * 3).to(dtype)
+    lm_bias = torch.randn(vocab, dtype=dtype) if bias else None
+    return states, weight, lm_bias, teacher.to(dtype), labels
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_equals_unfused(name, params, dtype):
+    from hf_recover.losses import fused_linear_divergence
+
+    states, weight, lm_bias, teacher, labels = make_fused_inputs(teacher_vocab=63, dtype=dtype, bias=True)
+    leaves = [tensor.clone().requires_grad_() for tensor in (states, weight, lm_bias)]
+    unfused = DIVERGENCES[name](F.linear(*leaves), teacher, labels, temperature=1.5, chunk_size=7, **params)
+    unfused.backward()
+    fused_leaves = [tensor.clone().requires_grad_() for tensor in (states, weight, lm_bias)]
+    fused = fused_linear_divergence(
+        fused_leaves[0],
+        fused_leaves[1],
+        teacher,
+        labels,
+        divergence=name,
+        lm_head_bias=fused_leaves[2],
+        temperature=1.5,
+        chunk_size=7,
+        **params,
+    )
+    fused.backward()
+    torch.testing.assert_close(fused, unfused, **TOLERANCES[torch.float32])
+    for got, want in zip(fused_leaves, leaves):
+        torch.testing.assert_close(got.grad, want.grad, **TOLERANCES[dtype])
+
+
+def test_fused_gradcheck_and_scaled_backward():
+    from hf_recover.losses import fused_linear_divergence
+
+    states, weight, lm_bias, teacher, labels = make_fused_inputs(2, 4, 3, 5, dtype=torch.float64, bias=True)
+
+    def loss(s, w, b):
+        return fused_linear_divergence(
+            s, w, teacher, labels, divergence="skew_forward_kl", lm_head_bias=b, chunk_size=3
+        )
+
+    inputs = tuple(tensor.requires_grad_() for tensor in (states, weight, lm_bias))
+    assert torch.autograd.gradcheck(loss, inputs)
+    (grad_one,) = torch.autograd.grad(loss(*inputs), states)
+    (grad_two,) = torch.autograd.grad(2 * loss(*inputs), states)
+    torch.testing.assert_close(grad_two, 2 * grad_one)
+
+
+def test_fused_never_builds_student_logits():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from hf_recover.losses import fused_linear_divergence
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):  # storage bytes: views and expanded stand-ins cost nothing
+                    self.largest = max(self.largest, t.untyped_storage().nbytes())
+            return out
+
+    states, weight, _, teacher, labels = make_fused_inputs(2, 64, 8, 50)
+    states.requires_grad_()
+    weight.requires_grad_()
+    with LargestOutput() as recorder:
+        fused_linear_divergence(states, weight, teacher, labels, chunk_size=8).backward()
+    # Nothing larger than one float32 chunk of logits or the hidden states' gradient; the logits would be 16x that.
+    assert recorder.largest == max(8 * 50, states.numel()) * 4
+    assert states.grad.abs().max() > 0 and weight.grad.abs().max() > 0
+
+
+def test_fused_bad_inputs():
+    from hf_recover.losses import fused_linear_divergence
+
+    states, weight, _, teacher, labels = make_fused_inputs()
+    with pytest.raises(ValueError, match="hidden"):
+        fused_linear_divergence(states, weight[:, :5], teacher, labels)
+    with pytest.raises(ValueError, match="Unknown divergence"):
+        fused_linear_divergence(states, weight, teacher, labels, divergence="kl")
+    with pytest.raises(ValueError, match="beta"):
+        fused_linear_divergence(states, weight, teacher, labels, divergence="forward_kl", beta=0.5)
+    with pytest.raises(ValueError, match="skew_lambda"):
+        fused_linear_divergence(states, weight, teacher, labels, divergence="skew_forward_kl", skew_lambda=2.0)
+    with pytest.raises(ValueError, match="detach"):
+        fused_linear_divergence(states, weight, teacher.clone().requires_grad_(), labels)
+    with pytest.raises(ValueError, match="61.*400"):
+        fused_linear_divergence(states, weight, torch.randn(3, 29, 400), labels)
+    with pytest.raises(ValueError, match="batch, seq_len"):
+        fused_linear_divergence(states, weight, teacher, labels[:, :5])
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+def test_autocast_does_not_lower_precision(name, params):
+    """Under bf16 autocast (as in mixed-precision training) the kernels still compute in float32."""
+    student, teacher, labels = make_inputs(2, 9, 300)
+    s = student.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = DIVERGENCES[name](s, teacher, labels, **params)
+    value.backward()
+    t = student.clone().requires_grad_()
+    want = DIVERGENCES[name](t, teacher, labels, **params)
+    want.backward()
+    torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s.grad, t.grad, rtol=1e-6, atol=1e-8)
