@@ -1,0 +1,182 @@
+"""`DistillationConfig`: `TrainingArguments` plus the fields of the recovery loss.
+
+The trainer minimises `alpha·CE + beta·T²·KD + gamma·align + delta·FDD` (the compound loss of the book,
+ch. 6); every term and its source is in DESIGN.md. The defaults are the recipe the project measured
+as its floor (0.5·CE + 0.5·T²·forward KL at T = 2, Hinton et al. 2015); switch on `gamma`/`delta`
+for hidden-state alignment and feature dynamics.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .alignment import LAYER_MAP_KINDS
+
+DIVERGENCE_NAMES = (
+    "forward_kl",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "generalized_jsd",
+    "total_variation",
+)
+ALIGNMENT_KINDS = ("cosine", "mse")
+PROJECTOR_KINDS = ("auto", "none", "linear")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_layer_map(value) -> str | list[int]:
+    """`"kept"|"uniform"|"last"` stay strings; `"0,2,4"`, `"[0, 2, 4]"` or a sequence of ints become a list."""
+    given = value
+    if isinstance(value, str):
+        if value.strip() in LAYER_MAP_KINDS:
+            return value.strip()
+        value = [item.strip() for item in value.strip().strip("[]").split(",")]
+        if all(re.fullmatch(r"\d+", item) for item in value):
+            value = [int(item) for item in value]
+    if isinstance(value, (list, tuple)) and value and all(type(i) is int and i >= 0 for i in value):
+        return list(value)
+    raise ValueError(
+        f"layer_map must be one of {LAYER_MAP_KINDS} or a comma-separated list of teacher block indices, one per "
+        f"student block (e.g. '0,2,4'), got {given!r}."
+    )
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    r"""`TrainingArguments` for [`DistillationTrainer`]; only the distillation fields are new.
+
+    The training loss is `alpha·CE + beta·temperature²·KD + gamma·align + delta·FDD`, each token term averaged
+    over valid tokens (normalised by `num_items_in_batch` under gradient accumulation, as `Trainer` does).
+    With `beta = gamma = delta = 0` the teacher is never run and, with `alpha = 1`, training is plain `Trainer`'s.
+    """
+
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the student's cross-entropy on the labels. Default 0.5 (0.5/0.5 CE/KD recipe)."},
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the logit divergence KD(teacher ‖ student), which is also multiplied by "
+            "temperature² (Hinton et al. 2015). Default 0.5."
+        },
+    )
+    gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the hidden-state alignment loss between mapped student and teacher blocks (book ch. 6; "
+            "DistillKit). Default 0 (off); hidden states are only requested when gamma or delta > 0."
+        },
+    )
+    delta: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the feature-dynamics loss (FDD, Gong et al., ACL 2025): cosine between the changes of "
+            "consecutive student blocks and of their mapped teacher blocks. Default 0 (off)."
+        },
+    )
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature T of the logit divergence; must be > 0. Default 2.0 (Hinton et al.)."},
+    )
+    divergence: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "Logit divergence: forward_kl (Hinton), reverse_kl (MiniLLM), skew_forward_kl / skew_reverse_kl "
+            "(DistiLLM), generalized_jsd (GKD) or total_variation. Default forward_kl."
+        },
+    )
+    skew_lambda: float = field(
+        default=0.1,
+        metadata={
+            "help": "Skew KL mixture weight λ in [0, 1], DistiLLM's convention: the weight of the *teacher* in "
+            "λp + (1−λ)q (the book's s = 1 − λ). 0 gives plain KL. Default 0.1 (DistiLLM, Ko et al. 2024)."
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "β in [0, 1] of the generalized JSD. Default 0.5 (GKD, Agarwal et al. 2024; TRL's default)."
+        },
+    )
+    alignment: str = field(
+        default="cosine",
+        metadata={"help": "Hidden-state alignment distance: cosine (1 − cos) or mse. Default cosine (book ch. 6)."},
+    )
+    layer_map: str = field(
+        default="kept",
+        metadata={
+            "help": "Student block → teacher block map for alignment and FDD: kept (the teacher blocks depth pruning "
+            "kept, read from pruned_config.json; exact), uniform (⌊i·n_t/n_s⌋), last (i + n_t − n_s), or an explicit "
+            "comma-separated list with one teacher block per student block, e.g. '0,2,4' (a list in YAML). "
+            "Default kept."
+        },
+    )
+    projector: str = field(
+        default="auto",
+        metadata={
+            "help": "Learnable linear projectors from student to teacher hidden states: auto (only when the hidden "
+            "sizes differ), linear (always; identity-initialised when sizes match) or none. Default auto."
+        },
+    )
+    save_projectors: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write the projectors (projectors.safetensors) into the exported model folder. They are "
+            "always written into checkpoints, so that resuming restores them. Default False."
+        },
+    )
+    fdd_magnitude_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the optional magnitude term of FDD (relative delta-norm difference). Default 0."},
+    )
+    kd_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the logit divergence, which bounds its float32 (tokens, vocab) "
+            "intermediates. Default None: chunks of about 2M logits (hf_recover.losses' default)."
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype used when the teacher is given as a path or Hub id: auto (as saved), float32, bfloat16 or "
+            "float16. Default auto."
+        },
+    )
+    merge_adapters: bool = field(
+        default=False,
+        metadata={
+            "help": "For a PEFT (LoRA) student: merge the adapters into the base weights when training ends, so "
+            "save_model writes a plain model. Default False (the adapter is saved)."
+        },
+    )
+
+    def __post_init__(self):
+        # Checked before TrainingArguments sets up devices: a bad recipe fails before any work is spent.
+        for name in ("alpha", "beta", "gamma", "delta", "fdd_magnitude_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (it weights a loss term), got {getattr(self, name)}.")
+        if self.alpha == self.beta == self.gamma == self.delta == 0:
+            raise ValueError("alpha, beta, gamma and delta are all 0: nothing to train on. Set at least one > 0.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.divergence not in DIVERGENCE_NAMES:
+            raise ValueError(f"divergence must be one of {DIVERGENCE_NAMES}, got {self.divergence!r}.")
+        for name in ("skew_lambda", "jsd_beta"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.alignment not in ALIGNMENT_KINDS:
+            raise ValueError(f"alignment must be one of {ALIGNMENT_KINDS}, got {self.alignment!r}.")
+        if self.projector not in PROJECTOR_KINDS:
+            raise ValueError(f"projector must be one of {PROJECTOR_KINDS}, got {self.projector!r}.")
+        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
+            raise ValueError(f"kd_chunk_size must be >= 1 or None (no chunking), got {self.kd_chunk_size}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
+        self.layer_map = parse_layer_map(self.layer_map)
+        super().__post_init__()

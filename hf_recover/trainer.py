@@ -1,0 +1,460 @@
+"""`DistillationTrainer`: a drop-in `Trainer` that recovers a pruned student from its teacher.
+
+Change `Trainer` to `DistillationTrainer`, `TrainingArguments` to `DistillationConfig` and pass the teacher;
+the rest of an HF training script (datasets, collators, callbacks, evaluation, checkpoints, resuming,
+gradient accumulation, mixed precision, PEFT) keeps working. The loss is
+
+    alpha·CE + beta·T²·KD(teacher ‖ student) + gamma·align(layer map, projectors) + delta·FDD
+
+with the terms of `hf_recover.losses`; see `DistillationConfig` for the fields and their defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import os
+import warnings
+from collections import defaultdict
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .alignment import build_layer_map, build_projectors
+from .config import DistillationConfig
+from .constants import IGNORE_INDEX
+from .losses import DIVERGENCES, feature_dynamics_loss, hidden_alignment_loss
+from .pruned_config import PrunedConfig
+
+PROJECTORS_NAME = "projectors.safetensors"
+"""Where the learnable projectors are written: every checkpoint, and the exported model with `save_projectors`."""
+
+
+class DistillationTrainer(Trainer):
+    """`Trainer` whose loss is `alpha·CE + beta·T²·KD + gamma·align + delta·FDD` against a frozen teacher.
+
+    Args:
+        model: the student (a `PreTrainedModel` or a PEFT `PeftModel`), as for `Trainer`.
+        teacher_model: the teacher, a model or a local path / Hub id (loaded with `args.teacher_dtype`). It is put
+            in eval mode without gradients, placed on the student's device by the trainer's accelerator, and never
+            saved. Not needed when `beta = gamma = delta = 0`.
+        args: a `DistillationConfig` (a plain `TrainingArguments` is upgraded with the distillation defaults).
+        pruned_config: what was pruned; defaults to `PrunedConfig.find_for(model)`. It provides the exact `kept`
+            layer map and is written as `pruned_config.json` next to the weights of every save.
+        **kwargs: every other `Trainer` argument (`train_dataset`, `data_collator`, `callbacks`, ...).
+
+    Attributes:
+        model_card_metrics: before/after figures for the model card written on each save (e.g. the output of
+            `hf_recover.recovery_metrics`); set it before `save_model`/`push_to_hub`. `None` leaves them out.
+        model_card_datasets: dataset names for the model card.
+        layer_map: the student → teacher block map used by alignment and FDD (`None` when both are off).
+        projectors: the learnable student → teacher projectors (`None` when not used). They are trained with the
+            student, written to `projectors.safetensors` in every checkpoint and restored on resume.
+
+    A PEFT (LoRA) student trains and saves its adapter; `merge_adapters=True` (or `trainer.merge_and_unload()`)
+    merges it into the base weights at the end, so that `save_model` writes a plain model.
+
+    The logs carry `ce`, `kd`, `align` and `fdd` (each unweighted, `kd` without `T²`; `eval_`-prefixed in
+    evaluation) next to Trainer's own `loss`, averaged over the valid tokens since the last log on all processes.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: DistillationConfig | TrainingArguments | None = None,
+        pruned_config: PrunedConfig | None = None,
+        **kwargs,
+    ):
+        args = _as_distillation_config(args)
+        uses_teacher = args.beta > 0 or args.gamma > 0 or args.delta > 0
+        if uses_teacher and teacher_model is None:
+            raise ValueError(
+                "teacher_model is required when beta, gamma or delta > 0: pass the teacher model or its path. "
+                "For cross-entropy only, set beta=gamma=delta=0."
+            )
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        super().__init__(model=model, args=args, **kwargs)
+
+        if self.args.merge_adapters and not _is_peft_model(self.model):
+            raise ValueError("merge_adapters=True needs a PEFT (LoRA) student; this student has no adapters.")
+        self.pruned_config = pruned_config if pruned_config is not None else PrunedConfig.find_for(self.model)
+        self.model_card_metrics: dict[str, Any] | None = None
+        self.model_card_datasets: list[str] | None = None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._eval_prefix = "eval"
+        self._saving_checkpoint = False
+
+        self.teacher_model = self._prepare_teacher(teacher_model) if uses_teacher else None
+        want_hidden = self.args.gamma > 0 or self.args.delta > 0
+        self._teacher_forward_kwargs = {"output_hidden_states": want_hidden, "use_cache": False}
+        if self.args.beta == 0 and _accepts(self.teacher_model, "logits_to_keep"):
+            # Only hidden states are compared: skip the teacher's (tokens × vocab) output projection.
+            self._teacher_forward_kwargs["logits_to_keep"] = 1
+        self.layer_map, self.projectors = None, None
+        if want_hidden:
+            student_config, teacher_config = _text_config(self.model), _text_config(self.teacher_model)
+            self.layer_map = build_layer_map(
+                self.args.layer_map,
+                student_num_layers=student_config.num_hidden_layers,
+                teacher_num_layers=teacher_config.num_hidden_layers,
+                pruned_config=self.pruned_config,
+            )
+            self.projectors = build_projectors(
+                self.args.projector,
+                num_student_layers=student_config.num_hidden_layers,
+                student_hidden_size=student_config.hidden_size,
+                teacher_hidden_size=teacher_config.hidden_size,
+            )
+        if self.projectors is not None:
+            self.projectors.to(self.args.device)
+            self.add_callback(_ZeroProjectorGradients(self.projectors))
+
+    # -- the teacher -------------------------------------------------------------------------------------
+
+    def _prepare_teacher(self, teacher: PreTrainedModel | nn.Module | str) -> nn.Module:
+        if isinstance(teacher, (str, os.PathLike)):
+            dtype = self.args.teacher_dtype
+            dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+            # Never device_map="auto": under DDP every process holds its own full copy, placed below.
+            teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype)
+        teacher.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return _prepare_deepspeed_teacher(teacher, self.accelerator)
+        # evaluation_mode: device placement (and autocast under mixed precision) without a DDP wrapper.
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    # -- the loss --------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        args = self.args
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("DistillationTrainer needs `labels` in every batch (use a causal-LM collator).")
+        want_hidden = args.gamma > 0 or args.delta > 0
+        student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
+        # Trainer's own CE (label smoothing, compute_loss_func, num_items_in_batch), already scaled by the
+        # number of processes when tokens are averaged across devices; the other terms get the same scale.
+        ce_scaled, outputs = super().compute_loss(
+            model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        scale = self._loss_scale(num_items_in_batch)
+        terms = {"ce": ce_scaled / scale}
+        loss = args.alpha * ce_scaled
+
+        if self.teacher_model is not None:
+            teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            with torch.no_grad():
+                teacher_outputs = self.teacher_model(**teacher_inputs, **self._teacher_forward_kwargs)
+            distill = self._distillation_terms(outputs, teacher_outputs, labels, num_items_in_batch)
+            terms.update(distill)
+            weights = {"kd": args.beta * args.temperature**2, "align": args.gamma, "fdd": args.delta}
+            loss = loss + scale * sum(weights[name] * value for name, value in distill.items())
+
+        self._record(terms, labels, num_items_in_batch, mode="train" if model.training else "eval")
+        if not return_outputs:
+            return loss
+        # Hidden states would be gathered as predictions in evaluation: return the logits only.
+        return loss, CausalLMOutputWithPast(loss=loss, logits=outputs.logits) if want_hidden else outputs
+
+    def _distillation_terms(self, outputs, teacher_outputs, labels, num_items_in_batch) -> dict[str, torch.Tensor]:
+        args, terms = self.args, {}
+        if args.beta > 0:
+            own = {"skew_lambda": args.skew_lambda} if args.divergence.startswith("skew") else {}
+            if args.divergence == "generalized_jsd":
+                own = {"beta": args.jsd_beta}
+            terms["kd"] = DIVERGENCES[args.divergence](
+                outputs.logits,
+                teacher_outputs.logits,
+                labels,
+                temperature=args.temperature,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=args.kd_chunk_size,
+                **own,
+            )
+        hidden = (outputs.hidden_states, teacher_outputs.hidden_states, self.layer_map, labels)
+        if args.gamma > 0:
+            terms["align"] = hidden_alignment_loss(
+                *hidden, projectors=self.projectors, kind=args.alignment, num_items_in_batch=num_items_in_batch
+            )
+        if args.delta > 0:
+            terms["fdd"] = feature_dynamics_loss(
+                *hidden,
+                projectors=self.projectors,
+                magnitude_weight=args.fdd_magnitude_weight,
+                num_items_in_batch=num_items_in_batch,
+            )
+        return terms
+
+    def _loss_scale(self, num_items_in_batch) -> int:
+        """The factor `Trainer.compute_loss` multiplies its loss by when tokens are averaged across devices."""
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return 1
+
+    # -- metrics: recorded per micro-batch, reduced and averaged in `log` -------------------------------------
+
+    def _record(self, terms: dict[str, torch.Tensor], labels, num_items_in_batch, mode: str) -> None:
+        # Each term is (sum over this batch's valid tokens) / count: store the sum and the tokens, so that the
+        # logged value is the exact token-weighted mean since the last log, across micro-batches and processes.
+        num_tokens = labels[..., 1:].ne(IGNORE_INDEX).sum()
+        count = num_tokens if num_items_in_batch is None else num_items_in_batch
+        metrics = self._metrics[mode]
+        for name, value in terms.items():
+            metrics[name].append((value.detach().float() * count).reshape(()))
+        metrics["num_tokens"].append(num_tokens.detach().float().reshape(()))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        if metrics:
+            names = sorted(metrics)
+            totals = torch.stack([torch.stack(metrics[name]).sum() for name in names])
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
+            totals = dict(zip(names, totals.tolist()))
+            tokens = max(totals.pop("num_tokens"), 1.0)
+            prefix = "" if mode == "train" else f"{self._eval_prefix}_"
+            # In place: `evaluate` returns this dict, so eval_kd etc. also reach metric_for_best_model.
+            logs.update({f"{prefix}{name}": total / tokens for name, total in totals.items()})
+            metrics.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        self._eval_prefix = metric_key_prefix  # eval components are logged under the same prefix as eval_loss
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    # -- projectors: optimised, synchronised, clipped and checkpointed with the student --------------------------
+
+    def create_optimizer(self, model=None):
+        user_optimizer = self.optimizer is not None
+        optimizer = super().create_optimizer(model)
+        if self.projectors is not None:
+            params = list(self.projectors.parameters())
+            known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            if not known.issuperset(id(p) for p in params):
+                if user_optimizer:
+                    warnings.warn(
+                        "The optimizer passed to DistillationTrainer does not hold trainer.projectors' parameters; "
+                        "they are added as an extra parameter group.",
+                        stacklevel=2,
+                    )
+                # No weight decay: it would pull the identity-initialised maps towards zero.
+                self.optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.projectors is not None and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            # The projectors live outside the DDP-wrapped student: average their gradients as DDP does.
+            for param in self.projectors.parameters():
+                if param.grad is not None:
+                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+        return loss
+
+    def _clip_grad_norm(self, model):
+        if self.projectors is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._clip_grad_norm(model)
+        params = [*model.parameters(), *self.projectors.parameters()]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._saving_checkpoint = True  # `_save` then writes the projectors too, so that resuming restores them
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.projectors is None:
+            return
+        path = Path(resume_from_checkpoint) / PROJECTORS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: this checkpoint was saved without the projectors this run trains. Resume from "
+                "a checkpoint of the same configuration, or start without resume_from_checkpoint."
+            )
+        from safetensors.torch import load_file
+
+        self.projectors.load_state_dict(load_file(path, device=str(self.args.device)))
+
+    # -- saving: weights + pruned_config.json + model card, on the main process ----------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.pruned_config is not None:
+            self.pruned_config.save_pretrained(output_dir)
+        if self.projectors is not None and (self._saving_checkpoint or self.args.save_projectors):
+            from safetensors.torch import save_file
+
+            state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.projectors.state_dict().items()}
+            save_file(state, os.path.join(output_dir, PROJECTORS_NAME), metadata={"format": "pt"})
+        self._write_model_card(output_dir)
+
+    def _write_model_card(self, output_dir: str, *, datasets=None, model_name: str | None = None) -> None:
+        from .hub import save_model_card
+
+        save_model_card(
+            output_dir,
+            pruned_config=self.pruned_config,
+            config=self.args,
+            metrics=self.model_card_metrics,
+            datasets=datasets if datasets is not None else self.model_card_datasets,
+            model_name=model_name or (self.args.hub_model_id or Path(self.args.output_dir).absolute().name),
+            hub_model_id=self.args.hub_model_id,
+        )
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write hf_recover's model card (`README.md`) into `args.output_dir`, merged into an existing one.
+
+        Only `model_name` and `dataset` are used; the other arguments of `Trainer.create_model_card` are accepted
+        for compatibility and ignored (the card's metadata comes from the teacher and the `PrunedConfig`).
+        """
+        if not self.is_world_process_zero():
+            return
+        datasets = [dataset] if isinstance(dataset, str) else dataset
+        self._write_model_card(self.args.output_dir, datasets=datasets, model_name=model_name)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """Save the student (weights, tokenizer, `pruned_config.json`, model card) into `args.output_dir` and push
+        that folder to `args.hub_model_id` in one commit with `hf_recover.push_recovered`.
+
+        The push is always blocking. `kwargs` (`model_name`, `dataset`, ...) go to `create_model_card`.
+        """
+        from .hub import push_recovered
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(self.args.output_dir, _internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        if kwargs:
+            self.create_model_card(**kwargs)
+        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        return push_recovered(
+            self.args.output_dir,
+            repo_id,
+            private=private if private is not None else self.args.hub_private_repo,
+            token=token if token is not None else self.args.hub_token,
+            commit_message=commit_message,
+            revision=revision if revision is not None else self.args.hub_revision,
+        )
+
+    # -- PEFT ----------------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.args.merge_adapters:
+            self.merge_and_unload()
+        return output
+
+    def merge_and_unload(self) -> PreTrainedModel:
+        """Merge a PEFT student's adapters into its base weights; `save_model` then writes a plain model."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not _is_peft_model(unwrapped):
+            raise ValueError("merge_and_unload needs a PEFT (LoRA) student; this student has no adapters.")
+        merged = unwrapped.merge_and_unload()
+        if getattr(unwrapped, "pruned_config", None) is not None and not hasattr(merged, "pruned_config"):
+            merged.pruned_config = unwrapped.pruned_config
+        self.model = self.model_wrapped = merged
+        return merged
+
+
+class _ZeroProjectorGradients(TrainerCallback):
+    """Trainer zeroes `model`'s gradients after each optimizer step; the projectors live outside it."""
+
+    def __init__(self, projectors: nn.Module):
+        self.projectors = projectors
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.projectors.zero_grad(set_to_none=True)
+
+
+def _as_distillation_config(args: TrainingArguments | None) -> DistillationConfig:
+    if args is None:
+        return DistillationConfig(output_dir="tmp_trainer")
+    if isinstance(args, DistillationConfig):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise ValueError(f"args must be a DistillationConfig (or TrainingArguments), got {type(args).__name__}.")
+    # A plain TrainingArguments: keep its values, add the distillation defaults (as TRL does for its configs).
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    return DistillationConfig(**values)
+
+
+def _is_peft_model(model) -> bool:
+    if importlib.util.find_spec("peft") is None:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _accepts(model: nn.Module | None, argument: str) -> bool:
+    if model is None:
+        return False
+    forward = getattr(model, "_original_forward", model.forward)  # accelerate may wrap forward for autocast
+    return argument in inspect.signature(forward).parameters
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _prepare_deepspeed_teacher(teacher: nn.Module, accelerator) -> nn.Module:
+    """An inference-only DeepSpeed engine for the teacher, as TRL's `prepare_deepspeed` builds it."""
+    import deepspeed
+
+    config = deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = config["zero_optimization"]["stage"]
+    hidden_size = getattr(_text_config(teacher), "hidden_size", None)
+    if hidden_size is not None and stage == 3:
+        config["zero_optimization"].update(
+            reduce_bucket_size=hidden_size * hidden_size,
+            stage3_param_persistence_threshold=10 * hidden_size,
+            stage3_prefetch_bucket_size=0.9 * hidden_size * hidden_size,
+        )
+    if stage != 3:  # ZeRO-1/2 shard optimizer states only, and the teacher has none
+        config["zero_optimization"]["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    return engine.eval()

@@ -1,0 +1,433 @@
+"""DistillationTrainer on tiny models: the loss against the formula computed by hand, equality with plain
+Trainer, gradient accumulation, resuming (projectors included), the frozen teacher, PEFT, saving, logging."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_TEXTS, build_tiny_model
+from datasets import Dataset
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from hf_recover import DistillationConfig, DistillationTrainer, PrunedConfig, prepare_recovery_dataset
+from hf_recover.constants import PRUNED_CONFIG_NAME
+from hf_recover.trainer import PROJECTORS_NAME
+
+NARROW = dict(num_hidden_layers=3, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models on a shared CPU: intra-op threads only add contention (a step drops from seconds to ~25 ms).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def padded_data():
+    """Rows of different lengths, right-padded: micro-batches hold different numbers of valid tokens."""
+    from conftest import build_tiny_tokenizer
+
+    texts = [text[: 12 + 7 * i] for i, text in enumerate(TINY_TEXTS * 2)]
+    data = prepare_recovery_dataset(
+        Dataset.from_dict({"text": texts}), build_tiny_tokenizer(), max_length=24, packing=False
+    )
+    counts = [sum(label != -100 for label in row[1:]) for row in data["labels"]]
+    assert len(set(counts)) > 3, counts  # otherwise the accumulation test could not tell the normalisations apart
+    return data
+
+
+def make_args(tmp_path, name="out", cls=DistillationConfig, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / name),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def narrow_student(seed=2):
+    return build_tiny_model(seed=seed, **NARROW)
+
+
+def depth_prune(teacher, keep):
+    """Test-local depth pruning (independent of hf_recover.pruning): copy the kept blocks."""
+    student = copy.deepcopy(teacher)
+    student.model.layers = nn.ModuleList(student.model.layers[i] for i in keep)
+    for index, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = index
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    pruned = PrunedConfig(
+        teacher_num_layers=teacher.config.num_hidden_layers, kept_layer_indices=list(keep), architecture="llama"
+    )
+    student.pruned_config = pruned
+    return student, pruned
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+# -- the loss ----------------------------------------------------------------------------------------------
+
+
+def test_loss_equals_the_compound_formula_by_hand(tmp_path, padded_data):
+    teacher, student = build_tiny_model(seed=1), narrow_student()
+    args = make_args(tmp_path, alpha=0.3, beta=0.7, gamma=0.4, delta=0.2, temperature=1.7, layer_map="1,3,5")
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data)
+    assert trainer.layer_map == [1, 3, 5] and len(trainer.projectors) == 3  # widths 16 -> 32
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    valid = labels[:, 1:] != -100  # position i predicts label i + 1
+    s_logits, t_logits = s.logits[:, :-1][valid], t.logits[:, :-1][valid]  # (N, V)
+    ce = F.cross_entropy(s_logits, labels[:, 1:][valid])
+    T = 1.7
+    kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="none")
+    kd = kd.sum(-1).mean()
+    projected = [trainer.projectors[i](s.hidden_states[i + 1][:, :-1][valid]) for i in range(3)]
+    mapped = [t.hidden_states[j + 1][:, :-1][valid] for j in (1, 3, 5)]
+    align = torch.stack([(1 - F.cosine_similarity(p, q, dim=-1)).mean() for p, q in zip(projected, mapped)]).mean()
+    fdd = torch.stack(
+        [
+            (1 - F.cosine_similarity(projected[i + 1] - projected[i], mapped[i + 1] - mapped[i], dim=-1)).mean()
+            for i in range(2)
+        ]
+    ).mean()
+    expected = 0.3 * ce + 0.7 * T**2 * kd + 0.4 * align + 0.2 * fdd
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+    # num_items_in_batch replaces the local count of valid tokens, for every term alike.
+    halved = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(2 * int(valid.sum())))
+    torch.testing.assert_close(halved, expected / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_states_only_skip_the_teacher_logits(tmp_path, padded_data):
+    from hf_recover.losses import hidden_alignment_loss
+
+    teacher, student = build_tiny_model(seed=1), narrow_student()
+    shapes = []
+    teacher.lm_head.register_forward_hook(lambda module, args, output: shapes.append(output.shape))
+    args = make_args(tmp_path, alpha=0.5, beta=0.0, gamma=0.5, layer_map="last")
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data)
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert shapes == [torch.Size([4, 1, 320])]  # one position, not (4, 24, 320)
+
+    s = student(**batch, output_hidden_states=True)
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    align = hidden_alignment_loss(
+        s.hidden_states, t.hidden_states, [3, 4, 5], batch["labels"], projectors=trainer.projectors
+    )
+    torch.testing.assert_close(loss, 0.5 * s.loss + 0.5 * align)
+
+
+@pytest.mark.parametrize(
+    ("divergence", "kwargs"),
+    [("skew_forward_kl", {"skew_lambda": 0.3}), ("generalized_jsd", {"jsd_beta": 0.2}), ("total_variation", {})],
+)
+def test_divergence_choice_and_its_parameter_reach_the_loss(tmp_path, padded_data, divergence, kwargs):
+    from hf_recover import losses
+
+    teacher, student = build_tiny_model(seed=1), narrow_student()
+    args = make_args(tmp_path, alpha=0.0, beta=1.0, temperature=1.0, divergence=divergence, **kwargs)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data)
+    batch = first_batch(trainer)
+    own = {"skew_lambda": 0.3} if divergence.startswith("skew") else {"beta": 0.2} if "jsd" in divergence else {}
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        reference = getattr(losses, divergence)(
+            student(**batch).logits, teacher(input_ids=batch["input_ids"]).logits, batch["labels"], **own
+        )
+        default = getattr(losses, divergence)(
+            student(**batch).logits, teacher(input_ids=batch["input_ids"]).logits, batch["labels"]
+        )
+    torch.testing.assert_close(loss, reference)
+    if own:
+        assert not torch.allclose(loss, default)  # the configured parameter, not the function's default, was used
+
+
+def test_without_distillation_terms_it_is_plain_trainer(tmp_path, padded_data):
+    plain = Trainer(narrow_student(), make_args(tmp_path, "plain", cls=TrainingArguments), train_dataset=padded_data)
+    plain.train()
+
+    class NeverCalled(nn.Module):
+        config = None
+
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the teacher must not run when beta = gamma = delta = 0")
+
+    args = make_args(tmp_path, "distill", alpha=1.0, beta=0.0, gamma=0.0, delta=0.0)
+    distill = DistillationTrainer(narrow_student(), NeverCalled(), args, train_dataset=padded_data)
+    distill.train()
+    assert distill.teacher_model is None
+    assert logged(distill, "loss") == logged(plain, "loss")
+    assert logged(distill, "ce") == pytest.approx(logged(plain, "loss"), rel=1e-6)
+    for (name, p), q in zip(plain.model.named_parameters(), distill.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_gradient_accumulation_2x2_equals_one_batch_of_4(tmp_path, padded_data):
+    teacher = build_tiny_model(seed=1)
+
+    def run(name, batch_size, accumulation):
+        args = make_args(
+            tmp_path,
+            name,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            gamma=0.3,
+            delta=0.3,
+            layer_map="uniform",
+        )
+        trainer = DistillationTrainer(narrow_student(), teacher, args, train_dataset=padded_data)
+        trainer.train()
+        return trainer
+
+    one, accumulated = run("one", 4, 1), run("accumulated", 2, 2)
+    for key in ("loss", "ce", "kd", "align", "fdd"):
+        assert logged(accumulated, key) == pytest.approx(logged(one, key), rel=1e-5), key
+    for p, q in zip(one.model.parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(one.projectors.parameters(), accumulated.projectors.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(p, torch.zeros_like(p))
+
+
+def test_resume_reproduces_an_uninterrupted_run_projectors_included(tmp_path, padded_data):
+    teacher = build_tiny_model(seed=1)
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, gamma=0.5, delta=0.2, layer_map="uniform")
+    full = DistillationTrainer(
+        narrow_student(), teacher, make_args(tmp_path, "full", **common), train_dataset=padded_data
+    )
+    initial_projectors = copy.deepcopy(full.projectors)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / PROJECTORS_NAME).is_file()
+
+    resumed = DistillationTrainer(
+        narrow_student(seed=5), teacher, make_args(tmp_path, "resumed", **common), train_dataset=padded_data
+    )
+    for param in resumed.projectors.parameters():  # the checkpoint must overwrite these
+        nn.init.normal_(param)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    for key in ("loss", "kd", "align", "fdd"):
+        assert len(logged(full, key)) == len(logged(resumed, key)) == 4  # the resumed state holds steps 1-2
+        assert logged(resumed, key)[2:] == pytest.approx(logged(full, key)[2:], rel=1e-5), key
+    for p, q, p0 in zip(
+        full.projectors.parameters(), resumed.projectors.parameters(), initial_projectors.parameters()
+    ):
+        torch.testing.assert_close(q, p)
+        assert not torch.allclose(p, p0)  # the projectors did train
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p)
+
+
+# -- the teacher, saving, the kept layer map ------------------------------------------------------------------
+
+
+def test_teacher_frozen_unchanged_and_not_saved_kept_map_and_pruned_config(tmp_path, padded_data):
+    teacher = build_tiny_model(seed=1)
+    student, pruned = depth_prune(teacher, [0, 2, 3, 5])
+    snapshot = copy.deepcopy(teacher.state_dict())
+    args = make_args(tmp_path, gamma=0.5, delta=0.5, save_strategy="steps", save_steps=2, max_steps=2)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data)
+    assert trainer.pruned_config is pruned and trainer.layer_map == [0, 2, 3, 5] and trainer.projectors is None
+    trainer.train()
+
+    assert not trainer.teacher_model.training
+    for name, param in teacher.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+        assert torch.equal(param, snapshot[name]), name
+    assert not any(
+        p is q for p in teacher.parameters() for group in trainer.optimizer.param_groups for q in group["params"]
+    )
+
+    output = tmp_path / "out"
+    trainer.save_model()
+    for folder in (output, output / "checkpoint-2"):
+        assert PrunedConfig.from_pretrained(folder).kept_layer_indices == [0, 2, 3, 5]
+        saved = load_file(folder / "model.safetensors")
+        assert set(saved) <= set(student.state_dict()) and len(saved) > 0
+        assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 4
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    assert reloaded.config.num_hidden_layers == 4
+
+
+def test_teacher_from_a_path_and_plain_training_arguments(tmp_path, padded_data):
+    build_tiny_model(seed=1).save_pretrained(tmp_path / "teacher")
+    args = make_args(tmp_path, teacher_dtype="bfloat16")
+    trainer = DistillationTrainer(narrow_student(), str(tmp_path / "teacher"), args, train_dataset=padded_data)
+    teacher = trainer.teacher_model
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(value)) for value in logged(trainer, "kd"))
+
+    upgraded = DistillationTrainer(
+        narrow_student(),
+        build_tiny_model(seed=1),
+        make_args(tmp_path, "plain", cls=TrainingArguments, learning_rate=3e-4),
+        train_dataset=padded_data,
+    )
+    assert isinstance(upgraded.args, DistillationConfig)
+    assert upgraded.args.learning_rate == 3e-4 and upgraded.args.beta == 0.5
+
+
+def test_kd_loss_falls(tmp_path, padded_data):
+    teacher = build_tiny_model(seed=1, tie_word_embeddings=False)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # a confident teacher: random tiny models are near-uniform
+    args = make_args(tmp_path, alpha=0.0, beta=1.0, temperature=1.0, max_steps=30, logging_steps=5, learning_rate=1e-2)
+    trainer = DistillationTrainer(narrow_student(), teacher, args, train_dataset=padded_data)
+    trainer.train()
+    kd = logged(trainer, "kd")
+    assert len(kd) == 6 and all(later < earlier for earlier, later in zip(kd, kd[1:])), kd
+    assert kd[-1] < 0.8 * kd[0], kd
+
+
+def test_eval_components_logged_with_the_eval_prefix(tmp_path, padded_data):
+    eval_data = padded_data.select(range(4))  # one eval batch: eval_loss is then exactly the compound of the means
+    args = make_args(tmp_path, alpha=0.4, beta=0.6, temperature=2.0, gamma=0.5, layer_map="last")
+    trainer = DistillationTrainer(narrow_student(), build_tiny_model(seed=1), args, eval_dataset=eval_data)
+    metrics = trainer.evaluate()
+    expected = 0.4 * metrics["eval_ce"] + 0.6 * 4 * metrics["eval_kd"] + 0.5 * metrics["eval_align"]
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert "eval_fdd" not in metrics and "ce" not in metrics
+    assert trainer.state.log_history[-1]["eval_kd"] == metrics["eval_kd"]
+    assert {"val_ce", "val_kd", "val_align"} <= set(trainer.evaluate(metric_key_prefix="val"))
+
+
+def test_save_projectors_only_when_asked(tmp_path, padded_data):
+    teacher = build_tiny_model(seed=1)
+    for flag in (False, True):
+        args = make_args(tmp_path, f"out-{flag}", gamma=1.0, layer_map="uniform", save_projectors=flag)
+        trainer = DistillationTrainer(narrow_student(), teacher, args, train_dataset=padded_data)
+        trainer.save_model()
+        path = tmp_path / f"out-{flag}" / PROJECTORS_NAME
+        assert path.is_file() == flag
+        if flag:
+            for name, tensor in trainer.projectors.state_dict().items():
+                torch.testing.assert_close(load_file(path)[name], tensor)
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path, padded_data):
+    args = make_args(tmp_path, bf16=True, gamma=0.5, delta=0.5, layer_map="uniform", max_steps=2)
+    trainer = DistillationTrainer(narrow_student(), build_tiny_model(seed=1), args, train_dataset=padded_data)
+    trainer.train()
+    for key in ("loss", "kd", "align", "fdd"):
+        assert all(torch.isfinite(torch.tensor(value)) for value in logged(trainer, key)), key
+
+
+# -- PEFT ------------------------------------------------------------------------------------------------------
+
+
+def test_lora_student_trains_and_checkpoints_its_adapter(tmp_path, padded_data):
+    from peft import LoraConfig, get_peft_model
+
+    teacher = build_tiny_model(seed=1)
+    student, _ = depth_prune(teacher, [0, 2, 4])
+    base = copy.deepcopy(student.state_dict())
+    lora = get_peft_model(student, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    args = make_args(tmp_path, gamma=0.5, max_steps=2, save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    trainer = DistillationTrainer(lora, teacher, args, train_dataset=padded_data)
+    assert trainer.layer_map == [0, 2, 4]  # the kept map, found through the PeftModel
+    adapters_before = {n: p.clone() for n, p in lora.named_parameters() if "lora_B" in n}
+    assert len(adapters_before) == 6
+    trainer.train()
+
+    assert all(not torch.equal(p, adapters_before[n]) for n, p in lora.named_parameters() if "lora_B" in n)
+    frozen = [(n.replace("base_layer.", ""), p) for n, p in student.named_parameters() if "lora" not in n]
+    assert len(frozen) == len(base) - 1  # all but the tied lm_head
+    assert all(torch.equal(p, base[n]) for n, p in frozen)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / PRUNED_CONFIG_NAME).is_file()
+
+
+def test_lora_adapters_merge_at_the_end(tmp_path, padded_data):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    teacher = build_tiny_model(seed=1)
+    student, _ = depth_prune(teacher, [0, 1, 3, 5])
+    ids = torch.tensor([padded_data[0]["input_ids"]])
+    with torch.no_grad():
+        base_logits = student(input_ids=ids).logits
+    lora = get_peft_model(student, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+
+    class Snapshot(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            assert isinstance(model, PeftModel)
+            with torch.no_grad():
+                self.logits = model(input_ids=ids).logits
+
+    snapshot = Snapshot()
+    args = make_args(tmp_path, gamma=0.5, merge_adapters=True, learning_rate=1e-2)
+    trainer = DistillationTrainer(lora, teacher, args, train_dataset=padded_data, callbacks=[snapshot])
+    trainer.train()
+
+    merged = trainer.model
+    assert not isinstance(merged, PeftModel) and trainer.model_wrapped is merged
+    assert not torch.allclose(snapshot.logits, base_logits, atol=1e-4)  # the adapters changed the model
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, snapshot.logits)
+    trainer.save_model()
+    output = tmp_path / "out"
+    assert (output / "model.safetensors").is_file() and not (output / "adapter_model.safetensors").exists()
+    assert PrunedConfig.from_pretrained(output).kept_layer_indices == [0, 1, 3, 5]
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, snapshot.logits)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_input(tmp_path, padded_data):
+    teacher = build_tiny_model(seed=1)
+    with pytest.raises(ValueError, match="teacher_model is required"):
+        DistillationTrainer(narrow_student(), None, make_args(tmp_path), train_dataset=padded_data)
+    with pytest.raises(ValueError, match="merge_adapters"):
+        DistillationTrainer(narrow_student(), teacher, make_args(tmp_path, merge_adapters=True))
+    with pytest.raises(ValueError, match="uniform"):  # layer_map='kept' (the default) without a PrunedConfig
+        DistillationTrainer(narrow_student(), teacher, make_args(tmp_path, gamma=0.5))
+    with pytest.raises(ValueError, match="projector"):
+        DistillationTrainer(
+            narrow_student(), teacher, make_args(tmp_path, gamma=0.5, layer_map="last", projector="none")
+        )
+    with pytest.raises(ValueError, match=r"valid indices are 0\.\.5"):
+        DistillationTrainer(narrow_student(), teacher, make_args(tmp_path, delta=0.5, layer_map="0,2,9"))
+    trainer = DistillationTrainer(narrow_student(), teacher, make_args(tmp_path))
+    batch = {"input_ids": torch.tensor([padded_data[0]["input_ids"]])}
+    with pytest.raises(ValueError, match="labels"):
+        trainer.compute_loss(trainer.model, batch)
