@@ -251,3 +251,17 @@ def test_width_recovery_refuses_to_overwrite_and_checks_paths(tmp_path, width_re
     with pytest.raises(ValueError, match="layer_map"):
         width_recovery.main(_width_argv(tmp_path / "new", teacher_dir, text_file, "--layer_map", "diagonal"))
     assert not (tmp_path / "new").exists()
+
+
+def test_strategy_lab_example_is_the_compare_command(tmp_path, tiny_tokenizer, monkeypatch):
+    """examples/strategy_lab.py forwards its flags to `hf-recover compare` unchanged."""
+    lab = _load_module(EXAMPLES / "strategy_lab.py", "strategy_lab_example")
+    seen = {}
+    import hf_recover.scripts.compare as compare
+
+    monkeypatch.setattr(compare, "main", lambda *dataclasses: seen.setdefault("args", dataclasses))
+    lab.run(["--prunings", "last", "--strategies", "compound", "--max_steps", "3", "--output_dir", str(tmp_path)])
+    compare_args, data_args, config = seen["args"]
+    assert compare_args.prunings == ["last"] and compare_args.strategies == ["compound"]
+    assert config.max_steps == 3 and config.output_dir == str(tmp_path)
+    assert data_args.max_length == 256  # the lab's own defaults apply
