@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,19 @@ def test_recovered_model_reloads_with_identical_logits(workspace):
     ids = torch.tensor([[5, 9, 20, 33, 7]])
     assert torch.equal(a(ids).logits, b(ids).logits)
     assert a.config.num_hidden_layers == 4
+
+
+def test_evaluate_runs_local_lm_eval_tasks_offline(workspace, capsys):
+    pytest.importorskip("lm_eval")
+    ws = workspace
+    tasks = Path(__file__).resolve().parents[1] / "examples" / "lm_eval_tasks"
+    cli(["evaluate", "--model", str(ws / "teacher"), "--teacher", str(ws / "teacher"), "--tasks", "hf_recover_facts",
+         "--include_path", str(tasks), "--limit", "4", "--output_file", str(ws / "tasks.json"),
+         *data_flags(ws)])  # fmt: skip
+    figures = json.loads((ws / "tasks.json").read_text())
+    acc = figures["lm_eval"]["recovered"]["hf_recover_facts"]["acc"]
+    assert 0.0 <= acc <= 1.0
+    # The same model as its own teacher retains exactly all of its capability.
+    assert figures["lm_eval"]["teacher"]["hf_recover_facts"]["acc"] == acc
+    assert figures["capability_retention"] == pytest.approx(1.0) or acc == 0.0
+    assert "hf_recover_facts" in capsys.readouterr().out
