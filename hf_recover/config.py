@@ -8,6 +8,7 @@ for hidden-state alignment and feature dynamics.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -93,8 +94,9 @@ class DistillationConfig(TrainingArguments):
     skew_lambda: float = field(
         default=0.1,
         metadata={
-            "help": "Skew KL mixture weight λ in [0, 1], DistiLLM's convention: the weight of the *teacher* in "
-            "λp + (1−λ)q (the book's s = 1 − λ). 0 gives plain KL. Default 0.1 (DistiLLM, Ko et al. 2024)."
+            "help": "Skew mixture weight λ in [0, 1), DistiLLM's convention: skew_forward_kl is KL(p ‖ λp + (1−λ)q), "
+            "λ weighting the *teacher* p (the book's s = 1 − λ); skew_reverse_kl is KL(q ‖ λq + (1−λ)p), λ weighting "
+            "the student q. 0 gives plain KL. Default 0.1 (DistiLLM, Ko et al. 2024)."
         },
     )
     jsd_beta: float = field(
@@ -138,7 +140,7 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Tokens per chunk of the logit divergence, which bounds its float32 (tokens, vocab) "
-            "intermediates. Default None: chunks of about 2M logits (hf_recover.losses' default)."
+            "intermediates. Default None: automatic chunks of about 8M logits (hf_recover.losses' default)."
         },
     )
     teacher_dtype: str = field(
@@ -158,6 +160,9 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         # Checked before TrainingArguments sets up devices: a bad recipe fails before any work is spent.
+        for name in ("alpha", "beta", "gamma", "delta", "fdd_magnitude_weight", "temperature"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}.")
         for name in ("alpha", "beta", "gamma", "delta", "fdd_magnitude_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (it weights a loss term), got {getattr(self, name)}.")
@@ -170,12 +175,17 @@ class DistillationConfig(TrainingArguments):
         for name in ("skew_lambda", "jsd_beta"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.divergence.startswith("skew") and self.beta > 0 and self.skew_lambda == 1:
+            raise ValueError(
+                "skew_lambda = 1 makes the skew divergence identically 0 (the mixture is the distribution itself); "
+                "use a value in [0, 1), e.g. 0.1."
+            )
         if self.alignment not in ALIGNMENT_KINDS:
             raise ValueError(f"alignment must be one of {ALIGNMENT_KINDS}, got {self.alignment!r}.")
         if self.projector not in PROJECTOR_KINDS:
             raise ValueError(f"projector must be one of {PROJECTOR_KINDS}, got {self.projector!r}.")
         if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
-            raise ValueError(f"kd_chunk_size must be >= 1 or None (no chunking), got {self.kd_chunk_size}.")
+            raise ValueError(f"kd_chunk_size must be >= 1 or None (automatic chunks), got {self.kd_chunk_size}.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         self.layer_map = parse_layer_map(self.layer_map)

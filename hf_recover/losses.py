@@ -199,7 +199,7 @@ def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
         )
 
 
-def _shared_vocab_size(student_vocab: int, teacher_vocab: int) -> int:
+def shared_vocab_size(student_vocab: int, teacher_vocab: int) -> int:
     """The vocabulary size both models score; see `MAX_PADDING_ROWS` for the rule."""
     if student_vocab == teacher_vocab:
         return student_vocab
@@ -232,7 +232,7 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
             f"teacher_logits {tuple(teacher_logits.shape)}, labels {tuple(labels.shape)}. Pass the unshifted labels "
             "of the batch, as a causal LM receives them."
         )
-    return _shared_vocab_size(student_logits.size(-1), teacher_logits.size(-1))
+    return shared_vocab_size(student_logits.size(-1), teacher_logits.size(-1))
 
 
 def _valid_mask(labels: torch.Tensor) -> torch.Tensor:

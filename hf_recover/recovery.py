@@ -157,13 +157,7 @@ def run_recovery(
     from .trainer import DistillationTrainer
 
     start = time.perf_counter()
-    if before is None:
-        before = evaluate_splits(
-            {"teacher": teacher, "pruned": student},
-            eval_splits,
-            batch_size=eval_batch_size,
-            max_batches=eval_max_batches,
-        )
+    # The trainer validates the recipe (layer map, projectors, vocabularies) before any evaluation is spent.
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher if (args.beta > 0 or args.gamma > 0 or args.delta > 0) else None,
@@ -173,6 +167,13 @@ def run_recovery(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if before is None:
+        before = evaluate_splits(
+            {"teacher": teacher, "pruned": student},
+            eval_splits,
+            batch_size=eval_batch_size,
+            max_batches=eval_max_batches,
+        )
     train_output = trainer.train()
     after = evaluate_splits(
         {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches

@@ -17,6 +17,7 @@ import inspect
 import os
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .alignment import build_layer_map, build_projectors
 from .config import DistillationConfig
 from .constants import IGNORE_INDEX
-from .losses import DIVERGENCES, feature_dynamics_loss, hidden_alignment_loss
+from .losses import DIVERGENCES, feature_dynamics_loss, hidden_alignment_loss, shared_vocab_size
 from .pruned_config import PrunedConfig
 
 PROJECTORS_NAME = "projectors.safetensors"
@@ -79,8 +80,10 @@ class DistillationTrainer(Trainer):
                 "teacher_model is required when beta, gamma or delta > 0: pass the teacher model or its path. "
                 "For cross-entropy only, set beta=gamma=delta=0."
             )
-        if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+        if isinstance(model, (str, os.PathLike)):
+            from .pruning import load_pruned  # any MLP sizes; plain from_pretrained where they are uniform
+
+            model = load_pruned(model)
         super().__init__(model=model, args=args, **kwargs)
 
         if self.args.merge_adapters and not _is_peft_model(self.model):
@@ -93,6 +96,10 @@ class DistillationTrainer(Trainer):
         self._saving_checkpoint = False
 
         self.teacher_model = self._prepare_teacher(teacher_model) if uses_teacher else None
+        if self.args.beta > 0 and None not in (
+            vocab := (_output_vocab(self.model), _output_vocab(self.teacher_model))
+        ):
+            shared_vocab_size(*vocab)  # a real tokenizer mismatch fails here, not at the first step
         want_hidden = self.args.gamma > 0 or self.args.delta > 0
         self._teacher_forward_kwargs = {"output_hidden_states": want_hidden, "use_cache": False}
         if self.args.beta == 0 and _accepts(self.teacher_model, "logits_to_keep"):
@@ -148,18 +155,27 @@ class DistillationTrainer(Trainer):
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
         # Trainer's own CE (label smoothing, compute_loss_func, num_items_in_batch), already scaled by the
         # number of processes when tokens are averaged across devices; the other terms get the same scale.
-        ce_scaled, outputs = super().compute_loss(
-            model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        with _last_block_output(model, want_hidden) as student_last:
+            ce_scaled, outputs = super().compute_loss(
+                model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         scale = self._loss_scale(num_items_in_batch)
         terms = {"ce": ce_scaled / scale}
         loss = args.alpha * ce_scaled
 
         if self.teacher_model is not None:
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            with torch.no_grad():
+            with torch.no_grad(), _last_block_output(self.teacher_model, want_hidden) as teacher_last:
                 teacher_outputs = self.teacher_model(**teacher_inputs, **self._teacher_forward_kwargs)
-            distill = self._distillation_terms(outputs, teacher_outputs, labels, num_items_in_batch)
+            hidden = None
+            if want_hidden:
+                # HF's last hidden state is the final norm's output: align the last *block's* raw output instead,
+                # like every other block's (block importance does the same).
+                hidden = (
+                    _with_last(outputs.hidden_states, student_last),
+                    _with_last(teacher_outputs.hidden_states, teacher_last),
+                )
+            distill = self._distillation_terms(outputs, teacher_outputs, hidden, labels, num_items_in_batch)
             terms.update(distill)
             weights = {"kd": args.beta * args.temperature**2, "align": args.gamma, "fdd": args.delta}
             loss = loss + scale * sum(weights[name] * value for name, value in distill.items())
@@ -170,7 +186,9 @@ class DistillationTrainer(Trainer):
         # Hidden states would be gathered as predictions in evaluation: return the logits only.
         return loss, CausalLMOutputWithPast(loss=loss, logits=outputs.logits) if want_hidden else outputs
 
-    def _distillation_terms(self, outputs, teacher_outputs, labels, num_items_in_batch) -> dict[str, torch.Tensor]:
+    def _distillation_terms(
+        self, outputs, teacher_outputs, hidden, labels, num_items_in_batch
+    ) -> dict[str, torch.Tensor]:
         args, terms = self.args, {}
         if args.beta > 0:
             own = {"skew_lambda": args.skew_lambda} if args.divergence.startswith("skew") else {}
@@ -185,7 +203,7 @@ class DistillationTrainer(Trainer):
                 chunk_size=args.kd_chunk_size,
                 **own,
             )
-        hidden = (outputs.hidden_states, teacher_outputs.hidden_states, self.layer_map, labels)
+        hidden = (*hidden, self.layer_map, labels) if hidden is not None else None
         if args.gamma > 0:
             terms["align"] = hidden_alignment_loss(
                 *hidden, projectors=self.projectors, kind=args.alignment, num_items_in_batch=num_items_in_batch
@@ -238,8 +256,15 @@ class DistillationTrainer(Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        self._metrics["eval"].clear()  # components of earlier predict() batches are not this evaluation's
         self._eval_prefix = metric_key_prefix  # eval components are logged under the same prefix as eval_loss
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        try:
+            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._metrics["eval"].clear()  # predict logs nothing: drop its components
 
     # -- projectors: optimised, synchronised, clipped and checkpointed with the student --------------------------
 
@@ -419,6 +444,48 @@ def _as_distillation_config(args: TrainingArguments | None) -> DistillationConfi
     # A plain TrainingArguments: keep its values, add the distillation defaults (as TRL does for its configs).
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return DistillationConfig(**values)
+
+
+@contextmanager
+def _last_block_output(model: nn.Module, enabled: bool):
+    """Capture the raw output of `model`'s last transformer block during a forward inside the block.
+
+    Yields a list that holds that output once the forward ran; it stays empty when disabled or when the blocks
+    are not found as `model.model.layers` through DDP/DeepSpeed/PEFT wrappers (the HF hidden state is used then).
+    """
+    captured: list[torch.Tensor] = []
+    block = _last_block(model) if enabled else None
+    if block is None:
+        yield captured
+        return
+
+    def keep(module, args, output):
+        if not captured:  # a gradient-checkpointing recomputation must not replace the first output
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = block.register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _last_block(model: nn.Module) -> nn.Module | None:
+    model = getattr(model, "module", model)  # DDP, DeepSpeed
+    if _is_peft_model(model):
+        model = model.get_base_model()
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+def _with_last(hidden_states: tuple[torch.Tensor, ...], last: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (*hidden_states[:-1], last[0]) if last else tuple(hidden_states)
+
+
+def _output_vocab(model: nn.Module) -> int | None:
+    """Rows of the model's output embedding (its logits' width), when it exposes one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.weight.shape[0] if head is not None else None
 
 
 def _is_peft_model(model) -> bool:

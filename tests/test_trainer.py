@@ -94,26 +94,44 @@ def logged(trainer, key):
 # -- the loss ----------------------------------------------------------------------------------------------
 
 
+def raw_block_outputs(model, **inputs):
+    """Forward `model` and return (outputs, [raw output of block 0, block 1, ...]) captured by hooks."""
+    blocks = []
+    hooks = [
+        layer.register_forward_hook(lambda module, args, out: blocks.append(out[0] if isinstance(out, tuple) else out))
+        for layer in model.model.layers
+    ]
+    try:
+        return model(**inputs), blocks
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_loss_equals_the_compound_formula_by_hand(tmp_path, padded_data):
     teacher, student = build_tiny_model(seed=1), narrow_student()
-    args = make_args(tmp_path, alpha=0.3, beta=0.7, gamma=0.4, delta=0.2, temperature=1.7, layer_map="1,3,5")
+    with torch.no_grad():  # a final norm that is not the identity: its output is not the last block's output
+        teacher.model.norm.weight.uniform_(0.5, 1.5)
+        student.model.norm.weight.uniform_(0.5, 1.5)
+    # The last student block maps to teacher block 4, not to the teacher's last block.
+    args = make_args(tmp_path, alpha=0.3, beta=0.7, gamma=0.4, delta=0.2, temperature=1.7, layer_map="0,2,4")
     trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data)
-    assert trainer.layer_map == [1, 3, 5] and len(trainer.projectors) == 3  # widths 16 -> 32
+    assert trainer.layer_map == [0, 2, 4] and len(trainer.projectors) == 3  # widths 16 -> 32
     batch = first_batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
 
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    s, s_blocks = raw_block_outputs(student, input_ids=ids, attention_mask=mask)
     with torch.no_grad():
-        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        t, t_blocks = raw_block_outputs(teacher, input_ids=ids, attention_mask=mask)
     valid = labels[:, 1:] != -100  # position i predicts label i + 1
     s_logits, t_logits = s.logits[:, :-1][valid], t.logits[:, :-1][valid]  # (N, V)
     ce = F.cross_entropy(s_logits, labels[:, 1:][valid])
     T = 1.7
     kd = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True, reduction="none")
     kd = kd.sum(-1).mean()
-    projected = [trainer.projectors[i](s.hidden_states[i + 1][:, :-1][valid]) for i in range(3)]
-    mapped = [t.hidden_states[j + 1][:, :-1][valid] for j in (1, 3, 5)]
+    projected = [trainer.projectors[i](s_blocks[i][:, :-1][valid]) for i in range(3)]
+    mapped = [t_blocks[j][:, :-1][valid] for j in (0, 2, 4)]
     align = torch.stack([(1 - F.cosine_similarity(p, q, dim=-1)).mean() for p, q in zip(projected, mapped)]).mean()
     fdd = torch.stack(
         [
@@ -431,3 +449,55 @@ def test_bad_input(tmp_path, padded_data):
     batch = {"input_ids": torch.tensor([padded_data[0]["input_ids"]])}
     with pytest.raises(ValueError, match="labels"):
         trainer.compute_loss(trainer.model, batch)
+
+
+def test_a_tokenizer_mismatch_fails_when_the_trainer_is_built(tmp_path, padded_data):
+    teacher = build_tiny_model(seed=1, vocab_size=1000)  # 680 extra rows: more than padding (at most 256 here)
+    with pytest.raises(ValueError, match="320 and teacher vocabulary size 1000"):
+        DistillationTrainer(build_tiny_model(), teacher, make_args(tmp_path), train_dataset=padded_data)
+
+
+def test_predict_batches_do_not_leak_into_the_next_evaluation(tmp_path, padded_data):
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2)
+    trainer = DistillationTrainer(student, teacher, make_args(tmp_path), train_dataset=padded_data)
+    alone = trainer.evaluate(padded_data.select(range(2)))
+    trainer.predict(padded_data.select(range(2, 8)))
+    after_predict = trainer.evaluate(padded_data.select(range(2)))
+    assert after_predict["eval_kd"] == pytest.approx(alone["eval_kd"], rel=1e-6)
+
+
+def test_a_student_path_with_uneven_mlp_sizes_loads(tmp_path, padded_data):
+    from hf_recover import prune_width
+
+    student, pruned = prune_width(build_tiny_model(seed=2), pruning_ratio=0.5, layers=[0, 2])
+    student.save_pretrained(tmp_path / "student")
+    pruned.save_pretrained(tmp_path / "student")
+    trainer = DistillationTrainer(str(tmp_path / "student"), build_tiny_model(seed=1), make_args(tmp_path))
+    sizes = [layer.mlp.gate_proj.out_features for layer in trainer.model.model.layers]
+    assert sizes == [32, 64, 32, 64, 64, 64]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"alpha": float("nan")}, "alpha must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"divergence": "skew_reverse_kl", "skew_lambda": 1.0}, "identically 0"),
+    ],
+)
+def test_degenerate_recipes_are_rejected(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+def test_run_recovery_validates_the_recipe_before_evaluating(tmp_path, padded_data, monkeypatch):
+    import hf_recover.recovery as recovery
+
+    monkeypatch.setattr(recovery, "evaluate_splits", lambda *a, **k: pytest.fail("evaluated before validating"))
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2, num_hidden_layers=3)
+    args = make_args(tmp_path, gamma=0.5, layer_map="0,1,99")
+    with pytest.raises(ValueError, match="99"):
+        recovery.run_recovery(
+            teacher=teacher, student=student, tokenizer=None, args=args, train_dataset=padded_data,
+            eval_splits={"validation": padded_data},
+        )  # fmt: skip

@@ -43,7 +43,12 @@ class DataArguments:
 @dataclass
 class OutputArguments:
     output_dir: str = field(default="outputs/hf-recover", metadata={"help": "Folder to write results to."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace the output folder if it exists."})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into the output folder even if it is not empty (files of the same name are replaced)."
+        },
+    )
 
 
 def command_parser(subparsers, name: str, dataclass_types: tuple, doc: str, **defaults):

@@ -43,7 +43,9 @@ class CompareArguments:
         metadata={"help": "Recovery strategies (hf_recover.recovery.STRATEGIES)."},
     )
     n_remove: int = field(default=6, metadata={"help": "Blocks to remove (6 of 30 = 20%%)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists and is not empty."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Write into a non-empty --output_dir (files of the same name are replaced)."}
+    )
 
 
 COMPARE_DEFAULTS = {

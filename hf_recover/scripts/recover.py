@@ -42,7 +42,9 @@ class RecoverArguments:
         default=None,
         metadata={"help": "Prune the teacher here: importance:N, angular:N, last:N, remove:I,J, width:METHOD:RATIO."},
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace --output_dir if it exists and is not empty."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Write into a non-empty --output_dir (files of the same name are replaced)."}
+    )
 
 
 RECOVER_DEFAULTS = {
