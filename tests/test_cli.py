@@ -162,9 +162,16 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
 )
 def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, match):
     monkeypatch.chdir(tmp_path)
-    import hf_recover.scripts.arguments as arguments
+    import transformers
 
-    monkeypatch.setattr(arguments, "load_model", lambda *a, **k: pytest.fail("loaded a model before validating"))
+    import hf_recover.models
+
+    def refuse(*args, **kwargs):
+        pytest.fail("loaded a model before validating")
+
+    monkeypatch.setattr(hf_recover.models, "load_default_teacher", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
     with pytest.raises(error, match=match):
         cli([*argv, "--output_dir", str(tmp_path / "out")] if argv[0] != "evaluate" else argv)
 

@@ -189,18 +189,14 @@ def parse_prune_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
     return _check_prune_spec(result)
 
 
-PRUNE_SPEC_KEYS = {
-    "depth": {"remove", "n", "method", "scores"},
-    "width": {"pruning_ratio", "expansion_rate", "divisor", "method", "layers"},
-}
-
-
 def _check_prune_spec(spec: Any) -> dict[str, Any]:
-    if not isinstance(spec, dict) or not spec or set(spec) - set(PRUNE_SPEC_KEYS):
+    """The spec's shape, with the keys `select_candidate` accepts (checked before any model is loaded)."""
+    from ..pruning.candidates import DEPTH_SPEC_KEYS, SPEC_KEYS, WIDTH_SPEC_KEYS
+
+    keys = {"depth": DEPTH_SPEC_KEYS, "width": WIDTH_SPEC_KEYS}
+    if not isinstance(spec, dict) or not spec or set(spec) - set(SPEC_KEYS):
         raise ValueError(f"A prune spec is a dict with keys 'depth' and/or 'width'; got {spec!r}.")
     for kind, options in spec.items():
-        if not isinstance(options, dict) or set(options) - PRUNE_SPEC_KEYS[kind]:
-            raise ValueError(
-                f"Prune spec {kind!r} takes a dict with keys {sorted(PRUNE_SPEC_KEYS[kind])}; got {options!r}."
-            )
+        if not isinstance(options, dict) or set(options) - set(keys[kind]):
+            raise ValueError(f"Prune spec {kind!r} takes a dict with keys {sorted(keys[kind])}; got {options!r}.")
     return spec
