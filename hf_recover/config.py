@@ -15,15 +15,9 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .alignment import LAYER_MAP_KINDS
+from .losses import DIVERGENCES
 
-DIVERGENCE_NAMES = (
-    "forward_kl",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "generalized_jsd",
-    "total_variation",
-)
+DIVERGENCE_NAMES = tuple(DIVERGENCES)  # the logit divergences hf_recover.losses implements
 ALIGNMENT_KINDS = ("cosine", "mse")
 PROJECTOR_KINDS = ("auto", "none", "linear")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
