@@ -29,6 +29,8 @@ _EXPORTS = {
     "total_variation": "losses",
     "hidden_alignment_loss": "losses",
     "feature_dynamics_loss": "losses",
+    "distillation_loss": "losses",
+    "DistillationLoss": "losses",
     "build_layer_map": "alignment",
     "block_importance": "pruning",
     "plot_block_importance": "pruning",
@@ -67,6 +69,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .evaluation import capability_retention, evaluate_lm_eval, evaluate_perplexity, recovery_metrics
     from .hub import HubPushError, generate_model_card, push_recovered, save_model_card
     from .losses import (
+        DistillationLoss,
+        distillation_loss,
         feature_dynamics_loss,
         forward_kl,
         generalized_jsd,

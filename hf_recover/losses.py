@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from .constants import IGNORE_INDEX
 
 __all__ = [
     "DIVERGENCES",
+    "DistillationLoss",
+    "distillation_loss",
     "feature_dynamics_loss",
     "forward_kl",
     "fused_linear_divergence",
@@ -51,10 +54,15 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_ELEMENTS = 2**23
-"""With `chunk_size=None`, chunks hold at least this many logits: 32 MiB per float32 temporary, enough
-that per-chunk overhead is negligible on CPU and GPU. Rounding up past 32 MiB also matters on Linux:
-glibc serves blocks above its largest mmap threshold (32 MiB) with `mmap` and unmaps them when freed,
-whereas smaller blocks stay in the heap after use, so resident memory would grow past the live chunk."""
+"""With `chunk_size=None` on an accelerator, chunks hold at least this many logits (32 MiB per float32
+temporary): enough work per kernel launch that the chunk loop costs nothing next to the passes themselves."""
+
+CPU_CHUNK_ELEMENTS = 2**21
+"""With `chunk_size=None` on CPU, chunks hold at least this many logits (8 MiB per float32 temporary). On
+Linux, glibc serves blocks above 32 MiB with a fresh `mmap` and unmaps them when freed, so every 32 MiB
+temporary of every chunk costs 8k page faults: measured on 1024 × 49152 logits (CE + forward KL, forward
+and backward, 2 cores), 2^23-logit chunks took 0.62-0.80 s and 350k page faults, 2^20-2^22 took 0.34-0.44 s
+and only the 49k faults of the gradient tensor. Smaller blocks are recycled from the heap."""
 
 MAX_PADDING_ROWS = 256
 """Vocabulary padding rule: a teacher vocabulary larger than the student's is accepted as padding
@@ -235,15 +243,17 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     return shared_vocab_size(student_logits.size(-1), teacher_logits.size(-1))
 
 
-def _valid_mask(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) mask of the positions whose *next* label is not ignored.
+def _shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) next-token targets: position `t` is scored against label `t + 1`, as in Hugging Face's causal-LM
+    loss, so the last position is always ignored."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
 
-    The logits at position `t` predict token `t + 1`, as in Hugging Face's causal-LM loss, so the
-    last position never counts.
-    """
-    valid = torch.zeros_like(labels, dtype=torch.bool)
-    valid[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return valid
+
+def _valid_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask of the positions whose *next* label is not ignored."""
+    return _shifted_targets(labels) != IGNORE_INDEX
 
 
 def _normaliser(
@@ -260,56 +270,67 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _default_chunk_size(vocab: int) -> int:
-    return -(-DEFAULT_CHUNK_ELEMENTS // vocab)  # ceil: at least DEFAULT_CHUNK_ELEMENTS logits per chunk
+def _default_chunk_size(vocab: int, device: torch.device) -> int:
+    elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS
+    return -(-elements // vocab)  # ceil: at least that many logits per chunk
 
 
-def _log_softmax_chunk(logits, rows, cols, vocab: int, dtype: torch.dtype, temperature: float) -> torch.Tensor:
-    """(B, T, V) -> (n, vocab) log-probabilities of the chunk's tokens at temperature T, from a fresh copy."""
-    chunk = logits[rows, cols, :vocab].to(dtype)  # advanced indexing copies: safe to scale in place
-    return F.log_softmax(chunk.div_(temperature) if temperature != 1.0 else chunk, dim=-1)
+def _token_chunks(valid: torch.Tensor, chunk_size: int) -> list[tuple[slice | torch.Tensor, torch.Tensor | None]]:
+    """The chunks of flattened `(batch · seq_len)` positions a loss walks, as `(index, mask)` pairs.
+
+    A mostly valid batch (packed data has one invalid position per row) is walked densely in contiguous
+    slices: each chunk of logits is then a view, with no gather copy on the way in and no scatter of its
+    gradient on the way out; `mask` marks the chunk's valid positions, the others are computed and
+    discarded. A sparse batch (prompt-masked instruction data) gathers its valid positions (`mask=None`).
+    """
+    flat = valid.reshape(-1)
+    if 2 * int(flat.sum()) >= flat.numel():
+        starts = range(0, flat.numel(), chunk_size)
+        return [(slice(start, start + chunk_size), flat[start : start + chunk_size]) for start in starts]
+    return [(index, None) for index in flat.nonzero().squeeze(1).split(chunk_size)]
 
 
-def _student_chunk_grad(kernel: Kernel, student_logits, teacher_logits, rows, cols, temperature, scale):
-    """Chunk sum and its gradient with respect to the student's logits, without autograd."""
-    vocab, dtype = student_logits.size(-1), _compute_dtype(student_logits.dtype)
-    student_logp = _log_softmax_chunk(student_logits, rows, cols, vocab, dtype, temperature)
-    teacher_logp = _log_softmax_chunk(teacher_logits, rows, cols, vocab, dtype, temperature)
-    per_token, grad = kernel(student_logp, teacher_logp, True)
-    # Chain rule through z / T and the normaliser.
-    return per_token.sum(), grad.mul_(scale / temperature)
+def _masked_sum(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return (per_token if mask is None else torch.where(mask, per_token, 0)).sum()
 
 
-def _chunk_sum(kernel: Kernel, student_logits, teacher_logits, rows, cols, temperature):
-    """Chunk sum only: evaluation, or a student that needs no gradient."""
-    vocab, dtype = student_logits.size(-1), _compute_dtype(student_logits.dtype)
-    student_logp = _log_softmax_chunk(student_logits, rows, cols, vocab, dtype, temperature)
-    teacher_logp = _log_softmax_chunk(teacher_logits, rows, cols, vocab, dtype, temperature)
-    return kernel(student_logp, teacher_logp, False)[0].sum()
+def _cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, with_grad: bool):
+    """`(n, V)` float logits and `(n,)` targets -> `(n,)` cross-entropies and, when `with_grad`, their gradient
+    with respect to the logits, `softmax − one_hot`. Rows of ignored targets hold garbage: callers mask them."""
+    targets = targets.clamp(0, logits.size(-1) - 1)[:, None]
+    log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+    per_token = (log_normaliser - logits.gather(1, targets)).squeeze(1)
+    if not with_grad:
+        return per_token, None
+    softmax = torch.sub(logits, log_normaliser).exp_()
+    return per_token, softmax.scatter_add_(1, targets, torch.full_like(log_normaliser, -1))
 
 
-def _autograd_chunk_grads(
-    kernel: Kernel, student_logits, teacher_logits, rows, cols, temperature, scale, student_needs_grad
-):
-    """Chunk sum and its gradients by autograd: the path taken when the teacher needs a gradient too."""
-    vocab, dtype = student_logits.size(-1), _compute_dtype(student_logits.dtype)
-    student_chunk = student_logits[rows, cols].to(dtype).requires_grad_(student_needs_grad)
-    teacher_chunk = teacher_logits[rows, cols, :vocab].to(dtype).requires_grad_()
+def _autograd_chunk(kernel: Kernel, student, teacher, targets, mask, temperature, weights, scale, student_needs_grad):
+    """A chunk's sums and gradients by autograd: the path taken when the teacher needs a gradient too."""
+    kd_weight, ce_weight = weights
+    student = student.detach().requires_grad_(student_needs_grad)
+    teacher = teacher.detach().requires_grad_()
     with torch.enable_grad():
-        student_logp = F.log_softmax(student_chunk / temperature, dim=-1)
-        teacher_logp = F.log_softmax(teacher_chunk / temperature, dim=-1)
-        chunk_sum = kernel(student_logp, teacher_logp, False)[0].sum()
-    wanted = (student_chunk, teacher_chunk) if student_needs_grad else (teacher_chunk,)
-    grads = torch.autograd.grad(chunk_sum, wanted, grad_outputs=scale)
-    return chunk_sum.detach(), (grads[0] if student_needs_grad else None), grads[-1]
+        student_logp = F.log_softmax(student / temperature, dim=-1)
+        teacher_logp = F.log_softmax(teacher / temperature, dim=-1)
+        kd = _masked_sum(kernel(student_logp, teacher_logp, False)[0], mask)
+        objective, ce = kd_weight * kd, None
+        if ce_weight is not None:
+            ce = _masked_sum(_cross_entropy_chunk(student, targets, False)[0], mask)
+            objective = objective + ce_weight * ce
+    wanted = (student, teacher) if student_needs_grad else (teacher,)
+    grads = torch.autograd.grad(objective, wanted, grad_outputs=scale)
+    return kd.detach(), None if ce is None else ce.detach(), (grads[0] if student_needs_grad else None), grads[-1]
 
 
-class _ChunkedDivergence(torch.autograd.Function):
-    """Sum of a per-token divergence over token chunks, with gradients computed chunk by chunk.
+class _ChunkedLoss(torch.autograd.Function):
+    """`(kd_weight · Σ divergence + ce_weight · Σ CE) · scale` over token chunks, gradients computed chunk by chunk.
 
-    Forward computes each chunk's divergence and, right away, the gradient of the chunk's normalised
-    sum with respect to the chunk's logits, written into a gradient tensor shaped like the logits.
-    Backward only scales that tensor by the incoming gradient.
+    Forward computes each chunk's divergence (and the student's cross-entropy, unless `ce_weight` is None) and,
+    right away, the gradient of the weighted, normalised chunk sum with respect to the chunk's logits, written
+    into a gradient tensor shaped like the logits. Backward only scales that tensor by the incoming gradient.
+    Returns the loss and, detached, the normalised divergence and cross-entropy (0 when not computed).
     """
 
     @staticmethod
@@ -317,58 +338,91 @@ class _ChunkedDivergence(torch.autograd.Function):
         ctx,
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
-        valid: torch.Tensor,
+        targets: torch.Tensor,
         kernel: Kernel,
         temperature: float,
         chunk_size: int,
         scale: torch.Tensor,
+        weights: tuple[float, float | None],
         student_needs_grad: bool,
         teacher_needs_grad: bool,
-    ) -> torch.Tensor:
+    ):
+        kd_weight, ce_weight = weights
         vocab = student_logits.size(-1)
-        compute_dtype = _compute_dtype(student_logits.dtype)
-        batch_index, position_index = valid.nonzero(as_tuple=True)  # (N,), (N,)
+        dtype = _compute_dtype(student_logits.dtype)
+        valid = targets != IGNORE_INDEX
+        flat_student = student_logits.reshape(-1, vocab)
+        flat_teacher = teacher_logits.reshape(-1, teacher_logits.size(-1))
+        flat_targets = targets.reshape(-1)
         student_grad = teacher_grad = None
         if student_needs_grad:
-            # The logits' gradient, in their own dtype: memory their backward needs anyway. Every valid
-            # position is written below, so only the others are zeroed.
-            student_grad = torch.empty_like(student_logits)
-            student_grad[~valid] = 0
+            # The logits' gradient, in their own dtype: memory their backward needs anyway.
+            student_grad = flat_student.new_empty(flat_student.shape)
         if teacher_needs_grad:
-            teacher_grad = torch.zeros_like(teacher_logits)
-        total = torch.zeros((), dtype=compute_dtype, device=student_logits.device)
+            teacher_grad = torch.zeros_like(flat_teacher)
+        kd_total = torch.zeros((), dtype=dtype, device=student_logits.device)
+        ce_total = torch.zeros_like(kd_total)
 
         # Autocast would run the kernels' row-wise dot products (bmm) in half precision: keep float32.
         with torch.autocast(student_logits.device.type, enabled=False):
-            for rows, cols in zip(batch_index.split(chunk_size), position_index.split(chunk_size)):
-                chunk = (kernel, student_logits, teacher_logits, rows, cols, temperature)
+            for index, mask in _token_chunks(valid, chunk_size):
+                student = flat_student[index].to(dtype)  # a view when contiguous and already float32
+                teacher = flat_teacher[index, :vocab].to(dtype)
+                chunk_targets = flat_targets[index]
                 if teacher_needs_grad:
-                    chunk_sum, chunk_student_grad, chunk_teacher_grad = _autograd_chunk_grads(
-                        *chunk, scale, student_needs_grad
+                    kd, ce, chunk_student_grad, chunk_teacher_grad = _autograd_chunk(
+                        kernel, student, teacher, chunk_targets, mask, temperature, weights, scale, student_needs_grad
                     )
-                    teacher_grad[rows, cols, :vocab] = chunk_teacher_grad.to(teacher_grad.dtype)
-                elif student_needs_grad:
-                    chunk_sum, chunk_student_grad = _student_chunk_grad(*chunk, scale)
+                    teacher_grad[index, :vocab] = chunk_teacher_grad.to(teacher_grad.dtype)
                 else:
-                    chunk_sum = _chunk_sum(*chunk)
+                    tempered = (
+                        (student, teacher) if temperature == 1.0 else (student / temperature, teacher / temperature)
+                    )
+                    student_logp, teacher_logp = (F.log_softmax(logits, dim=-1) for logits in tempered)
+                    del tempered
+                    per_token, chunk_student_grad = kernel(student_logp, teacher_logp, student_needs_grad)
+                    kd = _masked_sum(per_token, mask)
+                    del student_logp, teacher_logp
+                    ce, ce_grad_wanted = None, student_needs_grad and ce_weight not in (None, 0)
+                    if ce_weight is not None:
+                        per_token, ce_grad = _cross_entropy_chunk(student, chunk_targets, ce_grad_wanted)
+                        ce = _masked_sum(per_token, mask)
+                    if student_needs_grad:
+                        # Chain rule through z / T, the term's weight and the normaliser.
+                        chunk_student_grad.mul_(scale * (kd_weight / temperature))
+                        if ce_grad_wanted:
+                            chunk_student_grad.addcmul_(ce_grad, scale * ce_weight)
+                            del ce_grad
                 if student_needs_grad:
-                    student_grad[rows, cols] = chunk_student_grad.to(student_grad.dtype)
+                    student_grad[index] = chunk_student_grad.to(student_grad.dtype)
                     del chunk_student_grad  # free before the next chunk allocates
-                total += chunk_sum
+                kd_total += kd
+                if ce is not None:
+                    ce_total += ce
 
+        invalid = (~valid.reshape(-1)).nonzero().squeeze(1)  # row indices: a boolean mask would sweep all rows
+        if student_grad is not None:
+            student_grad[invalid] = 0  # dense chunks wrote garbage there, sparse ones nothing
+            student_grad = student_grad.view(student_logits.shape)
+        if teacher_grad is not None:
+            teacher_grad[invalid] = 0
+            teacher_grad = teacher_grad.view(teacher_logits.shape)
         ctx.save_for_backward(student_grad, teacher_grad)
-        return total * scale
+        kd, ce = kd_total * scale, ce_total * scale
+        loss = kd_weight * kd if ce_weight is None else kd_weight * kd + ce_weight * ce
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, _kd_grad, _ce_grad):
         student_grad, teacher_grad = ctx.saved_tensors
         # Plain `loss.backward()` hands back the stored tensor without another (B, T, V) copy. Scaling is
         # out of place so that a retained graph can run backward again.
         if not torch.equal(grad_output, torch.ones_like(grad_output)):
             student_grad = None if student_grad is None else student_grad * grad_output.to(student_grad.dtype)
             teacher_grad = None if teacher_grad is None else teacher_grad * grad_output.to(teacher_grad.dtype)
-        return student_grad, teacher_grad, None, None, None, None, None, None, None
+        return student_grad, teacher_grad, None, None, None, None, None, None, None, None
 
 
 _KERNELS: dict[str, tuple[Callable[..., tuple[torch.Tensor, torch.Tensor | None]], dict[str, float]]] = {
@@ -398,7 +452,7 @@ def _kernel_for(divergence: str, params: dict) -> Kernel:
     return partial(kernel, **{name: float(value) for name, value in values.items()}) if values else kernel
 
 
-def _divergence(
+def _chunked_loss(
     kernel: Kernel,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -406,25 +460,32 @@ def _divergence(
     temperature: float,
     num_items_in_batch: int | torch.Tensor | None,
     chunk_size: int | None,
-) -> torch.Tensor:
-    """Validate, gather the valid positions, and run the chunked sum of `kernel` over them."""
+    weights: tuple[float, float | None] = (1.0, None),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate, then run `_ChunkedLoss` over the valid positions: (loss, divergence, cross-entropy)."""
     vocab = _check_logits(student_logits, teacher_logits, labels)
     _check_run_args(temperature, chunk_size, num_items_in_batch)
 
-    valid = _valid_mask(labels.to(student_logits.device))
-    scale = _normaliser(valid.sum(), num_items_in_batch, student_logits.device, _compute_dtype(student_logits.dtype))
+    targets = _shifted_targets(labels.to(student_logits.device))
+    num_valid = targets.ne(IGNORE_INDEX).sum()
+    scale = _normaliser(num_valid, num_items_in_batch, student_logits.device, _compute_dtype(student_logits.dtype))
     grad_enabled = torch.is_grad_enabled()
-    return _ChunkedDivergence.apply(
+    return _ChunkedLoss.apply(
         student_logits,
         teacher_logits,
-        valid,
+        targets,
         kernel,
         float(temperature),
-        chunk_size or _default_chunk_size(vocab),
+        chunk_size or _default_chunk_size(vocab, student_logits.device),
         scale,
+        weights,
         grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits.requires_grad,
     )
+
+
+def _divergence(kernel: Kernel, *args) -> torch.Tensor:
+    return _chunked_loss(kernel, *args)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,8 +502,8 @@ _COMMON_ARGS = """
         temperature: softmax temperature `T` applied to both logits. The result is *not* multiplied by `T²`.
         num_items_in_batch: when given, the sum over valid tokens is divided by it instead of the local count
             (the `Trainer` convention under gradient accumulation).
-        chunk_size: tokens per chunk; `None` picks about 8M logits (32 MiB in float32) per chunk. Results do not
-            depend on it.
+        chunk_size: tokens per chunk; `None` picks about 2M logits per chunk on CPU, 8M on accelerators (see
+            `CPU_CHUNK_ELEMENTS`). Results do not depend on it.
 
     Returns:
         A scalar tensor (float32 for half-precision inputs). A batch without valid tokens gives 0 with a
@@ -565,6 +626,57 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
 num_items_in_batch=, chunk_size=, ...)`; the skew ones also take `skew_lambda=`, `generalized_jsd` takes `beta=`."""
 
 
+class DistillationLoss(NamedTuple):
+    """What `distillation_loss` returns."""
+
+    loss: torch.Tensor
+    """`ce_weight · ce + kd_weight · kd`, differentiable."""
+    ce: torch.Tensor
+    """The student's mean cross-entropy on the labels, detached (for logging)."""
+    kd: torch.Tensor
+    """The mean divergence at temperature `T` (without `T²`), detached (for logging)."""
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    **divergence_params: float,
+) -> DistillationLoss:
+    """`ce_weight · CE(student, labels) + kd_weight · divergence(teacher ‖ student)` in one pass over the logits.
+
+    Equal, values and gradients, to `ce_weight * F.cross_entropy(...)` (Hugging Face's causal-LM loss: shifted
+    labels, `-100` ignored, float32, divided by the valid tokens or `num_items_in_batch`) plus `kd_weight *
+    DIVERGENCES[divergence](...)`, but each chunk of logits is read once for both terms and the logits receive a
+    single gradient tensor: no separate cross-entropy pass, no second `(batch, seq_len, vocab)` gradient to add
+    up. The `DistillationTrainer` uses it for its `alpha·CE + beta·T²·KD` (with `kd_weight = beta·T²`).
+
+    Args:
+        student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size: as in `forward_kl`;
+            the cross-entropy is taken at temperature 1 over the student's whole vocabulary.
+        divergence: a key of `DIVERGENCES`.
+        ce_weight, kd_weight: finite weights >= 0. With `ce_weight = 0` the cross-entropy is still reported, but
+            its gradient is not computed.
+        **divergence_params: `skew_lambda=` for the skew divergences, `beta=` for `generalized_jsd`.
+    """
+    kernel = _kernel_for(divergence, divergence_params)
+    for name, weight in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
+        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {weight!r}.")
+    weights = (float(kd_weight), float(ce_weight))
+    loss, kd, ce = _chunked_loss(
+        kernel, student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size, weights
+    )
+    return DistillationLoss(loss=loss, ce=ce, kd=kd)
+
+
 # --------------------------------------------------------------------------------------------
 # Fused variant: from the student's last hidden states and lm_head, never storing its full logits.
 # --------------------------------------------------------------------------------------------
@@ -611,7 +723,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 logits = F.linear(hidden, weight, bias).to(compute_dtype)  # (n, V), as the unfused lm_head + upcast
                 student_logp = F.log_softmax(logits.div_(temperature) if temperature != 1.0 else logits, dim=-1)
                 del logits
-                teacher_logp = _log_softmax_chunk(teacher_logits, rows, cols, vocab, compute_dtype, temperature)
+                teacher_chunk = teacher_logits[rows, cols, :vocab].to(compute_dtype)  # a copy: safe to scale in place
+                teacher_logp = F.log_softmax(teacher_chunk.div_(temperature), dim=-1)
                 per_token, grad = kernel(student_logp, teacher_logp, any(needs_grad))
                 total += per_token.sum()
                 if grad is None:
@@ -713,7 +826,7 @@ def fused_linear_divergence(
         valid,
         kernel,
         float(temperature),
-        chunk_size or _default_chunk_size(lm_head_weight.size(0)),
+        chunk_size or _default_chunk_size(lm_head_weight.size(0), student_hidden_states.device),
         scale,
         needs_grad,
     )

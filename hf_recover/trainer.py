@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import build_layer_map, build_projectors
 from .config import DistillationConfig
 from .constants import IGNORE_INDEX
-from .losses import DIVERGENCES, feature_dynamics_loss, hidden_alignment_loss, shared_vocab_size
+from .losses import DIVERGENCES, distillation_loss, feature_dynamics_loss, hidden_alignment_loss, shared_vocab_size
 from .pruned_config import PrunedConfig
 
 PROJECTORS_NAME = "projectors.safetensors"
@@ -60,6 +61,10 @@ class DistillationTrainer(Trainer):
 
     A PEFT (LoRA) student trains and saves its adapter; `merge_adapters=True` (or `trainer.merge_and_unload()`)
     merges it into the base weights at the end, so that `save_model` writes a plain model.
+
+    With a plain causal-LM student (a transformers model, no label smoothing, no `compute_loss_func`), CE and KD are
+    computed together by `hf_recover.losses.distillation_loss`, one pass over the logits with a single gradient
+    tensor; otherwise CE is Trainer's own. Both give the same loss and gradients.
 
     The logs carry `ce`, `kd`, `align` and `fdd` (each unweighted, `kd` without `T²`; `eval_`-prefixed in
     evaluation) next to Trainer's own `loss`, averaged over the valid tokens since the last log on all processes.
@@ -102,6 +107,7 @@ class DistillationTrainer(Trainer):
             shared_vocab_size(*vocab)  # a real tokenizer mismatch fails here, not at the first step
         want_hidden = self.args.gamma > 0 or self.args.delta > 0
         self._teacher_forward_kwargs = {"output_hidden_states": want_hidden, "use_cache": False}
+        self._fused_cross_entropy = self._can_fuse_cross_entropy()
         if self.args.beta == 0 and _accepts(self.teacher_model, "logits_to_keep"):
             # Only hidden states are compared: skip the teacher's (tokens × vocab) output projection.
             self._teacher_forward_kwargs["logits_to_keep"] = 1
@@ -123,6 +129,27 @@ class DistillationTrainer(Trainer):
         if self.projectors is not None:
             self.projectors.to(self.args.device)
             self.add_callback(_ZeroProjectorGradients(self.projectors))
+
+    def _can_fuse_cross_entropy(self) -> bool:
+        """Whether CE can be computed together with KD (`distillation_loss`) instead of by the model: only where
+        the result is exactly the model's own loss, a plain causal-LM cross-entropy."""
+        if self.teacher_model is None or self.args.beta == 0:
+            return False
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return False  # Trainer's label smoothing or the user's loss function decide the CE
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if parallelism is not None and getattr(parallelism, "sp_enabled", False):
+            return False  # sequence parallelism shards the labels: Trainer's path handles it
+        model = self.accelerator.unwrap_model(self.model)
+        if _is_peft_model(model):
+            model = model.get_base_model()
+        # A model class of transformers whose loss is the plain causal-LM CE; not a subclass with a forward of its
+        # own, nor a mixture of experts that adds its router's auxiliary loss.
+        return (
+            type(model).__module__.startswith("transformers.")
+            and getattr(model, "loss_function", None) is ForCausalLMLoss
+            and not getattr(_text_config(model), "output_router_logits", False)
+        )
 
     # -- the teacher -------------------------------------------------------------------------------------
 
@@ -153,15 +180,21 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs `labels` in every batch (use a causal-LM collator).")
         want_hidden = args.gamma > 0 or args.delta > 0
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
-        # Trainer's own CE (label smoothing, compute_loss_func, num_items_in_batch), already scaled by the
-        # number of processes when tokens are averaged across devices; the other terms get the same scale.
-        with _last_block_output(model, want_hidden) as student_last:
-            ce_scaled, outputs = super().compute_loss(
-                model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
         scale = self._loss_scale(num_items_in_batch)
-        terms = {"ce": ce_scaled / scale}
-        loss = args.alpha * ce_scaled
+        with _last_block_output(model, want_hidden) as student_last:
+            if self._fused_cross_entropy:
+                # CE is computed together with KD, in one pass over the logits (`distillation_loss`): the student
+                # runs without labels, so that it computes no loss of its own.
+                student_inputs.pop("labels")
+                outputs = model(**student_inputs)
+                terms, loss = {}, 0
+            else:
+                # Trainer's own CE (label smoothing, compute_loss_func, num_items_in_batch), already scaled by the
+                # number of processes when tokens are averaged across devices; the other terms get the same scale.
+                ce_scaled, outputs = super().compute_loss(
+                    model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+                terms, loss = {"ce": ce_scaled / scale}, args.alpha * ce_scaled
 
         if self.teacher_model is not None:
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -175,39 +208,57 @@ class DistillationTrainer(Trainer):
                     _with_last(outputs.hidden_states, student_last),
                     _with_last(teacher_outputs.hidden_states, teacher_last),
                 )
-            distill = self._distillation_terms(outputs, teacher_outputs, hidden, labels, num_items_in_batch)
+            distill, distill_loss = self._distillation_terms(
+                outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale
+            )
             terms.update(distill)
-            weights = {"kd": args.beta * args.temperature**2, "align": args.gamma, "fdd": args.delta}
-            loss = loss + scale * sum(weights[name] * value for name, value in distill.items())
+            loss = loss + distill_loss
 
         self._record(terms, labels, num_items_in_batch, mode="train" if model.training else "eval")
         if not return_outputs:
             return loss
-        # Hidden states would be gathered as predictions in evaluation: return the logits only.
-        return loss, CausalLMOutputWithPast(loss=loss, logits=outputs.logits) if want_hidden else outputs
+        if want_hidden or self._fused_cross_entropy:
+            # Without hidden states, which evaluation would gather as predictions; with the loss.
+            return loss, CausalLMOutputWithPast(loss=loss, logits=outputs.logits)
+        return loss, outputs
 
     def _distillation_terms(
-        self, outputs, teacher_outputs, hidden, labels, num_items_in_batch
-    ) -> dict[str, torch.Tensor]:
-        args, terms = self.args, {}
+        self, outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The unweighted terms (for the logs) and their weighted sum, times the Trainer's loss scale."""
+        args, terms, loss = self.args, {}, 0
         if args.beta > 0:
             own = {"skew_lambda": args.skew_lambda} if args.divergence.startswith("skew") else {}
             if args.divergence == "generalized_jsd":
                 own = {"beta": args.jsd_beta}
-            terms["kd"] = DIVERGENCES[args.divergence](
-                outputs.logits,
-                teacher_outputs.logits,
-                labels,
-                temperature=args.temperature,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=args.kd_chunk_size,
-                **own,
+            common = dict(
+                temperature=args.temperature, num_items_in_batch=num_items_in_batch, chunk_size=args.kd_chunk_size
             )
+            kd_weight = args.beta * args.temperature**2
+            if self._fused_cross_entropy:
+                result = distillation_loss(
+                    outputs.logits,
+                    teacher_outputs.logits,
+                    labels,
+                    divergence=args.divergence,
+                    ce_weight=args.alpha * scale,
+                    kd_weight=kd_weight * scale,
+                    **common,
+                    **own,
+                )
+                terms.update(ce=result.ce, kd=result.kd)
+                loss = result.loss
+            else:
+                terms["kd"] = DIVERGENCES[args.divergence](
+                    outputs.logits, teacher_outputs.logits, labels, **common, **own
+                )
+                loss = scale * kd_weight * terms["kd"]
         hidden = (*hidden, self.layer_map, labels) if hidden is not None else None
         if args.gamma > 0:
             terms["align"] = hidden_alignment_loss(
                 *hidden, projectors=self.projectors, kind=args.alignment, num_items_in_batch=num_items_in_batch
             )
+            loss = loss + scale * args.gamma * terms["align"]
         if args.delta > 0:
             terms["fdd"] = feature_dynamics_loss(
                 *hidden,
@@ -215,7 +266,8 @@ class DistillationTrainer(Trainer):
                 magnitude_weight=args.fdd_magnitude_weight,
                 num_items_in_batch=num_items_in_batch,
             )
-        return terms
+            loss = loss + scale * args.delta * terms["fdd"]
+        return terms, loss
 
     def _loss_scale(self, num_items_in_batch) -> int:
         """The factor `Trainer.compute_loss` multiplies its loss by when tokens are averaged across devices."""

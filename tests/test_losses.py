@@ -13,6 +13,7 @@ from torch import nn
 from hf_recover.constants import IGNORE_INDEX
 from hf_recover.losses import (
     DIVERGENCES,
+    distillation_loss,
     feature_dynamics_loss,
     forward_kl,
     generalized_jsd,
@@ -33,6 +34,7 @@ CASES = [
     ("total_variation", {}),
 ]
 CASE_IDS = [name for name, _ in CASES]
+DENSITIES = pytest.mark.parametrize("ignore", [0.3, 0.8], ids=["dense", "sparse"])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,12 +47,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def make_inputs(batch=3, seq=47, vocab=123, *, teacher_vocab=None, dtype=torch.float32, ignore=True, scale=3.0):
+def make_inputs(batch=3, seq=47, vocab=123, *, teacher_vocab=None, dtype=torch.float32, ignore=0.3, scale=3.0):
+    """Random logits and labels; a fraction `ignore` of the labels (and a prompt-like prefix) is -100.
+
+    Below half ignored, the losses walk the positions densely (contiguous chunks, masked); above, they gather
+    the valid ones (`DENSITIES` exercises both)."""
     student = (scale * torch.randn(batch, seq, vocab)).to(dtype)
     teacher = (scale * torch.randn(batch, seq, teacher_vocab or vocab)).to(dtype)
     labels = torch.randint(0, vocab, (batch, seq))
     if ignore:
-        labels[torch.rand(batch, seq) < 0.3] = IGNORE_INDEX
+        labels[torch.rand(batch, seq) < ignore] = IGNORE_INDEX
         labels[0, :5] = IGNORE_INDEX  # a prompt-like prefix
     return student, teacher, labels
 
@@ -232,9 +238,10 @@ TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rto
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("teacher_grad", [False, True], ids=["student_grad", "both_grads"])
-def test_chunked_equals_unchunked(name, params, dtype, teacher_grad):
+@DENSITIES
+def test_chunked_equals_unchunked(name, params, dtype, teacher_grad, ignore):
     """Student-only gradients take the hand-derived path, a teacher gradient the autograd one: both checked."""
-    student, teacher, labels = make_inputs(3, 47, 123, teacher_vocab=125, dtype=dtype)
+    student, teacher, labels = make_inputs(3, 47, 123, teacher_vocab=125, dtype=dtype, ignore=ignore)
     fn = DIVERGENCES[name]
     results = []
     for chunk_size in (10**6, None, 1, 7, 64):
@@ -271,9 +278,11 @@ def test_chunked_equals_unchunked(name, params, dtype, teacher_grad):
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
-def test_gradcheck(name, params):
+@DENSITIES
+def test_gradcheck(name, params, ignore):
     """Both gradient paths: the hand-derived student gradient, and autograd when the teacher needs one."""
-    student, teacher, labels = make_inputs(2, 4, 5, teacher_vocab=6, dtype=torch.float64, scale=1.0)
+    torch.manual_seed(1)
+    student, teacher, labels = make_inputs(2, 6, 5, teacher_vocab=6, dtype=torch.float64, scale=1.0, ignore=ignore)
     student.requires_grad_()
     fn = DIVERGENCES[name]
 
@@ -673,7 +682,8 @@ def test_hidden_losses_bad_inputs():
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
-def test_no_full_batch_float32_intermediates(name, params):
+@DENSITIES
+def test_no_full_batch_float32_intermediates(name, params, ignore):
     """Forward + backward allocate nothing larger than one chunk, except the logits' gradient itself."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
@@ -681,21 +691,28 @@ def test_no_full_batch_float32_intermediates(name, params):
     class RecordOutputs(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.shapes = []
+            self.tensors = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            self.tensors += [(tuple(t.shape), t.untyped_storage().data_ptr()) for t in outputs]
             return out
 
-    student, teacher, labels = make_inputs(2, 64, 50, ignore=False)
+    student, teacher, labels = make_inputs(2, 64, 50, ignore=ignore)
     student.requires_grad_()
     chunk_size = 8
     with RecordOutputs() as recorder:
         DIVERGENCES[name](student, teacher, labels, chunk_size=chunk_size, **params).backward()
-    large = [shape for shape in recorder.shapes if math.prod(shape) > chunk_size * 50]
-    assert large and set(large) == {tuple(student.shape)}  # only the gradient buffer (and in-place ops on it)
     assert student.grad is not None
+    large = {storage for shape, storage in recorder.tensors if math.prod(shape) > chunk_size * 50}
+    # Only the gradient buffer (and views of it, in-place ops on it) and views of the inputs.
+    assert student.grad.untyped_storage().data_ptr() in large
+    assert large <= {
+        student.grad.untyped_storage().data_ptr(),
+        student.untyped_storage().data_ptr(),
+        teacher.untyped_storage().data_ptr(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -814,3 +831,99 @@ def test_autocast_does_not_lower_precision(name, params):
     want.backward()
     torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s.grad, t.grad, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation_loss: CE and a divergence in one pass
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dense_and_sparse_walks():
+    """Mostly valid batches are walked in contiguous slices, mostly ignored ones by gathering (`DENSITIES`
+    runs every equality test through both)."""
+    from hf_recover.losses import _token_chunks, _valid_mask
+
+    for ignore, walk in ((0.3, slice), (0.8, torch.Tensor)):
+        _, _, labels = make_inputs(3, 47, 11, ignore=ignore)
+        valid = _valid_mask(labels)
+        chunks = _token_chunks(valid, 7)
+        assert chunks and all(isinstance(index, walk) for index, _ in chunks)
+        covered = torch.zeros(valid.numel(), dtype=torch.bool)
+        for index, mask in chunks:
+            covered[index] = True if mask is None else mask
+        assert torch.equal(covered, valid.reshape(-1))  # exactly the valid positions count
+
+
+def hf_cross_entropy(student, labels, num_items_in_batch=None):
+    """Hugging Face's own causal-LM loss, the reference for the cross-entropy term."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss(student, labels, student.size(-1), num_items_in_batch=num_items_in_batch)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["student_grad", "both_grads"])
+@DENSITIES
+def test_distillation_loss_is_ce_plus_divergence(name, params, teacher_grad, ignore):
+    student, teacher, labels = make_inputs(3, 47, 123, teacher_vocab=125, ignore=ignore)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_(teacher_grad)
+    result = distillation_loss(
+        s, t, labels, divergence=name, ce_weight=0.7, kd_weight=1.9, temperature=1.6, chunk_size=7, **params
+    )
+    result.loss.backward()
+
+    s64, t64 = student.double().requires_grad_(), teacher.double().requires_grad_()
+    ce = hf_cross_entropy(s64, labels)
+    kd = reference_loss(name, s64, t64, labels, temperature=1.6, **params)
+    (0.7 * ce + 1.9 * kd).backward()
+    torch.testing.assert_close(result.loss.double(), 0.7 * ce + 1.9 * kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.ce.double(), ce.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.kd.double(), kd, rtol=1e-5, atol=1e-6)
+    assert not result.ce.requires_grad and not result.kd.requires_grad
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-6)
+    if teacher_grad:
+        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-6)
+
+
+@DENSITIES
+def test_distillation_loss_bf16_num_items_and_no_grad(ignore):
+    student, teacher, labels = make_inputs(2, 29, 64, dtype=torch.bfloat16, ignore=ignore)
+    s = student.clone().requires_grad_()
+    result = distillation_loss(
+        s, teacher, labels, ce_weight=0.5, kd_weight=2.0, temperature=2.0, num_items_in_batch=40
+    )
+    result.loss.backward()
+    assert result.loss.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+
+    s32 = student.float().requires_grad_()
+    ce = hf_cross_entropy(s32, labels, num_items_in_batch=40)
+    kd = forward_kl(s32, teacher.float(), labels, temperature=2.0, num_items_in_batch=40)
+    (0.5 * ce + 2.0 * kd).backward()
+    torch.testing.assert_close(result.loss, 0.5 * ce + 2.0 * kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, s32.grad.bfloat16(), **TOLERANCES[torch.bfloat16])
+    with torch.no_grad():
+        evaluated = distillation_loss(s, teacher, labels, ce_weight=0.5, kd_weight=2.0, temperature=2.0)
+    torch.testing.assert_close(evaluated.ce, hf_cross_entropy(student.float(), labels), rtol=1e-5, atol=1e-6)
+    assert not evaluated.loss.requires_grad
+
+
+def test_distillation_loss_without_ce_gradient_still_reports_ce():
+    student, teacher, labels = make_inputs(2, 17, 31)
+    s, s_kd = student.clone().requires_grad_(), student.clone().requires_grad_()
+    result = distillation_loss(s, teacher, labels, ce_weight=0.0, kd_weight=1.5, temperature=1.3, chunk_size=4)
+    result.loss.backward()
+    (1.5 * forward_kl(s_kd, teacher, labels, temperature=1.3)).backward()
+    torch.testing.assert_close(s.grad, s_kd.grad)
+    torch.testing.assert_close(result.ce, hf_cross_entropy(student, labels))
+    torch.testing.assert_close(result.loss, 1.5 * result.kd)
+
+
+def test_distillation_loss_bad_input():
+    student, teacher, labels = make_inputs(1, 5, 7)
+    for name, weight in (("ce_weight", -1.0), ("kd_weight", float("nan")), ("ce_weight", True)):
+        with pytest.raises(ValueError, match=name):
+            distillation_loss(student, teacher, labels, **{name: weight})
+    with pytest.raises(ValueError, match="Unknown divergence"):
+        distillation_loss(student, teacher, labels, divergence="kl")
+    with pytest.raises(ValueError, match="skew_lambda"):
+        distillation_loss(student, teacher, labels, divergence="skew_forward_kl", skew_lambda=1.5)

@@ -147,6 +147,75 @@ def test_loss_equals_the_compound_formula_by_hand(tmp_path, padded_data):
     torch.testing.assert_close(halved, expected / 2, rtol=1e-5, atol=1e-6)
 
 
+def test_cross_entropy_is_fused_with_kd_and_equals_trainers_own(tmp_path, padded_data):
+    """By default the student runs without labels and CE comes from `distillation_loss`, in one pass with KD;
+    loss, logged components and gradients equal Trainer's own CE path."""
+    teacher = build_tiny_model(seed=1)
+    args = make_args(tmp_path, alpha=0.4, beta=0.6, temperature=1.5)
+    results = {}
+    for fused in (True, False):
+        student = narrow_student()
+        trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data)
+        assert trainer._fused_cross_entropy  # a plain transformers causal LM without label smoothing
+        trainer._fused_cross_entropy = fused
+        received = []
+        student.register_forward_pre_hook(
+            lambda module, a, kw, received=received: received.append("labels" in kw), with_kwargs=True
+        )
+        batch = first_batch(trainer)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(37))
+        loss.backward()
+        assert received == [not fused]
+        metrics = {name: torch.stack(values).sum() for name, values in trainer._metrics["train"].items()}
+        results[fused] = loss, metrics, [p.grad for p in student.parameters()]
+    (fused_loss, fused_metrics, fused_grads), (loss, metrics, grads) = results[True], results[False]
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-7)
+    for name in ("ce", "kd", "num_tokens"):
+        torch.testing.assert_close(fused_metrics[name], metrics[name], rtol=1e-6, atol=1e-7)
+    for p, q in zip(fused_grads, grads):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_cross_entropy_stays_with_the_model_where_it_is_not_plain(tmp_path, padded_data):
+    """Label smoothing, a compute_loss_func, a model subclass or a router auxiliary loss keep Trainer's CE path."""
+    teacher = build_tiny_model(seed=1)
+
+    class OwnLoss(type(narrow_student())):
+        pass
+
+    routed = narrow_student()
+    routed.config.output_router_logits = True
+    cases = {
+        "label smoothing": (narrow_student(), {"label_smoothing_factor": 0.1}, {}),
+        "compute_loss_func": (
+            narrow_student(),
+            {},
+            {"compute_loss_func": lambda outputs, labels, **kw: outputs.logits.sum()},
+        ),
+        "subclass": (OwnLoss(narrow_student().config), {}, {}),
+        "router loss": (routed, {}, {}),
+        "no KD term": (narrow_student(), {"beta": 0.0, "gamma": 0.5, "layer_map": "uniform"}, {}),
+    }
+    for name, (student, overrides, kwargs) in cases.items():
+        args = make_args(tmp_path, **{"alpha": 0.5, "beta": 0.5, **overrides})
+        trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data, **kwargs)
+        assert not trainer._fused_cross_entropy, name
+
+    # With label smoothing, the logged CE is Trainer's smoothed CE.
+    args = make_args(tmp_path, alpha=0.5, beta=0.5, label_smoothing_factor=0.1)
+    trainer = DistillationTrainer(narrow_student(), teacher, args, train_dataset=padded_data)
+    batch = first_batch(trainer)
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    valid = batch["labels"][:, 1:] != -100
+    smoothed = F.cross_entropy(logits[:, :-1][valid], batch["labels"][:, 1:][valid], label_smoothing=0.1)
+    metrics = trainer._metrics["train"]
+    torch.testing.assert_close(metrics["ce"][0] / metrics["num_tokens"][0], smoothed, rtol=1e-5, atol=1e-6)
+
+
 def test_hidden_states_only_skip_the_teacher_logits(tmp_path, padded_data):
     from hf_recover.losses import hidden_alignment_loss
 
