@@ -5,7 +5,7 @@ Four variants on the same student, teacher and batches, each in a fresh subproce
 own):
     (a) plain `Trainer`, cross-entropy on the student;
     (b) the teacher's forward pass alone (no_grad), batch by batch;
-    (c) `DistillationTrainer`, 0.5·CE + 0.5·T²·forward KL (T = 2): logits KD;
+    (c) `DistillationTrainer`, 0.5·CE + 0.5·T²·forward KL (T = 2): logits KD (CE and KD in one pass);
     (d) `DistillationTrainer`, the full compound loss: + 0.5·hidden alignment + 0.5·FDD on the `kept` layer map.
 Printed: the median seconds per optimizer step of each (after `--warmup` steps), its peak RSS, and the ratios
 (c)/((a)+(b)) and (d)/((a)+(b)), whose targets are <= 1.05 and <= 1.10: distillation should cost no more than
