@@ -138,6 +138,16 @@ class DistillationConfig(TrainingArguments):
             "(hf_recover.losses' default)."
         },
     )
+    fused_cross_entropy: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the student's cross-entropy together with the logit divergence, in one pass over the "
+            "logits (hf_recover.distillation_loss), instead of by the model. Same loss, faster. It is used only where "
+            "the model's own loss is a plain causal-LM cross-entropy: label smoothing, compute_loss_func, router "
+            "auxiliary losses, z-loss, shift_labels (context parallelism) and model subclasses keep the model's loss. "
+            "Set False for a model whose own loss adds other terms. Default True."
+        },
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={

@@ -243,6 +243,18 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
     return shared_vocab_size(student_logits.size(-1), teacher_logits.size(-1))
 
 
+def _check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """Cross-entropy targets must be token ids of the student's vocabulary (or ignored)."""
+    scored = targets[targets != IGNORE_INDEX]
+    if scored.numel():
+        low, high = torch.stack([scored.min(), scored.max()]).tolist()
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"`labels` must be token ids in [0, {vocab}) (the student's vocabulary) or {IGNORE_INDEX} (ignored); "
+                f"got values from {low} to {high}."
+            )
+
+
 def _shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) next-token targets: position `t` is scored against label `t + 1`, as in Hugging Face's causal-LM
     loss, so the last position is always ignored."""
@@ -268,6 +280,27 @@ def _normaliser(
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half precisions, float64 stays float64 (gradcheck)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a stored gradient is kept in until backward applies the incoming gradient.
+
+    float16 gradients stay float32 until then: under fp16 mixed precision the incoming gradient is GradScaler's
+    scale (2^16 at first, `inf` in float16), and the small gradients of a softmax over a large vocabulary would
+    underflow to zero if stored in float16 before it is applied. bfloat16 has float32's range.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _apply_grad_output(grad: torch.Tensor | None, grad_output: torch.Tensor, dtype: torch.dtype):
+    """A stored gradient times the incoming one, in the input's `dtype`. Plain `loss.backward()` hands back the
+    stored tensor without another copy; any other factor is applied out of place, so that a retained graph can
+    run backward again."""
+    if grad is None:
+        return None
+    if not torch.equal(grad_output, torch.ones_like(grad_output)):
+        grad = grad * grad_output.to(grad.dtype)
+    return grad.to(dtype)
 
 
 def _default_chunk_size(vocab: int, device: torch.device) -> int:
@@ -356,10 +389,10 @@ class _ChunkedLoss(torch.autograd.Function):
         flat_targets = targets.reshape(-1)
         student_grad = teacher_grad = None
         if student_needs_grad:
-            # The logits' gradient, in their own dtype: memory their backward needs anyway.
-            student_grad = flat_student.new_empty(flat_student.shape)
+            # The logits' gradient, in their own dtype (see `_gradient_dtype`): memory their backward needs anyway.
+            student_grad = flat_student.new_empty(flat_student.shape, dtype=_gradient_dtype(student_logits.dtype))
         if teacher_needs_grad:
-            teacher_grad = torch.zeros_like(flat_teacher)
+            teacher_grad = torch.zeros_like(flat_teacher, dtype=_gradient_dtype(teacher_logits.dtype))
         kd_total = torch.zeros((), dtype=dtype, device=student_logits.device)
         ce_total = torch.zeros_like(kd_total)
 
@@ -408,6 +441,7 @@ class _ChunkedLoss(torch.autograd.Function):
             teacher_grad[invalid] = 0
             teacher_grad = teacher_grad.view(teacher_logits.shape)
         ctx.save_for_backward(student_grad, teacher_grad)
+        ctx.dtypes = (student_logits.dtype, teacher_logits.dtype)
         kd, ce = kd_total * scale, ce_total * scale
         loss = kd_weight * kd if ce_weight is None else kd_weight * kd + ce_weight * ce
         ctx.mark_non_differentiable(kd, ce)
@@ -416,12 +450,9 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor, _kd_grad, _ce_grad):
-        student_grad, teacher_grad = ctx.saved_tensors
-        # Plain `loss.backward()` hands back the stored tensor without another (B, T, V) copy. Scaling is
-        # out of place so that a retained graph can run backward again.
-        if not torch.equal(grad_output, torch.ones_like(grad_output)):
-            student_grad = None if student_grad is None else student_grad * grad_output.to(student_grad.dtype)
-            teacher_grad = None if teacher_grad is None else teacher_grad * grad_output.to(teacher_grad.dtype)
+        student_grad, teacher_grad = (
+            _apply_grad_output(grad, grad_output, dtype) for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
+        )
         return student_grad, teacher_grad, None, None, None, None, None, None, None, None
 
 
@@ -467,6 +498,8 @@ def _chunked_loss(
     _check_run_args(temperature, chunk_size, num_items_in_batch)
 
     targets = _shifted_targets(labels.to(student_logits.device))
+    if weights[1] is not None:
+        _check_targets(targets, student_logits.size(-1))
     num_valid = targets.ne(IGNORE_INDEX).sum()
     scale = _normaliser(num_valid, num_items_in_batch, student_logits.device, _compute_dtype(student_logits.dtype))
     grad_enabled = torch.is_grad_enabled()
@@ -706,7 +739,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         batch_index, position_index = valid.nonzero(as_tuple=True)  # (N,), (N,)
         hidden_grad = weight_grad = bias_grad = None
         if needs_grad[0]:
-            hidden_grad = torch.empty_like(hidden_states)
+            hidden_grad = torch.empty_like(hidden_states, dtype=_gradient_dtype(hidden_states.dtype))
             hidden_grad[~valid] = 0
         # Weight and bias gradients sum over chunks: accumulate them in float32.
         if needs_grad[1]:
@@ -742,18 +775,17 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 del grad, grad_logits
 
         if weight_grad is not None:
-            weight_grad = weight_grad.to(weight.dtype)
+            weight_grad = weight_grad.to(_gradient_dtype(weight.dtype))
         if bias_grad is not None:
-            bias_grad = bias_grad.to(bias.dtype)
+            bias_grad = bias_grad.to(_gradient_dtype(bias.dtype))
         ctx.save_for_backward(hidden_grad, weight_grad, bias_grad)
+        ctx.dtypes = tuple(None if tensor is None else tensor.dtype for tensor in (hidden_states, weight, bias))
         return total * scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        grads = ctx.saved_tensors
-        if not torch.equal(grad_output, torch.ones_like(grad_output)):
-            grads = [None if grad is None else grad * grad_output.to(grad.dtype) for grad in grads]
+        grads = [_apply_grad_output(grad, grad_output, dtype) for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -776,7 +808,8 @@ def fused_linear_divergence(
     teacher_logits, labels, ...)`, values and gradients, but the student's `(batch, seq_len, vocab)` logits
     and their gradient are never stored: each chunk's logits are computed, used and dropped, and its
     gradient goes straight to the hidden states, `lm_head_weight` and `lm_head_bias`. The teacher is a
-    constant here (pass its logits detached, as the trainer does).
+    constant here (pass its logits detached, as the trainer does). Each chunk's logits gradient is computed in
+    the lm_head's dtype before its matmuls: prefer bfloat16 to float16 weights, where small entries underflow.
 
     Args:
         student_hidden_states: `(batch, seq_len, hidden)`, the student's final hidden states (after the final

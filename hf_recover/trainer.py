@@ -62,9 +62,10 @@ class DistillationTrainer(Trainer):
     A PEFT (LoRA) student trains and saves its adapter; `merge_adapters=True` (or `trainer.merge_and_unload()`)
     merges it into the base weights at the end, so that `save_model` writes a plain model.
 
-    With a plain causal-LM student (a transformers model, no label smoothing, no `compute_loss_func`), CE and KD are
-    computed together by `hf_recover.losses.distillation_loss`, one pass over the logits with a single gradient
-    tensor; otherwise CE is Trainer's own. Both give the same loss and gradients.
+    With a plain causal-LM student (a transformers model whose loss is the plain CE, no label smoothing, no
+    `compute_loss_func`), CE and KD are computed together by `hf_recover.losses.distillation_loss`, one pass over
+    the logits with a single gradient tensor; otherwise (or with `fused_cross_entropy=False`) CE is Trainer's own.
+    Both give the same loss and gradients.
 
     The logs carry `ce`, `kd`, `align` and `fdd` (each unweighted, `kd` without `T²`; `eval_`-prefixed in
     evaluation) next to Trainer's own `loss`, averaged over the valid tokens since the last log on all processes.
@@ -133,22 +134,26 @@ class DistillationTrainer(Trainer):
     def _can_fuse_cross_entropy(self) -> bool:
         """Whether CE can be computed together with KD (`distillation_loss`) instead of by the model: only where
         the result is exactly the model's own loss, a plain causal-LM cross-entropy."""
-        if self.teacher_model is None or self.args.beta == 0:
+        if not self.args.fused_cross_entropy or self.teacher_model is None or self.args.beta == 0:
             return False
         if self.label_smoother is not None or self.compute_loss_func is not None:
             return False  # Trainer's label smoothing or the user's loss function decide the CE
         parallelism = getattr(self.accelerator, "parallelism_config", None)
-        if parallelism is not None and getattr(parallelism, "sp_enabled", False):
-            return False  # sequence parallelism shards the labels: Trainer's path handles it
+        if parallelism is not None and (
+            getattr(parallelism, "sp_enabled", False) or getattr(parallelism, "cp_enabled", False)
+        ):
+            return False  # sequence / context parallelism shard the labels: Trainer's path handles them
         model = self.accelerator.unwrap_model(self.model)
         if _is_peft_model(model):
             model = model.get_base_model()
-        # A model class of transformers whose loss is the plain causal-LM CE; not a subclass with a forward of its
-        # own, nor a mixture of experts that adds its router's auxiliary loss.
+        config = _text_config(model)
+        # A model class of transformers whose loss is the plain causal-LM CE: not a subclass with a forward of its
+        # own, nor a model that adds a router auxiliary loss (mixtures of experts) or a z-loss (Bamba) to it.
         return (
             type(model).__module__.startswith("transformers.")
             and getattr(model, "loss_function", None) is ForCausalLMLoss
-            and not getattr(_text_config(model), "output_router_logits", False)
+            and not getattr(config, "output_router_logits", False)
+            and not getattr(config, "z_loss_coefficient", 0)
         )
 
     # -- the teacher -------------------------------------------------------------------------------------
@@ -181,8 +186,11 @@ class DistillationTrainer(Trainer):
         want_hidden = args.gamma > 0 or args.delta > 0
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
         scale = self._loss_scale(num_items_in_batch)
+        # Batches that carry their own `shift_labels` (context parallelism) or ask for router logits keep the
+        # model's loss.
+        fused = self._fused_cross_entropy and not {"shift_labels", "output_router_logits"} & inputs.keys()
         with _last_block_output(model, want_hidden) as student_last:
-            if self._fused_cross_entropy:
+            if fused:
                 # CE is computed together with KD, in one pass over the logits (`distillation_loss`): the student
                 # runs without labels, so that it computes no loss of its own.
                 student_inputs.pop("labels")
@@ -209,7 +217,7 @@ class DistillationTrainer(Trainer):
                     _with_last(teacher_outputs.hidden_states, teacher_last),
                 )
             distill, distill_loss = self._distillation_terms(
-                outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale
+                outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale, fused
             )
             terms.update(distill)
             loss = loss + distill_loss
@@ -217,13 +225,14 @@ class DistillationTrainer(Trainer):
         self._record(terms, labels, num_items_in_batch, mode="train" if model.training else "eval")
         if not return_outputs:
             return loss
-        if want_hidden or self._fused_cross_entropy:
-            # Without hidden states, which evaluation would gather as predictions; with the loss.
+        if want_hidden:
+            # Without the hidden states asked for here, which evaluation would gather as predictions.
             return loss, CausalLMOutputWithPast(loss=loss, logits=outputs.logits)
+        outputs["loss"] = loss  # the model's own loss (if any) is only the CE part
         return loss, outputs
 
     def _distillation_terms(
-        self, outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale
+        self, outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale, fused
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The unweighted terms (for the logs) and their weighted sum, times the Trainer's loss scale."""
         args, terms, loss = self.args, {}, 0
@@ -235,7 +244,7 @@ class DistillationTrainer(Trainer):
                 temperature=args.temperature, num_items_in_batch=num_items_in_batch, chunk_size=args.kd_chunk_size
             )
             kd_weight = args.beta * args.temperature**2
-            if self._fused_cross_entropy:
+            if fused:
                 result = distillation_loss(
                     outputs.logits,
                     teacher_outputs.logits,

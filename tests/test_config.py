@@ -11,6 +11,7 @@ from hf_recover import DistillationConfig
 
 NEW_FIELDS = {
     "alpha",
+    "fused_cross_entropy",
     "beta",
     "gamma",
     "delta",

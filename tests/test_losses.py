@@ -927,3 +927,66 @@ def test_distillation_loss_bad_input():
         distillation_loss(student, teacher, labels, divergence="kl")
     with pytest.raises(ValueError, match="skew_lambda"):
         distillation_loss(student, teacher, labels, divergence="skew_forward_kl", skew_lambda=1.5)
+
+
+@DENSITIES
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_loss_leaves_its_inputs_alone(ignore, temperature):
+    """Dense chunks are views of the caller's logits: nothing may be written into them, at T = 1 least of all."""
+    student, teacher, labels = make_inputs(2, 23, 19, teacher_vocab=21, ignore=ignore)
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    distillation_loss(s, t, labels, temperature=temperature, chunk_size=5).loss.backward()
+    assert torch.equal(s, student) and torch.equal(t, teacher)
+    for name, params in CASES:
+        DIVERGENCES[name](s, teacher, labels, temperature=temperature, chunk_size=5, **params).backward()
+        assert torch.equal(s, student), name
+
+
+def test_distillation_loss_with_every_label_ignored_and_at_the_dense_boundary():
+    student, teacher, labels = make_inputs(2, 9, 13, ignore=0)
+    s = student.clone().requires_grad_()
+    result = distillation_loss(s, teacher, labels.fill_(IGNORE_INDEX))
+    result.loss.backward()
+    assert result.loss.item() == result.ce.item() == result.kd.item() == 0 and not s.grad.any()
+
+    labels = torch.randint(0, 13, (2, 9))
+    labels[:, 1:5] = IGNORE_INDEX  # 8 of the 16 scored positions: exactly half, the dense walk
+    s = student.clone().requires_grad_()
+    result = distillation_loss(s, teacher, labels, ce_weight=0.3, kd_weight=0.9, temperature=1.2, chunk_size=4)
+    result.loss.backward()
+    s64 = student.double().requires_grad_()
+    reference = 0.3 * hf_cross_entropy(s64, labels).double() + 0.9 * reference_loss(
+        "forward_kl", s64, teacher.double(), labels, temperature=1.2
+    )
+    reference.backward()
+    torch.testing.assert_close(result.loss.double(), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_float16_gradients_survive_loss_scaling():
+    """Under fp16 mixed precision backward starts from GradScaler's scale (2^16, inf in float16): the logits'
+    gradient is kept in float32 until it is applied, so small softmax gradients neither underflow nor overflow."""
+    torch.manual_seed(0)
+    student, teacher, labels = make_inputs(1, 64, 32000, dtype=torch.float16, ignore=0)
+    scale = 2.0**16
+    s = student.clone().requires_grad_()
+    result = distillation_loss(s, teacher, labels, ce_weight=1.0, kd_weight=1.0, num_items_in_batch=2048)
+    (result.loss * scale).backward()
+    assert s.grad.dtype == torch.float16 and torch.isfinite(s.grad).all()
+
+    s64 = student.double().requires_grad_()
+    reference = hf_cross_entropy(s64, labels, num_items_in_batch=2048).double() + reference_loss(
+        "forward_kl", s64, teacher.double(), labels, num_items_in_batch=2048
+    )
+    (reference * scale).backward()
+    want = s64.grad[:, :-1].half()
+    assert (s.grad[:, :-1] != 0).float().mean() >= (want != 0).float().mean() - 0.01  # no underflow to zero
+    torch.testing.assert_close(s.grad[:, :-1].double() / scale, want.double() / scale, rtol=2e-3, atol=1e-9)
+
+
+def test_distillation_loss_rejects_labels_outside_the_vocabulary():
+    student, teacher, labels = make_inputs(1, 6, 7, ignore=0)
+    for bad in (-1, 7):
+        labels[0, 3] = bad
+        with pytest.raises(ValueError, match=r"token ids in \[0, 7\)"):
+            distillation_loss(student, teacher, labels)

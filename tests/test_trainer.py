@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TEXTS, build_tiny_model
+from conftest import ARCHITECTURES, TINY_TEXTS, build_tiny_model
 from datasets import Dataset
 from safetensors.torch import load_file
 from torch import nn
@@ -147,17 +147,18 @@ def test_loss_equals_the_compound_formula_by_hand(tmp_path, padded_data):
     torch.testing.assert_close(halved, expected / 2, rtol=1e-5, atol=1e-6)
 
 
-def test_cross_entropy_is_fused_with_kd_and_equals_trainers_own(tmp_path, padded_data):
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_cross_entropy_is_fused_with_kd_and_equals_trainers_own(tmp_path, padded_data, architecture):
     """By default the student runs without labels and CE comes from `distillation_loss`, in one pass with KD;
-    loss, logged components and gradients equal Trainer's own CE path."""
-    teacher = build_tiny_model(seed=1)
-    args = make_args(tmp_path, alpha=0.4, beta=0.6, temperature=1.5)
+    loss, logged components and gradients equal Trainer's own CE path (Gemma's soft-capped logits included)."""
+    extra = {"final_logit_softcapping": 5.0} if architecture.startswith("gemma") else {}
+    teacher = build_tiny_model(architecture, seed=1, **extra)
     results = {}
     for fused in (True, False):
-        student = narrow_student()
+        student = build_tiny_model(architecture, seed=2, num_hidden_layers=2, **extra)
+        args = make_args(tmp_path, alpha=0.4, beta=0.6, temperature=1.5, fused_cross_entropy=fused)
         trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data)
-        assert trainer._fused_cross_entropy  # a plain transformers causal LM without label smoothing
-        trainer._fused_cross_entropy = fused
+        assert trainer._fused_cross_entropy is fused  # a plain transformers causal LM without label smoothing
         received = []
         student.register_forward_pre_hook(
             lambda module, a, kw, received=received: received.append("labels" in kw), with_kwargs=True
@@ -169,12 +170,37 @@ def test_cross_entropy_is_fused_with_kd_and_equals_trainers_own(tmp_path, padded
         assert received == [not fused]
         metrics = {name: torch.stack(values).sum() for name, values in trainer._metrics["train"].items()}
         results[fused] = loss, metrics, [p.grad for p in student.parameters()]
+        # Evaluation gets the model's outputs, with the distillation loss.
+        trainer.model.eval()
+        with torch.no_grad():
+            eval_loss, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+        assert outputs["loss"] is eval_loss and outputs.logits.shape[:2] == batch["input_ids"].shape
     (fused_loss, fused_metrics, fused_grads), (loss, metrics, grads) = results[True], results[False]
     torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-7)
     for name in ("ce", "kd", "num_tokens"):
         torch.testing.assert_close(fused_metrics[name], metrics[name], rtol=1e-6, atol=1e-7)
     for p, q in zip(fused_grads, grads):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_batches_with_shift_labels_keep_the_models_loss(tmp_path, padded_data):
+    """Context parallelism hands the model pre-shifted (sharded) labels: such a batch is not fused."""
+    student, teacher = narrow_student(), build_tiny_model(seed=1)
+    trainer = DistillationTrainer(student, teacher, make_args(tmp_path), train_dataset=padded_data)
+    batch = first_batch(trainer)
+    shift_labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    shift_labels[:, 8:] = -100  # differs from shifting `labels`: the model's CE must see it
+    received = []
+    student.register_forward_pre_hook(lambda module, a, kw: received.append(kw.get("shift_labels")), with_kwargs=True)
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, {**batch, "shift_labels": shift_labels})
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert received[0] is shift_labels
+    expected = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(
+        trainer._metrics["train"]["ce"][0] / trainer._metrics["train"]["num_tokens"][0], expected
+    )
 
 
 def test_cross_entropy_stays_with_the_model_where_it_is_not_plain(tmp_path, padded_data):
@@ -186,7 +212,11 @@ def test_cross_entropy_stays_with_the_model_where_it_is_not_plain(tmp_path, padd
 
     routed = narrow_student()
     routed.config.output_router_logits = True
+    z_loss = narrow_student()
+    z_loss.config.z_loss_coefficient = 0.1  # Bamba adds a z-loss to its CE
     cases = {
+        "switched off": (narrow_student(), {"fused_cross_entropy": False}, {}),
+        "z-loss": (z_loss, {}, {}),
         "label smoothing": (narrow_student(), {"label_smoothing_factor": 0.1}, {}),
         "compute_loss_func": (
             narrow_student(),
