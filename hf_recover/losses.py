@@ -5,13 +5,15 @@ Notation (see `DESIGN.md`): teacher logits `z_t`, student logits `z_s`, temperat
 
 Every logit divergence is built from three pieces, each written once:
 
-1. `_valid_mask` shifts the labels as a causal LM does (logits at position `t` are scored against
-   label `t + 1`) and marks the positions whose shifted label is not `IGNORE_INDEX`. Only those
-   positions are ever turned into float32 `(tokens, vocab)` tensors.
-2. `_ChunkedDivergence` walks the valid positions in chunks of `chunk_size` tokens, computes the
-   chunk's per-token divergence in float32 and, in the same pass, its gradient with respect to the
-   chunk's logits (as Liger's chunked losses do). Backward only scales the stored gradient, so
-   neither pass holds float32 `(tokens, vocab)` tensors for more than one chunk.
+1. `_shifted_targets` / `_valid_mask` shift the labels as a causal LM does (logits at position `t`
+   are scored against label `t + 1`) and mark the positions whose shifted label is not
+   `IGNORE_INDEX`. Only those positions count; `_token_chunks` walks a mostly valid batch in
+   contiguous slices (views, masked) and gathers the valid positions of a sparse one.
+2. `_ChunkedLoss` walks those chunks of `chunk_size` tokens, computes the chunk's per-token
+   divergence in float32 (and, for `distillation_loss`, the student's cross-entropy) and, in the
+   same pass, its gradient with respect to the chunk's logits (as Liger's chunked losses do).
+   Backward only scales the stored gradient, so neither pass holds float32 `(tokens, vocab)`
+   tensors for more than one chunk.
 3. `_normaliser` divides the summed divergence by the number of valid tokens, or by
    `num_items_in_batch` under gradient accumulation (the `Trainer` convention), clamped to at
    least 1 so that a batch without valid tokens yields a zero that keeps its gradient path.
@@ -716,7 +718,7 @@ def distillation_loss(
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
-    """`_ChunkedDivergence` with the student's lm_head inside the chunk loop (as Liger's fused linear
+    """`_ChunkedLoss` (divergence only) with the student's lm_head inside the chunk loop (as Liger's fused linear
     losses): each chunk's logits are computed, used and dropped, and the chunk's gradient goes straight
     to the hidden states, the weight and the bias. No (B, T, V) tensor exists for the student at all."""
 

@@ -80,6 +80,14 @@ class DistillationTrainer(Trainer):
         **kwargs,
     ):
         args = _as_distillation_config(args)
+        if args.n_gpu > 1:
+            # Trainer wraps the student in nn.DataParallel then: the distillation terms would be computed on the
+            # gathered logits but scaled as per-replica losses.
+            raise ValueError(
+                f"DistillationTrainer does not support torch.nn.DataParallel: this process sees {args.n_gpu} GPUs "
+                f"and was not launched for distributed training. Launch the script with `torchrun --nproc_per_node "
+                f"{args.n_gpu}` or `accelerate launch` (DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
+            )
         uses_teacher = args.beta > 0 or args.gamma > 0 or args.delta > 0
         if uses_teacher and teacher_model is None:
             raise ValueError(
@@ -152,6 +160,7 @@ class DistillationTrainer(Trainer):
         return (
             type(model).__module__.startswith("transformers.")
             and getattr(model, "loss_function", None) is ForCausalLMLoss
+            and _forward_calls_loss_function(type(model))
             and not getattr(config, "output_router_logits", False)
             and not getattr(config, "z_loss_coefficient", 0)
         )
@@ -541,6 +550,18 @@ def _last_block(model: nn.Module) -> nn.Module | None:
 
 def _with_last(hidden_states: tuple[torch.Tensor, ...], last: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (*hidden_states[:-1], last[0]) if last else tuple(hidden_states)
+
+
+def _forward_calls_loss_function(model_class: type) -> bool:
+    """Whether `model_class.forward` computes its loss with `self.loss_function` (transformers' shared, shifted
+    causal-LM CE). `loss_function` itself falls back to that CE for every model, including those whose forward
+    computes an unshifted `CrossEntropyLoss` of its own (BART's, Marian's, CPM-Ant's decoders), so only the
+    forward's source tells them apart."""
+    try:
+        source = inspect.getsource(model_class.forward)
+    except (OSError, TypeError):  # no source to read: keep the model's own loss
+        return False
+    return "self.loss_function(" in source
 
 
 def _output_vocab(model: nn.Module) -> int | None:

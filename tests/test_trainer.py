@@ -246,6 +246,46 @@ def test_cross_entropy_stays_with_the_model_where_it_is_not_plain(tmp_path, padd
     torch.testing.assert_close(metrics["ce"][0] / metrics["num_tokens"][0], smoothed, rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_with_its_own_unshifted_cross_entropy_keeps_it(tmp_path, padded_data):
+    """BART's causal-LM decoder computes an unshifted `CrossEntropyLoss` in its forward, although its
+    `loss_function` is the shared shifted one: fusing would silently change its CE, so it is not fused."""
+    from transformers import BartConfig, BartForCausalLM
+
+    config = BartConfig(
+        vocab_size=320,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    student, teacher = BartForCausalLM(config), BartForCausalLM(config)
+    args = make_args(tmp_path, alpha=1.0, beta=0.5)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=padded_data)
+    assert not trainer._fused_cross_entropy
+    ids = torch.randint(0, 320, (2, 8))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    student.eval()
+    with torch.no_grad():
+        trainer.compute_loss(student, batch)
+        logits = student(input_ids=ids).logits
+    unshifted = F.cross_entropy(logits.flatten(0, 1), ids.flatten())  # what BartForCausalLM itself computes
+    metrics = trainer._metrics["eval"]
+    torch.testing.assert_close(metrics["ce"][0] / metrics["num_tokens"][0], unshifted)
+
+
+def test_data_parallel_is_refused_with_how_to_launch(tmp_path, padded_data):
+    """Several GPUs in one process make Trainer wrap the student in nn.DataParallel: refused before any work."""
+    args = make_args(tmp_path)
+    args._n_gpu = 2  # what TrainingArguments records on a 2-GPU machine without torchrun
+    with pytest.raises(ValueError, match=r"DataParallel.*torchrun --nproc_per_node 2"):
+        DistillationTrainer(narrow_student(), build_tiny_model(seed=1), args, train_dataset=padded_data)
+
+
 def test_hidden_states_only_skip_the_teacher_logits(tmp_path, padded_data):
     from hf_recover.losses import hidden_alignment_loss
 
