@@ -143,8 +143,9 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Compute the student's cross-entropy together with the logit divergence, in one pass over the "
             "logits (hf_recover.distillation_loss), instead of by the model. Same loss, faster. It is used only where "
-            "the model's own loss is a plain causal-LM cross-entropy: label smoothing, compute_loss_func, router "
-            "auxiliary losses, z-loss, shift_labels (context parallelism) and model subclasses keep the model's loss. "
+            "the model's own loss is transformers' plain causal-LM cross-entropy: label smoothing, compute_loss_func, "
+            "router auxiliary losses, z-loss, shift_labels (context parallelism), model subclasses and models whose "
+            "forward computes a cross-entropy of its own (BART-style decoders) keep the model's loss. "
             "Set False for a model whose own loss adds other terms. Default True."
         },
     )
