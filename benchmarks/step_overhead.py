@@ -11,7 +11,7 @@ Printed: the median seconds per optimizer step of each (after `--warmup` steps, 
 slowest of those steps, the median CPU seconds per step (the process's, all threads), its peak RSS, and the ratios
 (c)/((a)+(b)) and (d)/((a)+(b)), of wall and of CPU time, whose targets are <= 1.05 and <= 1.10: distillation
 should cost no more than running the teacher next to a plain training step. The wall-time ratios are the targets;
-the CPU-time ones tell a real change from a neighbour's load on a shared machine.
+the CPU-time ones are a second view, which a neighbour's load on a shared machine inflates less (not to nothing).
 
 By default the student is the embedded SmolLM2-135M-Instruct teacher (30 blocks) with blocks
 [3, 12, 13, 14, 15, 17] removed (24 blocks), batch 4 × 256 tokens, fp32, AdamW. `--tiny` runs tiny random
@@ -19,7 +19,7 @@ models for a smoke test in seconds.
 
 Usage:
     python benchmarks/step_overhead.py                 # the default pair, about 5 minutes on 2 CPU cores
-    python benchmarks/step_overhead.py --rounds 2      # the README's figures (10 timed steps per variant)
+    python benchmarks/step_overhead.py --rounds 4      # the README's figures (20 timed steps per variant)
     python benchmarks/step_overhead.py --tiny
     python benchmarks/step_overhead.py --steps 4 --rounds 3    # interleaved rounds on a busy machine
 """
@@ -140,7 +140,8 @@ def main(argv=None) -> None:
         f"median after {args.warmup} warm-up step(s) per run"
     )
     # The range shows the step-to-step noise of the machine: on 2 shared cores single steps vary by 10-30%.
-    # CPU seconds (the process's, all threads) are less sensitive to other tenants of the machine than wall time.
+    # CPU seconds (the process's, all threads) are less sensitive to other tenants of the machine than wall time,
+    # though not immune: cache and memory-bandwidth contention show in them too.
     print(f"{'variant':<44} {'s/step':>8} {'min-max':>15} {'CPU s/step':>11} {'peak RSS':>10}")
     for variant, label in VARIANTS.items():
         result = results[variant]
