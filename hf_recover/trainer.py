@@ -19,13 +19,12 @@ import os
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -38,8 +37,16 @@ from .alignment import (
 )
 from .config import OBJECTIVE_NAME, DistillationConfig
 from .constants import IGNORE_INDEX, SUPPORTED_ARCHITECTURES
-from .losses import DIVERGENCES, distillation_loss, shared_vocab_size
+from .losses import DIVERGENCES, distillation_loss
 from .pruned_config import PrunedConfig
+from .teacher import (
+    check_tokenizers,
+    check_vocabularies,
+    load_teacher,
+    load_teacher_tokenizer,
+    prepare_deepspeed_teacher,
+    text_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,8 @@ class DistillationTrainer(Trainer):
         args: a `DistillationConfig` (a plain `TrainingArguments` is upgraded with the distillation defaults).
         pruned_config: what was pruned; defaults to `PrunedConfig.find_for(model)`. It provides the exact `kept`
             layer map and is written as `pruned_config.json` next to the weights of every save.
+        teacher_tokenizer: the teacher's tokenizer, compared with the student's `processing_class` before any work
+            (a teacher given as a path brings its own): token ids that stand for different tokens are an error.
         **kwargs: every other `Trainer` argument (`train_dataset`, `data_collator`, `callbacks`, ...).
 
     Attributes:
@@ -78,6 +87,10 @@ class DistillationTrainer(Trainer):
 
     The logs carry `ce`, `kd`, `align` and `fdd` (each unweighted, `kd` without `T²`; `eval_`-prefixed in
     evaluation) next to Trainer's own `loss`, averaged over the valid tokens since the last log on all processes.
+    Training's `loss` is the optimised objective. In evaluation and prediction, `eval_loss` / `test_loss` is the
+    student's own language-modelling loss, as plain `Trainer` reports it (so `exp(eval_loss)` is its perplexity),
+    and the objective is `eval_distillation_loss` (`eval_objective_as_loss=True` reports the objective as
+    `eval_loss` instead). Every one of these names works as `metric_for_best_model`, lower being better.
     """
 
     def __init__(
@@ -86,6 +99,7 @@ class DistillationTrainer(Trainer):
         teacher_model: PreTrainedModel | nn.Module | str | None = None,
         args: DistillationConfig | TrainingArguments | None = None,
         pruned_config: PrunedConfig | None = None,
+        teacher_tokenizer=None,
         **kwargs,
     ):
         args = _as_distillation_config(args)
@@ -117,11 +131,13 @@ class DistillationTrainer(Trainer):
         self._saving_checkpoint = False
         self._evaluating = False  # inside evaluation_loop: compute_loss returns the student's own LM loss
 
+        if self.args.uses_teacher:
+            if teacher_tokenizer is None and isinstance(teacher_model, (str, os.PathLike)):
+                teacher_tokenizer = load_teacher_tokenizer(teacher_model)
+            check_tokenizers(self.processing_class, teacher_tokenizer)  # before the teacher's weights are loaded
         self.teacher_model = self._prepare_teacher(teacher_model) if self.args.uses_teacher else None
-        if self.args.beta > 0 and None not in (
-            vocab := (_output_vocab(self.model), _output_vocab(self.teacher_model))
-        ):
-            shared_vocab_size(*vocab)  # a real tokenizer mismatch fails here, not at the first step
+        if self.args.beta > 0:
+            check_vocabularies(self.model, self.teacher_model)  # a real tokenizer mismatch fails here, not later
         want_hidden = self.args.wants_hidden_states
         self._teacher_forward_kwargs = {"output_hidden_states": want_hidden, "use_cache": False}
         self._fused_cross_entropy = self._can_fuse_cross_entropy()
@@ -130,7 +146,7 @@ class DistillationTrainer(Trainer):
             self._teacher_forward_kwargs["logits_to_keep"] = 1
         self.layer_map, self.projectors, self._layer_pairs = None, None, None
         if want_hidden:
-            student_config, teacher_config = _text_config(self.model), _text_config(self.teacher_model)
+            student_config, teacher_config = text_config(self.model), text_config(self.teacher_model)
             n_s, n_t = student_config.num_hidden_layers, teacher_config.num_hidden_layers
             self.layer_map = build_layer_map(
                 self.args.layer_map, student_num_layers=n_s, teacher_num_layers=n_t, pruned_config=self.pruned_config
@@ -161,7 +177,7 @@ class DistillationTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if _is_peft_model(model):
             model = model.get_base_model()
-        config = _text_config(model)
+        config = text_config(model)
         # Decided by declared capability: a transformers class of a model type whose causal-LM loss is tested to be
         # the plain shifted CE (not a subclass with a forward of its own), without a router auxiliary loss (mixtures
         # of experts) or a z-loss (Bamba) added to it.
@@ -188,13 +204,10 @@ class DistillationTrainer(Trainer):
 
     def _prepare_teacher(self, teacher: PreTrainedModel | nn.Module | str) -> nn.Module:
         if isinstance(teacher, (str, os.PathLike)):
-            dtype = self.args.teacher_dtype
-            dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-            # Never device_map="auto": under DDP every process holds its own full copy, placed below.
-            teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype)
+            teacher = load_teacher(teacher, self.args.teacher_dtype)
         teacher.eval().requires_grad_(False)
         if self.is_deepspeed_enabled:
-            return _prepare_deepspeed_teacher(teacher, self.accelerator)
+            return prepare_deepspeed_teacher(teacher, self.accelerator)
         # evaluation_mode: device placement (and autocast under mixed precision) without a DDP wrapper.
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
@@ -587,12 +600,6 @@ def _with_last(hidden_states: tuple[torch.Tensor, ...], last: list[torch.Tensor]
     return (*hidden_states[:-1], last[0]) if last else tuple(hidden_states)
 
 
-def _output_vocab(model: nn.Module) -> int | None:
-    """Rows of the model's output embedding (its logits' width), when it exposes one."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head.weight.shape[0] if head is not None else None
-
-
 def _is_peft_model(model) -> bool:
     if importlib.util.find_spec("peft") is None:
         return False
@@ -606,27 +613,3 @@ def _accepts(model: nn.Module | None, argument: str) -> bool:
         return False
     forward = getattr(model, "_original_forward", model.forward)  # accelerate may wrap forward for autocast
     return argument in inspect.signature(forward).parameters
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _prepare_deepspeed_teacher(teacher: nn.Module, accelerator) -> nn.Module:
-    """An inference-only DeepSpeed engine for the teacher, as TRL's `prepare_deepspeed` builds it."""
-    import deepspeed
-
-    config = deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    stage = config["zero_optimization"]["stage"]
-    hidden_size = getattr(_text_config(teacher), "hidden_size", None)
-    if hidden_size is not None and stage == 3:
-        config["zero_optimization"].update(
-            reduce_bucket_size=hidden_size * hidden_size,
-            stage3_param_persistence_threshold=10 * hidden_size,
-            stage3_prefetch_bucket_size=0.9 * hidden_size * hidden_size,
-        )
-    if stage != 3:  # ZeRO-1/2 shard optimizer states only, and the teacher has none
-        config["zero_optimization"]["stage"] = 0
-    engine, *_ = deepspeed.initialize(model=teacher, config=config)
-    return engine.eval()

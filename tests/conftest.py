@@ -41,7 +41,7 @@ def _seed_and_threads(request):
     torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(texts: list[str] = TINY_TEXTS):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,7 +54,7 @@ def build_tiny_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(TINY_TEXTS * 4, trainer=trainer)
+    tok.train_from_iterator(texts * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -701,3 +701,28 @@ def test_load_best_model_at_end_keeps_the_lowest(tmp_path, padded_data, metric):
     best_step = min(history, key=history.get)
     assert trainer.state.best_metric == pytest.approx(history[best_step])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, padded_data, tiny_tokenizer):
+    """Same vocabulary size, other tokens: a wrong target the vocabulary-size check cannot see."""
+    from conftest import build_tiny_tokenizer
+
+    other = build_tiny_tokenizer([text[::-1] for text in TINY_TEXTS])
+    assert len(other) == len(tiny_tokenizer)
+    first = min(i for t, i in tiny_tokenizer.get_vocab().items() if other.convert_ids_to_tokens(i) != t)
+    args = make_args(tmp_path)
+    kwargs = dict(train_dataset=padded_data, processing_class=tiny_tokenizer)
+    with pytest.raises(ValueError, match=rf"id {first} is .* for the student but .* for the teacher"):
+        DistillationTrainer(narrow_student(), build_tiny_model(seed=1), args, teacher_tokenizer=other, **kwargs)
+    # A teacher given as a folder brings its own tokenizer: checked before its weights are loaded.
+    folder = tmp_path / "teacher"
+    build_tiny_model(seed=1).save_pretrained(folder)
+    other.save_pretrained(folder)
+    with pytest.raises(ValueError, match="must share a tokenizer"):
+        DistillationTrainer(narrow_student(), str(folder), args, **kwargs)
+    # The same tokenizer, or one with an extra special token, is accepted.
+    tiny_tokenizer.save_pretrained(folder)
+    DistillationTrainer(narrow_student(), str(folder), args, **kwargs)
+    extended = build_tiny_tokenizer()
+    extended.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    DistillationTrainer(narrow_student(), build_tiny_model(seed=1), args, teacher_tokenizer=extended, **kwargs)
