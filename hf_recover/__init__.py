@@ -27,8 +27,8 @@ _EXPORTS = {
     "skew_reverse_kl": "losses",
     "generalized_jsd": "losses",
     "total_variation": "losses",
-    "hidden_alignment_loss": "losses",
-    "feature_dynamics_loss": "losses",
+    "hidden_alignment_loss": "alignment",
+    "feature_dynamics_loss": "alignment",
     "distillation_loss": "losses",
     "DistillationLoss": "losses",
     "build_layer_map": "alignment",
@@ -62,7 +62,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .alignment import build_layer_map
+    from .alignment import build_layer_map, feature_dynamics_loss, hidden_alignment_loss
     from .card import generate_model_card, save_model_card
     from .config import DistillationConfig
     from .corpus import load_default_corpus
@@ -72,10 +72,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .losses import (
         DistillationLoss,
         distillation_loss,
-        feature_dynamics_loss,
         forward_kl,
         generalized_jsd,
-        hidden_alignment_loss,
         reverse_kl,
         skew_forward_kl,
         skew_reverse_kl,

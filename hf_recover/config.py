@@ -1,9 +1,11 @@
 """`DistillationConfig`: `TrainingArguments` plus the fields of the recovery loss.
 
-The trainer minimises `alpha·CE + beta·T²·KD + gamma·align + delta·FDD` (the compound loss of the book,
-ch. 6); every term and its source is in DESIGN.md. The defaults are the recipe the project measured
-as its floor (0.5·CE + 0.5·T²·forward KL at T = 2, Hinton et al. 2015); switch on `gamma`/`delta`
-for hidden-state alignment and feature dynamics.
+The trainer minimises `alpha·CE + beta·T²·KD + gamma·align + delta·FDD`: the student's cross-entropy, a logit
+divergence scaled by `T²` (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"), hidden-state
+alignment through a layer map, and feature dynamics distillation (Gong et al. 2025, "Beyond Logits: Aligning
+Feature Dynamics for Effective Knowledge Distillation"). The divergences and their parameters come from
+`hf_recover.losses.DIVERGENCES`. The defaults are the 0.5·CE + 0.5·T²·forward KL recipe at T = 2; switch on
+`gamma`/`delta` for hidden-state alignment and feature dynamics.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .alignment import LAYER_MAP_KINDS
 from .losses import DIVERGENCES
 
 DIVERGENCE_NAMES = tuple(DIVERGENCES)  # the logit divergences hf_recover.losses implements
+_DIVERGENCE_PARAMS = {param.field: param for entry in DIVERGENCES.values() for param in entry.params}
 ALIGNMENT_KINDS = ("cosine", "mse")
 PROJECTOR_KINDS = ("auto", "none", "linear")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -63,7 +66,7 @@ class DistillationConfig(TrainingArguments):
     gamma: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of the hidden-state alignment loss between mapped student and teacher blocks (book ch. 6; "
+            "help": "Weight of the hidden-state alignment loss between mapped student and teacher blocks (as in "
             "DistillKit). Default 0 (off); hidden states are only requested when gamma or delta > 0."
         },
     )
@@ -81,16 +84,19 @@ class DistillationConfig(TrainingArguments):
     divergence: str = field(
         default="forward_kl",
         metadata={
-            "help": "Logit divergence: forward_kl (Hinton), reverse_kl (MiniLLM), skew_forward_kl / skew_reverse_kl "
-            "(DistiLLM), generalized_jsd (GKD) or total_variation. Default forward_kl."
+            "help": "Logit divergence: "
+            + ", ".join(
+                f"{name} {entry.formula} ({entry.source.split(',')[0]})" for name, entry in DIVERGENCES.items()
+            )
+            + ". Default forward_kl."
         },
     )
     skew_lambda: float = field(
         default=0.1,
         metadata={
             "help": "Skew mixture weight λ in [0, 1), DistiLLM's convention: skew_forward_kl is KL(p ‖ λp + (1−λ)q), "
-            "λ weighting the *teacher* p (the book's s = 1 − λ); skew_reverse_kl is KL(q ‖ λq + (1−λ)p), λ weighting "
-            "the student q. 0 gives plain KL. Default 0.1 (DistiLLM, Ko et al. 2024)."
+            "λ weighting the *teacher* p (a skew weight on the student would be 1 − λ); skew_reverse_kl is "
+            "KL(q ‖ λq + (1−λ)p), λ weighting the student q. 0 gives plain KL. Default 0.1 (DistiLLM, Ko et al. 2024)."
         },
     )
     jsd_beta: float = field(
@@ -101,7 +107,7 @@ class DistillationConfig(TrainingArguments):
     )
     alignment: str = field(
         default="cosine",
-        metadata={"help": "Hidden-state alignment distance: cosine (1 − cos) or mse. Default cosine (book ch. 6)."},
+        metadata={"help": "Hidden-state alignment distance: cosine (1 − cos) or mse. Default cosine."},
     )
     layer_map: str = field(
         default="kept",
@@ -178,14 +184,15 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if self.divergence not in DIVERGENCE_NAMES:
             raise ValueError(f"divergence must be one of {DIVERGENCE_NAMES}, got {self.divergence!r}.")
-        for name in ("skew_lambda", "jsd_beta"):
+        for name in _DIVERGENCE_PARAMS:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
-        if self.divergence.startswith("skew") and self.beta > 0 and self.skew_lambda == 1:
-            raise ValueError(
-                "skew_lambda = 1 makes the skew divergence identically 0 (the mixture is the distribution itself); "
-                "use a value in [0, 1), e.g. 0.1."
-            )
+        for param in DIVERGENCES[self.divergence].params:
+            if param.one_is_degenerate and self.beta > 0 and getattr(self, param.field) == 1:
+                raise ValueError(
+                    f"{param.field} = 1 makes {self.divergence} identically 0 (the mixture is the distribution "
+                    f"itself); use a value in [0, 1), e.g. {param.default}."
+                )
         if self.alignment not in ALIGNMENT_KINDS:
             raise ValueError(f"alignment must be one of {ALIGNMENT_KINDS}, got {self.alignment!r}.")
         if self.projector not in PROJECTOR_KINDS:
@@ -196,3 +203,20 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         self.layer_map = parse_layer_map(self.layer_map)
         super().__post_init__()
+
+    # -- what the recipe implies: derived here once, read by the trainer, the workflow and the model card --------
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any term needs the teacher (beta, gamma or delta > 0)."""
+        return self.beta > 0 or self.gamma > 0 or self.delta > 0
+
+    @property
+    def wants_hidden_states(self) -> bool:
+        """Whether hidden states are compared (gamma or delta > 0)."""
+        return self.gamma > 0 or self.delta > 0
+
+    @property
+    def divergence_kwargs(self) -> dict[str, float]:
+        """The chosen divergence's own keyword arguments, from their config fields (e.g. `{"beta": jsd_beta}`)."""
+        return {param.argument: getattr(self, param.field) for param in DIVERGENCES[self.divergence].params}

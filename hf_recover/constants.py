@@ -7,4 +7,5 @@ PRUNED_CONFIG_NAME = "pruned_config.json"
 """File written next to the weights of every pruned or recovered model."""
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
-"""`config.model_type` values that depth and width pruning support and test."""
+"""`config.model_type` values hf_recover supports and tests: depth and width pruning, and the trainer's cross-entropy
+fused with the KD pass (their causal-LM loss is transformers' plain shifted cross-entropy)."""

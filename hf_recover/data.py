@@ -44,7 +44,7 @@ def load_recovery_data(
     - a Hub dataset id (`subset` is its config name), used when the Hub is reachable;
     - a dict `{"path": ..., "text_column": ..., "subset": ..., "split": ...}` overriding those per source.
     Several sources are mixed by `datasets.interleave_datasets` with probabilities `weights` (equal by
-    default; the book mixes equal parts of four Cosmopedia subsets) until the first one runs out.
+    default, e.g. equal parts of four Cosmopedia subsets) until the first one runs out.
     `max_documents` keeps the first documents after a shuffle with `seed`.
     """
     from datasets import interleave_datasets

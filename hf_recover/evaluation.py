@@ -6,6 +6,7 @@ import difflib
 import inspect
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,7 +17,6 @@ from .constants import IGNORE_INDEX
 from .data import iter_batches, num_batches
 
 
-@torch.inference_mode()
 def evaluate_perplexity(
     model: torch.nn.Module,
     dataset: Any,
@@ -31,29 +31,75 @@ def evaluate_perplexity(
     `t` is scored against label `t + 1`; labels equal to -100 are skipped. Returns `perplexity`
     (`exp(nll)`), `nll` (mean negative log-likelihood in nats) and `tokens` (how many were scored).
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
+    return score_models({"model": model}, dataset, batch_size=batch_size, max_batches=max_batches, desc=desc)["model"]
+
+
+@torch.inference_mode()
+def score_models(
+    models: Mapping[str, torch.nn.Module],
+    dataset: Any,
+    *,
+    reference: str | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    desc: str = "Perplexity",
+) -> dict[str, dict[str, float]]:
+    """The one evaluation loop: every model's perplexity on the same batches, and its KL to a reference.
+
+    Returns `{name: {"perplexity", "nll", "tokens"}}`; with `reference` (one of the names, e.g. the teacher),
+    every other model also gets `"kl"`, the mean forward KL(reference ‖ model) per valid token, from the
+    reference's logits computed once per batch. Scoring follows `evaluate_perplexity`; training modes are
+    restored afterwards.
+    """
+    from .losses import forward_kl
+
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {sorted(models)}.")
+    order = sorted(models, key=lambda name: name != reference)  # the reference first: its logits are shared
+    device = next(models[order[0]].parameters()).device
+    modes = {name: model.training for name, model in models.items()}
+    nll, kl, tokens = dict.fromkeys(models, 0.0), dict.fromkeys(models, 0.0), 0
     try:
+        for model in models.values():
+            model.eval()
         batches = iter_batches(dataset, batch_size=batch_size, max_batches=max_batches, device=device)
         total = num_batches(dataset, batch_size=batch_size, max_batches=max_batches)
         for batch in tqdm(batches, total=total, desc=desc, leave=False):
             labels = batch.get("labels", batch["input_ids"])
             if "attention_mask" in batch and "labels" not in batch:
                 labels = labels.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            # (B, T, V) -> predictions for positions 0..T-2 against labels 1..T-1
-            shift_logits = logits[:, :-1].flatten(0, 1).float()
+            # (B, T) -> predictions for positions 0..T-2 against labels 1..T-1
             shift_labels = labels[:, 1:].flatten()
-            total_nll += F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
-            total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+            reference_logits = None
+            for name in order:
+                logits = models[name](input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+                shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B, T, V) -> (B·(T-1), V)
+                nll[name] += F.cross_entropy(
+                    shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+                ).item()
+                del shift_logits  # free before the next model's forward
+                if name == reference:
+                    reference_logits = logits
+                elif reference_logits is not None:  # summed over valid tokens: num_items_in_batch=1
+                    kl[name] += forward_kl(logits, reference_logits, labels, num_items_in_batch=1).item()
+                del logits
+            tokens += int((shift_labels != IGNORE_INDEX).sum())
     finally:
-        model.train(was_training)
-    if total_tokens == 0:
+        for name, model in models.items():
+            model.train(modes[name])
+    if tokens == 0:
         raise ValueError("The dataset has no valid next-token label (all labels are -100): nothing to score.")
-    nll = total_nll / total_tokens
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
+    scores = {
+        name: {"perplexity": _exp(nll[name] / tokens), "nll": nll[name] / tokens, "tokens": tokens} for name in models
+    }
+    for name in models:
+        if reference is not None and name != reference:
+            scores[name]["kl"] = kl[name] / tokens
+    return scores
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
 
 
 def recovery_metrics(teacher_ppl: float, pruned_ppl: float, recovered_ppl: float) -> dict[str, float]:

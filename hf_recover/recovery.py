@@ -143,7 +143,7 @@ def run_recovery(
     # The trainer validates the recipe (layer map, projectors, vocabularies) before any evaluation is spent.
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=teacher if (args.beta > 0 or args.gamma > 0 or args.delta > 0) else None,
+        teacher_model=teacher if args.uses_teacher else None,
         args=args,
         pruned_config=pruned_config,
         train_dataset=train_dataset,

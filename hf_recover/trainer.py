@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
+import logging
 import os
 import warnings
 from collections import defaultdict
@@ -28,11 +29,19 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainer
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .alignment import build_layer_map, build_projectors
+from .alignment import (
+    build_layer_map,
+    build_projectors,
+    feature_dynamics_loss,
+    hidden_alignment_loss,
+    layer_map_pairs,
+)
 from .config import DistillationConfig
-from .constants import IGNORE_INDEX
-from .losses import DIVERGENCES, distillation_loss, feature_dynamics_loss, hidden_alignment_loss, shared_vocab_size
+from .constants import IGNORE_INDEX, SUPPORTED_ARCHITECTURES
+from .losses import DIVERGENCES, distillation_loss, shared_vocab_size
 from .pruned_config import PrunedConfig
+
+logger = logging.getLogger(__name__)
 
 PROJECTORS_NAME = "projectors.safetensors"
 """Where the learnable projectors are written: every checkpoint, and the exported model with `save_projectors`."""
@@ -88,8 +97,7 @@ class DistillationTrainer(Trainer):
                 f"and was not launched for distributed training. Launch the script with `torchrun --nproc_per_node "
                 f"{args.n_gpu}` or `accelerate launch` (DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
             )
-        uses_teacher = args.beta > 0 or args.gamma > 0 or args.delta > 0
-        if uses_teacher and teacher_model is None:
+        if args.uses_teacher and teacher_model is None:
             raise ValueError(
                 "teacher_model is required when beta, gamma or delta > 0: pass the teacher model or its path. "
                 "For cross-entropy only, set beta=gamma=delta=0."
@@ -109,26 +117,25 @@ class DistillationTrainer(Trainer):
         self._eval_prefix = "eval"
         self._saving_checkpoint = False
 
-        self.teacher_model = self._prepare_teacher(teacher_model) if uses_teacher else None
+        self.teacher_model = self._prepare_teacher(teacher_model) if self.args.uses_teacher else None
         if self.args.beta > 0 and None not in (
             vocab := (_output_vocab(self.model), _output_vocab(self.teacher_model))
         ):
             shared_vocab_size(*vocab)  # a real tokenizer mismatch fails here, not at the first step
-        want_hidden = self.args.gamma > 0 or self.args.delta > 0
+        want_hidden = self.args.wants_hidden_states
         self._teacher_forward_kwargs = {"output_hidden_states": want_hidden, "use_cache": False}
         self._fused_cross_entropy = self._can_fuse_cross_entropy()
         if self.args.beta == 0 and _accepts(self.teacher_model, "logits_to_keep"):
             # Only hidden states are compared: skip the teacher's (tokens × vocab) output projection.
             self._teacher_forward_kwargs["logits_to_keep"] = 1
-        self.layer_map, self.projectors = None, None
+        self.layer_map, self.projectors, self._layer_pairs = None, None, None
         if want_hidden:
             student_config, teacher_config = _text_config(self.model), _text_config(self.teacher_model)
+            n_s, n_t = student_config.num_hidden_layers, teacher_config.num_hidden_layers
             self.layer_map = build_layer_map(
-                self.args.layer_map,
-                student_num_layers=student_config.num_hidden_layers,
-                teacher_num_layers=teacher_config.num_hidden_layers,
-                pruned_config=self.pruned_config,
+                self.args.layer_map, student_num_layers=n_s, teacher_num_layers=n_t, pruned_config=self.pruned_config
             )
+            self._layer_pairs = layer_map_pairs(self.layer_map, n_s, n_t)  # validated once, used every step
             self.projectors = build_projectors(
                 self.args.projector,
                 num_student_layers=student_config.num_hidden_layers,
@@ -155,15 +162,27 @@ class DistillationTrainer(Trainer):
         if _is_peft_model(model):
             model = model.get_base_model()
         config = _text_config(model)
-        # A model class of transformers whose loss is the plain causal-LM CE: not a subclass with a forward of its
-        # own, nor a model that adds a router auxiliary loss (mixtures of experts) or a z-loss (Bamba) to it.
-        return (
-            type(model).__module__.startswith("transformers.")
+        # Decided by declared capability: a transformers class of a model type whose causal-LM loss is tested to be
+        # the plain shifted CE (not a subclass with a forward of its own), without a router auxiliary loss (mixtures
+        # of experts) or a z-loss (Bamba) added to it.
+        model_type = getattr(config, "model_type", None)
+        fused = (
+            model_type in SUPPORTED_ARCHITECTURES
+            and type(model).__module__.startswith("transformers.")
             and getattr(model, "loss_function", None) is ForCausalLMLoss
-            and _forward_calls_loss_function(type(model))
             and not getattr(config, "output_router_logits", False)
             and not getattr(config, "z_loss_coefficient", 0)
         )
+        if fused:
+            logger.info("Cross-entropy computed together with the KD term, one pass over the logits (%s).", model_type)
+        else:
+            logger.info(
+                "Cross-entropy left to the model (%s, %s): the fused path is for %s models without extra loss terms.",
+                type(model).__name__,
+                model_type,
+                ", ".join(SUPPORTED_ARCHITECTURES),
+            )
+        return fused
 
     # -- the teacher -------------------------------------------------------------------------------------
 
@@ -192,7 +211,7 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError("DistillationTrainer needs `labels` in every batch (use a causal-LM collator).")
-        want_hidden = args.gamma > 0 or args.delta > 0
+        want_hidden = args.wants_hidden_states
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
         scale = self._loss_scale(num_items_in_batch)
         # Batches that carry their own `shift_labels` (context parallelism) or ask for router logits keep the
@@ -246,9 +265,7 @@ class DistillationTrainer(Trainer):
         """The unweighted terms (for the logs) and their weighted sum, times the Trainer's loss scale."""
         args, terms, loss = self.args, {}, 0
         if args.beta > 0:
-            own = {"skew_lambda": args.skew_lambda} if args.divergence.startswith("skew") else {}
-            if args.divergence == "generalized_jsd":
-                own = {"beta": args.jsd_beta}
+            own = args.divergence_kwargs
             common = dict(
                 temperature=args.temperature, num_items_in_batch=num_items_in_batch, chunk_size=args.kd_chunk_size
             )
@@ -271,7 +288,7 @@ class DistillationTrainer(Trainer):
                     outputs.logits, teacher_outputs.logits, labels, **common, **own
                 )
                 loss = scale * kd_weight * terms["kd"]
-        hidden = (*hidden, self.layer_map, labels) if hidden is not None else None
+        hidden = (*hidden, self._layer_pairs, labels) if hidden is not None else None
         if args.gamma > 0:
             terms["align"] = hidden_alignment_loss(
                 *hidden, projectors=self.projectors, kind=args.alignment, num_items_in_batch=num_items_in_batch
@@ -550,18 +567,6 @@ def _last_block(model: nn.Module) -> nn.Module | None:
 
 def _with_last(hidden_states: tuple[torch.Tensor, ...], last: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return (*hidden_states[:-1], last[0]) if last else tuple(hidden_states)
-
-
-def _forward_calls_loss_function(model_class: type) -> bool:
-    """Whether `model_class.forward` computes its loss with `self.loss_function` (transformers' shared, shifted
-    causal-LM CE). `loss_function` itself falls back to that CE for every model, including those whose forward
-    computes an unshifted `CrossEntropyLoss` of its own (BART's, Marian's, CPM-Ant's decoders), so only the
-    forward's source tells them apart."""
-    try:
-        source = inspect.getsource(model_class.forward)
-    except (OSError, TypeError):  # no source to read: keep the model's own loss
-        return False
-    return "self.loss_function(" in source
 
 
 def _output_vocab(model: nn.Module) -> int | None:

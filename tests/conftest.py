@@ -13,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from hf_recover.constants import IGNORE_INDEX  # noqa: E402
+
 TINY_TEXTS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the warm sun all afternoon.",
     "In the beginning was the word, and the word was written down in a small book of many pages.",
@@ -114,3 +116,17 @@ def tiny_model(request):
 @pytest.fixture
 def tiny_llama():
     return build_tiny_model("llama")
+
+
+def make_inputs(batch=3, seq=47, vocab=123, *, teacher_vocab=None, dtype=torch.float32, ignore=0.3, scale=3.0):
+    """Random logits and labels; a fraction `ignore` of the labels (and a prompt-like prefix) is -100.
+
+    Below half ignored, the losses walk the positions densely (contiguous chunks, masked); above, they gather
+    the valid ones (`DENSITIES` exercises both)."""
+    student = (scale * torch.randn(batch, seq, vocab)).to(dtype)
+    teacher = (scale * torch.randn(batch, seq, teacher_vocab or vocab)).to(dtype)
+    labels = torch.randint(0, vocab, (batch, seq))
+    if ignore:
+        labels[torch.rand(batch, seq) < ignore] = IGNORE_INDEX
+        labels[0, :5] = IGNORE_INDEX  # a prompt-like prefix
+    return student, teacher, labels

@@ -150,3 +150,41 @@ def test_edges_are_valid(tmp_path):
     config = make(tmp_path, alpha=0.0, beta=1.0, skew_lambda=0.0, jsd_beta=1.0, layer_map="[3, 1]")
     assert config.layer_map == [3, 1]
     assert make(tmp_path, alpha=1.0, beta=0.0).beta == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "uses_teacher", "wants_hidden_states"),
+    [
+        ({"alpha": 1.0, "beta": 0.0}, False, False),
+        ({"beta": 0.5}, True, False),
+        ({"beta": 0.0, "gamma": 0.1}, True, True),
+        ({"beta": 0.0, "delta": 0.1}, True, True),
+    ],
+)
+def test_derived_properties(tmp_path, kwargs, uses_teacher, wants_hidden_states):
+    config = DistillationConfig(output_dir=str(tmp_path), **kwargs)
+    assert config.uses_teacher is uses_teacher
+    assert config.wants_hidden_states is wants_hidden_states
+
+
+@pytest.mark.parametrize(
+    ("divergence", "expected"),
+    [
+        ("forward_kl", {}),
+        ("reverse_kl", {}),
+        ("skew_forward_kl", {"skew_lambda": 0.3}),
+        ("skew_reverse_kl", {"skew_lambda": 0.3}),
+        ("generalized_jsd", {"beta": 0.2}),  # the function's keyword, set by the jsd_beta field
+        ("total_variation", {}),
+    ],
+)
+def test_divergence_kwargs_come_from_their_fields(tmp_path, divergence, expected):
+    config = DistillationConfig(output_dir=str(tmp_path), divergence=divergence, skew_lambda=0.3, jsd_beta=0.2)
+    assert config.divergence_kwargs == expected
+
+
+def test_skew_lambda_one_is_refused_for_both_skew_divergences(tmp_path):
+    for divergence in ("skew_forward_kl", "skew_reverse_kl"):
+        with pytest.raises(ValueError, match=f"skew_lambda = 1 makes {divergence} identically 0"):
+            DistillationConfig(output_dir=str(tmp_path), divergence=divergence, skew_lambda=1.0)
+    DistillationConfig(output_dir=str(tmp_path), divergence="forward_kl", skew_lambda=1.0)  # unused: allowed

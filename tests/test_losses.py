@@ -8,16 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from conftest import make_inputs
 
 from hf_recover.constants import IGNORE_INDEX
 from hf_recover.losses import (
     DIVERGENCES,
     distillation_loss,
-    feature_dynamics_loss,
     forward_kl,
     generalized_jsd,
-    hidden_alignment_loss,
     reverse_kl,
     skew_forward_kl,
     skew_reverse_kl,
@@ -47,22 +45,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def make_inputs(batch=3, seq=47, vocab=123, *, teacher_vocab=None, dtype=torch.float32, ignore=0.3, scale=3.0):
-    """Random logits and labels; a fraction `ignore` of the labels (and a prompt-like prefix) is -100.
-
-    Below half ignored, the losses walk the positions densely (contiguous chunks, masked); above, they gather
-    the valid ones (`DENSITIES` exercises both)."""
-    student = (scale * torch.randn(batch, seq, vocab)).to(dtype)
-    teacher = (scale * torch.randn(batch, seq, teacher_vocab or vocab)).to(dtype)
-    labels = torch.randint(0, vocab, (batch, seq))
-    if ignore:
-        labels[torch.rand(batch, seq) < ignore] = IGNORE_INDEX
-        labels[0, :5] = IGNORE_INDEX  # a prompt-like prefix
-    return student, teacher, labels
-
-
 def token_divergence(name: str, p: torch.Tensor, q: torch.Tensor, params: dict) -> torch.Tensor:
-    """Per-token divergence, from the probability-space formulas of DESIGN.md; `p`, `q` are (V,) or (N, V)."""
+    """Per-token divergence, from the probability-space formulas of the papers; `p`, `q` are (V,) or (N, V)."""
 
     def kl(a, b):
         return (a * (a.log() - b.log())).sum(-1)
@@ -457,228 +441,13 @@ def test_registry_calls_like_the_trainer():
 
 def test_public_api_exports_losses():
     import hf_recover
+    from hf_recover.alignment import feature_dynamics_loss
 
     assert hf_recover.forward_kl is forward_kl
     assert hf_recover.feature_dynamics_loss is feature_dynamics_loss
 
 
 # ---------------------------------------------------------------------------------------------
-# Hidden-state losses
-# ---------------------------------------------------------------------------------------------
-
-
-def make_hidden(num_blocks, batch=2, seq=9, width=8, dtype=torch.float32):
-    return tuple(torch.randn(batch, seq, width, dtype=dtype) for _ in range(num_blocks + 1))
-
-
-def valid_positions(labels):
-    return [
-        (b, t) for b in range(labels.size(0)) for t in range(labels.size(1) - 1) if labels[b, t + 1] != IGNORE_INDEX
-    ]
-
-
-def naive_alignment(student_hs, teacher_hs, layer_map, labels, projectors=None, kind="cosine", num_items=None):
-    positions = valid_positions(labels)
-    pair_values = []
-    for i, j in enumerate(layer_map):
-        total = 0.0
-        for b, t in positions:
-            s = student_hs[i + 1][b, t].double()
-            if projectors is not None:
-                s = projectors[i](s.to(projectors[i].weight.dtype)).double()
-            h = teacher_hs[j + 1][b, t].double()
-            if kind == "cosine":
-                total = total + 1 - (s @ h) / (s.norm() * h.norm())
-            else:
-                total = total + ((s - h) ** 2).sum() / s.numel()
-        pair_values.append(total / max(num_items if num_items is not None else len(positions), 1))
-    return sum(pair_values) / len(pair_values)
-
-
-def naive_dynamics(student_hs, teacher_hs, layer_map, labels, projectors=None, magnitude_weight=0.0):
-    positions = valid_positions(labels)
-    values = []
-    for i in range(len(layer_map) - 1):
-        total = 0.0
-        for b, t in positions:
-            states = [student_hs[k + 1][b, t] for k in (i, i + 1)]
-            if projectors is not None:
-                states = [projectors[k](state) for k, state in zip((i, i + 1), states)]
-            ds = states[1].double() - states[0].double()
-            dt = teacher_hs[layer_map[i + 1] + 1][b, t].double() - teacher_hs[layer_map[i] + 1][b, t].double()
-            total = total + 1 - (ds @ dt) / (ds.norm() * dt.norm())
-            total = total + magnitude_weight * (ds.norm() - dt.norm()).abs() / dt.norm()
-        values.append(total / max(len(positions), 1))
-    return sum(values) / len(values)
-
-
-@pytest.mark.parametrize("kind", ["cosine", "mse"])
-def test_hidden_alignment_matches_naive(kind):
-    _, _, labels = make_inputs(2, 9, 5)
-    student_hs, teacher_hs = make_hidden(3), make_hidden(6)
-    layer_map = [0, 2, 5]
-    got = hidden_alignment_loss(student_hs, teacher_hs, layer_map, labels, kind=kind)
-    torch.testing.assert_close(got.double(), naive_alignment(student_hs, teacher_hs, layer_map, labels, kind=kind))
-    got = hidden_alignment_loss(student_hs, teacher_hs, layer_map, labels, kind=kind, num_items_in_batch=30)
-    want = naive_alignment(student_hs, teacher_hs, layer_map, labels, kind=kind, num_items=30)
-    torch.testing.assert_close(got.double(), want)
-
-
-def test_hidden_alignment_with_projectors():
-    _, _, labels = make_inputs(2, 9, 5)
-    student_hs, teacher_hs = make_hidden(3, width=8), make_hidden(4, width=12)
-    projectors = nn.ModuleList(nn.Linear(8, 12) for _ in range(3))
-    layer_map = [1, 2, 3]
-    got = hidden_alignment_loss(student_hs, teacher_hs, layer_map, labels, projectors=projectors)
-    want = naive_alignment(student_hs, teacher_hs, layer_map, labels, projectors=projectors)
-    torch.testing.assert_close(got.double(), want)
-    # A ModuleDict keyed by student block means the same.
-    by_name = nn.ModuleDict({str(i): projector for i, projector in enumerate(projectors)})
-    torch.testing.assert_close(
-        hidden_alignment_loss(student_hs, teacher_hs, layer_map, labels, projectors=by_name), got
-    )
-    # The projectors receive gradients.
-    got.backward()
-    assert all(projector.weight.grad.abs().max() > 0 for projector in projectors)
-
-
-def test_hidden_alignment_partial_map_and_properties():
-    _, _, labels = make_inputs(2, 9, 5)
-    student_hs, teacher_hs = make_hidden(4), make_hidden(4)
-    # A dict aligns only some blocks: the mean over those pairs.
-    partial = hidden_alignment_loss(student_hs, teacher_hs, {1: 3, 3: 0}, labels)
-    one = hidden_alignment_loss(student_hs, teacher_hs, {1: 3}, labels)
-    other = hidden_alignment_loss(student_hs, teacher_hs, {3: 0}, labels)
-    torch.testing.assert_close(partial, (one + other) / 2)
-    # Identical states give 0; cosine ignores scale, MSE does not.
-    assert hidden_alignment_loss(student_hs, student_hs, [0, 1, 2, 3], labels).abs().item() < 1e-6
-    scaled = tuple(3 * h for h in student_hs)
-    assert hidden_alignment_loss(student_hs, scaled, [0, 1, 2, 3], labels).abs().item() < 1e-6
-    assert hidden_alignment_loss(student_hs, scaled, [0, 1, 2, 3], labels, kind="mse").item() > 1.0
-
-
-def test_hidden_losses_ignore_masked_positions_and_empty_batch():
-    _, _, labels = make_inputs(2, 9, 5)
-    student_hs, teacher_hs = make_hidden(3), make_hidden(3)
-    ignored = torch.zeros_like(labels, dtype=torch.bool)
-    ignored[:, :-1] = labels[:, 1:] == IGNORE_INDEX
-    ignored[:, -1] = True
-    noisy = tuple(h.masked_fill(ignored[..., None], 1e3) for h in student_hs)
-    for fn in (hidden_alignment_loss, feature_dynamics_loss):
-        torch.testing.assert_close(
-            fn(noisy, teacher_hs, [0, 1, 2], labels), fn(student_hs, teacher_hs, [0, 1, 2], labels)
-        )
-        empty = torch.full_like(labels, IGNORE_INDEX)
-        states = tuple(h.clone().requires_grad_() for h in student_hs)
-        loss = fn(states, teacher_hs, [0, 1, 2], empty)
-        assert loss.item() == 0.0
-        loss.backward()
-        assert all(torch.equal(h.grad, torch.zeros_like(h)) for h in states[1:])
-
-
-@pytest.mark.parametrize("magnitude_weight", [0.0, 0.7])
-def test_feature_dynamics_matches_naive(magnitude_weight):
-    _, _, labels = make_inputs(2, 9, 5)
-    student_hs, teacher_hs = make_hidden(4), make_hidden(6)
-    layer_map = [0, 1, 3, 5]
-    got = feature_dynamics_loss(student_hs, teacher_hs, layer_map, labels, magnitude_weight=magnitude_weight)
-    want = naive_dynamics(student_hs, teacher_hs, layer_map, labels, magnitude_weight=magnitude_weight)
-    torch.testing.assert_close(got.double(), want)
-
-
-def test_feature_dynamics_with_projectors():
-    _, _, labels = make_inputs(2, 9, 5)
-    student_hs, teacher_hs = make_hidden(3, width=6), make_hidden(3, width=10)
-    projectors = [nn.Linear(6, 10) for _ in range(3)]
-    got = feature_dynamics_loss(student_hs, teacher_hs, [0, 1, 2], labels, projectors=projectors, magnitude_weight=0.5)
-    want = naive_dynamics(student_hs, teacher_hs, [0, 1, 2], labels, projectors=projectors, magnitude_weight=0.5)
-    torch.testing.assert_close(got.double(), want)
-
-
-def test_feature_dynamics_properties():
-    _, _, labels = make_inputs(2, 9, 5)
-    student_hs = make_hidden(4)
-    # A teacher whose residual stream moves the same way, c times as far: direction term 0, magnitude |1 − c| / c.
-    c = 3.0
-    teacher_hs = tuple(c * h + 5.0 for h in student_hs)  # a common offset cancels in the deltas
-    layer_map = [0, 1, 2, 3]
-    assert feature_dynamics_loss(student_hs, teacher_hs, layer_map, labels).abs().item() < 1e-5
-    got = feature_dynamics_loss(student_hs, teacher_hs, layer_map, labels, magnitude_weight=0.5)
-    assert got.item() == pytest.approx(0.5 * abs(1 - c) / c, rel=1e-4)
-    # FDD sees only the deltas, not where the states sit; alignment does.
-    other = tuple(torch.randn_like(h) for h in student_hs)
-    shifted = tuple(h + 2.0 for h in other)
-    torch.testing.assert_close(
-        feature_dynamics_loss(student_hs, shifted, layer_map, labels),
-        feature_dynamics_loss(student_hs, other, layer_map, labels),
-    )
-
-
-@pytest.mark.parametrize("loss_name", ["alignment_cosine", "alignment_mse", "dynamics"])
-def test_hidden_losses_gradcheck(loss_name):
-    _, _, labels = make_inputs(2, 5, 5)
-    student_hs, teacher_hs = (
-        make_hidden(3, seq=5, width=4, dtype=torch.float64),
-        make_hidden(5, seq=5, width=4, dtype=torch.float64),
-    )
-    layer_map = [0, 2, 4]
-
-    def loss(*states):
-        if loss_name == "dynamics":
-            return feature_dynamics_loss(states, teacher_hs, layer_map, labels, magnitude_weight=0.3)
-        return hidden_alignment_loss(states, teacher_hs, layer_map, labels, kind=loss_name.split("_")[1])
-
-    inputs = tuple(h.clone().requires_grad_() for h in student_hs)
-    assert torch.autograd.gradcheck(loss, inputs)
-
-
-def test_hidden_losses_on_tiny_models(tiny_model_factory):
-    student = tiny_model_factory("llama", num_hidden_layers=4, seed=1).train()
-    teacher = tiny_model_factory("llama", num_hidden_layers=6, seed=2)
-    input_ids = torch.randint(4, 320, (2, 12))
-    labels = input_ids.clone()
-    labels[:, :3] = IGNORE_INDEX
-    with torch.no_grad():
-        teacher_out = teacher(input_ids, output_hidden_states=True)
-    student_out = student(input_ids, output_hidden_states=True)
-    layer_map = [0, 2, 4, 5]
-    loss = (
-        forward_kl(student_out.logits, teacher_out.logits, labels, temperature=2.0)
-        + hidden_alignment_loss(student_out.hidden_states, teacher_out.hidden_states, layer_map, labels)
-        + feature_dynamics_loss(student_out.hidden_states, teacher_out.hidden_states, layer_map, labels)
-    )
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert student.model.layers[0].mlp.up_proj.weight.grad.abs().max() > 0
-
-
-def test_hidden_losses_bad_inputs():
-    _, _, labels = make_inputs(2, 9, 5)
-    student_hs, teacher_hs = make_hidden(3), make_hidden(4)
-    with pytest.raises(ValueError, match="teacher block 4"):
-        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, 4], labels)
-    with pytest.raises(ValueError, match="teacher block -1"):
-        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, -1], labels)
-    with pytest.raises(ValueError, match="student block 3"):
-        hidden_alignment_loss(student_hs, teacher_hs, {3: 0}, labels)
-    with pytest.raises(ValueError, match="3 blocks"):
-        hidden_alignment_loss(student_hs, teacher_hs, [0, 1], labels)
-    with pytest.raises(ValueError, match="projectors"):
-        hidden_alignment_loss(student_hs, make_hidden(4, width=12), [0, 1, 2], labels)
-    with pytest.raises(ValueError, match="projectors"):
-        feature_dynamics_loss(student_hs, make_hidden(4, width=12), [0, 1, 2], labels)
-    with pytest.raises(ValueError, match="projector"):
-        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, 2], labels, projectors=[None])
-    with pytest.raises(ValueError, match="kind"):
-        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, 2], labels, kind="l1")
-    with pytest.raises(ValueError, match="output_hidden_states"):
-        hidden_alignment_loss(student_hs[-1], teacher_hs, [0], labels)
-    with pytest.raises(ValueError, match="batch, seq_len"):
-        hidden_alignment_loss(student_hs, teacher_hs, [0, 1, 2], labels[:, :4])
-    with pytest.raises(ValueError, match="at least two"):
-        feature_dynamics_loss(student_hs, teacher_hs, {0: 1}, labels)
-    with pytest.raises(ValueError, match="magnitude_weight"):
-        feature_dynamics_loss(student_hs, teacher_hs, [0, 1, 2], labels, magnitude_weight=-1.0)
 
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
@@ -730,10 +499,12 @@ def make_fused_inputs(batch=3, seq=29, hidden=16, vocab=61, *, teacher_vocab=Non
 
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_equals_unfused(name, params, dtype):
+@DENSITIES
+def test_fused_equals_unfused(name, params, dtype, ignore):
     from hf_recover.losses import fused_linear_divergence
 
     states, weight, lm_bias, teacher, labels = make_fused_inputs(teacher_vocab=63, dtype=dtype, bias=True)
+    labels = make_inputs(*labels.shape, 61, ignore=ignore)[2]  # dense (sliced) and sparse (gathered) walks
     leaves = [tensor.clone().requires_grad_() for tensor in (states, weight, lm_bias)]
     unfused = DIVERGENCES[name](F.linear(*leaves), teacher, labels, temperature=1.5, chunk_size=7, **params)
     unfused.backward()
@@ -781,17 +552,22 @@ def test_fused_never_builds_student_logits():
     class LargestOutput(TorchDispatchMode):
         largest = 0
 
+        def __init__(self, inputs):
+            super().__init__()
+            self.input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):  # storage bytes: views and expanded stand-ins cost nothing
+                # Storage bytes of what is allocated: views of the inputs and expanded stand-ins cost nothing.
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.input_storages:
                     self.largest = max(self.largest, t.untyped_storage().nbytes())
             return out
 
     states, weight, _, teacher, labels = make_fused_inputs(2, 64, 8, 50)
     states.requires_grad_()
     weight.requires_grad_()
-    with LargestOutput() as recorder:
+    with LargestOutput((states, weight, teacher, labels)) as recorder:
         fused_linear_divergence(states, weight, teacher, labels, chunk_size=8).backward()
     # Nothing larger than one float32 chunk of logits or the hidden states' gradient; the logits would be 16x that.
     assert recorder.largest == max(8 * 50, states.numel()) * 4
@@ -841,7 +617,8 @@ def test_autocast_does_not_lower_precision(name, params):
 def test_dense_and_sparse_walks():
     """Mostly valid batches are walked in contiguous slices, mostly ignored ones by gathering (`DENSITIES`
     runs every equality test through both)."""
-    from hf_recover.losses import _token_chunks, _valid_mask
+    from hf_recover.losses.chunking import token_chunks as _token_chunks
+    from hf_recover.losses.reduction import next_token_mask as _valid_mask
 
     for ignore, walk in ((0.3, slice), (0.8, torch.Tensor)):
         _, _, labels = make_inputs(3, 47, 11, ignore=ignore)
@@ -990,3 +767,26 @@ def test_distillation_loss_rejects_labels_outside_the_vocabulary():
         labels[0, 3] = bad
         with pytest.raises(ValueError, match=r"token ids in \[0, 7\)"):
             distillation_loss(student, teacher, labels)
+
+
+def test_the_divergence_table_matches_its_functions_and_the_config():
+    """One table: each divergence's parameters are its function's keywords, with the same defaults, and the
+    `DistillationConfig` fields that set them exist with those defaults."""
+    import dataclasses
+    import inspect
+
+    from hf_recover import DistillationConfig
+
+    config_defaults = {f.name: f.default for f in dataclasses.fields(DistillationConfig)}
+    for name, entry in DIVERGENCES.items():
+        assert entry.name == name
+        keywords = inspect.signature(entry.function).parameters
+        own = set(keywords) - {"student_logits", "teacher_logits", "labels", "temperature", "num_items_in_batch"}
+        assert own - {"chunk_size"} == {param.argument for param in entry.params}, name
+        for param in entry.params:
+            assert keywords[param.argument].default == param.default == config_defaults[param.field], name
+        assert entry.source and entry.formula
+    student, teacher, labels = make_inputs()
+    torch.testing.assert_close(
+        DIVERGENCES["reverse_kl"](student, teacher, labels), reverse_kl(student, teacher, labels)
+    )

@@ -287,7 +287,7 @@ def test_data_parallel_is_refused_with_how_to_launch(tmp_path, padded_data):
 
 
 def test_hidden_states_only_skip_the_teacher_logits(tmp_path, padded_data):
-    from hf_recover.losses import hidden_alignment_loss
+    from hf_recover.alignment import hidden_alignment_loss
 
     teacher, student = build_tiny_model(seed=1), narrow_student()
     shapes = []

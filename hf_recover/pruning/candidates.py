@@ -10,16 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..constants import IGNORE_INDEX
-from ..data import iter_batches, num_batches
 from ..evaluation import count_parameters
 from ..pruned_config import PrunedConfig
 from ..reporting import format_parameters, format_perplexity
-from ._model import check_supported, decoder_layers, mlp_sizes, model_device
+from ._model import check_supported, decoder_layers, mlp_sizes
 from .depth import _SCORE_FOR_METHOD, DEPTH_METHODS, _plan_removal, prune_depth
 from .importance import _block_scores, check_layer_indices
 from .width import WIDTH_METHODS, prune_width, target_sizes
@@ -28,7 +25,6 @@ SPEC_KEYS = ("depth", "width")
 DEPTH_SPEC_KEYS = ("remove", "n", "method")
 WIDTH_SPEC_KEYS = ("pruning_ratio", "expansion_rate", "divisor", "method", "layers")
 RANK_METRICS = ("perplexity", "kl")
-_TOKEN_CHUNK = 1024  # tokens per log-softmax chunk: bounds the (tokens, vocab) float32 peak
 
 
 @dataclass
@@ -315,63 +311,20 @@ def _build(
     return model, pruned_config
 
 
-@torch.inference_mode()
 def _score(
     teacher: nn.Module, models: dict[str, nn.Module], eval_data: Any, batch_size: int, max_batches: int | None
 ) -> tuple[dict[str, dict[str, float]], float, int]:
     """Perplexity and mean KL(teacher || model) per valid token for every model; teacher perplexity."""
-    device = model_device(teacher)
-    modes = {m: m.training for m in (teacher, *models.values())}
-    for m in modes:
-        m.eval()
-    nll = dict.fromkeys(models, 0.0)
-    kl = dict.fromkeys(models, 0.0)
-    teacher_nll, tokens = 0.0, 0
-    try:
-        batches = iter_batches(eval_data, batch_size=batch_size, max_batches=max_batches, device=device)
-        total = num_batches(eval_data, batch_size=batch_size, max_batches=max_batches)
-        for batch in tqdm(batches, total=total, desc="Scoring candidates", leave=False):
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-            labels = batch.get("labels", batch["input_ids"])
-            if "labels" not in batch and inputs["attention_mask"] is not None:
-                labels = labels.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
-            # (B, T) -> valid next-token positions: logits at t predict label t + 1
-            shift_labels = labels[:, 1:]
-            valid = shift_labels != IGNORE_INDEX
-            targets = shift_labels[valid]  # (N,)
-            teacher_logits = teacher(**inputs).logits[:, :-1][valid]  # (B, T, V) -> (N, V)
-            teacher_nll += _nll_and_kl(teacher_logits, teacher_logits, targets)[0]
-            for name, model in models.items():
-                logits = model(**inputs).logits[:, :-1][valid]
-                batch_nll, batch_kl = _nll_and_kl(teacher_logits, logits, targets)
-                nll[name] += batch_nll
-                kl[name] += batch_kl
-                del logits  # free before the next candidate's forward
-            tokens += int(valid.sum())
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-    if tokens == 0:
-        raise ValueError("eval_data has no valid next-token label (all labels are -100): nothing to score.")
-    metrics = {
-        name: {"perplexity": _exp(nll[name] / tokens), "kl": kl[name] / tokens, "nll": nll[name] / tokens}
-        for name in models
-    }
-    return metrics, _exp(teacher_nll / tokens), tokens
+    from ..evaluation import score_models
 
-
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf
-
-
-def _nll_and_kl(teacher_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """Summed NLL of `targets` under `logits` and summed KL(softmax(teacher) || softmax(logits)), in
-    float32, `_TOKEN_CHUNK` tokens at a time. Inputs are (N, V) on valid positions only."""
-    nll = kl = 0.0
-    for start in range(0, targets.shape[0], _TOKEN_CHUNK):
-        stop = start + _TOKEN_CHUNK
-        log_q = F.log_softmax(logits[start:stop].float(), dim=-1)
-        log_p = F.log_softmax(teacher_logits[start:stop].float(), dim=-1)
-        nll -= log_q.gather(1, targets[start:stop, None]).sum().item()
-        kl += (log_p.exp() * (log_p - log_q)).sum().item()
-    return nll, kl
+    teacher_name = object.__repr__(teacher)  # a name no candidate has
+    scores = score_models(
+        {teacher_name: teacher, **models},
+        eval_data,
+        reference=teacher_name,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        desc="Scoring candidates",
+    )
+    teacher_scores = scores.pop(teacher_name)
+    return scores, teacher_scores["perplexity"], teacher_scores["tokens"]

@@ -1,0 +1,317 @@
+"""The one chunk engine every logit loss runs on.
+
+`chunked_loss` walks the valid token positions in chunks and, for each chunk, computes the divergence (and the
+student's cross-entropy) in float32 together with its gradient with respect to the chunk's student logits, as
+Liger-Kernel's chunked losses do. Backward only scales the stored gradients, so neither pass holds float32
+`(tokens, vocab)` tensors for more than one chunk.
+
+The student's side of a chunk comes from a *source*:
+- `StudentLogits`: the student's logits, given whole; a chunk is a view and its gradient is written into one
+  tensor shaped like the logits.
+- `StudentHead`: the student's final hidden states and its lm_head; each chunk's logits are computed, used and
+  dropped, and the chunk's gradient goes straight to the hidden states, the weight and the bias, so the student's
+  `(batch, seq_len, vocab)` logits never exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ..constants import IGNORE_INDEX
+from .kernels import Kernel, cross_entropy_chunk
+
+DEFAULT_CHUNK_ELEMENTS = 2**23
+"""With `chunk_size=None` on an accelerator, chunks hold at least this many logits (32 MiB per float32
+temporary): enough work per kernel launch that the chunk loop costs nothing next to the passes themselves."""
+
+CPU_CHUNK_ELEMENTS = 2**21
+"""With `chunk_size=None` on CPU, chunks hold at least this many logits (8 MiB per float32 temporary). On
+Linux, glibc serves blocks above 32 MiB with a fresh `mmap` and unmaps them when freed, so every 32 MiB
+temporary of every chunk costs 8k page faults: measured on 1024 × 49152 logits (CE + forward KL, forward
+and backward, 2 cores), 2^23-logit chunks took 0.62-0.80 s and 350k page faults, 2^20-2^22 took 0.34-0.44 s
+and only the 49k faults of the gradient tensor. Smaller blocks are recycled from the heap."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precisions, float64 stays float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a stored gradient is kept in until backward applies the incoming gradient.
+
+    float16 gradients stay float32 until then: under fp16 mixed precision the incoming gradient is GradScaler's
+    scale (2^16 at first, `inf` in float16), and the small gradients of a softmax over a large vocabulary would
+    underflow to zero if stored in float16 before it is applied. bfloat16 has float32's range.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def default_chunk_size(vocab: int, device: torch.device) -> int:
+    elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS
+    return -(-elements // vocab)  # ceil: at least that many logits per chunk
+
+
+def token_chunks(valid: torch.Tensor, chunk_size: int) -> list[tuple[slice | torch.Tensor, torch.Tensor | None]]:
+    """The chunks of flattened `(batch · seq_len)` positions a loss walks, as `(index, mask)` pairs.
+
+    A mostly valid batch (packed data has one invalid position per row) is walked densely in contiguous
+    slices: each chunk of logits is then a view, with no gather copy on the way in and no scatter of its
+    gradient on the way out; `mask` marks the chunk's valid positions, the others are computed and
+    discarded. A sparse batch (prompt-masked instruction data) gathers its valid positions (`mask=None`).
+    """
+    flat = valid.reshape(-1)
+    if 2 * int(flat.sum()) >= flat.numel():
+        starts = range(0, flat.numel(), chunk_size)
+        return [(slice(start, start + chunk_size), flat[start : start + chunk_size]) for start in starts]
+    return [(index, None) for index in flat.nonzero().squeeze(1).split(chunk_size)]
+
+
+def _masked_sum(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return (per_token if mask is None else torch.where(mask, per_token, 0)).sum()
+
+
+def _apply_grad_output(grad: torch.Tensor | None, grad_output: torch.Tensor, dtype: torch.dtype | None):
+    """A stored gradient times the incoming one, in the input's `dtype`. Plain `loss.backward()` hands back the
+    stored tensor without another copy; any other factor is applied out of place, so that a retained graph can
+    run backward again."""
+    if grad is None:
+        return None
+    if not torch.equal(grad_output, torch.ones_like(grad_output)):
+        grad = grad * grad_output.to(grad.dtype)
+    return grad.to(dtype)
+
+
+# -- the student's side of a chunk ------------------------------------------------------------------------------
+
+
+class StudentLogits:
+    """The student's `(B, T, V)` logits: chunks are row views, the gradient one tensor shaped like the logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.inputs = (logits,)
+        self.vocab = logits.size(-1)
+        self.dtype = logits.dtype
+        self.device = logits.device
+        self._flat = logits.reshape(-1, self.vocab)  # (B, T, V) -> (B·T, V)
+        self._grad = None
+
+    def start(self, needs_grad: tuple[bool, ...]) -> None:
+        if needs_grad[0]:
+            # The logits' gradient, in their own dtype (see `gradient_dtype`): memory their backward needs anyway.
+            self._grad = self._flat.new_empty(self._flat.shape, dtype=gradient_dtype(self.dtype))
+
+    def logits(self, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._flat[index].to(dtype)  # a view when contiguous and already in `dtype`
+
+    def accumulate(self, index, grad: torch.Tensor, mask: torch.Tensor | None) -> None:
+        # Rows outside `mask` hold garbage here; `finish` zeroes every invalid row once.
+        self._grad[index] = grad.to(self._grad.dtype)
+
+    def finish(self, invalid: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if self._grad is None:
+            return (None,)
+        self._grad[invalid] = 0  # dense chunks wrote garbage there, sparse ones nothing
+        return (self._grad.view(self.inputs[0].shape),)
+
+
+class StudentHead:
+    """The student's final hidden states `(B, T, H)` and lm_head `(V, H)` (+ bias): a chunk's logits are computed
+    from its hidden states, and its gradient flows on to the hidden states, the weight and the bias."""
+
+    def __init__(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.inputs = (hidden_states, weight, bias)
+        self.vocab = weight.size(0)
+        self.dtype = hidden_states.dtype
+        self.device = hidden_states.device
+        self._flat = hidden_states.reshape(-1, hidden_states.size(-1))  # (B, T, H) -> (B·T, H)
+        self._grads: list[torch.Tensor | None] = [None, None, None]
+
+    def start(self, needs_grad: tuple[bool, ...]) -> None:
+        hidden, weight, bias = self.inputs
+        if needs_grad[0]:
+            self._grads[0] = torch.empty_like(self._flat, dtype=gradient_dtype(hidden.dtype))
+        # The weight and bias gradients sum over chunks: accumulate them in float32.
+        if needs_grad[1]:
+            self._grads[1] = torch.zeros_like(weight, dtype=compute_dtype(weight.dtype))
+        if needs_grad[2]:
+            self._grads[2] = torch.zeros_like(bias, dtype=compute_dtype(bias.dtype))
+
+    def logits(self, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        _, weight, bias = self.inputs
+        return F.linear(self._flat[index], weight, bias).to(dtype)  # (n, H) -> (n, V), the lm_head + upcast
+
+    def accumulate(self, index, grad: torch.Tensor, mask: torch.Tensor | None) -> None:
+        _, weight, _ = self.inputs
+        if mask is not None:
+            grad.masked_fill_(~mask[:, None], 0)  # garbage rows must not reach the weight's gradient
+        grad = grad.to(weight.dtype)  # dL/dlogits, (n, V)
+        hidden_grad, weight_grad, bias_grad = self._grads
+        if hidden_grad is not None:
+            hidden_grad[index] = (grad @ weight).to(hidden_grad.dtype)  # (n, V) @ (V, H)
+        if weight_grad is not None:
+            hidden = self._flat[index]
+            if weight_grad.dtype == weight.dtype:
+                weight_grad.addmm_(grad.T, hidden)  # (V, n) @ (n, H), without a (V, H) temporary
+            else:
+                weight_grad += grad.T @ hidden.to(weight.dtype)  # half-precision weight, float32 sum
+        if bias_grad is not None:
+            bias_grad += grad.sum(0)
+
+    def finish(self, invalid: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden_grad, weight_grad, bias_grad = self._grads
+        hidden, weight, bias = self.inputs
+        if hidden_grad is not None:
+            hidden_grad[invalid] = 0  # sparse walks never wrote these rows
+            hidden_grad = hidden_grad.view(hidden.shape)
+        if weight_grad is not None:
+            weight_grad = weight_grad.to(gradient_dtype(weight.dtype))
+        if bias_grad is not None:
+            bias_grad = bias_grad.to(gradient_dtype(bias.dtype))
+        return hidden_grad, weight_grad, bias_grad
+
+
+# -- the chunk loop -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What `chunked_loss` computes: `(kd_weight · Σ divergence + ce_weight · Σ CE) · scale`.
+
+    `ce_weight=None` skips the cross-entropy entirely; `ce_weight=0` still reports it, without its gradient.
+    """
+
+    kernel: Kernel
+    temperature: float
+    chunk_size: int
+    kd_weight: float = 1.0
+    ce_weight: float | None = None
+
+
+def _autograd_chunk(spec: LossSpec, student, teacher, targets, mask, scale, student_needs_grad):
+    """A chunk's sums and gradients by autograd: the path taken when the teacher needs a gradient too."""
+    student = student.detach().requires_grad_(student_needs_grad)
+    teacher = teacher.detach().requires_grad_()
+    with torch.enable_grad():
+        student_logp = F.log_softmax(student / spec.temperature, dim=-1)
+        teacher_logp = F.log_softmax(teacher / spec.temperature, dim=-1)
+        kd = _masked_sum(spec.kernel(student_logp, teacher_logp, False)[0], mask)
+        objective, ce = spec.kd_weight * kd, None
+        if spec.ce_weight is not None:
+            ce = _masked_sum(cross_entropy_chunk(student, targets, False)[0], mask)
+            objective = objective + spec.ce_weight * ce
+    wanted = (student, teacher) if student_needs_grad else (teacher,)
+    grads = torch.autograd.grad(objective, wanted, grad_outputs=scale)
+    return kd.detach(), None if ce is None else ce.detach(), (grads[0] if student_needs_grad else None), grads[-1]
+
+
+def _chunk_with_grad(spec: LossSpec, student, teacher, targets, mask, scale, student_needs_grad):
+    """A chunk's sums and, when wanted, the gradient of its weighted, normalised sum w.r.t. the student logits."""
+    tempered = (
+        (student, teacher) if spec.temperature == 1.0 else (student / spec.temperature, teacher / spec.temperature)
+    )
+    student_logp, teacher_logp = (F.log_softmax(logits, dim=-1) for logits in tempered)
+    del tempered
+    per_token, grad = spec.kernel(student_logp, teacher_logp, student_needs_grad)
+    kd = _masked_sum(per_token, mask)
+    del student_logp, teacher_logp
+    ce, ce_grad_wanted = None, student_needs_grad and spec.ce_weight not in (None, 0)
+    if spec.ce_weight is not None:
+        per_token, ce_grad = cross_entropy_chunk(student, targets, ce_grad_wanted)
+        ce = _masked_sum(per_token, mask)
+    if student_needs_grad:
+        # Chain rule through z / T, the term's weight and the normaliser.
+        grad.mul_(scale * (spec.kd_weight / spec.temperature))
+        if ce_grad_wanted:
+            grad.addcmul_(ce_grad, scale * spec.ce_weight)
+    return kd, ce, grad
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """The loss of `LossSpec` over token chunks, gradients computed chunk by chunk during forward.
+
+    Returns the loss and, detached, the normalised divergence and cross-entropy (0 when not computed).
+    """
+
+    @staticmethod
+    def forward(ctx, spec, source, needs_grad, teacher_needs_grad, teacher_logits, targets, scale, *student_inputs):
+        student_needs_grad = any(needs_grad)
+        vocab = source.vocab
+        dtype = compute_dtype(source.dtype)
+        valid = targets != IGNORE_INDEX
+        flat_teacher = teacher_logits.reshape(-1, teacher_logits.size(-1))
+        flat_targets = targets.reshape(-1)
+        source.start(needs_grad)
+        teacher_grad = None
+        if teacher_needs_grad:
+            teacher_grad = torch.zeros_like(flat_teacher, dtype=gradient_dtype(teacher_logits.dtype))
+        kd_total = torch.zeros((), dtype=dtype, device=source.device)
+        ce_total = torch.zeros_like(kd_total)
+
+        # Autocast would run the kernels' row-wise dot products (bmm) in half precision: keep float32.
+        with torch.autocast(source.device.type, enabled=False):
+            for index, mask in token_chunks(valid, spec.chunk_size):
+                student = source.logits(index, dtype)
+                teacher = flat_teacher[index, :vocab].to(dtype)
+                chunk_targets = flat_targets[index]
+                if teacher_needs_grad:
+                    kd, ce, grad, chunk_teacher_grad = _autograd_chunk(
+                        spec, student, teacher, chunk_targets, mask, scale, student_needs_grad
+                    )
+                    teacher_grad[index, :vocab] = chunk_teacher_grad.to(teacher_grad.dtype)
+                else:
+                    kd, ce, grad = _chunk_with_grad(
+                        spec, student, teacher, chunk_targets, mask, scale, student_needs_grad
+                    )
+                del student, teacher
+                if student_needs_grad:
+                    source.accumulate(index, grad, mask)
+                    del grad  # free before the next chunk allocates
+                kd_total += kd
+                if ce is not None:
+                    ce_total += ce
+
+        invalid = (~valid.reshape(-1)).nonzero().squeeze(1)  # row indices: a boolean mask would sweep all rows
+        student_grads = source.finish(invalid)
+        if teacher_grad is not None:
+            teacher_grad[invalid] = 0
+            teacher_grad = teacher_grad.view(teacher_logits.shape)
+        ctx.save_for_backward(teacher_grad, *student_grads)
+        ctx.dtypes = (teacher_logits.dtype, *(None if t is None else t.dtype for t in source.inputs))
+        kd, ce = kd_total * scale, ce_total * scale
+        loss = spec.kd_weight * kd if spec.ce_weight is None else spec.kd_weight * kd + spec.ce_weight * ce
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor, _kd_grad, _ce_grad):
+        teacher_grad, *student_grads = (
+            _apply_grad_output(grad, grad_output, dtype) for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
+        )
+        return None, None, None, None, teacher_grad, None, None, *student_grads
+
+
+def chunked_loss(
+    spec: LossSpec,
+    source: StudentLogits | StudentHead,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the chunk loop: `(loss, divergence, cross-entropy)`, the last two detached and normalised.
+
+    `targets` are the shifted `(B, T)` next-token targets (`IGNORE_INDEX` where nothing is scored) and `scale`
+    is `1 / count` of the reduction. Gradients flow to the source's tensors and, when it requires one, to
+    `teacher_logits` (a `StudentLogits` source only).
+    """
+    grad_enabled = torch.is_grad_enabled()
+    needs_grad = tuple(grad_enabled and t is not None and t.requires_grad for t in source.inputs)
+    teacher_needs_grad = grad_enabled and teacher_logits.requires_grad
+    return _ChunkedLoss.apply(
+        spec, source, needs_grad, teacher_needs_grad, teacher_logits, targets, scale, *source.inputs
+    )
