@@ -299,6 +299,46 @@ def test_card_reads_a_distillation_config(tmp_path):
     assert_clean(body)
 
 
+@pytest.mark.parametrize(
+    "divergence",
+    ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "generalized_jsd", "total_variation"],
+)
+def test_kd_row_reads_the_divergence_table(tmp_path, divergence):
+    from hf_recover.losses import DIVERGENCES
+
+    entry = DIVERGENCES[divergence]
+    args = DistillationConfig(output_dir=str(tmp_path), divergence=divergence, report_to="none", use_cpu=True)
+    body = generate_model_card(config=args).text
+    (row,) = [line for line in body.splitlines() if line.startswith("| distillation (KD) |")]
+    details = row.split(" | ")[2]
+    assert f"`{divergence}`" in details and entry.source in details
+    assert entry.formula.replace("|", "\\|") in details  # a pipe would end the table cell
+    for param in entry.params:
+        assert f" {param.symbol} = {getattr(args, param.field):g}" in details
+    if not entry.params:
+        assert " = " not in details.replace("T = ", "")  # no parameter of another divergence
+
+
+def test_distillation_tag_follows_the_config(tmp_path):
+    from transformers import TrainingArguments
+
+    def tags(config):
+        return generate_model_card(config=config).data.tags
+
+    ce_only = DistillationConfig(output_dir=str(tmp_path), alpha=1.0, beta=0.0, report_to="none", use_cpu=True)
+    assert not ce_only.uses_teacher and "knowledge-distillation" not in tags(ce_only)
+    assert "knowledge-distillation" in tags(DistillationConfig(output_dir=str(tmp_path), report_to="none"))
+    # no teacher weights given: hf_recover's default recipe, which distils
+    assert "knowledge-distillation" in tags(TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert "knowledge-distillation" in tags(None)
+
+    class Declared:  # a config that says itself whether it uses a teacher is believed
+        uses_teacher = False
+        beta = 1.0
+
+    assert "knowledge-distillation" not in tags(Declared())
+
+
 def test_generate_is_pure(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pruned = depth_pruned_config()
