@@ -466,20 +466,12 @@ def test_unknown_metrics_are_refused_with_the_known_keys(tmp_path, metrics, matc
 
 
 def test_recovery_result_metrics_are_all_known():
-    from hf_recover.recovery import RecoveryResult
+    from test_reporting import a_recovery_result
 
-    result = RecoveryResult(
-        perplexity={"validation": {"teacher": 22.5, "pruned": 46.5, "recovered": 25.6}},
-        teacher_parameters=10,
-        student_parameters=8,
-        train_steps=1,
-        train_tokens=2,
-        train_runtime=3.0,
-        wall_time=4.0,
-    )
+    result = a_recovery_result()
     assert set(result.card_metrics()) == set(CARD_METRICS)
     assert (
-        "| validation | 22.50 | 46.50 | 25.60 | 87.1% | 87.9% |"
+        "| validation | 16.08 | 41.40 | 18.80 | 89.3% | 85.5% |"
         in generate_model_card(metrics=result.card_metrics()).text
     )
 
