@@ -103,7 +103,7 @@ def generate_model_card(
     pruned = _as_pruned_config(pruned_config)
     dataset_names = _as_list(datasets)
     teacher = pruned.teacher_name_or_path if pruned else None
-    distillation = uses_teacher(config)
+    distillation = _uses_teacher(config)
 
     tags = [*BASE_TAGS]
     if pruned is not None:
@@ -194,21 +194,6 @@ def saved_pruned_config(folder: Path) -> PrunedConfig | None:
     if found is None and (folder / PRUNED_CONFIG_NAME).is_file():  # TODO(find_for): remove once it reads folders
         found = PrunedConfig.from_pretrained(folder)
     return found
-
-
-def uses_teacher(config: Any) -> bool:
-    """Whether the run distils from a teacher.
-
-    A `DistillationConfig` answers itself (`uses_teacher`). A dict or another `TrainingArguments` counts as
-    distillation unless it gives the teacher terms' weights (β, γ, δ) and none is positive; no config at all counts
-    as distillation (hf_recover's default recipe).
-    """
-    if hasattr(config, "uses_teacher"):
-        return bool(config.uses_teacher)
-    weights = [_get(config, name) for name in ("beta", "gamma", "delta")]
-    if config is None or all(w is None for w in weights):
-        return True
-    return any(_positive(w) for w in weights)
 
 
 # -- README merge ------------------------------------------------------------------------------------------
@@ -333,6 +318,21 @@ def _checked_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
                 f"Known models: {list(MODELS)}."
             )
     return metrics
+
+
+def _uses_teacher(config: Any) -> bool:
+    """Whether the run distils from a teacher.
+
+    A `DistillationConfig` answers itself (`uses_teacher`). A dict or another `TrainingArguments` counts as
+    distillation unless it gives the teacher terms' weights (β, γ, δ) and none is positive; no config at all counts
+    as distillation (hf_recover's default recipe).
+    """
+    if hasattr(config, "uses_teacher"):
+        return bool(config.uses_teacher)
+    weights = [_get(config, name) for name in ("beta", "gamma", "delta")]
+    if config is None or all(w is None for w in weights):
+        return True
+    return any(_positive(w) for w in weights)
 
 
 def _teacher_facts(teacher: str | None, revision: str | None) -> dict[str, Any] | None:
