@@ -24,6 +24,10 @@ _DIVERGENCE_PARAMS = {param.field: param for entry in DIVERGENCES.values() for p
 ALIGNMENT_KINDS = ("cosine", "mse")
 PROJECTOR_KINDS = ("auto", "none", "linear")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOSS_COMPONENTS = ("ce", "kd", "align", "fdd")
+"""The loss terms the trainer logs (`ce`, `eval_ce`, ...): unweighted, `kd` without `T²`. Lower is better."""
+OBJECTIVE_NAME = "distillation_loss"
+"""Evaluation reports the optimised objective as `eval_distillation_loss` (`test_...` in predict)."""
 
 
 def parse_layer_map(value) -> str | list[int]:
@@ -162,6 +166,14 @@ class DistillationConfig(TrainingArguments):
             "float16. Default auto."
         },
     )
+    eval_objective_as_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Report the distillation objective as eval_loss / test_loss. Default False: eval_loss is the "
+            "student's own language-modelling loss, as plain Trainer reports it (exp(eval_loss) is its perplexity), "
+            "and the objective is eval_distillation_loss."
+        },
+    )
     merge_adapters: bool = field(
         default=False,
         metadata={
@@ -202,6 +214,14 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         self.layer_map = parse_layer_map(self.layer_map)
+        # TrainingArguments takes every metric name not ending in "loss" as higher-is-better; all of ours are losses.
+        metric = self.metric_for_best_model
+        if (
+            self.greater_is_better is None
+            and metric
+            and metric.removeprefix("eval_") in (*LOSS_COMPONENTS, OBJECTIVE_NAME)
+        ):
+            self.greater_is_better = False
         super().__post_init__()
 
     # -- what the recipe implies: derived here once, read by the trainer, the workflow and the model card --------

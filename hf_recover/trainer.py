@@ -36,7 +36,7 @@ from .alignment import (
     hidden_alignment_loss,
     layer_map_pairs,
 )
-from .config import DistillationConfig
+from .config import OBJECTIVE_NAME, DistillationConfig
 from .constants import IGNORE_INDEX, SUPPORTED_ARCHITECTURES
 from .losses import DIVERGENCES, distillation_loss, shared_vocab_size
 from .pruned_config import PrunedConfig
@@ -114,8 +114,8 @@ class DistillationTrainer(Trainer):
         self.model_card_metrics: dict[str, Any] | None = None
         self.model_card_datasets: list[str] | None = None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._eval_prefix = "eval"
         self._saving_checkpoint = False
+        self._evaluating = False  # inside evaluation_loop: compute_loss returns the student's own LM loss
 
         self.teacher_model = self._prepare_teacher(teacher_model) if self.args.uses_teacher else None
         if self.args.beta > 0 and None not in (
@@ -250,6 +250,12 @@ class DistillationTrainer(Trainer):
             terms.update(distill)
             loss = loss + distill_loss
 
+        if self._evaluating:
+            # In evaluation and prediction the loss is the student's own language-modelling loss, what plain
+            # Trainer reports (so exp(eval_loss) is its perplexity); the optimised objective is reported beside it.
+            terms[OBJECTIVE_NAME] = loss / scale
+            if not args.eval_objective_as_loss:
+                loss = terms["ce"] * scale
         self._record(terms, labels, num_items_in_batch, mode="train" if model.training else "eval")
         if not return_outputs:
             return loss
@@ -326,32 +332,44 @@ class DistillationTrainer(Trainer):
             metrics[name].append((value.detach().float() * count).reshape(()))
         metrics["num_tokens"].append(num_tokens.detach().float().reshape(()))
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
+    def _averaged_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
+        """The recorded components since the last call, token-weighted over micro-batches and processes."""
         metrics = self._metrics[mode]
-        if metrics:
-            names = sorted(metrics)
-            totals = torch.stack([torch.stack(metrics[name]).sum() for name in names])
-            if self.accelerator.num_processes > 1:
-                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
-            totals = dict(zip(names, totals.tolist()))
-            tokens = max(totals.pop("num_tokens"), 1.0)
-            prefix = "" if mode == "train" else f"{self._eval_prefix}_"
-            # In place: `evaluate` returns this dict, so eval_kd etc. also reach metric_for_best_model.
-            logs.update({f"{prefix}{name}": total / tokens for name, total in totals.items()})
-            metrics.clear()
+        if not metrics:
+            return {}
+        names = sorted(metrics)
+        totals = torch.stack([torch.stack(metrics[name]).sum() for name in names])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
+        totals = dict(zip(names, totals.tolist()))
+        tokens = max(totals.pop("num_tokens"), 1.0)
+        metrics.clear()
+        return {f"{prefix}{name}": total / tokens for name, total in totals.items()}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            logs.update(self._averaged_metrics("train"))
         super().log(logs, start_time)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        self._metrics["eval"].clear()  # components of earlier predict() batches are not this evaluation's
-        self._eval_prefix = metric_key_prefix  # eval components are logged under the same prefix as eval_loss
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-
-    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Trainer's loop; its metrics gain the components and the objective (`eval_ce`, ...,
+        `eval_distillation_loss`; `test_` ones for `predict`), so they also reach `metric_for_best_model`."""
+        self._metrics["eval"].clear()  # nothing recorded outside this loop belongs to it
+        self._evaluating = True
         try:
-            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            output = super().evaluation_loop(
+                dataloader,
+                description,
+                prediction_loss_only=prediction_loss_only,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=metric_key_prefix,
+            )
         finally:
-            self._metrics["eval"].clear()  # predict logs nothing: drop its components
+            self._evaluating = False
+        output.metrics.update(self._averaged_metrics("eval", prefix=f"{metric_key_prefix}_"))
+        return output
 
     # -- projectors: optimised, synchronised, clipped and checkpointed with the student --------------------------
 

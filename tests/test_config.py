@@ -27,6 +27,7 @@ NEW_FIELDS = {
     "kd_chunk_size",
     "teacher_dtype",
     "merge_adapters",
+    "eval_objective_as_loss",
 }
 
 

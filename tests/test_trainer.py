@@ -479,10 +479,44 @@ def test_eval_components_logged_with_the_eval_prefix(tmp_path, padded_data):
     trainer = DistillationTrainer(narrow_student(), build_tiny_model(seed=1), args, eval_dataset=eval_data)
     metrics = trainer.evaluate()
     expected = 0.4 * metrics["eval_ce"] + 0.6 * 4 * metrics["eval_kd"] + 0.5 * metrics["eval_align"]
-    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    # The objective is reported as eval_distillation_loss; eval_loss is the student's own LM loss (its CE).
+    assert metrics["eval_distillation_loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce"], rel=1e-6)
     assert "eval_fdd" not in metrics and "ce" not in metrics
     assert trainer.state.log_history[-1]["eval_kd"] == metrics["eval_kd"]
-    assert {"val_ce", "val_kd", "val_align"} <= set(trainer.evaluate(metric_key_prefix="val"))
+    assert {"val_ce", "val_kd", "val_align", "val_distillation_loss"} <= set(trainer.evaluate(metric_key_prefix="val"))
+    # The switch restores the objective as eval_loss.
+    args = make_args(tmp_path, alpha=0.4, beta=0.6, temperature=2.0, gamma=0.5, layer_map="last")
+    args.eval_objective_as_loss = True
+    trainer = DistillationTrainer(narrow_student(), build_tiny_model(seed=1), args, eval_dataset=eval_data)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_distillation_loss"], rel=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_eval_and_test_loss_are_the_students_own_as_plain_trainer_reports(tmp_path, padded_data):
+    """`exp(eval_loss)` is the student's perplexity: equal to plain Trainer's eval_loss on the same model and data,
+    and `predict()` reports test_loss the same way, with the components beside it."""
+    from transformers import Trainer
+
+    eval_data = padded_data.select(range(8))
+    student = narrow_student()
+    plain = Trainer(copy.deepcopy(student), make_args(tmp_path, "plain", alpha=1.0, beta=0.0), eval_dataset=eval_data)
+    want = plain.evaluate()["eval_loss"]
+    args = make_args(tmp_path, alpha=0.5, beta=0.5)
+    trainer = DistillationTrainer(student, build_tiny_model(seed=1), args, eval_dataset=eval_data)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(want, rel=1e-5)
+    prediction = trainer.predict(eval_data)
+    assert prediction.metrics["test_loss"] == pytest.approx(want, rel=1e-5)
+    assert {"test_ce", "test_kd", "test_distillation_loss"} <= set(prediction.metrics)
+    assert not trainer._metrics["eval"]  # nothing left over for the next evaluation
+
+
+@pytest.mark.parametrize("metric", ["eval_ce", "kd", "eval_distillation_loss", "eval_loss"])
+def test_every_component_is_lower_is_better(tmp_path, metric):
+    args = make_args(tmp_path, metric_for_best_model=metric)
+    assert args.greater_is_better is False
+    assert make_args(tmp_path, metric_for_best_model=metric, greater_is_better=True).greater_is_better is True
 
 
 def test_save_projectors_only_when_asked(tmp_path, padded_data):
@@ -640,3 +674,30 @@ def test_run_recovery_validates_the_recipe_before_evaluating(tmp_path, padded_da
             teacher=teacher, student=student, tokenizer=None, args=args, train_dataset=padded_data,
             eval_splits={"validation": padded_data},
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("metric", ["eval_ce", "eval_kd", "eval_align", "eval_distillation_loss"])
+def test_load_best_model_at_end_keeps_the_lowest(tmp_path, padded_data, metric):
+    args = make_args(
+        tmp_path,
+        alpha=0.5,
+        beta=0.5,
+        gamma=0.5,
+        layer_map="last",
+        learning_rate=5e-2,  # large steps: the metrics move, so that the best step is not simply the last one
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+    )
+    trainer = DistillationTrainer(
+        narrow_student(), build_tiny_model(seed=1), args, train_dataset=padded_data, eval_dataset=padded_data
+    )
+    trainer.train()
+    history = {log["step"]: log[metric] for log in trainer.state.log_history if metric in log}
+    best_step = min(history, key=history.get)
+    assert trainer.state.best_metric == pytest.approx(history[best_step])
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
