@@ -40,8 +40,8 @@ _EXPORTS = {
     "load_pruned": "pruning",
     "select_candidate": "pruning",
     "CandidateReport": "pruning",
-    "generate_model_card": "hub",
-    "save_model_card": "hub",
+    "generate_model_card": "card",
+    "save_model_card": "card",
     "push_recovered": "hub",
     "HubPushError": "hub",
 }
@@ -63,11 +63,12 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .alignment import build_layer_map, feature_dynamics_loss, hidden_alignment_loss
+    from .card import generate_model_card, save_model_card
     from .config import DistillationConfig
     from .corpus import load_default_corpus
     from .data import load_recovery_data, prepare_recovery_dataset
     from .evaluation import capability_retention, evaluate_lm_eval, evaluate_perplexity, recovery_metrics
-    from .hub import HubPushError, generate_model_card, push_recovered, save_model_card
+    from .hub import HubPushError, push_recovered
     from .losses import (
         DistillationLoss,
         distillation_loss,

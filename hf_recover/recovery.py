@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .evaluation import count_parameters, evaluate_perplexity, recovery_metrics
+from .reporting import before_after_table, format_parameters, format_percent
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     # The strategy lab's recovery recipes (DistillationConfig fields). T = 2 throughout.
@@ -49,21 +50,13 @@ class RecoveryResult:
         return None
 
     def to_markdown(self) -> str:
-        """The before/after table: perplexity per split, recovery %, retention, parameters, time."""
-        lines = [
-            "| split | teacher PPL | pruned PPL | recovered PPL | recovery | retention |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for split, ppl in self.perplexity.items():
-            rec = self.recovery(split)
-            cells = [_ppl(ppl.get(k)) for k in ("teacher", "pruned", "recovered")]
-            cells += [f"{rec['recovery']:.1%}", f"{rec['retention']:.1%}"] if rec else ["", ""]
-            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+        """The before/after table (perplexity per split, recovery %, retention), then parameters and time."""
         facts = []
         if self.teacher_parameters and self.student_parameters:
             facts.append(
-                f"parameters: {_count(self.teacher_parameters)} -> {_count(self.student_parameters)} "
-                f"({1 - self.student_parameters / self.teacher_parameters:.1%} fewer)"
+                f"parameters: {format_parameters(self.teacher_parameters)} -> "
+                f"{format_parameters(self.student_parameters)} "
+                f"({format_percent(1 - self.student_parameters / self.teacher_parameters)} fewer)"
             )
         if self.train_steps is not None:
             facts.append(
@@ -71,17 +64,7 @@ class RecoveryResult:
             )
         if self.wall_time is not None:
             facts.append(f"wall time: {self.wall_time:.0f} s")
-        return "\n".join(lines) + ("\n\n" + "; ".join(facts) if facts else "")
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
-
-
-def _ppl(value: float | None) -> str:
-    if value is None:
-        return ""
-    return f"{value:,.1f}" if value < 1e5 else f"{value:,.0f}"
+        return before_after_table(self.perplexity) + ("\n\n" + "; ".join(facts) if facts else "")
 
 
 def needs_calibration(spec: dict[str, Any]) -> bool:

@@ -456,7 +456,7 @@ class DistillationTrainer(Trainer):
         self._write_model_card(output_dir)
 
     def _write_model_card(self, output_dir: str, *, datasets=None, model_name: str | None = None) -> None:
-        from .hub import save_model_card
+        from .card import save_model_card
 
         save_model_card(
             output_dir,

@@ -1,4 +1,4 @@
-"""Model cards, README merging and `push_recovered`, offline.
+"""`push_recovered` and the trainer's `push_to_hub`, offline.
 
 Every push is intercepted at huggingface_hub's API boundary (`HfApi.create_repo`, `create_branch`,
 `create_commit`); sockets are closed for the whole module, so nothing can reach the network.
@@ -9,398 +9,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
-import socket
-from importlib import resources
 from pathlib import Path
 
 import httpx2
 import pytest
 import requests
-import yaml
+import test_card
 from conftest import build_tiny_model, build_tiny_tokenizer
-from huggingface_hub import HfApi, ModelCard, metadata_load
+from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from hf_recover import HubPushError, PrunedConfig, generate_model_card, push_recovered, save_model_card
-from hf_recover.evaluation import recovery_metrics
-from hf_recover.hub import BEGIN_MARKER, END_MARKER
+from hf_recover import HubPushError, push_recovered, save_model_card
 
-TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TOKEN = "hf_SeCrEtT0kenThatMustNeverBeWritten42"
-
-FULL_METRICS = {
-    "perplexity": {
-        "validation": {"teacher": 22.5, "pruned": 46.5, "recovered": 25.6},
-        "ood": {"teacher": 13.8, "pruned": 40.3, "recovered": 26.9},
-    },
-    "train_steps": 60,
-    "train_tokens": 61440,
-    "train_runtime": 490.0,
-    "teacher_parameters": 134515008,
-    "student_parameters": 106000000,
-}
-FULL_CONFIG = {
-    "alpha": 0.5,
-    "beta": 0.5,
-    "gamma": 0.1,
-    "delta": 0.05,
-    "temperature": 2.0,
-    "divergence": "skew_forward_kl",
-    "skew_lambda": 0.1,
-    "jsd_beta": 0.5,
-    "alignment": "cosine",
-    "layer_map": "kept",
-    "projector": "auto",
-    "learning_rate": 1e-4,
-    "lr_scheduler_type": "constant",
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 2,
-    "seed": 42,
-}
-
-
-@pytest.fixture(autouse=True)
-def _no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a test tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-def depth_pruned_config(**overrides) -> PrunedConfig:
-    """8-block teacher -> the 6-block tiny model (blocks 3 and 5 removed), MLP 64 everywhere."""
-    values = dict(
-        teacher_name_or_path=TEACHER,
-        architecture="LlamaForCausalLM",
-        teacher_num_layers=8,
-        kept_layer_indices=[0, 1, 2, 4, 6, 7],
-        teacher_intermediate_sizes=[64] * 8,
-        student_intermediate_sizes=[64] * 6,
-        teacher_hidden_size=32,
-        student_hidden_size=32,
-        teacher_num_parameters=134515008,
-        student_num_parameters=106000000,
-        steps=[{"type": "depth", "method": "block_influence"}],
-        data="WEB bible, 32 sequences of 512 tokens",
-        license="apache-2.0",
-    )
-    values.update(overrides)
-    return PrunedConfig(**values)
-
-
-def width_pruned_config() -> PrunedConfig:
-    """6 blocks kept, MLP sizes differ per block (width pruning only)."""
-    return PrunedConfig(
-        teacher_name_or_path=TEACHER,
-        teacher_num_layers=6,
-        kept_layer_indices=list(range(6)),
-        teacher_intermediate_sizes=[64] * 6,
-        student_intermediate_sizes=[48, 40, 64, 32, 56, 48],
-        teacher_hidden_size=32,
-        student_hidden_size=32,
-        steps=[{"type": "width", "method": "maw", "pruning_ratio": 0.25}],
-    )
-
-
-def assert_clean(text: str) -> None:
-    assert "None" not in text
-    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
-    assert "{{" not in text and "{%" not in text
-
-
-# -- rendering ---------------------------------------------------------------------------------------------
-
-
-def test_template_ships_with_the_package():
-    template = resources.files("hf_recover.model_cards").joinpath("recovered_model.md")
-    assert template.is_file()
-    source = template.read_text(encoding="utf-8")
-    assert source.count(BEGIN_MARKER) == source.count(END_MARKER) == 1
-
-
-def test_full_card(tmp_path):
-    card = generate_model_card(
-        pruned_config=depth_pruned_config(),
-        config=FULL_CONFIG,
-        metrics=FULL_METRICS,
-        datasets=["wikimedia/wikipedia", "World English Bible (Debian sword-text-web)"],
-        model_name="SmolLM2-24L-recovered",
-        hub_model_id="me/SmolLM2-24L-recovered",
-    )
-    assert isinstance(card, ModelCard)
-    text = str(card)
-    assert_clean(text)
-
-    # the YAML header parses with huggingface_hub, from the card and from a saved file
-    path = tmp_path / "README.md"
-    card.save(path)
-    for meta in (card.data.to_dict(), metadata_load(path)):
-        assert meta["base_model"] == TEACHER
-        assert meta["library_name"] == "transformers"
-        assert meta["pipeline_tag"] == "text-generation"
-        assert meta["license"] == "apache-2.0"
-        assert meta["datasets"] == ["wikimedia/wikipedia"]  # free text stays out of the metadata
-        assert meta["tags"] == ["hf-recover", "pruned", "depth-pruning", "knowledge-distillation"]
-
-    body = card.text
-    assert body.lstrip().startswith("# SmolLM2-24L-recovered")
-    assert "World English Bible (Debian sword-text-web)" in body
-    assert "[wikimedia/wikipedia](https://huggingface.co/datasets/wikimedia/wikipedia)" in body
-    # the loss configuration
-    assert "`α·CE + β·T²·KD + γ·align + δ·FDD`" in body
-    for expected in ("α = 0.5", "β = 0.5", "γ = 0.1", "δ = 0.05", "T = 2", "skew λ = 0.1", "`skew_forward_kl`"):
-        assert expected in body
-    assert "JSD" not in body  # jsd_beta only matters for generalized_jsd
-    assert "teacher blocks [0, 1, 2, 4, 6, 7]" in body  # the kept layer map, resolved
-    # data and budget
-    for expected in ("Optimizer steps: 60", "Training tokens: 61,440", "Training time: 8 min 10 s"):
-        assert expected in body
-    assert "Batch size: 8 sequences per step (4 per device × 2 accumulation steps)" in body
-    # parameters before/after, from the metrics
-    assert "Parameters: 134.5M → 106.0M (-21.2%)" in body
-    # the before/after table, recovery computed with recovery_metrics
-    validation = recovery_metrics(22.5, 46.5, 25.6)
-    ood = recovery_metrics(13.8, 40.3, 26.9)
-    recovery, retention = f"{validation['recovery']:.1%}", f"{validation['retention']:.1%}"
-    assert f"| validation | 22.50 | 46.50 | 25.60 | {recovery} | {retention} |" in body
-    assert f"| ood | 13.80 | 40.30 | 26.90 | {ood['recovery']:.1%} | {ood['retention']:.1%} |" in body
-    assert "87.1%" in body and "50.6%" in body
-    # usage: a normal (uniform) model loads with transformers, from the Hub id
-    assert 'model_id = "me/SmolLM2-24L-recovered"' in body
-    assert "AutoModelForCausalLM.from_pretrained(model_id)" in body
-    assert body.count(BEGIN_MARKER) == body.count(END_MARKER) == 1
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"metrics": {}},
-        {"metrics": {"perplexity": {"validation": {"teacher": 22.5, "recovered": 25.6}}}},
-        {"metrics": {"perplexity": {"validation": {"pruned": 46.5}}, "train_steps": 3}},
-        {"metrics": {"train_runtime": 12.3, "student_parameters": 1000}, "config": {"alpha": 1.0}},
-        {
-            "pruned_config": {
-                "teacher_name_or_path": "/local/teacher",
-                "teacher_num_layers": 4,
-                "kept_layer_indices": [0],
-            }
-        },
-        {"config": {"beta": 1.0, "divergence": None, "temperature": None, "layer_map": None}},
-        {"datasets": "a description of local text files", "model_name": "m"},
-    ],
-)
-def test_partial_card_leaves_missing_values_out(kwargs):
-    card = generate_model_card(**kwargs)
-    text = str(card)
-    assert_clean(text)
-    meta = yaml.safe_load(text.split("---")[1])
-    assert meta == card.data.to_dict()
-    assert meta["library_name"] == "transformers"
-    assert meta["pipeline_tag"] == "text-generation"
-    assert "hf-recover" in meta["tags"]
-    assert "license" not in meta and "datasets" not in meta  # unknown: left out, not empty
-    assert "base_model" not in meta  # no teacher, or a local path that is not a Hub id
-    assert "## Usage" in text
-    assert "|  |" not in text and ": \n" not in text  # no empty cell or empty "key: value" line
-    metrics = kwargs.get("metrics") or {}
-    has_ppl = bool(metrics.get("perplexity"))
-    assert ("## Results" in text) == has_ppl
-    assert ("## How it was recovered" in text) == bool(kwargs.get("config"))
-
-
-def test_partial_perplexities_give_partial_rows():
-    metrics = {"perplexity": {"validation": {"teacher": 20.0, "recovered": 25.0}, "ood": {"pruned": 1573730.0}}}
-    body = generate_model_card(metrics=metrics).text
-    assert "| validation | 20.00 | — | 25.00 | — | 80.0% |" in body  # retention needs no pruned PPL
-    assert "| ood | — | 1,573,730 | — | — | — |" in body
-
-
-def test_depth_pruned_card():
-    card = generate_model_card(pruned_config=depth_pruned_config())
-    meta, body = card.data.to_dict(), card.text
-    assert meta["tags"] == ["hf-recover", "pruned", "depth-pruning", "knowledge-distillation"]
-    assert meta["base_model"] == TEACHER and meta["license"] == "apache-2.0"
-    assert "Blocks: 6 of the teacher's 8 transformer blocks kept" in body
-    assert "Kept teacher blocks: [0, 1, 2, 4, 6, 7]" in body
-    assert "Removed teacher blocks: [3, 5]" in body
-    assert "depth pruning (method `block_influence`)" in body
-    assert "Calibration data: WEB bible, 32 sequences of 512 tokens" in body
-    assert "Parameters: 134.5M → 106.0M" in body  # from the PrunedConfig when metrics have none
-    assert "student MLP" not in body  # MLP sizes untouched: no per-block table
-    assert "AutoModelForCausalLM.from_pretrained" in body and "load_pruned" not in body
-    assert_clean(str(card))
-
-
-def test_width_pruned_card():
-    card = generate_model_card(pruned_config=width_pruned_config(), hub_model_id="me/narrow")
-    meta, body = card.data.to_dict(), card.text
-    assert meta["tags"] == ["hf-recover", "pruned", "width-pruning", "knowledge-distillation"]
-    assert "Removed teacher blocks" not in body
-    assert "width pruning (method `maw`, pruning ratio 0.25)" in body
-    assert "| student block | teacher block | teacher MLP | student MLP | kept |" in body
-    rows = [line for line in body.splitlines() if line.startswith("| ") and line.endswith("% |")]
-    assert rows == [
-        "| 0 | 0 | 64 | 48 | 75% |",
-        "| 1 | 1 | 64 | 40 | 62% |",
-        "| 2 | 2 | 64 | 64 | 100% |",
-        "| 3 | 3 | 64 | 32 | 50% |",
-        "| 4 | 4 | 64 | 56 | 88% |",
-        "| 5 | 5 | 64 | 48 | 75% |",
-    ]
-    # unequal MLP sizes do not fit one `intermediate_size`: the snippet loads through hf_recover
-    assert "from hf_recover import load_pruned" in body and "load_pruned(model_id)" in body
-    assert "AutoModelForCausalLM" not in body
-    assert_clean(str(card))
-
-
-def test_depth_then_width_and_distillation_off():
-    depth = depth_pruned_config()
-    width = PrunedConfig(
-        teacher_num_layers=6,
-        kept_layer_indices=list(range(6)),
-        teacher_intermediate_sizes=[64] * 6,
-        student_intermediate_sizes=[32] * 6,
-        steps=[{"type": "width", "method": "vow"}],
-    )
-    card = generate_model_card(pruned_config=depth.then(width), config={"alpha": 1.0, "beta": 0.0, "gamma": 0.0})
-    meta, body = card.data.to_dict(), card.text
-    # a CE-only run is plain fine-tuning: no knowledge-distillation tag, no KD row
-    assert meta["tags"] == ["hf-recover", "pruned", "depth-pruning", "width-pruning"]
-    assert "depth pruning (method `block_influence`), then width pruning (method `vow`)" in body
-    assert "`α·CE`" in body and "β =" not in body
-    assert "| 3 | 4 | 64 | 32 | 50% |" in body
-    assert "AutoModelForCausalLM" in body  # equal sizes everywhere load with transformers
-
-
-def test_card_reads_a_distillation_config(tmp_path):
-    from hf_recover import DistillationConfig
-
-    args = DistillationConfig(
-        output_dir=str(tmp_path),
-        alpha=0.3,
-        beta=0.7,
-        temperature=4.0,
-        divergence="generalized_jsd",
-        jsd_beta=0.25,
-        learning_rate=3e-5,
-        report_to="none",
-        use_cpu=True,
-    )
-    body = generate_model_card(config=args, pruned_config=depth_pruned_config()).text
-    assert "α = 0.3" in body and "β = 0.7" in body and "T = 4" in body
-    assert "`generalized_jsd`" in body and "JSD β = 0.25" in body
-    assert "skew λ" not in body
-    assert "Learning rate: 3e-05, `linear` schedule" in body  # the enum's value, not its repr
-    assert_clean(body)
-
-
-def test_generate_is_pure(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    pruned = depth_pruned_config()
-    before = pruned.to_dict()
-    first = str(generate_model_card(pruned_config=pruned, config=FULL_CONFIG, metrics=FULL_METRICS))
-    second = str(generate_model_card(pruned_config=pruned, config=FULL_CONFIG, metrics=FULL_METRICS))
-    assert first == second
-    assert pruned.to_dict() == before
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_bad_pruned_config_type():
-    with pytest.raises(ValueError, match="pruned_config must be a PrunedConfig"):
-        generate_model_card(pruned_config=42)
-
-
-# -- save_model_card: write and merge ----------------------------------------------------------------------
-
-
-def test_save_model_card_writes_readme_and_reads_the_saved_pruned_config(tmp_path):
-    depth_pruned_config().save_pretrained(tmp_path)
-    path = save_model_card(tmp_path, metrics=FULL_METRICS)
-    assert path == tmp_path / "README.md"
-    meta = metadata_load(path)
-    assert meta["base_model"] == TEACHER and "depth-pruning" in meta["tags"]
-    assert "Removed teacher blocks: [3, 5]" in path.read_text(encoding="utf-8")
-
-
-USER_README = """---
-language: en
-license: mit
-tags:
-- my-tag
-- pruned
-custom_key: keep me
----
-
-# My own title
-
-Notes the user wrote by hand.
-"""
-
-
-def test_existing_readme_is_merged_not_clobbered(tmp_path):
-    (tmp_path / "README.md").write_text(USER_README, encoding="utf-8")
-    save_model_card(tmp_path, pruned_config=depth_pruned_config(), metrics=FULL_METRICS)
-    text = (tmp_path / "README.md").read_text(encoding="utf-8")
-    meta = metadata_load(tmp_path / "README.md")
-    # metadata merged: theirs kept where we have nothing, ours fills, tags unioned (theirs first, no duplicates)
-    assert meta["language"] == "en"
-    assert meta["custom_key"] == "keep me"
-    assert meta["base_model"] == TEACHER
-    assert meta["license"] == "apache-2.0"
-    assert meta["tags"] == ["my-tag", "pruned", "hf-recover", "depth-pruning", "knowledge-distillation"]
-    assert list(meta)[:4] == ["language", "license", "tags", "custom_key"]  # their key order kept
-    # the user's text kept, our section appended once
-    body = text.split("---", 2)[2]
-    assert body.lstrip().startswith("# My own title\n\nNotes the user wrote by hand.\n")
-    assert body.count(BEGIN_MARKER) == 1 and body.count(END_MARKER) == 1
-    assert "87.1%" in body
-
-    # the user edits around our section; the next save replaces only the section
-    text = text.replace("Notes the user wrote by hand.", "Edited notes.") + "\nA footer after our section.\n"
-    (tmp_path / "README.md").write_text(text, encoding="utf-8")
-    new_metrics = {"perplexity": {"validation": {"teacher": 22.5, "pruned": 46.5, "recovered": 30.0}}}
-    save_model_card(tmp_path, pruned_config=depth_pruned_config(), metrics=new_metrics)
-    text = (tmp_path / "README.md").read_text(encoding="utf-8")
-    assert "Edited notes." in text and text.rstrip().endswith("A footer after our section.")
-    assert text.count(BEGIN_MARKER) == 1 and text.count("# My own title") == 1
-    assert "87.1%" not in text and f"{recovery_metrics(22.5, 46.5, 30.0)['recovery']:.1%}" in text
-    assert metadata_load(tmp_path / "README.md")["custom_key"] == "keep me"
-
-
-def test_our_own_card_is_replaced_on_the_next_save(tmp_path):
-    save_model_card(tmp_path, model_name="first", metrics={"train_steps": 10})
-    save_model_card(tmp_path, model_name="second", metrics={"train_steps": 20})
-    text = (tmp_path / "README.md").read_text(encoding="utf-8")
-    assert "Optimizer steps: 20" in text and "Optimizer steps: 10" not in text
-    assert text.count(BEGIN_MARKER) == 1
-    assert "# first" in text  # the title is outside our section: it is the user's after the first save
-    assert metadata_load(tmp_path / "README.md")["tags"] == ["hf-recover", "knowledge-distillation"]
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        f"# Mine\n\n{BEGIN_MARKER}\nhalf a section, no end marker\n",
-        f"# Mine\n\n{END_MARKER}\n{BEGIN_MARKER}\n",
-        "---\nlicense: [unclosed\n---\n# Mine\n",
-    ],
-)
-def test_readme_that_cannot_be_merged_is_left_alone(tmp_path, caplog, content):
-    (tmp_path / "README.md").write_text(content, encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="hf_recover.hub"):
-        save_model_card(tmp_path, pruned_config=depth_pruned_config())
-    assert (tmp_path / "README.md").read_text(encoding="utf-8") == content
-    assert "Not updating" in caplog.text
-
-
-def test_save_model_card_refuses_a_file(tmp_path):
-    (tmp_path / "model").write_text("x")
-    with pytest.raises(ValueError, match="is a file"):
-        save_model_card(tmp_path / "model")
+TEACHER, FULL_METRICS, METRICS = test_card.TEACHER, test_card.FULL_METRICS, test_card.METRICS
+depth_pruned_config = test_card.depth_pruned_config
+# fixtures shared with the card's tests (`_no_network` is autouse)
+_no_network, tiny_dataset, trainer = test_card._no_network, test_card.tiny_dataset, test_card.trainer
+depth_then_width_model = test_card.depth_then_width_model
 
 
 # -- push_recovered ----------------------------------------------------------------------------------------
@@ -689,33 +316,6 @@ def test_push_refuses_an_unreadable_pruned_config(saved_model, hub):
     expect_refused(hub, saved_model, "me/recovered", ValueError, "is not a valid pruned config")
 
 
-# -- with the real pruning functions -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def depth_then_width_model():
-    from hf_recover import prune_depth, prune_width
-
-    model, _ = prune_depth(build_tiny_model(), remove=[1, 4])
-    return prune_width(model, pruning_ratio=0.25, layers=[0, 2])
-
-
-def test_card_of_a_model_pruned_by_hf_recover(depth_then_width_model):
-    _, pruned = depth_then_width_model
-    card = generate_model_card(pruned_config=pruned)
-    body = card.text
-    assert card.data.tags == ["hf-recover", "pruned", "depth-pruning", "width-pruning", "knowledge-distillation"]
-    assert "structurally pruned (depth pruning and width pruning)" in body  # no teacher name: built from a config
-    assert "removed blocks [1, 4]" in body and "pruning ratio 0.25, blocks [0, 2]" in body
-    assert "Kept teacher blocks: [0, 2, 3, 5]" in body and "Removed teacher blocks: [1, 4]" in body
-    assert "| 0 | 0 | 64 | 48 | 75% |" in body and "| 3 | 5 | 64 | 64 | 100% |" in body
-    assert (
-        f"Parameters: {pruned.teacher_num_parameters / 1e3:.1f}K → {pruned.student_num_parameters / 1e3:.1f}K" in body
-    )
-    assert "load_pruned(model_id)" in body
-    assert_clean(str(card))
-
-
 def test_push_checks_per_block_mlp_sizes_of_a_width_pruned_model(tmp_path, hub, depth_then_width_model):
     model, pruned = depth_then_width_model
     folder = tmp_path / "pruned"
@@ -739,3 +339,42 @@ def test_push_checks_per_block_mlp_sizes_of_a_width_pruned_model(tmp_path, hub, 
         ValueError,
         r"hf_recover_intermediate_sizes \[48, 64, 48, 64\].*the weights have MLP sizes \[48, 64, 48, 64\]",
     )
+
+
+# -- the trainer's push_to_hub ----------------------------------------------------------------------------
+
+
+def test_push_to_hub_sends_the_saved_model_in_one_commit(trainer, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    trainer.train()
+    trainer.model_card_metrics = METRICS
+    result = trainer.push_to_hub(token=TOKEN)
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2").is_dir() and (out / "training_args.bin").is_file()  # junk that must stay local
+
+    assert result == "commit-info"
+    assert hub.names() == ["create_repo", "create_commit"]
+    (commit,) = hub.commits()
+    assert commit["repo_id"] == "me/tiny-recovered" and commit["commit_message"] == "End of training"
+    assert sorted(commit["files"]) == PUSHED
+    card = ModelCard(commit["files"]["README.md"].decode("utf-8"))
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "87.1%" in card.text
+    assert json.loads(commit["files"]["pruned_config.json"])["removed_layer_indices"] == [1, 4]
+    for path in out.rglob("*"):
+        assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
+
+    # a failed push leaves the output folder as it was, and the retry goes through
+    before = snapshot(out)
+    hub.fail_with.append(ConnectionError("network down"))
+    with pytest.raises(HubPushError, match="me/tiny-recovered"):
+        push_again_without_saving(trainer, token=TOKEN)
+    assert snapshot(out) == before
+    push_again_without_saving(trainer, token=TOKEN)
+    assert len(hub.commits()) == 3 and sorted(hub.commits()[-1]["files"]) == PUSHED
+
+
+def push_again_without_saving(trainer, **kwargs):
+    """push_recovered on the trainer's output folder, as `push_to_hub` does after its save."""
+    from hf_recover import push_recovered
+
+    return push_recovered(trainer.args.output_dir, trainer.args.hub_model_id, **kwargs)

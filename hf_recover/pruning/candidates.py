@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation import count_parameters
 from ..pruned_config import PrunedConfig
+from ..reporting import format_parameters, format_perplexity
 from ._model import check_supported, decoder_layers, mlp_sizes
 from .depth import _SCORE_FOR_METHOD, DEPTH_METHODS, _plan_removal, prune_depth
 from .importance import _block_scores, check_layer_indices
@@ -72,15 +73,16 @@ class CandidateReport:
         return self.results[0]
 
     def _rows(self) -> list[list[str]]:
-        rows = [["rank", "candidate", "blocks", "params", f"PPL (teacher {self.teacher_perplexity:.2f})", "KL"]]
+        teacher_ppl = format_perplexity(self.teacher_perplexity)
+        rows = [["rank", "candidate", "blocks", "params", f"PPL (teacher {teacher_ppl})", "KL"]]
         for rank, r in enumerate(self.results, 1):
             rows.append(
                 [
                     str(rank),
                     r.name,
                     str(r.num_layers),
-                    f"{r.num_parameters / 1e6:.1f}M" if r.num_parameters >= 1e6 else f"{r.num_parameters:,}",
-                    _format_ppl(r.perplexity),
+                    format_parameters(r.num_parameters),
+                    format_perplexity(r.perplexity),
                     f"{r.kl:.4f}",
                 ]
             )
@@ -110,10 +112,6 @@ class CandidateReport:
             **self.extra,
         }
         return json.dumps(payload, indent=2, sort_keys=True) + "\n"
-
-
-def _format_ppl(value: float) -> str:
-    return f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
 
 
 def select_candidate(

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import DistillationConfig
+from ..reporting import format_percent, format_perplexity, markdown_row, markdown_table
 from .arguments import (
     DEFAULT,
     DataArguments,
@@ -115,7 +116,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
                 row[split] = {**result.perplexity[split], **(rec or {})}
             row.update(train_tokens=result.train_tokens, train_runtime=result.train_runtime)
             rows.append(row)
-            print(_row_markdown(row, eval_splits), flush=True)
+            print(markdown_row(_row_cells(row, eval_splits)), flush=True)
 
     markdown = _table(rows, eval_splits, config, data_args, time.perf_counter() - start)
     (output_dir / "results.md").write_text(markdown)
@@ -126,13 +127,13 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     return rows
 
 
-def _row_markdown(row: dict, eval_splits) -> str:
+def _row_cells(row: dict, eval_splits) -> list[str]:
     cells = [row["pruning"], row["strategy"]]
     for split in eval_splits:
         r = row[split]
-        cells += [f"{r['pruned']:,.1f}", f"{r['recovered']:,.1f}", f"{r['recovery']:.1%}"]
+        cells += [format_perplexity(r["pruned"]), format_perplexity(r["recovered"]), format_percent(r.get("recovery"))]
     cells.append(f"{row['train_runtime']:.0f}")
-    return "| " + " | ".join(cells) + " |"
+    return cells
 
 
 def _table(rows: list[dict], eval_splits, config, data_args, wall_time: float) -> str:
@@ -140,13 +141,13 @@ def _table(rows: list[dict], eval_splits, config, data_args, wall_time: float) -
     for split in eval_splits:
         header += [f"{split} pruned PPL", f"{split} recovered PPL", f"{split} recovery"]
     header.append("train s")
-    teacher = ", ".join(f"{split} {rows[0][split]['teacher']:.2f}" for split in eval_splits) if rows else ""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [_row_markdown(row, eval_splits) for row in rows]
+    teacher_ppl = {split: rows[0][split]["teacher"] for split in eval_splits} if rows else {}
+    teacher = ", ".join(f"{split} {format_perplexity(ppl)}" for split, ppl in teacher_ppl.items())
+    table = markdown_table(header, [_row_cells(row, eval_splits) for row in rows], numeric_columns=len(header) - 2)
     tokens = rows[0]["train_tokens"] if rows else 0
     return (
         f"Teacher perplexity: {teacher}. Each run: {config.max_steps} steps of {config.per_device_train_batch_size} x "
         f"{data_args.max_length} tokens ({tokens:,} tokens), learning rate {config.learning_rate}.\n\n"
-        + "\n".join(lines)
+        + table
         + f"\n\nWall time: {wall_time / 60:.1f} min.\n"
     )

@@ -1,0 +1,99 @@
+"""How results are written for people: perplexities, parameter counts, shares and the before/after table.
+
+The model card, `RecoveryResult.to_markdown`, the candidate report and the strategy lab all write their figures
+with these, so the same number reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .evaluation import recovery_metrics
+
+MISSING = "—"
+"""An unknown value inside a table that has other values (never an empty cell)."""
+
+BEFORE_AFTER_HEADER = ("split", "teacher PPL", "pruned PPL", "recovered PPL", "recovery", "retention")
+MODELS = ("teacher", "pruned", "recovered")
+"""The models a before/after perplexity table compares, in its column order."""
+
+
+def format_perplexity(value: float | None) -> str:
+    """`22.50`; `1,573,730` from 1000 up (the decimals say nothing there); `∞`; `—` when unknown or not a number."""
+    if value is None:
+        return MISSING
+    value = float(value)
+    if not math.isfinite(value):
+        return "∞" if value > 0 else MISSING
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
+
+
+def format_parameters(count: float | None) -> str:
+    """A parameter count with its unit: `134.5M`, `1.2B`, `950.3K`, `512`; `—` when unknown."""
+    if count is None:
+        return MISSING
+    count = float(count)
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return f"{count:.0f}"
+
+
+def format_percent(value: float | None, digits: int = 1, *, sign: bool = False) -> str:
+    """A share as a percentage (`0.871` -> `87.1%`, with `sign`: `-21.2%`/`+3.0%`); `—` when unknown or not finite."""
+    if value is None or not math.isfinite(float(value)):
+        return MISSING
+    return f"{float(value):{'+' if sign else ''}.{digits}%}"
+
+
+def markdown_row(cells: Iterable[Any]) -> str:
+    """`| a | b |`: one row of a Markdown table."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, numeric_columns: int = 0) -> str:
+    """A Markdown table; its last `numeric_columns` columns hold numbers and are right-aligned."""
+    text_columns = len(header) - numeric_columns
+    rule = "|" + "---|" * text_columns + "---:|" * numeric_columns
+    return "\n".join([markdown_row(header), rule, *(markdown_row(row) for row in rows)])
+
+
+def before_after_rows(perplexity: Mapping[str, Any] | None) -> list[list[str]]:
+    """One row per split of `{split: {"teacher": ppl, "pruned": ppl, "recovered": ppl}}` (each value optional).
+
+    Recovery and retention come from `recovery_metrics` when the three perplexities are known; retention alone
+    (`PPL_teacher / PPL_recovered`) needs no pruned perplexity. A split without any of the three is left out.
+    """
+    if not isinstance(perplexity, Mapping):
+        return []
+    rows = []
+    for split, values in perplexity.items():
+        if not isinstance(values, Mapping):
+            continue
+        teacher, pruned, recovered = (values.get(model) for model in MODELS)
+        if teacher is None and pruned is None and recovered is None:
+            continue
+        scores: dict[str, float] = {}
+        if None not in (teacher, pruned, recovered):
+            try:
+                scores = recovery_metrics(float(teacher), float(pruned), float(recovered))
+            except ValueError:  # a non-positive perplexity: show the values, not a ratio
+                scores = {}
+        elif teacher is not None and recovered is not None and float(recovered) > 0:
+            scores = {"retention": float(teacher) / float(recovered)}
+        rows.append(
+            [
+                str(split),
+                *(format_perplexity(value) for value in (teacher, pruned, recovered)),
+                format_percent(scores.get("recovery")),
+                format_percent(scores.get("retention")),
+            ]
+        )
+    return rows
+
+
+def before_after_table(perplexity: Mapping[str, Any] | None) -> str:
+    """The before/after table: perplexity of teacher, pruned and recovered model per split, recovery, retention."""
+    return markdown_table(BEFORE_AFTER_HEADER, before_after_rows(perplexity), numeric_columns=5)
