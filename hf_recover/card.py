@@ -99,7 +99,7 @@ def generate_model_card(
     Raises:
         ValueError: `metrics` has a key (or a perplexity entry names a model) the card does not know.
     """
-    metrics = _checked_metrics(metrics)
+    metrics = checked_card_metrics(metrics)
     pruned = _as_pruned_config(pruned_config)
     dataset_names = _as_list(datasets)
     teacher = pruned.teacher_name_or_path if pruned else None
@@ -300,7 +300,7 @@ def _duration(seconds: float) -> str:
 # -- what goes into the card: plain values ------------------------------------------------------------------
 
 
-def _checked_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+def checked_card_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     metrics = dict(metrics or {})
     unknown = sorted(str(key) for key in metrics if key not in CARD_METRICS)
     if unknown:

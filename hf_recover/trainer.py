@@ -125,9 +125,9 @@ class DistillationTrainer(Trainer):
         if self.args.merge_adapters and not _is_peft_model(self.model):
             raise ValueError("merge_adapters=True needs a PEFT (LoRA) student; this student has no adapters.")
         self.pruned_config = pruned_config if pruned_config is not None else PrunedConfig.find_for(self.model)
-        self.model_card_metrics: dict[str, Any] | None = None
+        self._model_card_metrics: dict[str, Any] | None = None
         self.model_card_datasets: list[str] | None = None
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._distillation_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._saving_checkpoint = False
         self._evaluating = False  # inside evaluation_loop: compute_loss returns the student's own LM loss
 
@@ -161,6 +161,17 @@ class DistillationTrainer(Trainer):
         if self.projectors is not None:
             self.projectors.to(self.args.device)
             self.add_callback(_ZeroProjectorGradients(self.projectors))
+
+    @property
+    def model_card_metrics(self) -> dict[str, Any] | None:
+        return self._model_card_metrics
+
+    @model_card_metrics.setter
+    def model_card_metrics(self, metrics: dict[str, Any] | None) -> None:
+        from .card import checked_card_metrics
+
+        checked_card_metrics(metrics)  # when set: an unknown key would otherwise fail at a save mid-training
+        self._model_card_metrics = metrics
 
     def _can_fuse_cross_entropy(self) -> bool:
         """Whether CE can be computed together with KD (`distillation_loss`) instead of by the model: only where
@@ -340,14 +351,14 @@ class DistillationTrainer(Trainer):
         # logged value is the exact token-weighted mean since the last log, across micro-batches and processes.
         num_tokens = labels[..., 1:].ne(IGNORE_INDEX).sum()
         count = num_tokens if num_items_in_batch is None else num_items_in_batch
-        metrics = self._metrics[mode]
+        metrics = self._distillation_metrics[mode]
         for name, value in terms.items():
             metrics[name].append((value.detach().float() * count).reshape(()))
         metrics["num_tokens"].append(num_tokens.detach().float().reshape(()))
 
     def _averaged_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
         """The recorded components since the last call, token-weighted over micro-batches and processes."""
-        metrics = self._metrics[mode]
+        metrics = self._distillation_metrics[mode]
         if not metrics:
             return {}
         names = sorted(metrics)
@@ -369,7 +380,7 @@ class DistillationTrainer(Trainer):
     ):
         """Trainer's loop; its metrics gain the components and the objective (`eval_ce`, ...,
         `eval_distillation_loss`; `test_` ones for `predict`), so they also reach `metric_for_best_model`."""
-        self._metrics["eval"].clear()  # nothing recorded outside this loop belongs to it
+        self._distillation_metrics["eval"].clear()  # nothing recorded outside this loop belongs to it
         self._evaluating = True
         try:
             output = super().evaluation_loop(

@@ -571,3 +571,14 @@ def test_every_save_writes_card_pruned_config_and_tokenizer(trainer, tmp_path):
     assert "| validation | 22.50 | 46.50 | 25.60 | 87.1% | 87.9% |" in final
     assert "World English Bible (Debian sword-text-web)" in final
     assert 'model_id = "me/tiny-recovered"' in final
+
+
+def test_unknown_card_metrics_fail_when_set_on_the_trainer(tmp_path, tiny_dataset):
+    from hf_recover import DistillationConfig, DistillationTrainer
+
+    args = DistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, alpha=1.0, beta=0.0)
+    trainer = DistillationTrainer(build_tiny_model(), args=args, train_dataset=tiny_dataset)
+    with pytest.raises(ValueError, match="Known keys"):
+        trainer.model_card_metrics = {"teacher_perplexity": 22.5}
+    trainer.model_card_metrics = {"train_steps": 3}
+    assert trainer.model_card_metrics == {"train_steps": 3}
