@@ -4,6 +4,10 @@
 `huggingface_hub.ModelCard`; it is pure. `save_model_card` writes it as `README.md`, merging into a README that is
 already there. The sentences are in the template: this module hands it plain values (numbers, lists, dicts,
 booleans) and the filters that format numbers. The trainer's save hooks and `push_recovered` call these.
+
+A card written by the trainer also carries everything `Trainer.create_model_card` writes: `training_summary`
+builds transformers' own `TrainingSummary` of the run (metadata, hyperparameters, the training-results table from
+the log history, evaluation results), and the card takes those values from it rather than recomputing them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from transformers.modelcard import TrainingSummary, _maybe_round, make_markdown_table
 
 from .constants import PRUNED_CONFIG_NAME
 from .pruned_config import PrunedConfig
@@ -60,6 +65,7 @@ def generate_model_card(
     datasets: str | Iterable[str] | None = None,
     model_name: str | None = None,
     hub_model_id: str | None = None,
+    training_summary: TrainingSummary | None = None,
 ) -> ModelCard:
     """Render the model card of a recovered model. Pure: reads no file, writes nothing.
 
@@ -90,18 +96,25 @@ def generate_model_card(
             metadata and are linked; free-text descriptions appear only in the body.
         model_name: the card's title (defaults to the last part of `hub_model_id`).
         hub_model_id: the repo the model is (or will be) pushed to; used by the usage snippet.
+        training_summary: transformers' summary of a `Trainer` run (`training_summary(trainer)` builds it). Its
+            metadata (`base_model` = its `finetuned_from`, `language`, `license`, `tags`, `datasets`,
+            `model-index`), evaluation results, hyperparameters, training-results table and dataset names join
+            the card, as in the card `Trainer.create_model_card` writes.
 
     Returns:
-        A `huggingface_hub.ModelCard` whose metadata has `base_model` (the teacher), `library_name`,
-        `pipeline_tag`, `tags`, `datasets` and `license` where known. A value that is not known leaves
-        its line or table out of the card.
+        A `huggingface_hub.ModelCard` whose metadata has `base_model` (the teacher, or the summary's
+        `finetuned_from`), `library_name`, `pipeline_tag`, `tags`, `datasets` and `license` where known. A value
+        that is not known leaves its line or table out of the card.
 
     Raises:
         ValueError: `metrics` has a key (or a perplexity entry names a model) the card does not know.
     """
     metrics = checked_card_metrics(metrics)
     pruned = _as_pruned_config(pruned_config)
+    summary = training_summary
     dataset_names = _as_list(datasets)
+    if summary is not None:  # Trainer's dataset names (`dataset=`), after ours
+        dataset_names = list(dict.fromkeys([*dataset_names, *_as_list(summary.dataset)]))
     teacher = pruned.teacher_name_or_path if pruned else None
     distillation = _uses_teacher(config)
 
@@ -111,24 +124,39 @@ def generate_model_card(
     if distillation:
         tags.append("knowledge-distillation")
     hub_datasets = [name for name in dataset_names if _is_hub_id(name)]
-    card_data = ModelCardData(
+    ours = ModelCardData(
         base_model=teacher if teacher and _is_hub_id(teacher) else None,
         datasets=hub_datasets or None,
         library_name="transformers",
         license=pruned.license if pruned and pruned.license else None,
         pipeline_tag="text-generation",
         tags=tags,
-    )
+    ).to_dict()
+    if summary is not None:
+        # Trainer's metadata, with ours filling and extending it; its base model (`finetuned_from`) and licence,
+        # which the caller gave or which default to the teacher's, win.
+        theirs = summary.create_metadata()
+        ours = _merge_metadata(ours, {key: value for key, value in theirs.items() if key not in ("base_model",)})
+        if summary.finetuned_from:
+            ours["base_model"] = summary.finetuned_from
+        if summary.license:
+            ours["license"] = summary.license
+        model_name = model_name or summary.model_name
+    card_data = ModelCardData(ignore_metadata_errors=True, **ours)
     context = {
         "card_data": card_data.to_yaml(),
         "model_name": model_name or (hub_model_id.split("/")[-1] if hub_model_id else None),
         "teacher": _teacher_facts(teacher, pruned.teacher_revision if pruned else None),
+        "finetuned_from": _finetuned_from_facts(summary, teacher),
+        "trainer": _trainer_facts(summary),
         "pruning_kinds": list(pruned.pruning_types) if pruned else [],
         "distillation": distillation,
         "pruning": _pruning_facts(pruned, metrics) if pruned else None,
         "loss": _loss_facts(config, pruned),
         "datasets": [{"name": name, "on_hub": _is_hub_id(name)} for name in dataset_names],
-        "training": _training_facts(config, metrics, pruned),
+        "training": _training_facts(
+            config, metrics, pruned, with_hyperparameters=bool(summary and summary.hyperparameters)
+        ),
         "results_table": before_after_table(metrics["perplexity"])
         if before_after_rows(metrics["perplexity"])
         else None,
@@ -142,6 +170,53 @@ def generate_model_card(
     return ModelCard(_template().render(**context))
 
 
+def training_summary(
+    trainer: Any,
+    *,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+) -> TrainingSummary | None:
+    """transformers' `TrainingSummary` of `trainer`'s run, with the arguments of `Trainer.create_model_card`.
+
+    Built by `TrainingSummary.from_trainer`, so the hyperparameters, the training-results table and the evaluation
+    results are exactly those of Trainer's own card. For a pruned student, `finetuned_from` and `license` default
+    to the teacher's (from its `PrunedConfig`); otherwise Trainer infers `finetuned_from` from the model. No
+    licence is looked up on the Hub: the card is written on every save. None for a model without a `config`.
+    """
+    if getattr(trainer.model, "config", None) is None:
+        return None
+    pruned = getattr(trainer, "pruned_config", None)
+    if pruned is not None:
+        teacher = pruned.teacher_name_or_path
+        finetuned_from = finetuned_from or (teacher if teacher and _is_hub_id(teacher) else None)
+        license = license or pruned.license
+    summary = TrainingSummary.from_trainer(
+        trainer,
+        language=language,
+        # An empty licence skips TrainingSummary's Hub look-up of the base model's licence (a network call per save).
+        license=license or "",
+        tags=list(_as_list(tags)) or None,  # from_trainer appends to the list it is given
+        model_name=model_name,
+        finetuned_from=finetuned_from,
+        tasks=tasks,
+        dataset_tags=dataset_tags,
+        dataset=dataset,
+        dataset_args=dataset_args,
+    )
+    summary.license = summary.license or None
+    # Trainer takes an in-memory dataset's missing builder name for a dataset name: drop those.
+    summary.dataset_tags = _as_list(summary.dataset_tags) or None
+    summary.dataset = _as_list(summary.dataset) or None
+    return summary
+
+
 def save_model_card(
     output_dir: str | os.PathLike,
     *,
@@ -151,6 +226,7 @@ def save_model_card(
     datasets: str | Iterable[str] | None = None,
     model_name: str | None = None,
     hub_model_id: str | None = None,
+    training_summary: TrainingSummary | None = None,
 ) -> Path:
     """Write the card of `generate_model_card` as `output_dir/README.md`; return its path.
 
@@ -174,6 +250,7 @@ def save_model_card(
         datasets=datasets,
         model_name=model_name,
         hub_model_id=hub_model_id,
+        training_summary=training_summary,
     )
     path = directory / CARD_NAME
     if path.is_file():
@@ -231,17 +308,22 @@ def _merge_into_existing(path: Path, ours: ModelCard) -> ModelCard | None:
     return ModelCard(f"---\n{card_data.to_yaml(original_order=original_order)}\n---\n{body}")
 
 
+def _is_name_list(value: Any) -> bool:
+    return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
 def _our_section(text: str) -> str:
     start, end = text.index(BEGIN_MARKER), text.index(END_MARKER) + len(END_MARKER)
     return text[start:end]
 
 
 def _merge_metadata(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-    """Ours fills and extends; lists (tags, datasets) are unioned, theirs first; their other keys stay."""
+    """Ours fills and extends; lists of names (tags, datasets) are unioned, theirs first; their other keys stay.
+    Structured values (`model-index`) are replaced by ours."""
     merged = dict(theirs)
     for key, value in ours.items():
         old = merged.get(key)
-        if isinstance(value, list) or isinstance(old, list):
+        if (isinstance(value, list) or isinstance(old, list)) and _is_name_list(value) and _is_name_list(old):
             merged[key] = list(dict.fromkeys([*_as_list(old), *_as_list(value)]))
         else:
             merged[key] = value
@@ -462,8 +544,11 @@ def _layer_map_facts(layer_map: Any, pruned: PrunedConfig | None) -> dict[str, A
     return {"name": str(layer_map), "teacher_blocks": None}
 
 
-def _training_facts(config: Any, metrics: Mapping[str, Any], pruned: PrunedConfig | None) -> dict[str, Any]:
-    """The data-and-budget values that are known; the others are left out."""
+def _training_facts(
+    config: Any, metrics: Mapping[str, Any], pruned: PrunedConfig | None, *, with_hyperparameters: bool = False
+) -> dict[str, Any]:
+    """The data-and-budget values that are known; the others are left out (and those Trainer's hyperparameter
+    list already gives, when the card has it)."""
     facts = {
         # with a pruned config the parameters are listed with what was pruned
         "parameters": (metrics.get("student_parameters") or None) if pruned is None else None,
@@ -494,14 +579,45 @@ def _training_facts(config: Any, metrics: Mapping[str, Any], pruned: PrunedConfi
             "teacher_dtype": teacher_dtype if teacher_dtype != "auto" else None,
             "seed": _get(config, "seed"),
         }
+        if with_hyperparameters:
+            for key in ("learning_rate", "scheduler", "batch", "seed"):
+                facts.pop(key)
     return {key: value for key, value in facts.items() if value is not None}
+
+
+def _finetuned_from_facts(summary: TrainingSummary | None, teacher: str | None) -> dict[str, Any] | None:
+    """The model this one was fine-tuned from, when it is not the teacher the card already names."""
+    name = summary.finetuned_from if summary is not None else None
+    if not name or name == teacher:
+        return None
+    return {"name": name, "on_hub": _is_hub_id(name)}
+
+
+def _trainer_facts(summary: TrainingSummary | None) -> dict[str, Any] | None:
+    """Trainer's sections: evaluation results, hyperparameters and the training-results table (transformers'
+    own table of the log history, `make_markdown_table`)."""
+    if summary is None:
+        return None
+    return {
+        "eval_results": [(name, _maybe_round(value)) for name, value in (summary.eval_results or {}).items()],
+        "hyperparameters": [(name, str(value)) for name, value in (summary.hyperparameters or {}).items()],
+        "results_table": make_markdown_table(summary.eval_lines).rstrip() or None,
+    }
 
 
 def _versions() -> list[tuple[str, str]]:
     from . import __version__
 
     found = [("hf_recover", __version__)]
-    for name, dist in (("Transformers", "transformers"), ("PyTorch", "torch"), ("huggingface_hub", "huggingface_hub")):
+    # Trainer's card lists Transformers, PyTorch, Datasets and Tokenizers
+    packages = (
+        ("Transformers", "transformers"),
+        ("PyTorch", "torch"),
+        ("Datasets", "datasets"),
+        ("Tokenizers", "tokenizers"),
+        ("huggingface_hub", "huggingface_hub"),
+    )
+    for name, dist in packages:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found.append((name, metadata.version(dist)))
     return found

@@ -466,17 +466,26 @@ class DistillationTrainer(Trainer):
             save_file(state, os.path.join(output_dir, PROJECTORS_NAME), metadata={"format": "pt"})
         self._write_model_card(output_dir)
 
-    def _write_model_card(self, output_dir: str, *, datasets=None, model_name: str | None = None) -> None:
-        from .card import save_model_card
+    def _write_model_card(self, output_dir: str, **card_args) -> None:
+        """Write the card into `output_dir`: hf_recover's sections and Trainer's (`card_args` are those of
+        `create_model_card`)."""
+        from .card import save_model_card, training_summary
 
+        datasets = card_args.get("dataset")
+        model_name = card_args.pop("model_name", None) or (
+            self.args.hub_model_id.split("/")[-1]
+            if self.args.hub_model_id
+            else Path(self.args.output_dir).absolute().name
+        )
         save_model_card(
             output_dir,
             pruned_config=self.pruned_config,
             config=self.args,
             metrics=self.model_card_metrics,
-            datasets=datasets if datasets is not None else self.model_card_datasets,
-            model_name=model_name or (self.args.hub_model_id or Path(self.args.output_dir).absolute().name),
+            datasets=datasets if datasets else self.model_card_datasets,
+            model_name=model_name,
             hub_model_id=self.args.hub_model_id,
+            training_summary=training_summary(self, model_name=model_name, **card_args),
         )
 
     def create_model_card(
@@ -491,15 +500,27 @@ class DistillationTrainer(Trainer):
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
     ) -> None:
-        """Write hf_recover's model card (`README.md`) into `args.output_dir`, merged into an existing one.
+        """Write the model card (`README.md`) into `args.output_dir`, merged into an existing one.
 
-        Only `model_name` and `dataset` are used; the other arguments of `Trainer.create_model_card` are accepted
-        for compatibility and ignored (the card's metadata comes from the teacher and the `PrunedConfig`).
+        The card has everything `Trainer.create_model_card` writes for the same run (its metadata with every
+        argument here, the hyperparameters, the training-results table, the evaluation results, the framework
+        versions) and hf_recover's sections (what was pruned, how it was recovered, before/after perplexity).
+        `finetuned_from` (the card's `base_model`) and `license` default to the teacher's for a pruned student.
         """
         if not self.is_world_process_zero():
             return
-        datasets = [dataset] if isinstance(dataset, str) else dataset
-        self._write_model_card(self.args.output_dir, datasets=datasets, model_name=model_name)
+        self._write_model_card(
+            self.args.output_dir,
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+        )
 
     def push_to_hub(
         self,
@@ -513,7 +534,9 @@ class DistillationTrainer(Trainer):
         """Save the student (weights, tokenizer, `pruned_config.json`, model card) into `args.output_dir` and push
         that folder to `args.hub_model_id` in one commit with `hf_recover.push_recovered`.
 
-        The push is always blocking. `kwargs` (`model_name`, `dataset`, ...) go to `create_model_card`.
+        The push is always blocking. `kwargs` are `create_model_card`'s arguments (`model_name`, `finetuned_from`,
+        `language`, `license`, `tags`, `tasks`, `dataset`, ...), as for `Trainer.push_to_hub`; the model's own
+        `model_tags` join `tags`.
         """
         from .hub import push_recovered
 
@@ -521,8 +544,12 @@ class DistillationTrainer(Trainer):
         self.save_model(self.args.output_dir, _internal_call=True)
         if not self.is_world_process_zero():
             return None
-        if kwargs:
-            self.create_model_card(**kwargs)
+        model_tags = getattr(self.model, "model_tags", None)
+        if model_tags:  # as Trainer.push_to_hub: the model's own tags join the card's
+            tags = kwargs.get("tags")
+            tags = [tags] if isinstance(tags, str) else list(tags or [])
+            kwargs["tags"] = list(dict.fromkeys([*tags, *model_tags]))
+        self.create_model_card(**kwargs)
         repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         return push_recovered(
             self.args.output_dir,
