@@ -10,6 +10,7 @@ import logging
 import re
 import socket
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import yaml
@@ -582,3 +583,146 @@ def test_unknown_card_metrics_fail_when_set_on_the_trainer(tmp_path, tiny_datase
         trainer.model_card_metrics = {"teacher_perplexity": 22.5}
     trainer.model_card_metrics = {"train_steps": 3}
     assert trainer.model_card_metrics == {"train_steps": 3}
+
+
+# -- Trainer's card kept: the same sections and metadata `Trainer.create_model_card` writes -----------------------
+
+
+@pytest.fixture
+def evaluated_trainer(tmp_path, tiny_dataset):
+    teacher = build_tiny_model()
+    teacher.config._name_or_path = TEACHER
+    student, _ = prune_depth(teacher, remove=[1, 4])
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "run"),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=2,
+        learning_rate=1e-3,
+        max_steps=4,
+        logging_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        disable_tqdm=True,
+        alpha=0.5,
+        beta=0.5,
+        temperature=2.0,
+        seed=0,
+    )
+    trainer = DistillationTrainer(
+        student,
+        teacher,
+        args,
+        train_dataset=tiny_dataset,
+        eval_dataset=tiny_dataset.select(range(4)),
+        processing_class=build_tiny_tokenizer(),
+    )
+    trainer.train()
+    return trainer
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    """The cells of every row of the Markdown tables in `markdown` (the separator lines left out)."""
+    rows = []
+    for line in markdown.splitlines():
+        if line.startswith("|") and not set(line) <= set("|:- "):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_card_has_trainers_sections_and_hf_recovers(evaluated_trainer):
+    from transformers.modelcard import TrainingSummary
+
+    trainer = evaluated_trainer
+    trainer.save_model()
+    path = Path(trainer.args.output_dir) / "README.md"
+    card, meta = path.read_text(encoding="utf-8"), metadata_load(path)
+
+    # Trainer's hyperparameter list, with this run's values
+    assert "- learning_rate: 0.001\n" in card
+    assert "- train_batch_size: 4\n" in card and "- eval_batch_size: 2\n" in card
+    assert "- training_steps: 4\n" in card and "- seed: 0\n" in card
+    # the training-results table: one row per evaluation of the log history, with its step and eval_loss
+    evaluations = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert [log["step"] for log in evaluations] == [2, 4]
+    rows = _table_rows(card.split("### Training results", 1)[1].split("##", 1)[0])
+    header, *values = rows
+    assert header[:4] == ["Training Loss", "Epoch", "Step", "Validation Loss"]
+    assert [row[2] for row in values] == ["2", "4"]
+    assert [float(row[3]) for row in values] == pytest.approx([log["eval_loss"] for log in evaluations], abs=1e-4)
+    assert "Distillation Loss" in header and "Kd" in header  # the objective and components are columns too
+    # the results on the evaluation set: the last evaluation, as Trainer words it
+    assert f"- Loss: {evaluations[-1]['eval_loss']:.4f}\n" in card
+    # framework versions, as Trainer lists them (and hf_recover's)
+    import datasets
+    import tokenizers
+    import torch
+    import transformers
+
+    for name, version in [
+        ("Transformers", transformers.__version__),
+        ("PyTorch", torch.__version__),
+        ("Datasets", datasets.__version__),
+        ("Tokenizers", tokenizers.__version__),
+    ]:
+        assert f"- {name}: {version}\n" in card
+    # the metadata: base model = the teacher, Trainer's tag beside ours, the model index
+    assert meta["base_model"] == TEACHER
+    assert "generated_from_trainer" in meta["tags"] and "depth-pruning" in meta["tags"]
+    assert meta["model-index"] == [{"name": "run", "results": []}]
+    # and hf_recover's sections
+    assert "Removed teacher blocks: [1, 4]" in card and "| distillation (KD) | β = 0.5 |" in card
+
+    # Everything Trainer's own card shows for this run is in ours: each hyperparameter line and table row.
+    reference = TrainingSummary.from_trainer(trainer, finetuned_from=TEACHER, license="apache-2.0").to_model_card()
+    hyperparameters = reference.split("### Training hyperparameters", 1)[1].split("###", 1)[0]
+    for line in hyperparameters.splitlines():
+        if line.startswith("- "):
+            assert line + "\n" in card
+    reference_rows = _table_rows(reference.split("### Training results", 1)[1].split("###", 1)[0])
+    assert reference_rows == rows
+    reference_meta = ModelCard(reference).data.to_dict()
+    assert reference_meta.pop("tags") == ["generated_from_trainer"]
+    assert reference_meta == {key: meta[key] for key in reference_meta}
+
+
+def test_create_model_card_honours_trainers_arguments(evaluated_trainer):
+    trainer = evaluated_trainer
+    trainer.create_model_card(
+        language="en",
+        license="mit",
+        tags=["my-tag"],
+        model_name="my-student",
+        finetuned_from="me/pruned-base",
+        tasks="text-generation",
+        dataset_tags="me/recovery-text",
+        dataset="My recovery text",
+        dataset_args="default",
+    )
+    path = Path(trainer.args.output_dir) / "README.md"
+    card, meta = path.read_text(encoding="utf-8"), metadata_load(path)
+    assert meta["base_model"] == "me/pruned-base"  # finetuned_from wins over the teacher
+    assert meta["language"] == ["en"] and meta["license"] == "mit"
+    assert meta["tags"][-2:] == ["my-tag", "generated_from_trainer"] and "hf-recover" in meta["tags"]
+    assert meta["datasets"] == ["me/recovery-text"]
+    (index,) = meta["model-index"]
+    assert index["name"] == "my-student"
+    assert card.count("\n# my-student\n") == 1
+    assert "fine-tuned from [me/pruned-base](https://huggingface.co/me/pruned-base)" in card
+    assert "Recovery data: My recovery text" in card
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card
+
+
+def test_push_to_hub_passes_trainers_arguments_to_the_card(evaluated_trainer, monkeypatch):
+    import hf_recover.hub
+
+    pushed = {}
+    monkeypatch.setattr(hf_recover.hub, "push_recovered", lambda folder, repo_id, **kw: pushed.update(repo=repo_id))
+    evaluated_trainer.model.model_tags = ["model-own-tag"]
+    evaluated_trainer.push_to_hub(finetuned_from="me/other-base", language="fr", tags="pushed")
+    meta = metadata_load(Path(evaluated_trainer.args.output_dir) / "README.md")
+    assert meta["base_model"] == "me/other-base" and meta["language"] == ["fr"]
+    assert {"pushed", "model-own-tag", "generated_from_trainer", "hf-recover"} <= set(meta["tags"])
+    assert pushed["repo"] == "run"
