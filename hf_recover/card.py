@@ -309,7 +309,9 @@ def _merge_into_existing(path: Path, ours: ModelCard) -> ModelCard | None:
 
 
 def _is_name_list(value: Any) -> bool:
-    return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    if isinstance(value, list):
+        return all(isinstance(v, str) for v in value)
+    return value is None or isinstance(value, str)
 
 
 def _our_section(text: str) -> str:
