@@ -265,3 +265,73 @@ def test_strategy_lab_example_is_the_compare_command(tmp_path, tiny_tokenizer, m
     assert compare_args.prunings == ["last"] and compare_args.strategies == ["compound"]
     assert config.max_steps == 3 and config.output_dir == str(tmp_path)
     assert data_args.max_length == 256  # the lab's own defaults apply
+
+
+# -- examples/run_clm_distill.py: transformers' run_clm, changed in five lines -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("clm_text")
+    train, validation = folder / "train.txt", folder / "validation.txt"
+    train.write_text("\n".join(TINY_TEXTS * 4) + "\n")
+    validation.write_text("\n".join(reversed(TINY_TEXTS)) + "\n")
+    return train, validation
+
+
+def _clm_argv(model: Path, output_dir: Path, text_files: tuple[Path, Path], *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--train_file", str(text_files[0]),
+        "--validation_file", str(text_files[1]), "--block_size", "16", "--output_dir", str(output_dir),
+        "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "3", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--report_to", "none", "--seed", "0", *extra,
+    ]  # fmt: skip
+
+
+def _printed_perplexity(output: str) -> float:
+    (line,) = [line for line in output.splitlines() if line.strip().startswith("perplexity ")]
+    return float(line.split("=")[1])
+
+
+def test_run_clm_distill_prints_the_students_perplexity(tmp_path, student_dir, teacher_dir, text_files, capsys):
+    from hf_recover import evaluate_perplexity
+
+    run_clm = _load_module(EXAMPLES / "run_clm_distill.py", "run_clm_distill_example")
+    out = tmp_path / "recovered"
+    argv = _clm_argv(student_dir, out, text_files, "--teacher_name_or_path", str(teacher_dir))
+    trainer, metrics = run_clm.main([*argv, "--do_train", "--do_eval", "--max_steps", "2", "--beta", "0.8"])
+    printed = _printed_perplexity(capsys.readouterr().out)
+
+    assert type(trainer) is DistillationTrainer and trainer.state.global_step == 2
+    assert any("kd" in log for log in trainer.state.log_history), "the teacher's KD term was trained on"
+    # the printed perplexity is the trained student's, measured independently on the same blocks
+    student = AutoModelForCausalLM.from_pretrained(out)
+    reference = evaluate_perplexity(student, trainer.eval_dataset, batch_size=2)["perplexity"]
+    assert printed == pytest.approx(reference, rel=1e-4)
+    # the objective is reported beside it and is another number
+    assert metrics["eval_distillation_loss"] == pytest.approx(
+        trainer.args.alpha * metrics["eval_ce"] + 0.8 * trainer.args.temperature**2 * metrics["eval_kd"], rel=1e-5
+    )
+    assert abs(metrics["eval_distillation_loss"] - metrics["eval_loss"]) > 1e-3
+
+    # The plain run_clm (the marked lines turned back) evaluates the recovered student to the same perplexity.
+    source = (EXAMPLES / "run_clm_distill.py").read_text()
+    assert sum(MARKER in line for line in source.splitlines()) == 5
+    plain_path = tmp_path / "run_clm_plain.py"
+    plain_path.write_text(_plain_version(source))
+    plain_trainer, _ = _load_module(plain_path, "run_clm_plain").main(
+        [*_clm_argv(out, tmp_path / "plain", text_files), "--do_eval"]
+    )
+    assert type(plain_trainer) is Trainer and type(plain_trainer.args) is TrainingArguments
+    assert _printed_perplexity(capsys.readouterr().out) == pytest.approx(printed, rel=1e-4)
+
+
+def test_run_clm_distill_diff_in_its_docstring_is_the_real_one():
+    source = (EXAMPLES / "run_clm_distill.py").read_text()
+    recovery_lines = [line.partition(MARKER)[0] for line in source.splitlines()]
+    diff = list(difflib.unified_diff(_plain_version(source).splitlines(), recovery_lines, lineterm="", n=0))
+    changed = [line for line in diff[2:] if line[:1] in "+-" and line[1:].strip()]
+    docstring = ast.get_docstring(ast.parse(source))
+    shown = [line[4:] for line in docstring.splitlines() if line.startswith(("    -", "    +"))]
+    assert [line for line in changed if line[0] == "-"] == [line for line in shown if line[0] == "-"]
+    assert [line for line in changed if line[0] == "+"] == [line for line in shown if line[0] == "+"]
