@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .heads import text_config
 from .losses import shared_vocab_size
 
 MISMATCHES_SHOWN = 3
@@ -40,11 +41,6 @@ def load_teacher_tokenizer(name_or_path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):  # no tokenizer files there: only the vocabulary sizes can be compared
         return None
-
-
-def text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def output_vocab(model: nn.Module) -> int | None:
