@@ -164,12 +164,12 @@ def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, mat
     monkeypatch.chdir(tmp_path)
     import transformers
 
-    import hf_recover.models
+    import hf_recover.defaults
 
     def refuse(*args, **kwargs):
         pytest.fail("loaded a model before validating")
 
-    monkeypatch.setattr(hf_recover.models, "load_default_teacher", refuse)
+    monkeypatch.setattr(hf_recover.defaults, "load_default_teacher", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
     with pytest.raises(error, match=match):
