@@ -37,7 +37,7 @@ _EXPORTS = {
     "neuron_importance": "pruning",
     "prune_depth": "pruning",
     "prune_width": "pruning",
-    "load_pruned": "pruning",
+    "load_pruned": "loading",
     "select_candidate": "pruning",
     "CandidateReport": "pruning",
     "generate_model_card": "card",
@@ -69,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .defaults import load_default_corpus, load_default_teacher
     from .evaluation import capability_retention, evaluate_lm_eval, evaluate_perplexity, recovery_metrics
     from .hub import HubPushError, push_recovered
+    from .loading import load_pruned
     from .losses import (
         DistillationLoss,
         distillation_loss,
@@ -83,7 +84,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .pruning import (
         CandidateReport,
         block_importance,
-        load_pruned,
         neuron_importance,
         plot_block_importance,
         prune_depth,

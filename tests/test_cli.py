@@ -225,3 +225,35 @@ def test_evaluate_runs_local_lm_eval_tasks_offline(workspace, capsys):
     assert figures["lm_eval"]["teacher"]["hf_recover_facts"]["acc"] == acc
     assert figures["capability_retention"] == pytest.approx(1.0) or acc == 0.0
     assert "hf_recover_facts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, teacher_dtype",
+    [
+        (["--prune", "last:2", "--teacher_dtype", "bfloat16"], torch.bfloat16),
+        (["--student", "STUDENT", "--teacher_dtype", "float16"], torch.float16),
+        (["--prune", "last:2"], torch.float32),  # auto: as saved (float32 here)
+    ],
+)
+def test_recover_loads_the_teacher_in_teacher_dtype(workspace, monkeypatch, flags, teacher_dtype):
+    import hf_recover.recovery
+
+    ws = workspace
+    if "STUDENT" in flags:
+        cli(["prune", "--model", str(ws / "teacher"), "--prune", "last:2", "--output_dir", str(ws / "student")])
+        flags = [str(ws / "student") if f == "STUDENT" else f for f in flags]
+    seen = {}
+
+    class SetupDone(Exception):
+        pass
+
+    def capture(*, teacher, student, **kwargs):
+        seen.update(teacher=teacher, student=student)
+        raise SetupDone
+
+    monkeypatch.setattr(hf_recover.recovery, "run_recovery", capture)
+    with pytest.raises(SetupDone):
+        cli(["recover", "--teacher", str(ws / "teacher"), *flags, "--output_dir", str(ws / "out"),
+             "--dataset", str(ws / "data"), *FAST, *TRAIN])  # fmt: skip
+    assert {p.dtype for p in seen["teacher"].parameters()} == {teacher_dtype}
+    assert {p.dtype for p in seen["student"].parameters()} == {torch.float32}  # the student trains in float32

