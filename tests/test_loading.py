@@ -9,7 +9,6 @@ from conftest import build_tiny_model
 from transformers import AutoModelForCausalLM
 
 import hf_recover
-from hf_recover import PrunedConfig
 from hf_recover.loading import check_pruned_config_matches_weights, load_model, load_pruned, resolve_dtype
 from hf_recover.pruning import prune_depth, prune_width
 

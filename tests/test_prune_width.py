@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 

@@ -150,17 +150,18 @@ def test_find_for_a_hub_id_none_only_when_the_file_is_missing(monkeypatch, tmp_p
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    calls = []
+    calls, raised = [], {}
 
     def download(repo_id, filename, **kwargs):
         calls.append((repo_id, filename, kwargs))
-        raise outcome
+        raise raised["error"]
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    for outcome in (EntryNotFoundError("no pruned_config.json"), LocalEntryNotFoundError("offline, not cached")):
+    for error in (EntryNotFoundError("no pruned_config.json"), LocalEntryNotFoundError("offline, not cached")):
+        raised["error"] = error
         assert PrunedConfig.find_for("someone/model", revision="v1") is None
     assert calls[0][:2] == ("someone/model", "pruned_config.json") and calls[0][2]["revision"] == "v1"
-    outcome = PermissionError("gated repo")  # anything else is not "missing" and must not be hidden
+    raised["error"] = PermissionError("gated repo")  # anything else is not "missing" and must not be hidden
     with pytest.raises(PermissionError):
         PrunedConfig.find_for("someone/model")
     config = _config()
