@@ -26,6 +26,7 @@ from typing import Any
 from ..evaluation import next_token_nll
 
 __all__ = [
+    "metric_info",
     "next_token_nll",
     "perplexity_compute_metrics",
     "perplexity_metric_path",
@@ -44,6 +45,20 @@ def perplexity_metric_path() -> str:
 def recovery_metric_path() -> str:
     """The folder of the `hf_recover_recovery` metric module (recovery %, retention), for `evaluate.load`."""
     return str(_HERE / "hf_recover_recovery")
+
+
+def metric_info(description: str, inputs_description: str, features: dict[str, str]):
+    """The `evaluate.MetricInfo` of an hf_recover metric module: `features` maps each input to its value type."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(
+        module_type="metric",
+        description=description,
+        citation="",
+        inputs_description=inputs_description,
+        features=datasets.Features({name: datasets.Value(kind) for name, kind in features.items()}),
+    )
 
 
 def preprocess_logits_for_perplexity(logits: Any, labels: Any):

@@ -1,9 +1,9 @@
 """`hf_recover_perplexity`: token-weighted perplexity of a causal language model, as hf_recover measures it."""
 
-import datasets
 import evaluate
 
 from hf_recover.evaluation import perplexity_from_totals
+from hf_recover.metrics import metric_info
 
 _DESCRIPTION = """
 Token-weighted perplexity over the next-token labels of a dataset: exp(sum of negative log-likelihoods / number of
@@ -28,13 +28,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class HfRecoverPerplexity(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            module_type="metric",
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"nll_sum": datasets.Value("float64"), "tokens": datasets.Value("int64")}),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, {"nll_sum": "float64", "tokens": "int64"})
 
     def _compute(self, nll_sum, tokens):
         return perplexity_from_totals(float(sum(nll_sum)), int(sum(tokens)))

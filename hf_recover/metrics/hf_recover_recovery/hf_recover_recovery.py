@@ -1,9 +1,9 @@
 """`hf_recover_recovery`: how much of the quality that pruning removed a recovery gave back."""
 
-import datasets
 import evaluate
 
 from hf_recover.evaluation import recovery_metrics
+from hf_recover.metrics import metric_info
 
 _DESCRIPTION = """
 Recovery and retention of a pruned-then-recovered student, from three perplexities on the same data:
@@ -32,13 +32,7 @@ _NAMES = ("teacher_perplexity", "pruned_perplexity", "recovered_perplexity")
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class HfRecoverRecovery(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            module_type="metric",
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({name: datasets.Value("float64") for name in _NAMES}),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, dict.fromkeys(_NAMES, "float64"))
 
     def _compute(self, teacher_perplexity, pruned_perplexity, recovered_perplexity):
         if len(teacher_perplexity) != 1:
