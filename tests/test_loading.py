@@ -90,6 +90,12 @@ def test_load_model_default_is_the_embedded_teacher(monkeypatch):
     assert seen["dtype"] == torch.bfloat16
 
 
+def test_auto_dtype_of_the_default_teacher_is_the_one_its_cache_records(monkeypatch, tiny_llama, tmp_path):
+    tiny_llama.to(torch.float16).save_pretrained(tmp_path)  # stands in for the converted teacher's folder
+    monkeypatch.setattr(hf_recover.defaults, "default_teacher_path", lambda: tmp_path)
+    assert resolve_dtype("default", "auto") == torch.float16
+
+
 def test_the_pruned_config_check_reads_the_folder(tiny_llama, tmp_path):
     pruned, config = _save_different_sizes(tiny_llama, tmp_path)
     check_pruned_config_matches_weights(tmp_path)  # agrees: no error
