@@ -257,3 +257,26 @@ def test_recover_loads_the_teacher_in_teacher_dtype(workspace, monkeypatch, flag
              "--dataset", str(ws / "data"), *FAST, *TRAIN])  # fmt: skip
     assert {p.dtype for p in seen["teacher"].parameters()} == {teacher_dtype}
     assert {p.dtype for p in seen["student"].parameters()} == {torch.float32}  # the student trains in float32
+
+
+def test_compare_distils_from_the_teacher_in_teacher_dtype(workspace, monkeypatch):
+    import hf_recover.recovery
+
+    ws = workspace
+    seen = []
+
+    class SetupDone(Exception):
+        pass
+
+    def capture(*, teacher, student, **kwargs):
+        seen.append((teacher, student))
+        raise SetupDone
+
+    monkeypatch.setattr(hf_recover.recovery, "run_recovery", capture)
+    with pytest.raises(SetupDone):
+        cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "ce_only",
+             "--n_remove", "2", "--teacher_dtype", "bfloat16", "--output_dir", str(ws / "lab"), *data_flags(ws),
+             "--use_cpu"])  # fmt: skip
+    teacher, student = seen[0]
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
