@@ -16,14 +16,13 @@ from pathlib import Path
 
 from .card import CARD_NAME, generate_model_card, saved_pruned_config
 from .constants import PRUNED_CONFIG_NAME
-from .loading import check_pruned_config_matches_weights
+from .loading import MODEL_WEIGHT_PATTERNS, check_pruned_config_matches_weights
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_MESSAGE = "Upload model recovered with hf_recover"
 
 # What a push sends: top-level files only (checkpoint-*/ and other subfolders never go), by name.
-MODEL_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors")
 WEIGHT_PATTERNS = (*MODEL_WEIGHT_PATTERNS, "adapter_model.safetensors")
 PUSH_PATTERNS = (
     *WEIGHT_PATTERNS,

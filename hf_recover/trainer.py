@@ -123,7 +123,7 @@ class DistillationTrainer(Trainer):
                 "For cross-entropy only, set beta=gamma=delta=0."
             )
         if isinstance(model, (str, os.PathLike)):
-            from .pruning import load_pruned  # any MLP sizes; plain from_pretrained where they are uniform
+            from .loading import load_pruned  # any MLP sizes; plain from_pretrained where they are uniform
 
             model = load_pruned(model)
         super().__init__(model=model, args=args, **kwargs)
