@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_inputs
+from torch import nn
 
 from hf_recover.constants import IGNORE_INDEX
 from hf_recover.losses import (
@@ -790,3 +791,117 @@ def test_the_divergence_table_matches_its_functions_and_the_config():
     torch.testing.assert_close(
         DIVERGENCES["reverse_kl"](student, teacher, labels), reverse_kl(student, teacher, labels)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation_loss with lm_head inputs on either side (the trainer's fused lm_head path)
+# ---------------------------------------------------------------------------------------------
+
+
+def capped(logits, softcap):
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("softcap", [None, 2.5], ids=["plain", "softcap"])
+@DENSITIES
+def test_distillation_loss_from_lm_heads_equals_the_logits_path(name, params, softcap, ignore):
+    from hf_recover.losses import LMHeadInputs
+
+    torch.manual_seed(0)
+    states, weight, bias, _, _ = make_fused_inputs(3, 29, 16, 61, bias=True)
+    labels = make_inputs(3, 29, 61, ignore=ignore)[2]
+    teacher_states, teacher_weight = torch.randn(3, 29, 24), torch.randn(63, 24) / 24**0.5 * 3  # 2 padding rows
+    leaves = [t.clone().requires_grad_() for t in (states, weight, bias)]
+    student_logits = capped(F.linear(*leaves), softcap)
+    teacher_logits = capped(F.linear(teacher_states, teacher_weight), softcap)
+    kwargs = dict(divergence=name, ce_weight=0.7, kd_weight=1.3, temperature=1.5, chunk_size=7, **params)
+    want = distillation_loss(student_logits, teacher_logits, labels, **kwargs)
+    want.loss.backward()
+    head_leaves = [t.clone().requires_grad_() for t in (states, weight, bias)]
+    got = distillation_loss(
+        LMHeadInputs(*head_leaves, softcap=softcap),
+        LMHeadInputs(teacher_states, teacher_weight, softcap=softcap),
+        labels,
+        **kwargs,
+    )
+    got.loss.backward()
+    for field in ("loss", "ce", "kd"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6)
+    for head_leaf, leaf in zip(head_leaves, leaves):
+        torch.testing.assert_close(head_leaf.grad, leaf.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_tied_lm_head_gets_both_gradients():
+    """A tied lm_head is the embedding matrix: its gradient from the loss adds to the embedding's own."""
+    from hf_recover.losses import LMHeadInputs
+
+    embedding = nn.Embedding(61, 16)
+    ids = torch.randint(0, 61, (2, 13))
+    labels = ids.clone()
+    teacher = torch.randn(2, 13, 61)
+    results = []
+    for fused in (False, True):
+        embedding.zero_grad()
+        states = embedding(ids) * 1.5  # (B, T, H), depends on the embedding too
+        student = LMHeadInputs(states, embedding.weight) if fused else F.linear(states, embedding.weight)
+        distillation_loss(student, teacher, labels, chunk_size=5).loss.backward()
+        results.append(embedding.weight.grad.clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
+
+
+def test_no_logits_sized_tensor_with_lm_heads_on_both_sides():
+    """Neither the student's nor the teacher's (tokens, vocab) logits, nor their gradient, ever exist whole."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from hf_recover.losses import LMHeadInputs
+
+    states, weight, _, _, labels = make_fused_inputs(2, 64, 8, 50)
+    teacher_states, teacher_weight = torch.randn(2, 64, 12), torch.randn(50, 12)
+    states.requires_grad_()
+    weight.requires_grad_()
+    inputs = (states, weight, teacher_states, teacher_weight, labels)
+
+    class LargestAllocation(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and all(
+                    t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for x in inputs
+                ):
+                    self.largest = max(self.largest, t.untyped_storage().nbytes())
+            return out
+
+    with LargestAllocation() as recorder:
+        distillation_loss(
+            LMHeadInputs(states, weight), LMHeadInputs(teacher_states, teacher_weight), labels, chunk_size=8
+        ).loss.backward()
+    # One float32 chunk of logits, or the hidden states' gradient; the logits would be 16x a chunk.
+    assert recorder.largest <= max(8 * 50, states.numel()) * 4
+    assert states.grad.abs().max() > 0 and weight.grad.abs().max() > 0
+
+
+def test_a_teacher_head_that_requires_grad_is_refused():
+    from hf_recover.losses import LMHeadInputs
+
+    states, weight, _, _, labels = make_fused_inputs(2, 5, 8, 11)
+    with pytest.raises(ValueError, match="detached"):
+        distillation_loss(torch.randn(2, 5, 11), LMHeadInputs(states.requires_grad_(), weight), labels)
+    with pytest.raises(ValueError, match="softcap"):
+        distillation_loss(torch.randn(2, 5, 11), LMHeadInputs(states.detach(), weight, softcap=0.0), labels)
+
+
+def test_the_readme_lists_every_divergence_of_the_table():
+    """The README's divergence table is written from `DIVERGENCES`: a new entry without a README row fails here."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    for name, entry in DIVERGENCES.items():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, name
+        assert f"`{entry.formula.replace('|', chr(92) + '|')}`" in row, name
+        for param in entry.params:
+            assert f"`{param.field}`" in row, name

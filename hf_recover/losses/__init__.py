@@ -41,6 +41,8 @@ from .chunking import (
     LossSpec,
     StudentHead,
     StudentLogits,
+    TeacherHead,
+    TeacherLogits,
     chunked_loss,
     compute_dtype,
     default_chunk_size,
@@ -63,6 +65,7 @@ __all__ = [
     "Divergence",
     "DivergenceParam",
     "DistillationLoss",
+    "LMHeadInputs",
     "distillation_loss",
     "forward_kl",
     "fused_linear_divergence",
@@ -169,7 +172,7 @@ def _kernel_for(divergence: str, params: dict) -> Kernel:
 def _run(
     kernel: Kernel,
     student: StudentLogits | StudentHead,
-    teacher_logits: torch.Tensor,
+    teacher: TeacherLogits | TeacherHead,
     labels: torch.Tensor,
     temperature: float,
     num_items_in_batch: int | torch.Tensor | None,
@@ -190,12 +193,12 @@ def _run(
         kd_weight=weights[0],
         ce_weight=weights[1],
     )
-    return chunked_loss(spec, student, teacher_logits, targets, scale)
+    return chunked_loss(spec, student, teacher, targets, scale)
 
 
 def _divergence(kernel: Kernel, student_logits, teacher_logits, labels, *args) -> torch.Tensor:
     _check_logits(student_logits, teacher_logits, labels)
-    return _run(kernel, StudentLogits(student_logits), teacher_logits, labels, *args)[0]
+    return _run(kernel, StudentLogits(student_logits), TeacherLogits(teacher_logits), labels, *args)[0]
 
 
 # -- public logit divergences --------------------------------------------------------------------------------------
@@ -429,8 +432,8 @@ class DistillationLoss(NamedTuple):
 
 
 def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor | LMHeadInputs,
+    teacher_logits: torch.Tensor | LMHeadInputs,
     labels: torch.Tensor,
     *,
     divergence: str = "forward_kl",
@@ -449,6 +452,11 @@ def distillation_loss(
     single gradient tensor: no separate cross-entropy pass, no second `(batch, seq_len, vocab)` gradient to add
     up. The `DistillationTrainer` uses it for its `alpha·CE + beta·T²·KD` (with `kd_weight = beta·T²`).
 
+    Either side may be given as `LMHeadInputs` (final hidden states and lm_head) instead of logits: its logits
+    are then computed chunk by chunk and never exist for the whole batch; for the student, the gradient goes
+    straight to the hidden states, the lm_head weight and its bias (as Liger-Kernel's fused linear losses do).
+    A teacher given that way is a constant (no gradient).
+
     Args:
         student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size: as in `forward_kl`;
             the cross-entropy is taken at temperature 1 over the student's whole vocabulary.
@@ -461,19 +469,70 @@ def distillation_loss(
     for name, weight in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
         if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"`{name}` must be a finite number >= 0, got {weight!r}.")
-    weights = (float(kd_weight), float(ce_weight))
-    _check_logits(student_logits, teacher_logits, labels)
+    student, teacher = _sides(student_logits, teacher_logits, labels)
     loss, kd, ce = _run(
         kernel,
-        StudentLogits(student_logits),
-        teacher_logits,
+        student,
+        teacher,
         labels,
         temperature,
         num_items_in_batch,
         chunk_size,
-        weights,
+        (float(kd_weight), float(ce_weight)),
     )
     return DistillationLoss(loss=loss, ce=ce, kd=kd)
+
+
+class LMHeadInputs(NamedTuple):
+    """A model's logits given by what makes them: `logits = softcap(hidden_states @ weight.T + bias)`."""
+
+    hidden_states: torch.Tensor
+    """`(batch, seq_len, hidden)`: the final hidden states (after the final norm), what the lm_head receives."""
+    weight: torch.Tensor
+    """`(vocab, hidden)`: the lm_head weight (tied embeddings work as they are)."""
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    """Gemma's `final_logit_softcapping`: logits become `softcap · tanh(logits / softcap)`."""
+
+
+def _check_head(head: LMHeadInputs, name: str) -> torch.Tensor:
+    """Validate an lm_head side; return a zero-stride stand-in for its logits (validated like logits, never
+    allocated)."""
+    hidden, weight, bias, softcap = head
+    if hidden.dim() != 3 or not hidden.is_floating_point():
+        raise ValueError(
+            f"`{name}` hidden states must be a floating-point tensor of shape (batch, seq_len, hidden), got "
+            f"{hidden.dtype} of shape {tuple(hidden.shape)}."
+        )
+    if weight.dim() != 2 or weight.size(1) != hidden.size(-1):
+        raise ValueError(
+            f"`{name}` lm_head weight must be (vocab, hidden) with hidden = {hidden.size(-1)} (the hidden states' "
+            f"width), got shape {tuple(weight.shape)}."
+        )
+    if bias is not None and tuple(bias.shape) != (weight.size(0),):
+        raise ValueError(f"`{name}` lm_head bias must be ({weight.size(0)},), got {tuple(bias.shape)}.")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, Real) or not softcap > 0):
+        raise ValueError(f"`{name}` softcap must be a number > 0 or None, got {softcap!r}.")
+    return hidden.new_empty(()).expand(*hidden.shape[:2], weight.size(0))
+
+
+def _sides(student, teacher, labels) -> tuple[StudentLogits | StudentHead, TeacherLogits | TeacherHead]:
+    """Validate both sides (logits or `LMHeadInputs`) against each other and the labels; wrap them as sources."""
+    student_logits = _check_head(student, "student") if isinstance(student, LMHeadInputs) else student
+    teacher_logits = _check_head(teacher, "teacher") if isinstance(teacher, LMHeadInputs) else teacher
+    _check_logits(student_logits, teacher_logits, labels)
+    if (
+        isinstance(teacher, LMHeadInputs)
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in teacher[:3])
+    ):
+        raise ValueError(
+            "The teacher's hidden states or lm_head require a gradient, which a teacher given as LMHeadInputs does "
+            "not receive: pass them detached (the trainer runs its teacher without gradients), or pass its logits."
+        )
+    student_side = StudentHead(*student) if isinstance(student, LMHeadInputs) else StudentLogits(student)
+    teacher_side = TeacherHead(*teacher) if isinstance(teacher, LMHeadInputs) else TeacherLogits(teacher)
+    return student_side, teacher_side
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,25 +575,11 @@ def fused_linear_divergence(
         **divergence_params: `skew_lambda=` for the skew divergences, `beta=` for `generalized_jsd`.
     """
     kernel = _kernel_for(divergence, divergence_params)
-    if student_hidden_states.dim() != 3 or not student_hidden_states.is_floating_point():
-        raise ValueError(
-            "`student_hidden_states` must be a floating-point tensor of shape (batch, seq_len, hidden), got "
-            f"{student_hidden_states.dtype} of shape {tuple(student_hidden_states.shape)}."
-        )
-    if lm_head_weight.dim() != 2 or lm_head_weight.size(1) != student_hidden_states.size(-1):
-        raise ValueError(
-            f"`lm_head_weight` must be (vocab, hidden) with hidden = {student_hidden_states.size(-1)} (the hidden "
-            f"states' width), got shape {tuple(lm_head_weight.shape)}."
-        )
-    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (lm_head_weight.size(0),):
-        raise ValueError(f"`lm_head_bias` must be ({lm_head_weight.size(0)},), got {tuple(lm_head_bias.shape)}.")
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "`teacher_logits` requires a gradient, which the fused loss does not propagate: pass "
             "`teacher_logits.detach()`, or use the unfused functions of `DIVERGENCES`."
         )
-    student_shape = (*student_hidden_states.shape[:2], lm_head_weight.size(0))
-    # A zero-stride stand-in for the student logits: validated like them, without allocating them.
-    _check_logits(student_hidden_states.new_empty(()).expand(student_shape), teacher_logits, labels)
-    student = StudentHead(student_hidden_states, lm_head_weight, lm_head_bias)
-    return _run(kernel, student, teacher_logits, labels, temperature, num_items_in_batch, chunk_size)[0]
+    head = LMHeadInputs(student_hidden_states, lm_head_weight, lm_head_bias)
+    student, teacher = _sides(head, teacher_logits, labels)
+    return _run(kernel, student, teacher, labels, temperature, num_items_in_batch, chunk_size)[0]

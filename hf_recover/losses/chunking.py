@@ -5,12 +5,15 @@ student's cross-entropy) in float32 together with its gradient with respect to t
 Liger-Kernel's chunked losses do. Backward only scales the stored gradients, so neither pass holds float32
 `(tokens, vocab)` tensors for more than one chunk.
 
-The student's side of a chunk comes from a *source*:
+The two sides of a chunk come from *sources*. The student's:
 - `StudentLogits`: the student's logits, given whole; a chunk is a view and its gradient is written into one
   tensor shaped like the logits.
 - `StudentHead`: the student's final hidden states and its lm_head; each chunk's logits are computed, used and
   dropped, and the chunk's gradient goes straight to the hidden states, the weight and the bias, so the student's
   `(batch, seq_len, vocab)` logits never exist.
+
+and the teacher's: `TeacherLogits` (whole logits, sliced per chunk) or `TeacherHead` (its final hidden states and
+lm_head, each chunk's logits computed and dropped).
 """
 
 from __future__ import annotations
@@ -119,17 +122,34 @@ class StudentLogits:
         return (self._grad.view(self.inputs[0].shape),)
 
 
-class StudentHead:
-    """The student's final hidden states `(B, T, H)` and lm_head `(V, H)` (+ bias): a chunk's logits are computed
-    from its hidden states, and its gradient flows on to the hidden states, the weight and the bias."""
+class _Head:
+    """A model's final hidden states `(B, T, H)` and lm_head `(V, H)` (+ bias). `softcap` applies Gemma's final logit
+    soft-capping, `cap · tanh(z / cap)`, to each chunk's logits."""
 
-    def __init__(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(
+        self,
+        hidden_states: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        softcap: float | None = None,
+    ):
         self.inputs = (hidden_states, weight, bias)
+        self.softcap = softcap
+        self._flat = hidden_states.reshape(-1, hidden_states.size(-1))  # (B, T, H) -> (B·T, H)
+
+
+class StudentHead(_Head):
+    """The student's side from its final hidden states and lm_head: a chunk's logits are computed from its hidden
+    states, and its gradient flows on to the hidden states, the weight and the bias."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        hidden_states, weight, _ = self.inputs
         self.vocab = weight.size(0)
         self.dtype = hidden_states.dtype
         self.device = hidden_states.device
-        self._flat = hidden_states.reshape(-1, hidden_states.size(-1))  # (B, T, H) -> (B·T, H)
         self._grads: list[torch.Tensor | None] = [None, None, None]
+        self._capped: torch.Tensor | None = None
 
     def start(self, needs_grad: tuple[bool, ...]) -> None:
         hidden, weight, bias = self.inputs
@@ -143,12 +163,18 @@ class StudentHead:
 
     def logits(self, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         _, weight, bias = self.inputs
-        return F.linear(self._flat[index], weight, bias).to(dtype)  # (n, H) -> (n, V), the lm_head + upcast
+        logits = head_logits(self._flat[index], weight, bias, self.softcap, dtype)
+        if self.softcap is not None and any(grad is not None for grad in self._grads):
+            self._capped = logits  # tanh(z / cap) is needed again for the chunk's gradient
+        return logits
 
     def accumulate(self, index, grad: torch.Tensor, mask: torch.Tensor | None) -> None:
         _, weight, _ = self.inputs
         if mask is not None:
             grad.masked_fill_(~mask[:, None], 0)  # garbage rows must not reach the weight's gradient
+        if self.softcap is not None:  # through cap · tanh(z / cap): times 1 − tanh²
+            grad.mul_(self._capped.div_(self.softcap).square_().neg_().add_(1))
+            self._capped = None
         grad = grad.to(weight.dtype)  # dL/dlogits, (n, V)
         hidden_grad, weight_grad, bias_grad = self._grads
         if hidden_grad is not None:
@@ -173,6 +199,38 @@ class StudentHead:
         if bias_grad is not None:
             bias_grad = bias_grad.to(gradient_dtype(bias.dtype))
         return hidden_grad, weight_grad, bias_grad
+
+
+def head_logits(hidden, weight, bias, softcap: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """`(n, H)` hidden states through an lm_head (and Gemma's soft-capping) to `(n, V)` logits in `dtype`."""
+    logits = F.linear(hidden, weight, bias).to(dtype)  # as the model's lm_head, then upcast
+    if softcap is not None:
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+# -- the teacher's side of a chunk --------------------------------------------------------------------------------
+
+
+class TeacherLogits:
+    """The teacher's `(B, T, V_t)` logits, given whole; `V_t` may exceed the student's vocabulary by padding rows."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.inputs = (logits,)
+        self._flat = logits.reshape(-1, logits.size(-1))  # (B, T, V_t) -> (B·T, V_t)
+
+    def logits(self, index: slice | torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._flat[index, :vocab].to(dtype)
+
+
+class TeacherHead(_Head):
+    """The teacher's side from its final hidden states and lm_head: its logits are computed chunk by chunk, never
+    whole. A constant of the loss (no gradient)."""
+
+    def logits(self, index: slice | torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+        _, weight, bias = self.inputs
+        bias = None if bias is None else bias[:vocab]
+        return head_logits(self._flat[index], weight[:vocab], bias, self.softcap, dtype)  # padding rows skipped
 
 
 # -- the chunk loop -----------------------------------------------------------------------------------------------
@@ -238,50 +296,56 @@ class _ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, spec, source, needs_grad, teacher_needs_grad, teacher_logits, targets, scale, *student_inputs):
+    def forward(ctx, spec, student, teacher, needs_grad, teacher_needs_grad, targets, scale, *tensors):
         student_needs_grad = any(needs_grad)
-        vocab = source.vocab
-        dtype = compute_dtype(source.dtype)
+        vocab = student.vocab
+        dtype = compute_dtype(student.dtype)
         valid = targets != IGNORE_INDEX
-        flat_teacher = teacher_logits.reshape(-1, teacher_logits.size(-1))
         flat_targets = targets.reshape(-1)
-        source.start(needs_grad)
+        student.start(needs_grad)
         teacher_grad = None
-        if teacher_needs_grad:
-            teacher_grad = torch.zeros_like(flat_teacher, dtype=gradient_dtype(teacher_logits.dtype))
-        kd_total = torch.zeros((), dtype=dtype, device=source.device)
+        if teacher_needs_grad:  # dense teacher logits only (see `chunked_loss`)
+            (teacher_logits,) = teacher.inputs
+            teacher_grad = torch.zeros(
+                teacher_logits.shape[:-1].numel(),
+                teacher_logits.size(-1),
+                dtype=gradient_dtype(teacher_logits.dtype),
+                device=teacher_logits.device,
+            )
+        kd_total = torch.zeros((), dtype=dtype, device=student.device)
         ce_total = torch.zeros_like(kd_total)
 
         # Autocast would run the kernels' row-wise dot products (bmm) in half precision: keep float32.
-        with torch.autocast(source.device.type, enabled=False):
+        with torch.autocast(student.device.type, enabled=False):
             for index, mask in token_chunks(valid, spec.chunk_size):
-                student = source.logits(index, dtype)
-                teacher = flat_teacher[index, :vocab].to(dtype)
+                student_logits = student.logits(index, dtype)
+                teacher_logits = teacher.logits(index, vocab, dtype)
                 chunk_targets = flat_targets[index]
                 if teacher_needs_grad:
                     kd, ce, grad, chunk_teacher_grad = _autograd_chunk(
-                        spec, student, teacher, chunk_targets, mask, scale, student_needs_grad
+                        spec, student_logits, teacher_logits, chunk_targets, mask, scale, student_needs_grad
                     )
                     teacher_grad[index, :vocab] = chunk_teacher_grad.to(teacher_grad.dtype)
                 else:
                     kd, ce, grad = _chunk_with_grad(
-                        spec, student, teacher, chunk_targets, mask, scale, student_needs_grad
+                        spec, student_logits, teacher_logits, chunk_targets, mask, scale, student_needs_grad
                     )
-                del student, teacher
+                del student_logits, teacher_logits
                 if student_needs_grad:
-                    source.accumulate(index, grad, mask)
+                    student.accumulate(index, grad, mask)
                     del grad  # free before the next chunk allocates
                 kd_total += kd
                 if ce is not None:
                     ce_total += ce
 
         invalid = (~valid.reshape(-1)).nonzero().squeeze(1)  # row indices: a boolean mask would sweep all rows
-        student_grads = source.finish(invalid)
+        student_grads = student.finish(invalid)
+        teacher_grads = [None] * len(teacher.inputs)
         if teacher_grad is not None:
             teacher_grad[invalid] = 0
-            teacher_grad = teacher_grad.view(teacher_logits.shape)
-        ctx.save_for_backward(teacher_grad, *student_grads)
-        ctx.dtypes = (teacher_logits.dtype, *(None if t is None else t.dtype for t in source.inputs))
+            teacher_grads[0] = teacher_grad.view(teacher.inputs[0].shape)
+        ctx.save_for_backward(*teacher_grads, *student_grads)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (*teacher.inputs, *student.inputs))
         kd, ce = kd_total * scale, ce_total * scale
         loss = spec.kd_weight * kd if spec.ce_weight is None else spec.kd_weight * kd + spec.ce_weight * ce
         ctx.mark_non_differentiable(kd, ce)
@@ -290,28 +354,30 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor, _kd_grad, _ce_grad):
-        teacher_grad, *student_grads = (
-            _apply_grad_output(grad, grad_output, dtype) for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
-        )
-        return None, None, None, None, teacher_grad, None, None, *student_grads
+        grads = (_apply_grad_output(grad, grad_output, dtype) for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return None, None, None, None, None, None, None, *grads
+
+
+StudentSource = StudentLogits | StudentHead
+TeacherSource = TeacherLogits | TeacherHead
 
 
 def chunked_loss(
     spec: LossSpec,
-    source: StudentLogits | StudentHead,
-    teacher_logits: torch.Tensor,
+    student: StudentSource,
+    teacher: TeacherSource,
     targets: torch.Tensor,
     scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the chunk loop: `(loss, divergence, cross-entropy)`, the last two detached and normalised.
 
     `targets` are the shifted `(B, T)` next-token targets (`IGNORE_INDEX` where nothing is scored) and `scale`
-    is `1 / count` of the reduction. Gradients flow to the source's tensors and, when it requires one, to
-    `teacher_logits` (a `StudentLogits` source only).
+    is `1 / count` of the reduction. Gradients flow to the student source's tensors and, when they require one,
+    to dense teacher logits (a teacher head is a constant).
     """
     grad_enabled = torch.is_grad_enabled()
-    needs_grad = tuple(grad_enabled and t is not None and t.requires_grad for t in source.inputs)
-    teacher_needs_grad = grad_enabled and teacher_logits.requires_grad
+    needs_grad = tuple(grad_enabled and t is not None and t.requires_grad for t in student.inputs)
+    teacher_needs_grad = grad_enabled and isinstance(teacher, TeacherLogits) and teacher.inputs[0].requires_grad
     return _ChunkedLoss.apply(
-        spec, source, needs_grad, teacher_needs_grad, teacher_logits, targets, scale, *source.inputs
+        spec, student, teacher, needs_grad, teacher_needs_grad, targets, scale, *teacher.inputs, *student.inputs
     )

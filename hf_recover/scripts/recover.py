@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DistillationConfig
+from ..loading import load_model, resolve_dtype
 from .arguments import (
     DEFAULT,
     DataArguments,
     check_output_dir,
     command_parser,
-    load_model,
     load_text_splits,
     parse_prune_spec,
     prepare_eval_splits,
@@ -78,6 +78,7 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
     if recover_args.student and not Path(recover_args.student).is_dir():
         raise FileNotFoundError(f"--student {recover_args.student} is not a folder.")
 
+    # float32 first: a student pruned from the teacher is trained in float32, whatever the teacher's dtype
     teacher, tokenizer = load_model(recover_args.teacher)
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
@@ -89,6 +90,8 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
     else:
         student, _ = load_model(recover_args.student)
         pruned_config = PrunedConfig.find_for(student)
+    # The trainer applies teacher_dtype only to a teacher it loads itself; this one was loaded here.
+    teacher.to(resolve_dtype(recover_args.teacher, config.teacher_dtype))
 
     trainer, result = run_recovery(
         teacher=teacher,
