@@ -63,7 +63,6 @@ def make_trainer(tmp_path, **overrides) -> DistillationSFTTrainer:
         learning_rate=1e-3,
         save_strategy="no",
         disable_tqdm=True,
-        gradient_checkpointing=False,
         assistant_only_loss=True,
         max_length=64,
         alpha=0.4,
@@ -178,3 +177,21 @@ def test_packing_trains_with_the_teacher_terms(tmp_path):
     trainer.train()
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and all(log["kd"] > 0 and "mean_token_accuracy" in log for log in logs)
+
+
+def test_a_plain_sft_config_is_upgraded_keeping_its_values(tmp_path):
+    teacher = build_tiny_model()
+    student, _ = prune_depth(teacher, remove=[1, 4])
+    sft_args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, assistant_only_loss=True)
+    trainer = DistillationSFTTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=sft_args,
+        train_dataset=chat_dataset(),
+        processing_class=chat_tokenizer(),
+    )
+    assert type(trainer.args) is DistillationSFTConfig
+    assert trainer.args.assistant_only_loss and trainer.args.learning_rate == sft_args.learning_rate
+    assert trainer.args.beta == DistillationConfig.__dataclass_fields__["beta"].default
+    with pytest.raises(ValueError, match="args must be a DistillationSFTConfig"):
+        DistillationSFTTrainer(model=student, teacher_model=teacher, args={"alpha": 1.0}, train_dataset=chat_dataset())
