@@ -43,13 +43,23 @@ def chat_dataset() -> Dataset:
     return Dataset.from_dict({"messages": messages})
 
 
+def prompt_completion_dataset() -> Dataset:
+    """Conversational prompt/completion pairs: SFT's `completion_only_loss` trains on the completions only."""
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": q}] for q, _ in CHATS * 2],
+            "completion": [[{"role": "assistant", "content": a}] for _, a in CHATS * 2],
+        }
+    )
+
+
 def chat_tokenizer():
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def make_trainer(tmp_path, **overrides) -> DistillationSFTTrainer:
+def make_trainer(tmp_path, dataset: Dataset | None = None, **overrides) -> DistillationSFTTrainer:
     teacher = build_tiny_model()
     student, _ = prune_depth(teacher, remove=[1, 4])
     values = dict(
@@ -75,7 +85,7 @@ def make_trainer(tmp_path, **overrides) -> DistillationSFTTrainer:
         model=student,
         teacher_model=teacher,
         args=DistillationSFTConfig(**values),
-        train_dataset=chat_dataset(),
+        train_dataset=dataset if dataset is not None else chat_dataset(),
         eval_dataset=chat_dataset().select(range(4)),
         processing_class=chat_tokenizer(),
     )
@@ -110,12 +120,18 @@ def test_bad_distillation_values_still_fail(tmp_path):
         DistillationSFTConfig(output_dir=str(tmp_path), temperature=0.0, report_to="none")
 
 
-def test_loss_and_gradients_equal_the_hand_formula(tmp_path):
-    trainer = make_trainer(tmp_path)
+@pytest.mark.parametrize("data", ["messages", "prompt_completion"])
+def test_loss_and_gradients_equal_the_hand_formula(tmp_path, data):
+    if data == "messages":  # the assistant's turns only, marked by the template's generation tags
+        trainer = make_trainer(tmp_path)
+    else:  # the completions only (SFT's completion_only_loss, on by default for prompt/completion data)
+        trainer = make_trainer(tmp_path, prompt_completion_dataset(), assistant_only_loss=False)
     batch = next(iter(trainer.get_train_dataloader()))
-    # SFT's chat handling: the template was applied and only the assistant's tokens are trained on
+    # SFT's chat handling: the template was applied and the prompt tokens are not trained on
     attended = batch["attention_mask"].bool()
     assert (batch["labels"][attended] == IGNORE_INDEX).any() and (batch["labels"][attended] != IGNORE_INDEX).any()
+    first_trained = (batch["labels"][0] != IGNORE_INDEX).nonzero()[0].item()
+    assert chat_tokenizer().decode(batch["input_ids"][0, :first_trained]).startswith("user: ")
 
     model = trainer.model
     loss = trainer.compute_loss(model, dict(batch))
