@@ -132,14 +132,9 @@ def generate_model_card(
         tags=tags,
     ).to_dict()
     if summary is not None:
-        # Trainer's metadata, with ours filling and extending it; its base model (`finetuned_from`) and licence,
-        # which the caller gave or which default to the teacher's, win.
-        theirs = summary.create_metadata()
-        ours = _merge_metadata(ours, {key: value for key, value in theirs.items() if key not in ("base_model",)})
-        if summary.finetuned_from:
-            ours["base_model"] = summary.finetuned_from
-        if summary.license:
-            ours["license"] = summary.license
+        # Trainer's metadata joins ours: its tags, datasets and languages extend ours, its model-index is added, and
+        # its base model (`finetuned_from`) and licence, the caller's or by default the teacher's, win where set.
+        ours = _merge_metadata(ours, summary.create_metadata())
         model_name = model_name or summary.model_name
     card_data = ModelCardData(ignore_metadata_errors=True, **ours)
     context = {
