@@ -5,9 +5,8 @@
 already there. The sentences are in the template: this module hands it plain values (numbers, lists, dicts,
 booleans) and the filters that format numbers. The trainer's save hooks and `push_recovered` call these.
 
-A card written by the trainer also carries everything `Trainer.create_model_card` writes: `training_summary`
-builds transformers' own `TrainingSummary` of the run (metadata, hyperparameters, the training-results table from
-the log history, evaluation results), and the card takes those values from it rather than recomputing them.
+A card written by the trainer also carries everything `Trainer.create_model_card` writes, as the plain values
+`hf_recover.trainer_card` takes from transformers' own `TrainingSummary` of the run (`trainer_run=`).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from typing import Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
-from transformers.modelcard import TrainingSummary, _maybe_round, make_markdown_table
 
 from .pruned_config import PrunedConfig
 from .reporting import MODELS, before_after_rows, before_after_table, format_parameters, format_percent
@@ -64,7 +62,7 @@ def generate_model_card(
     datasets: str | Iterable[str] | None = None,
     model_name: str | None = None,
     hub_model_id: str | None = None,
-    training_summary: TrainingSummary | None = None,
+    trainer_run: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Render the model card of a recovered model. Pure: reads no file, writes nothing.
 
@@ -95,10 +93,10 @@ def generate_model_card(
             metadata and are linked; free-text descriptions appear only in the body.
         model_name: the card's title (defaults to the last part of `hub_model_id`).
         hub_model_id: the repo the model is (or will be) pushed to; used by the usage snippet.
-        training_summary: transformers' summary of a `Trainer` run (`training_summary(trainer)` builds it). Its
-            metadata (`base_model` = its `finetuned_from`, `language`, `license`, `tags`, `datasets`,
-            `model-index`), evaluation results, hyperparameters, training-results table and dataset names join
-            the card, as in the card `Trainer.create_model_card` writes.
+        trainer_run: what Trainer's own card shows for a `Trainer` run, as plain values
+            (`hf_recover.trainer_card.trainer_run_facts`): `metadata` (with `base_model` = `finetuned_from`,
+            `language`, `license`, `tags`, `datasets`, `model-index`), `model_name`, `finetuned_from`, `datasets`,
+            `eval_results`, `hyperparameters` and `results_table`. They join the card.
 
     Returns:
         A `huggingface_hub.ModelCard` whose metadata has `base_model` (the teacher, or the summary's
@@ -110,10 +108,10 @@ def generate_model_card(
     """
     metrics = checked_card_metrics(metrics)
     pruned = _as_pruned_config(pruned_config)
-    summary = training_summary
+    run = trainer_run  # what Trainer's own card shows, or None
     dataset_names = _as_list(datasets)
-    if summary is not None:  # Trainer's dataset names (`dataset=`), after ours
-        dataset_names = list(dict.fromkeys([*dataset_names, *_as_list(summary.dataset)]))
+    if run is not None:  # Trainer's dataset names (`dataset=`), after ours
+        dataset_names = list(dict.fromkeys([*dataset_names, *run["datasets"]]))
     teacher = pruned.teacher_name_or_path if pruned else None
     distillation = _uses_teacher(config)
 
@@ -131,26 +129,24 @@ def generate_model_card(
         pipeline_tag="text-generation",
         tags=tags,
     ).to_dict()
-    if summary is not None:
+    if run is not None:
         # Trainer's metadata joins ours: its tags, datasets and languages extend ours, its model-index is added, and
         # its base model (`finetuned_from`) and licence, the caller's or by default the teacher's, win where set.
-        ours = _merge_metadata(ours, summary.create_metadata())
-        model_name = model_name or summary.model_name
+        ours = _merge_metadata(ours, run["metadata"])
+        model_name = model_name or run["model_name"]
     card_data = ModelCardData(ignore_metadata_errors=True, **ours)
     context = {
         "card_data": card_data.to_yaml(),
         "model_name": model_name or (hub_model_id.split("/")[-1] if hub_model_id else None),
         "teacher": _teacher_facts(teacher, pruned.teacher_revision if pruned else None),
-        "finetuned_from": _finetuned_from_facts(summary, teacher),
-        "trainer": _trainer_facts(summary),
+        "finetuned_from": _finetuned_from_facts(run, teacher),
+        "trainer": run,
         "pruning_kinds": list(pruned.pruning_types) if pruned else [],
         "distillation": distillation,
         "pruning": _pruning_facts(pruned, metrics) if pruned else None,
         "loss": _loss_facts(config, pruned),
         "datasets": [{"name": name, "on_hub": _is_hub_id(name)} for name in dataset_names],
-        "training": _training_facts(
-            config, metrics, pruned, with_hyperparameters=bool(summary and summary.hyperparameters)
-        ),
+        "training": _training_facts(config, metrics, pruned, bool(run and run["hyperparameters"])),
         "results_table": before_after_table(metrics["perplexity"])
         if before_after_rows(metrics["perplexity"])
         else None,
@@ -164,53 +160,6 @@ def generate_model_card(
     return ModelCard(_template().render(**context))
 
 
-def training_summary(
-    trainer: Any,
-    *,
-    language: str | list[str] | None = None,
-    license: str | None = None,
-    tags: str | list[str] | None = None,
-    model_name: str | None = None,
-    finetuned_from: str | None = None,
-    tasks: str | list[str] | None = None,
-    dataset_tags: str | list[str] | None = None,
-    dataset: str | list[str] | None = None,
-    dataset_args: str | list[str] | None = None,
-) -> TrainingSummary | None:
-    """transformers' `TrainingSummary` of `trainer`'s run, with the arguments of `Trainer.create_model_card`.
-
-    Built by `TrainingSummary.from_trainer`, so the hyperparameters, the training-results table and the evaluation
-    results are exactly those of Trainer's own card. For a pruned student, `finetuned_from` and `license` default
-    to the teacher's (from its `PrunedConfig`); otherwise Trainer infers `finetuned_from` from the model. No
-    licence is looked up on the Hub: the card is written on every save. None for a model without a `config`.
-    """
-    if getattr(trainer.model, "config", None) is None:
-        return None
-    pruned = getattr(trainer, "pruned_config", None)
-    if pruned is not None:
-        teacher = pruned.teacher_name_or_path
-        finetuned_from = finetuned_from or (teacher if teacher and _is_hub_id(teacher) else None)
-        license = license or pruned.license
-    summary = TrainingSummary.from_trainer(
-        trainer,
-        language=language,
-        # An empty licence skips TrainingSummary's Hub look-up of the base model's licence (a network call per save).
-        license=license or "",
-        tags=list(_as_list(tags)) or None,  # from_trainer appends to the list it is given
-        model_name=model_name,
-        finetuned_from=finetuned_from,
-        tasks=tasks,
-        dataset_tags=dataset_tags,
-        dataset=dataset,
-        dataset_args=dataset_args,
-    )
-    summary.license = summary.license or None
-    # Trainer takes an in-memory dataset's missing builder name for a dataset name: drop those.
-    summary.dataset_tags = _as_list(summary.dataset_tags) or None
-    summary.dataset = _as_list(summary.dataset) or None
-    return summary
-
-
 def save_model_card(
     output_dir: str | os.PathLike,
     *,
@@ -220,7 +169,7 @@ def save_model_card(
     datasets: str | Iterable[str] | None = None,
     model_name: str | None = None,
     hub_model_id: str | None = None,
-    training_summary: TrainingSummary | None = None,
+    trainer_run: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the card of `generate_model_card` as `output_dir/README.md`; return its path.
 
@@ -244,7 +193,7 @@ def save_model_card(
         datasets=datasets,
         model_name=model_name,
         hub_model_id=hub_model_id,
-        training_summary=training_summary,
+        trainer_run=trainer_run,
     )
     path = directory / CARD_NAME
     if path.is_file():
@@ -538,7 +487,7 @@ def _layer_map_facts(layer_map: Any, pruned: PrunedConfig | None) -> dict[str, A
 
 
 def _training_facts(
-    config: Any, metrics: Mapping[str, Any], pruned: PrunedConfig | None, *, with_hyperparameters: bool = False
+    config: Any, metrics: Mapping[str, Any], pruned: PrunedConfig | None, with_hyperparameters: bool = False
 ) -> dict[str, Any]:
     """The data-and-budget values that are known; the others are left out (and those Trainer's hyperparameter
     list already gives, when the card has it)."""
@@ -578,39 +527,20 @@ def _training_facts(
     return {key: value for key, value in facts.items() if value is not None}
 
 
-def _finetuned_from_facts(summary: TrainingSummary | None, teacher: str | None) -> dict[str, Any] | None:
+def _finetuned_from_facts(trainer_run: Mapping[str, Any] | None, teacher: str | None) -> dict[str, Any] | None:
     """The model this one was fine-tuned from, when it is not the teacher the card already names."""
-    name = summary.finetuned_from if summary is not None else None
+    name = trainer_run.get("finetuned_from") if trainer_run else None
     if not name or name == teacher:
         return None
     return {"name": name, "on_hub": _is_hub_id(name)}
-
-
-def _trainer_facts(summary: TrainingSummary | None) -> dict[str, Any] | None:
-    """Trainer's sections: evaluation results, hyperparameters and the training-results table (transformers'
-    own table of the log history, `make_markdown_table`)."""
-    if summary is None:
-        return None
-    return {
-        "eval_results": [(name, _maybe_round(value)) for name, value in (summary.eval_results or {}).items()],
-        "hyperparameters": [(name, str(value)) for name, value in (summary.hyperparameters or {}).items()],
-        "results_table": make_markdown_table(summary.eval_lines).rstrip() or None,
-    }
 
 
 def _versions() -> list[tuple[str, str]]:
     from . import __version__
 
     found = [("hf_recover", __version__)]
-    # Trainer's card lists Transformers, PyTorch, Datasets and Tokenizers
-    packages = (
-        ("Transformers", "transformers"),
-        ("PyTorch", "torch"),
-        ("Datasets", "datasets"),
-        ("Tokenizers", "tokenizers"),
-        ("huggingface_hub", "huggingface_hub"),
-    )
-    for name, dist in packages:
+    names = ("Transformers", "PyTorch", "Datasets", "Tokenizers", "huggingface_hub")  # Trainer's card: the first 4
+    for name, dist in zip(names, ("transformers", "torch", "datasets", "tokenizers", "huggingface_hub")):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found.append((name, metadata.version(dist)))
     return found

@@ -479,26 +479,9 @@ class DistillationTrainer(Trainer):
         self._write_model_card(output_dir)
 
     def _write_model_card(self, output_dir: str, **card_args) -> None:
-        """Write the card into `output_dir`: hf_recover's sections and Trainer's (`card_args` are those of
-        `create_model_card`)."""
-        from .card import save_model_card, training_summary
+        from .trainer_card import save_trainer_model_card  # hf_recover's sections and Trainer's
 
-        datasets = card_args.get("dataset")
-        model_name = card_args.pop("model_name", None) or (
-            self.args.hub_model_id.split("/")[-1]
-            if self.args.hub_model_id
-            else Path(self.args.output_dir).absolute().name
-        )
-        save_model_card(
-            output_dir,
-            pruned_config=self.pruned_config,
-            config=self.args,
-            metrics=self.model_card_metrics,
-            datasets=datasets if datasets else self.model_card_datasets,
-            model_name=model_name,
-            hub_model_id=self.args.hub_model_id,
-            training_summary=training_summary(self, model_name=model_name, **card_args),
-        )
+        save_trainer_model_card(self, output_dir, **card_args)
 
     def create_model_card(
         self,
