@@ -211,3 +211,14 @@ def test_a_plain_sft_config_is_upgraded_keeping_its_values(tmp_path):
     assert trainer.args.beta == DistillationConfig.__dataclass_fields__["beta"].default
     with pytest.raises(ValueError, match="args must be a DistillationSFTConfig"):
         DistillationSFTTrainer(model=student, teacher_model=teacher, args={"alpha": 1.0}, train_dataset=chat_dataset())
+
+
+def test_hidden_alignment_and_fdd_read_the_students_hidden_states(tmp_path):
+    """gamma/delta need the student's hidden states, which SFT's forward computes but does not return."""
+    trainer = make_trainer(tmp_path, gamma=0.1, delta=0.1)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(log["align"] > 0 and log["fdd"] > 0 and "mean_token_accuracy" in log for log in logs)
+    assert logs[0]["loss"] == pytest.approx(
+        0.4 * logs[0]["ce"] + 0.6 * 4.0 * logs[0]["kd"] + 0.1 * logs[0]["align"] + 0.1 * logs[0]["fdd"], rel=1e-3
+    )
