@@ -196,3 +196,23 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         self.layer_map = parse_layer_map(self.layer_map)
         super().__post_init__()
+
+    DEPTH_RECOVERY_RECIPE = {
+        "alpha": 0.5,
+        "beta": 0.5,
+        "gamma": 0.1,
+        "delta": 0.0,
+        "temperature": 2.0,
+        "divergence": "forward_kl",
+        "learning_rate": 1e-4,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+    }
+
+    @classmethod
+    def for_depth_recovery(cls, **overrides) -> DistillationConfig:
+        """The recipe measured best for recovering a depth-pruned (and healed) student at small budgets.
+
+        Any field can be overridden: `DistillationConfig.for_depth_recovery(output_dir="out", max_steps=200)`.
+        """
+        return cls(**{**cls.DEPTH_RECOVERY_RECIPE, **overrides})

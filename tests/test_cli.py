@@ -234,3 +234,14 @@ def test_evaluate_runs_local_lm_eval_tasks_offline(workspace, capsys):
     assert figures["lm_eval"]["teacher"]["hf_recover_facts"]["acc"] == acc
     assert figures["capability_retention"] == pytest.approx(1.0) or acc == 0.0
     assert "hf_recover_facts" in capsys.readouterr().out
+
+
+def test_demo_heals_and_trains_with_the_depth_recovery_preset():
+    from hf_recover import DistillationConfig
+    from hf_recover.scripts import demo
+
+    recover_args, data_args, config = demo.make_parser().parse_args_into_dataclasses([])
+    assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "importance", "n": 6, "heal": "cosine"}
+    for name, value in DistillationConfig.DEPTH_RECOVERY_RECIPE.items():
+        assert getattr(config, name) == value, name
+    assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (60, 4, 256)

@@ -211,3 +211,16 @@ def test_gemma3_is_refused():
     with pytest.raises(ValueError, match="a norm sits between its down_proj"):
         prune_depth(model, remove=[2], data=_rows(), heal="lstsq", inplace=True)
     assert len(model.model.layers) == 6
+
+
+def test_depth_recovery_preset(tmp_path):
+    from hf_recover import DistillationConfig
+
+    config = DistillationConfig.for_depth_recovery(output_dir=str(tmp_path))
+    for name, value in DistillationConfig.DEPTH_RECOVERY_RECIPE.items():
+        assert getattr(config, name) == value, name
+    changed = DistillationConfig.for_depth_recovery(output_dir=str(tmp_path), temperature=3.0, max_steps=7)
+    assert (changed.temperature, changed.max_steps) == (3.0, 7)
+    assert changed.alpha == DistillationConfig.DEPTH_RECOVERY_RECIPE["alpha"]
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        DistillationConfig.for_depth_recovery(output_dir=str(tmp_path), temperature=0.0)

@@ -21,6 +21,7 @@ has no block before it to carry the map: it is left unhealed and listed under `s
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -65,6 +66,10 @@ def check_heal(model: nn.Module, heal: str | None, data: Any) -> None:
         raise ValueError("heal folds its map into each block's `mlp.down_proj`, which this model lacks as nn.Linear.")
 
 
+class _StopForward(Exception):
+    """Raised once the last tapped block has run: the blocks after it would be computed for nothing."""
+
+
 class _Taps:
     """Forward hooks that keep, for the real tokens of every batch, a block's MLP output and block output."""
 
@@ -74,6 +79,12 @@ class _Taps:
         self.out: dict[int, list[torch.Tensor]] = {i: [] for i in output_blocks}
         self.handles = [layers[i].mlp.register_forward_hook(self._keep(self.mlp[i])) for i in mlp_blocks]
         self.handles += [layers[i].register_forward_hook(self._keep(self.out[i])) for i in output_blocks]
+        last = max([*mlp_blocks, *output_blocks])
+        self.handles.append(layers[last].register_forward_hook(self._stop))  # after the taps above
+
+    @staticmethod
+    def _stop(module, args, output):
+        raise _StopForward
 
     def _keep(self, store: list[torch.Tensor]):
         def hook(module, args, output):
@@ -112,7 +123,8 @@ def _collect(
             if mask is None:
                 mask = torch.ones_like(batch["input_ids"])
             taps.mask = mask.bool()
-            model.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+            with contextlib.suppress(_StopForward):
+                model.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
             tokens += int(mask.sum())
             sequences += mask.shape[0]
     finally:

@@ -14,18 +14,16 @@ model folder (weights, tokenizer, `pruned_config.json`, model card) and `loss_cu
 
 from __future__ import annotations
 
+from ..config import DistillationConfig
 from . import recover
 
 DEMO_DEFAULTS = {
     "teacher": "default",
-    "prune": "importance:6",
+    "prune": "importance:6:heal=cosine",
     "output_dir": "outputs/demo",
     "max_length": 256,
     "max_train_documents": 400,
-    "alpha": 0.5,
-    "beta": 0.5,
-    "gamma": 0.1,
-    "temperature": 2.0,
+    **DistillationConfig.DEPTH_RECOVERY_RECIPE,
     "max_steps": 60,
 }
 
