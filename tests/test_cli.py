@@ -189,7 +189,8 @@ def test_prune_spec_shorthands():
         "depth": {"method": "angular", "n": 4},
         "width": {"method": "vow", "pruning_ratio": 0.25},
     }
-    assert parse_prune_spec("importance:6:heal=cosine") == {"depth": {"method": "importance", "n": 6, "heal": "cosine"}}
+    healed = {"depth": {"method": "importance", "n": 6, "heal": "cosine"}}
+    assert parse_prune_spec("importance:6:heal=cosine") == healed
     assert parse_prune_spec("remove:3,12:heal=lstsq+width:maw:0.1") == {
         "depth": {"remove": [3, 12], "heal": "lstsq"},
         "width": {"method": "maw", "pruning_ratio": 0.1},

@@ -224,3 +224,23 @@ def test_depth_recovery_preset(tmp_path):
     assert changed.alpha == DistillationConfig.DEPTH_RECOVERY_RECIPE["alpha"]
     with pytest.raises(ValueError, match="temperature must be > 0"):
         DistillationConfig.for_depth_recovery(output_dir=str(tmp_path), temperature=0.0)
+
+
+def test_select_candidate_builds_healed_candidates_without_touching_the_teacher(tiny_llama):
+    from hf_recover.pruning import select_candidate
+
+    data = _rows(n_rows=12)
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    report = select_candidate(
+        tiny_llama,
+        {"plain": {"depth": {"remove": [2, 3]}}, "healed": {"depth": {"remove": [2, 3], "heal": "lstsq"}}},
+        data,
+        rank_by="kl",
+    )
+    for name, tensor in tiny_llama.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    kl = {r.name: r.kl for r in report.results}
+    assert kl["healed"] < kl["plain"]
+    assert report.best.pruned_config.steps[-1]["heal"]["spans"] == [[1, 3]]
+    with pytest.raises(ValueError, match="pass data="):
+        select_candidate(tiny_llama, [{"depth": {"remove": [2], "heal": "lstsq"}}], None)
