@@ -211,8 +211,12 @@ class DistillationConfig(TrainingArguments):
 
     @classmethod
     def for_depth_recovery(cls, **overrides) -> DistillationConfig:
-        """The recipe measured best for recovering a depth-pruned (and healed) student at small budgets.
+        """The recipe for recovering a depth-pruned (and healed) student at small budgets.
 
-        Any field can be overridden: `DistillationConfig.for_depth_recovery(output_dir="out", max_steps=200)`.
+        `0.5·CE + 0.5·T²·forward KL + 0.1·(1 − cos)` hidden alignment (`kept` layer map), T = 2, lr 1e-4
+        constant: on SmolLM2-135M-Instruct with 6 of 30 blocks removed it recovered 75% of the validation
+        perplexity gap in 30,720 tokens and 89% in 61,440 (79.7% at 30,720 after healing the cuts); a
+        larger learning rate with cosine decay (5e-4) lost 5 to 10 points. Any field can be overridden:
+        `DistillationConfig.for_depth_recovery(output_dir="out", max_steps=200)`.
         """
         return cls(**{**cls.DEPTH_RECOVERY_RECIPE, **overrides})
