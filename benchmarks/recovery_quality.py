@@ -153,7 +153,11 @@ def main(argv=None) -> dict:
         return scores
 
     results = {"budgets": args.budgets, "tokens_per_step": BATCH * data_args.max_length}
-    naive_student, naive_config = build_student(teacher, {"depth": {"method": "importance", "n": 6}}, data=calibration)
+    # The naive student is scored on the recover command's default calibration (16 blocks), as users get it.
+    naive_calibration = train.select(range(DataArguments.calibration_blocks))
+    naive_student, naive_config = build_student(
+        teacher, {"depth": {"method": "importance", "n": 6}}, data=naive_calibration
+    )
     if args.reference:
         values = [float(v) for v in args.reference.split(",")]
         results["teacher"] = dict(zip(eval_splits, values[:2], strict=True))
