@@ -243,7 +243,6 @@ def test_demo_heals_and_trains_with_the_depth_recovery_preset():
 
     recover_args, data_args, config = demo.make_parser().parse_args_into_dataclasses([])
     assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "importance", "n": 6, "heal": "lstsq"}
-    assert data_args.calibration_blocks == 64
     for name, value in DistillationConfig.DEPTH_RECOVERY_RECIPE.items():
         assert getattr(config, name) == value, name
     assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (60, 4, 256)
