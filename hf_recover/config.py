@@ -249,3 +249,27 @@ class DistillationConfig(TrainingArguments):
     def divergence_kwargs(self) -> dict[str, float]:
         """The chosen divergence's own keyword arguments, from their config fields (e.g. `{"beta": jsd_beta}`)."""
         return {param.argument: getattr(self, param.field) for param in DIVERGENCES[self.divergence].params}
+
+    DEPTH_RECOVERY_RECIPE = {
+        "alpha": 0.5,
+        "beta": 0.5,
+        "gamma": 0.1,
+        "delta": 0.0,
+        "temperature": 2.0,
+        "divergence": "forward_kl",
+        "learning_rate": 1e-4,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+    }
+
+    @classmethod
+    def for_depth_recovery(cls, **overrides) -> DistillationConfig:
+        """The recipe for recovering a depth-pruned (and healed) student at small budgets.
+
+        `0.5·CE + 0.5·T²·forward KL + 0.1·(1 − cos)` hidden alignment (`kept` layer map), T = 2, lr 1e-4
+        constant: on SmolLM2-135M-Instruct with 6 of 30 blocks removed it recovered 75% of the validation
+        perplexity gap in 30,720 tokens and 89% in 61,440 (79.7% at 30,720 after healing the cuts); a
+        larger learning rate with cosine decay (5e-4) lost 5 to 10 points. Any field can be overridden:
+        `DistillationConfig.for_depth_recovery(output_dir="out", max_steps=200)`.
+        """
+        return cls(**{**cls.DEPTH_RECOVERY_RECIPE, **overrides})

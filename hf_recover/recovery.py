@@ -73,14 +73,19 @@ def needs_calibration(spec: dict[str, Any]) -> bool:
 
 
 def _scored_depth(depth: dict[str, Any] | None) -> bool:
-    return bool(depth) and "remove" not in depth and "scores" not in depth and depth.get("method") != "last"
+    """Whether depth pruning reads calibration data: to score the blocks, or to heal the cuts."""
+    if not depth:
+        return False
+    scored = "remove" not in depth and "scores" not in depth and depth.get("method") != "last"
+    return scored or bool(depth.get("heal"))
 
 
 def build_student(teacher: torch.nn.Module, spec: dict[str, Any], *, data: Any = None, max_batches: int | None = None):
     """Prune a copy of `teacher` as `spec` says (`{"depth": {...}, "width": {...}}`, depth first).
 
     `data` is the calibration data for the scored methods (depth `importance`/`angular`, width
-    `activation`; see `needs_calibration`). Returns `(student, PrunedConfig)`; `teacher` is untouched.
+    `activation`) and for healing the cuts (see `needs_calibration`). Returns `(student, PrunedConfig)`;
+    `teacher` is untouched.
     """
     from .pruning import prune_depth, prune_width
 

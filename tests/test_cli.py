@@ -189,6 +189,16 @@ def test_prune_spec_shorthands():
         "depth": {"method": "angular", "n": 4},
         "width": {"method": "vow", "pruning_ratio": 0.25},
     }
+    healed = {"depth": {"method": "importance", "n": 6, "heal": "cosine"}}
+    assert parse_prune_spec("importance:6:heal=cosine") == healed
+    assert parse_prune_spec("remove:3,12:heal=lstsq+width:maw:0.1") == {
+        "depth": {"remove": [3, 12], "heal": "lstsq"},
+        "width": {"method": "maw", "pruning_ratio": 0.1},
+    }
+    with pytest.raises(ValueError, match="heal= takes one of"):
+        parse_prune_spec("importance:6:heal=svd")
+    with pytest.raises(ValueError, match="follows a depth part"):
+        parse_prune_spec("width:maw:0.1:heal=lstsq")
 
 
 def test_console_script_help_lists_every_command():
@@ -280,3 +290,26 @@ def test_compare_distils_from_the_teacher_in_teacher_dtype(workspace, monkeypatc
     teacher, student = seen[0]
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+def test_demo_heals_and_trains_with_the_depth_recovery_preset():
+    from hf_recover import DistillationConfig
+    from hf_recover.scripts import demo
+
+    recover_args, data_args, config = demo.make_parser().parse_args_into_dataclasses([])
+    assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "importance", "n": 6, "heal": "lstsq"}
+    for name, value in DistillationConfig.DEPTH_RECOVERY_RECIPE.items():
+        assert getattr(config, name) == value, name
+    assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (60, 4, 256)
+
+
+def test_named_blocks_with_healing_get_calibration_data(workspace):
+    """`remove:...:heal=lstsq` scores nothing but heals: the calibration data must still reach prune_depth."""
+    from hf_recover.recovery import needs_calibration
+
+    assert needs_calibration(parse_prune_spec("remove:1,2:heal=lstsq"))
+    assert not needs_calibration(parse_prune_spec("remove:1,2"))
+    ws = workspace
+    cli(["prune", "--model", str(ws / "teacher"), "--prune", "remove:1,2:heal=lstsq", "--output_dir", str(ws / "s"),
+         *data_flags(ws)])  # fmt: skip
+    assert (ws / "s" / "pruned_config.json").is_file()

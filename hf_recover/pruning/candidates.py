@@ -18,11 +18,12 @@ from ..pruned_config import PrunedConfig
 from ..reporting import format_parameters, format_perplexity
 from ._model import check_supported, decoder_layers, mlp_sizes
 from .depth import _SCORE_FOR_METHOD, DEPTH_METHODS, _plan_removal, prune_depth
+from .healing import check_heal
 from .importance import _block_scores, check_layer_indices
 from .width import WIDTH_METHODS, prune_width, target_sizes
 
 SPEC_KEYS = ("depth", "width")
-DEPTH_SPEC_KEYS = ("remove", "n", "method")
+DEPTH_SPEC_KEYS = ("remove", "n", "method", "heal")
 WIDTH_SPEC_KEYS = ("pruning_ratio", "expansion_rate", "divisor", "method", "layers")
 RANK_METRICS = ("perplexity", "kl")
 
@@ -234,6 +235,7 @@ def _check_spec(teacher: nn.Module, name: str, spec: Any, calibration: Any) -> N
         if "remove" not in depth and method not in DEPTH_METHODS:
             raise ValueError(f"{where}: depth method must be one of {list(DEPTH_METHODS)}, got {method!r}.")
         try:
+            check_heal(teacher, depth.get("heal"), calibration)
             removed, _, _ = _plan_removal(
                 teacher, n_layers, depth.get("remove"), depth.get("n"), method, None, calibration
             )
@@ -301,6 +303,8 @@ def _build(
                     max_batches=max_batches,
                 )
             depth["scores"] = block_scores[key]
+        if depth.get("heal") is not None:
+            depth.update(data=calibration, batch_size=batch_size, max_batches=max_batches)
         model, pruned_config = prune_depth(model, inplace=True, **depth)
     if "width" in spec:
         width = dict(spec["width"])

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..pruned_config import PrunedConfig
 from ._model import MLP_SIZES_FIELD, base_pruned_config, check_supported, decoder_layers, describe_data, finish_pruning
+from .healing import check_heal, heal_cuts, teacher_targets
 from .importance import _block_scores, check_layer_indices
 
 DEPTH_METHODS = ("importance", "angular", "last")
@@ -30,6 +31,8 @@ def prune_depth(
     inplace: bool = False,
     batch_size: int = 8,
     max_batches: int | None = None,
+    heal: str | None = None,
+    heal_sequential: bool = True,
 ) -> tuple[nn.Module, PrunedConfig]:
     """Remove transformer blocks; return the pruned model and its `PrunedConfig` (also `model.pruned_config`).
 
@@ -45,9 +48,19 @@ def prune_depth(
     `forward`, `generate` with the cache, and `save_pretrained` -> `AutoModelForCausalLM.from_pretrained`
     all work. `inplace=False` (the default) leaves `model` untouched and prunes a deep copy. A model
     that was pruned before (it carries a `pruned_config`) gets one config describing both prunings.
+
+    `heal="lstsq"` or `"cosine"` heals each cut without training (see `hf_recover.pruning.healing`):
+    for every contiguous run of removed blocks, a linear map fitted on `data` (padding excluded) is folded
+    into the `down_proj` of the block before the run, so that block's output approximates the output of
+    the run's last removed block. No parameter is added. `heal_sequential=True` fits the maps one cut
+    after another on the healed student's own activations; `False` fits them all on the teacher's. A run
+    starting at block 0 has no block before it and is left as it is (listed as `skipped`). The step in the
+    `PrunedConfig` records the method, calibration tokens and runs healed. Not available for Gemma3,
+    whose post-feedforward norm sits between `down_proj` and the residual stream.
     """
     check_supported(model)
     n_layers = len(decoder_layers(model))
+    check_heal(model, heal, data)
     removed, method, scores = _plan_removal(model, n_layers, remove, n, method, scores, data)
     description = None
     if removed is None:  # scored on data, which the checks above made sure is there
@@ -65,14 +78,24 @@ def prune_depth(
 
     teacher = base_pruned_config(model)
     previous = PrunedConfig.find_for(model)
+    kept = [i for i in range(n_layers) if i not in set(removed)]
+    if heal is not None:  # the teacher's activations, before `inplace=True` removes its blocks
+        targets = teacher_targets(
+            model, kept, data, sequential=heal_sequential, batch_size=batch_size, max_batches=max_batches
+        )
     if not inplace:
         model = copy.deepcopy(model)
-    kept = [i for i in range(n_layers) if i not in set(removed)]
     remove_blocks(model, kept)
     step = {"type": "depth", "method": method, "removed": removed}
     if method in _SCORE_FOR_METHOD:
         step.update(score=_SCORE_FOR_METHOD[method], n_blocks=n if method == "angular" else 1)
         step["scores"] = [round(float(s), 6) for s in scores]
+    if heal is not None:
+        step["heal"] = heal_cuts(
+            model, kept, targets, data, method=heal, batch_size=batch_size, max_batches=max_batches
+        )
+        if description is None:
+            description = describe_data(data, targets["tokens"], targets["sequences"])
     pruned_config = finish_pruning(model, teacher, previous, kept_layer_indices=kept, step=step, data=description)
     return model, pruned_config
 

@@ -124,7 +124,8 @@ def parse_prune_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
 
     Shorthands: `importance:6`, `angular:6`, `last:6` (depth, `n` blocks by that method),
     `remove:3,12,13` (depth, those blocks), `width:maw:0.2` (width, method and pruning ratio), and
-    `+` to chain them (`importance:4+width:maw:0.1`).
+    `+` to chain them (`importance:4+width:maw:0.1`). A depth part ending in `:heal=lstsq` or
+    `:heal=cosine` heals the cuts on the calibration data (`importance:6:heal=cosine`).
     """
     if isinstance(spec, dict):
         return _check_prune_spec(spec)
@@ -136,7 +137,10 @@ def parse_prune_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"Prune spec {spec!r} is not valid JSON: {err}.") from err
     result: dict[str, Any] = {}
     for part in text.split("+"):
+        part, _, heal = part.partition(":heal=")
         kind, _, rest = part.partition(":")
+        if heal and kind not in ("importance", "angular", "last", "remove"):
+            raise ValueError(f"Prune spec {part!r}: ':heal=' follows a depth part (importance:6:heal=cosine).")
         if kind in ("importance", "angular", "last") and rest.isdigit():
             result["depth"] = {"method": kind, "n": int(rest)}
         elif kind == "remove" and rest:
@@ -156,6 +160,12 @@ def parse_prune_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
                 "width:METHOD:RATIO, chained with '+', or a JSON dict like "
                 '{"depth": {"method": "importance", "n": 6}}.'
             )
+        if heal:
+            from ..pruning.healing import HEAL_METHODS
+
+            if heal not in HEAL_METHODS:
+                raise ValueError(f"Prune spec {spec!r}: heal= takes one of {list(HEAL_METHODS)}, got {heal!r}.")
+            result["depth"]["heal"] = heal
     return _check_prune_spec(result)
 
 
