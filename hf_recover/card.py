@@ -359,7 +359,21 @@ def _pruning_facts(pruned: PrunedConfig, metrics: Mapping[str, Any]) -> dict[str
         "data": pruned.data,
         "license": pruned.license,
         "mlp_rows": _mlp_rows(pruned),
+        "attention_heads": _attention_heads_phrase(pruned),
     }
+
+
+def _attention_heads_phrase(pruned: PrunedConfig) -> str | None:
+    """`"4 → 2"` (or the per-block lists when blocks differ) when head pruning changed some block; else None."""
+    student, teacher = pruned.student_attention_heads, pruned.teacher_attention_heads
+    if not student or len(teacher) != pruned.teacher_num_layers:
+        return None
+    before = [teacher[t] for t in pruned.kept_layer_indices]
+    if before == student:
+        return None
+    if len(set(before)) == 1 and len(set(student)) == 1:
+        return f"{before[0]} → {student[0]} query heads in every block"
+    return f"{before} → {student} query heads (per student block)"
 
 
 def _step_facts(step: Mapping[str, Any]) -> dict[str, Any]:
