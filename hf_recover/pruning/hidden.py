@@ -134,7 +134,7 @@ def slice_hidden(model: nn.Module, keep: torch.Tensor) -> None:
         embed.weight = _sliced(embed.weight, keep, 1)
         embed.embedding_dim = len(keep)
         scale = getattr(embed, "embed_scale", None)
-        if isinstance(scale, torch.Tensor):
+        if isinstance(scale, torch.Tensor) and len(keep) != old_size:
             ratio = math.sqrt(old_size / len(keep))
             embed.weight.mul_(ratio)
             embed.embed_scale = torch.tensor(len(keep) ** 0.5, dtype=scale.dtype, device=scale.device)
