@@ -155,3 +155,64 @@ def test_bad_input_raises_before_touching_the_model(tiny_llama, kwargs, match):
         prune_width(tiny_llama, inplace=True, **kwargs)
     assert tiny_llama.config.hidden_size == 32
     assert all(torch.equal(v, before[k]) for k, v in tiny_llama.state_dict().items())
+
+
+# -- specs: the CLI shorthand, select_candidate, hf-recover prune ---------------------------------------------------
+
+
+def test_spec_shorthands_for_heads_and_hidden():
+    from hf_recover.scripts.arguments import parse_prune_spec
+
+    assert parse_prune_spec("heads:2") == {"width": {"heads": 2}}
+    assert parse_prune_spec("hidden:0.75") == {"width": {"hidden_size": 0.75}}
+    assert parse_prune_spec("importance:2+width:maw:0.25+heads:0.5+hidden:512") == {
+        "depth": {"method": "importance", "n": 2},
+        "width": {"method": "maw", "pruning_ratio": 0.25, "heads": 0.5, "hidden_size": 512},
+    }
+    for bad in ("heads:", "hidden:many", "heads:1:2"):
+        with pytest.raises(ValueError, match="Prune spec|Unknown prune spec"):
+            parse_prune_spec(bad)
+
+
+def test_select_candidate_builds_head_and_hidden_candidates(tiny_llama):
+    from hf_recover.pruning import select_candidate
+
+    rows = [{**row, "labels": row["input_ids"]} for row in _rows(pad_last=0)]
+    specs = {
+        "heads": {"width": {"heads": 2}},
+        "hidden": {"width": {"hidden_size": 16}},
+        "all": {"depth": {"remove": [5]}, "width": {"pruning_ratio": 0.5, "heads": 2, "hidden_size": 16}},
+    }
+    report = select_candidate(tiny_llama, specs, rows)
+    by_name = {r.name: r for r in report.results}
+    direct, _ = prune_width(tiny_llama, heads=2, data=rows)
+    assert by_name["heads"].num_parameters == count_parameters(direct)
+    assert by_name["hidden"].pruned_config.student_hidden_size == 16
+    assert by_name["all"].pruned_config.student_attention_heads == [2] * 5
+    assert tiny_llama.model.layers[0].self_attn.q_proj.out_features == 32  # the teacher stays intact
+    assert tiny_llama.model.embed_tokens.weight.shape == (320, 32)
+    with pytest.raises(ValueError, match="candidate 'odd': .*breaks grouped-query attention"):
+        select_candidate(tiny_llama, {"odd": {"width": {"heads": 3}}}, rows)
+    with pytest.raises(ValueError, match="candidate 'odd': .*multiple of num_attention_heads"):
+        select_candidate(tiny_llama, {"odd": {"width": {"hidden_size": 30}}}, rows)
+
+
+def test_cli_prune_heads_and_hidden_then_reload(tmp_path, tiny_tokenizer):
+    from conftest import TINY_TEXTS
+
+    from hf_recover import PrunedConfig
+    from hf_recover.cli import main as cli
+
+    build_tiny_model("qwen3").save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    for i in range(20):
+        (tmp_path / "data" / f"doc{i}.txt").write_text(" ".join(TINY_TEXTS[(i + j) % 10] for j in range(3)))
+    cli(["prune", "--model", str(tmp_path / "teacher"), "--prune", "heads:2+hidden:0.5", "--output_dir",
+         str(tmp_path / "narrow"), "--dataset", str(tmp_path / "data"), "--max_length", "32",
+         "--calibration_blocks", "3"])  # fmt: skip
+    pruned = PrunedConfig.from_pretrained(tmp_path / "narrow")
+    assert pruned.student_hidden_size == 16 and pruned.student_attention_heads == [2] * 6
+    assert pruned.data.startswith("96 calibration tokens in 3 sequences")
+    model = load_pruned(tmp_path / "narrow")
+    assert model.model.embed_tokens.weight.shape == (320, 16)

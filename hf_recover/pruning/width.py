@@ -92,7 +92,7 @@ def prune_width(
         if prune_mlp
         else []
     )
-    head_targets, hidden_target = _check_heads_and_hidden(model, heads, hidden_size, layer_indices, data)
+    head_targets, hidden_target = plan_heads_and_hidden(model, heads, hidden_size, layer_indices, data)
 
     tokens = sequences = 0
     if prune_mlp:
@@ -146,14 +146,29 @@ def prune_width(
     return model, pruned_config
 
 
-def _check_heads_and_hidden(
-    model: nn.Module, heads: int | float | None, hidden_size: int | float | None, layer_indices: list[int], data: Any
+def width_needs_data(width: dict[str, Any]) -> bool:
+    """Whether `prune_width(**width)` ranks by activations, so needs calibration `data=`."""
+    return (
+        width.get("method") == "activation" or width.get("heads") is not None or width.get("hidden_size") is not None
+    )
+
+
+def plan_heads_and_hidden(
+    model: nn.Module,
+    heads: int | float | None,
+    hidden_size: int | float | None,
+    layer_indices: list[int],
+    data: Any,
+    head_counts: list[int] | None = None,
 ) -> tuple[list[int], int | None]:
-    """The head counts of the blocks in `layer_indices` and the hidden size to keep; raises before any work."""
+    """The head counts of the blocks in `layer_indices` and the hidden size to keep; raises before any work.
+
+    `head_counts`: the query heads of every block that `layer_indices` refers to (the model's own by default; a
+    candidate spec passes those left after its depth step)."""
     if heads is None and hidden_size is None:
         return [], None
     check_calibration_data(data, "Attention-head pruning" if heads is not None else "Hidden-size pruning")
-    counts = attention_heads(model)
+    counts = list(attention_heads(model) if head_counts is None else head_counts)
     head_targets = (
         target_heads(heads, [counts[i] for i in layer_indices], num_kv_heads(model)) if heads is not None else []
     )
