@@ -216,3 +216,53 @@ def test_cli_prune_heads_and_hidden_then_reload(tmp_path, tiny_tokenizer):
     assert pruned.data.startswith("96 calibration tokens in 3 sequences")
     model = load_pruned(tmp_path / "narrow")
     assert model.model.embed_tokens.weight.shape == (320, 16)
+
+
+# -- recovery: a hidden-pruned student distils through the projectors -----------------------------------------------
+
+
+def test_a_hidden_pruned_student_trains_through_projectors_and_resumes(tmp_path, tiny_tokenizer):
+    from conftest import TINY_TEXTS
+    from datasets import Dataset
+    from torch import nn
+
+    from hf_recover import DistillationConfig, DistillationTrainer, prepare_recovery_dataset, prune_depth
+    from hf_recover.trainer import PROJECTORS_NAME
+
+    texts = [text[: 12 + 7 * i] for i, text in enumerate(TINY_TEXTS * 2)]
+    data = prepare_recovery_dataset(Dataset.from_dict({"text": texts}), tiny_tokenizer, max_length=24, packing=False)
+    teacher = build_tiny_model(seed=1)
+    shallow, _ = prune_depth(teacher, remove=[1, 4])
+    student, pruned = prune_width(shallow, hidden_size=16, heads=2, layers=[0, 3], pruning_ratio=0.5, data=_rows())
+    student.save_pretrained(tmp_path / "student")
+    pruned.save_pretrained(tmp_path / "student")
+
+    def args(name):
+        return DistillationConfig(
+            output_dir=str(tmp_path / name), report_to="none", use_cpu=True, per_device_train_batch_size=4,
+            learning_rate=1e-3, max_steps=4, logging_steps=1, save_strategy="steps", save_steps=2,
+            disable_tqdm=True, seed=0, gamma=0.5, delta=0.2,
+        )  # fmt: skip
+
+    full = DistillationTrainer(str(tmp_path / "student"), teacher, args("full"), train_dataset=data)
+    assert full.layer_map == [0, 2, 3, 5]  # the blocks depth pruning kept
+    assert [(p.in_features, p.out_features) for p in full.projectors] == [(16, 32)] * 4
+    initial = copy.deepcopy(full.projectors)
+    full.train()
+    assert (tmp_path / "full" / "checkpoint-2" / PROJECTORS_NAME).is_file()
+    for p, p0 in zip(full.projectors.parameters(), initial.parameters()):
+        assert not torch.allclose(p, p0)  # the projectors trained
+
+    resumed = DistillationTrainer(str(tmp_path / "student"), teacher, args("resumed"), train_dataset=data)
+    for param in resumed.projectors.parameters():  # the checkpoint must overwrite these
+        nn.init.normal_(param)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    for key in ("loss", "align", "fdd"):
+        full_log = [e[key] for e in full.state.log_history if key in e]
+        resumed_log = [e[key] for e in resumed.state.log_history if key in e]
+        assert len(full_log) == len(resumed_log) == 4, key
+        assert resumed_log[2:] == pytest.approx(full_log[2:], rel=1e-5), key
+    for p, q in zip(full.projectors.parameters(), resumed.projectors.parameters()):
+        torch.testing.assert_close(q, p)
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p)
