@@ -134,7 +134,10 @@ def generate_model_card(
         "usage": {
             "model_id": hub_model_id or "path/to/this/model",
             # blocks of different MLP sizes do not fit one `intermediate_size`: plain from_pretrained cannot build them
-            "load_pruned": len(set(pruned.student_intermediate_sizes if pruned else [])) > 1,
+            "load_pruned": any(
+                len(set(values)) > 1
+                for values in ((pruned.student_intermediate_sizes, pruned.student_attention_heads) if pruned else ())
+            ),
         },
         "versions": _versions(),
     }
@@ -406,7 +409,9 @@ def _mlp_rows(pruned: PrunedConfig) -> list[dict[str, Any]]:
     if not student_sizes or len(student_sizes) != len(kept):
         return []
     teacher_for = [teacher_sizes[t] if len(teacher_sizes) == pruned.teacher_num_layers else None for t in kept]
-    if "width" not in pruned.pruning_types and all(t is None or t == s for t, s in zip(teacher_for, student_sizes)):
+    # a width step that pruned only heads or the hidden size records no MLP method
+    mlp_pruned = any(step.get("type") == "width" and step.get("method") for step in pruned.steps)
+    if not mlp_pruned and all(t is None or t == s for t, s in zip(teacher_for, student_sizes)):
         return []
     return [
         {

@@ -176,3 +176,12 @@ def test_bad_input_raises_before_touching_the_model(tiny_llama, kwargs, match):
     with pytest.raises(ValueError, match=match):
         prune_width(tiny_llama, inplace=True, **kwargs)
     assert [layer.self_attn.q_proj.out_features for layer in tiny_llama.model.layers] == [32] * 6
+
+
+def test_the_card_loads_per_block_head_counts_with_load_pruned(tiny_llama):
+    _, per_block = prune_width(tiny_llama, heads=2, data=_rows(), layers=[0])
+    card = generate_model_card(pruned_config=per_block).text
+    assert "model = load_pruned(model_id)" in card
+    assert "Per-block MLP" not in card  # the MLP was not pruned: no table of unchanged sizes
+    _, uniform = prune_width(tiny_llama, heads=2, data=_rows())
+    assert "model = load_pruned(model_id)" not in generate_model_card(pruned_config=uniform).text

@@ -138,7 +138,7 @@ def prune_width(
     if hidden_size is not None:
         keep = torch.argsort(channel_scores, descending=True, stable=True)[:hidden_target].sort().values
         slice_hidden(model, keep)
-        step.update(hidden_size=hidden_size, kept_hidden_size=hidden_target)
+        step.update(hidden_size=hidden_size)
     uses_data = (prune_mlp and method == "activation") or heads is not None or hidden_size is not None
     description = describe_data(data, tokens, sequences) if uses_data else None
     kept = list(range(len(blocks)))
