@@ -35,6 +35,8 @@ _EXPORTS = {
     "block_importance": "pruning",
     "plot_block_importance": "pruning",
     "neuron_importance": "pruning",
+    "head_importance": "pruning",
+    "hidden_importance": "pruning",
     "prune_depth": "pruning",
     "prune_width": "pruning",
     "load_pruned": "loading",
@@ -84,6 +86,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .pruning import (
         CandidateReport,
         block_importance,
+        head_importance,
+        hidden_importance,
         neuron_importance,
         plot_block_importance,
         prune_depth,

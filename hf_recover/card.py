@@ -153,7 +153,10 @@ def generate_model_card(
         "usage": {
             "model_id": hub_model_id or "path/to/this/model",
             # blocks of different MLP sizes do not fit one `intermediate_size`: plain from_pretrained cannot build them
-            "load_pruned": len(set(pruned.student_intermediate_sizes if pruned else [])) > 1,
+            "load_pruned": any(
+                len(set(values)) > 1
+                for values in ((pruned.student_intermediate_sizes, pruned.student_attention_heads) if pruned else ())
+            ),
         },
         "versions": _versions(),
     }
@@ -387,7 +390,21 @@ def _pruning_facts(pruned: PrunedConfig, metrics: Mapping[str, Any]) -> dict[str
         "data": pruned.data,
         "license": pruned.license,
         "mlp_rows": _mlp_rows(pruned),
+        "attention_heads": _attention_heads_phrase(pruned),
     }
+
+
+def _attention_heads_phrase(pruned: PrunedConfig) -> str | None:
+    """`"4 → 2"` (or the per-block lists when blocks differ) when head pruning changed some block; else None."""
+    student, teacher = pruned.student_attention_heads, pruned.teacher_attention_heads
+    if not student or len(teacher) != pruned.teacher_num_layers:
+        return None
+    before = [teacher[t] for t in pruned.kept_layer_indices]
+    if before == student:
+        return None
+    if len(set(before)) == 1 and len(set(student)) == 1:
+        return f"{before[0]} → {student[0]} query heads in every block"
+    return f"{before} → {student} query heads (per student block)"
 
 
 def _step_facts(step: Mapping[str, Any]) -> dict[str, Any]:
@@ -420,7 +437,9 @@ def _mlp_rows(pruned: PrunedConfig) -> list[dict[str, Any]]:
     if not student_sizes or len(student_sizes) != len(kept):
         return []
     teacher_for = [teacher_sizes[t] if len(teacher_sizes) == pruned.teacher_num_layers else None for t in kept]
-    if "width" not in pruned.pruning_types and all(t is None or t == s for t, s in zip(teacher_for, student_sizes)):
+    # a width step that pruned only heads or the hidden size records no MLP method
+    mlp_pruned = any(step.get("type") == "width" and step.get("method") for step in pruned.steps)
+    if not mlp_pruned and all(t is None or t == s for t, s in zip(teacher_for, student_sizes)):
         return []
     return [
         {

@@ -26,7 +26,7 @@ HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
 
 
 def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **from_pretrained_kwargs):
-    """Load a pruned (or recovered) model saved with `save_pretrained`, whatever its MLP sizes.
+    """Load a pruned (or recovered) model saved with `save_pretrained`, whatever its MLP sizes and head counts.
 
     How to reload. transformers 5 takes a single int `intermediate_size` for Llama, Qwen2, Qwen3,
     Gemma3 and Mistral (a per-layer list fails the config's validation). So:
@@ -39,13 +39,15 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **from_pretrai
       a size-mismatch error). `load_pruned` builds each block's MLP at its own size and loads the
       safetensors weights exactly, through `from_pretrained`, so its keyword arguments (`dtype`,
       `device_map`, `revision`, ...) work as usual; it also works for uniform models.
+    - per-block query-head counts (`prune_width(..., heads=..., layers=[...])`) work the same way: the config
+      holds `hf_recover_attention_heads` and `load_pruned` builds each block's `q_proj`/`o_proj` at its size.
     Save with `model.save_pretrained(path)` and `model.pruned_config.save_pretrained(path)` (the
     trainer's save does both). The `PrunedConfig` found next to the weights is attached to the
     returned model as `model.pruned_config`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .pruning._model import MLP_SIZES_FIELD
+    from .pruning._model import ATTENTION_HEADS_FIELD, MLP_SIZES_FIELD
 
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in HUB_KWARGS if k in from_pretrained_kwargs}
     config = from_pretrained_kwargs.pop("config", None) or AutoConfig.from_pretrained(
@@ -57,14 +59,23 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **from_pretrai
     sizes = getattr(config, MLP_SIZES_FIELD, None)
     if sizes is None and pruned_config is not None and pruned_config.student_intermediate_sizes:
         sizes = pruned_config.student_intermediate_sizes
-    if sizes is not None and len(set(sizes)) > 1:
-        if len(sizes) != config.num_hidden_layers:
+    heads = getattr(config, ATTENTION_HEADS_FIELD, None)
+    if heads is None and pruned_config is not None and pruned_config.student_attention_heads:
+        heads = pruned_config.student_attention_heads
+    per_layer = {
+        name: values
+        for name, values in (("MLP sizes", sizes), ("attention head counts", heads))
+        if values is not None and len(set(values)) > 1
+    }
+    for name, values in per_layer.items():
+        if len(values) != config.num_hidden_layers:
             raise ValueError(
-                f"The saved per-layer MLP sizes ({len(sizes)}) do not match num_hidden_layers "
+                f"The saved per-layer {name} ({len(values)}) do not match num_hidden_layers "
                 f"({config.num_hidden_layers}) in {pretrained_model_name_or_path}: the folder is inconsistent."
             )
+    if per_layer:
         model_class = AutoModelForCausalLM._model_mapping[type(config)]
-        with _per_layer_mlp_sizes(model_class, sizes):
+        with _per_layer_shapes(model_class, per_layer.get("MLP sizes"), per_layer.get("attention head counts")):
             model = AutoModelForCausalLM.from_pretrained(
                 pretrained_model_name_or_path, config=config, **from_pretrained_kwargs
             )
@@ -78,8 +89,9 @@ def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **from_pretrai
 
 
 @contextmanager
-def _per_layer_mlp_sizes(model_class: type, sizes: list[int]):
-    """While active, every decoder block of `model_class` builds its MLP at `sizes[layer_idx]`.
+def _per_layer_shapes(model_class: type, sizes: list[int] | None, heads: list[int] | None):
+    """While active, every decoder block of `model_class` builds its MLP at `sizes[layer_idx]` and its attention
+    with `heads[layer_idx]` query heads (either may be None: the config's size for every block).
 
     `from_pretrained` constructs the model (on the meta device) and then loads the weights into it;
     patching the block constructor is the one place where the right shapes can be set in between.
@@ -87,13 +99,19 @@ def _per_layer_mlp_sizes(model_class: type, sizes: list[int]):
     module = sys.modules[model_class.__module__]
     layer_classes = [getattr(module, name) for name in model_class._no_split_modules if hasattr(module, name)]
     if len(layer_classes) != 1:
-        raise ValueError(f"Cannot find the decoder block class of {model_class.__name__} to build per-layer MLPs.")
+        raise ValueError(f"Cannot find the decoder block class of {model_class.__name__} to build per-layer shapes.")
     layer_class = layer_classes[0]
     original_init = layer_class.__init__
 
     def __init__(self, config, layer_idx, *args, **kwargs):
         original_init(self, config, layer_idx, *args, **kwargs)
-        _resize_mlp(self.mlp, sizes[layer_idx])
+        if sizes is not None:
+            _resize_mlp(self.mlp, sizes[layer_idx])
+        if heads is not None:
+            from .pruning.heads import resize_heads
+
+            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            resize_heads(self.self_attn, heads[layer_idx], self.self_attn.head_dim, kv_heads)
 
     layer_class.__init__ = __init__
     try:

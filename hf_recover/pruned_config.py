@@ -40,6 +40,10 @@ class PrunedConfig:
     student_intermediate_sizes: list[int] = field(default_factory=list)
     teacher_hidden_size: int | None = None
     student_hidden_size: int | None = None
+    teacher_attention_heads: list[int] = field(default_factory=list)
+    """Query heads of every teacher block (empty in configs written before heads could be pruned)."""
+    student_attention_heads: list[int] = field(default_factory=list)
+    """Query heads of every student block, in student block order."""
     teacher_num_parameters: int | None = None
     student_num_parameters: int | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -63,6 +67,11 @@ class PrunedConfig:
             raise ValueError(
                 f"student_intermediate_sizes has {len(self.student_intermediate_sizes)} entries but the student "
                 f"has {len(kept)} blocks; give one MLP size per kept block."
+            )
+        if self.student_attention_heads and len(self.student_attention_heads) != len(kept):
+            raise ValueError(
+                f"student_attention_heads has {len(self.student_attention_heads)} entries but the student has "
+                f"{len(kept)} blocks; give one query-head count per kept block."
             )
 
     # -- what the trainer and the model card read -------------------------------------------------
@@ -123,6 +132,8 @@ class PrunedConfig:
             student_intermediate_sizes=list(later.student_intermediate_sizes),
             teacher_hidden_size=self.teacher_hidden_size,
             student_hidden_size=later.student_hidden_size,
+            teacher_attention_heads=list(self.teacher_attention_heads),
+            student_attention_heads=list(later.student_attention_heads),
             teacher_num_parameters=self.teacher_num_parameters,
             student_num_parameters=later.student_num_parameters,
             steps=[*self.steps, *later.steps],

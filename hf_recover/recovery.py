@@ -69,7 +69,9 @@ class RecoveryResult:
 
 def needs_calibration(spec: dict[str, Any]) -> bool:
     """Whether pruning by `spec` scores blocks or neurons on calibration data."""
-    return _scored_depth(spec.get("depth")) or spec.get("width", {}).get("method") == "activation"
+    from .pruning.width import width_needs_data
+
+    return _scored_depth(spec.get("depth")) or width_needs_data(spec.get("width", {}))
 
 
 def _scored_depth(depth: dict[str, Any] | None) -> bool:
@@ -84,8 +86,8 @@ def build_student(teacher: torch.nn.Module, spec: dict[str, Any], *, data: Any =
     """Prune a copy of `teacher` as `spec` says (`{"depth": {...}, "width": {...}}`, depth first).
 
     `data` is the calibration data for the scored methods (depth `importance`/`angular`, width
-    `activation`) and for healing the cuts (see `needs_calibration`). Returns `(student, PrunedConfig)`;
-    `teacher` is untouched.
+    `activation`, heads, hidden size) and for healing the cuts (see `needs_calibration`). Returns
+    `(student, PrunedConfig)`; `teacher` is untouched.
     """
     from .pruning import prune_depth, prune_width
 
@@ -97,7 +99,7 @@ def build_student(teacher: torch.nn.Module, spec: dict[str, Any], *, data: Any =
         student, pruned_config = prune_depth(student, **depth)
     if "width" in spec:
         width = dict(spec["width"])
-        if width.get("method") == "activation":
+        if needs_calibration({"width": width}):
             width.update(data=data, max_batches=max_batches)
         student, pruned_config = prune_width(student, inplace=student is not teacher, **width)
     # The copy inherits the teacher's flags, and a teacher that trained a student before is frozen.

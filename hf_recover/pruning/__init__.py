@@ -1,9 +1,12 @@
-"""Choose what to prune and prune it: block and neuron importance, depth and width pruning, and
-candidate selection. `load_pruned` (from `hf_recover.loading`) is re-exported here for existing imports."""
+"""Choose what to prune and prune it: block, neuron, head and hidden-channel importance, depth and width pruning,
+and candidate selection. `load_pruned` (from `hf_recover.loading`) is re-exported here for existing imports."""
 
 from ..loading import load_pruned
+from .budget import width_spec_at_parameters
 from .candidates import CandidateReport, CandidateResult, select_candidate
 from .depth import prune_depth
+from .heads import head_importance
+from .hidden import hidden_importance
 from .importance import block_importance, neuron_importance, plot_block_importance
 from .width import prune_width
 
@@ -11,10 +14,13 @@ __all__ = [
     "CandidateReport",
     "CandidateResult",
     "block_importance",
+    "head_importance",
+    "hidden_importance",
     "load_pruned",
     "neuron_importance",
     "plot_block_importance",
     "prune_depth",
     "prune_width",
     "select_candidate",
+    "width_spec_at_parameters",
 ]

@@ -16,6 +16,9 @@ from ..pruned_config import PrunedConfig
 MLP_SIZES_FIELD = "hf_recover_intermediate_sizes"
 """Config field holding per-layer MLP sizes when they differ (transformers takes a single int)."""
 
+ATTENTION_HEADS_FIELD = "hf_recover_attention_heads"
+"""Config field holding per-layer query-head counts when they differ (transformers takes a single int)."""
+
 GLU_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -79,6 +82,35 @@ def sync_mlp_sizes(model: nn.Module) -> None:
         delattr(config, MLP_SIZES_FIELD)
 
 
+def head_dim(model: nn.Module) -> int:
+    """The size of one attention head: `config.head_dim` where set, else hidden / heads, as transformers has it."""
+    config = model.config
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def attention_heads(model: nn.Module) -> list[int]:
+    """The number of query heads of every block, read from the weights (`q_proj` rows / head size)."""
+    size = head_dim(model)
+    return [layer.self_attn.q_proj.out_features // size for layer in decoder_layers(model)]
+
+
+def sync_attention_heads(model: nn.Module) -> None:
+    """Write the per-layer query-head counts into the config, as `sync_mlp_sizes` does for MLP sizes.
+
+    The head size is written explicitly first: several architectures derive it from hidden / heads, which
+    pruning heads or the hidden size would change. Equal counts go to `num_attention_heads`; different ones
+    also go to `hf_recover_attention_heads` (`num_attention_heads` then holds the largest count).
+    """
+    config = model.config
+    config.head_dim = head_dim(model)
+    counts = attention_heads(model)
+    config.num_attention_heads = max(counts)
+    if len(set(counts)) > 1:
+        setattr(config, ATTENTION_HEADS_FIELD, counts)
+    elif hasattr(config, ATTENTION_HEADS_FIELD):
+        delattr(config, ATTENTION_HEADS_FIELD)
+
+
 def new_linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
     """A fresh `nn.Linear` on `like`'s device and dtype (never mutate a layer's weights in place:
     `select_candidate` builds candidates that share the teacher's tensors)."""
@@ -115,6 +147,8 @@ def base_pruned_config(model: nn.Module) -> PrunedConfig:
         student_intermediate_sizes=list(sizes),
         teacher_hidden_size=config.hidden_size,
         student_hidden_size=config.hidden_size,
+        teacher_attention_heads=attention_heads(model),
+        student_attention_heads=attention_heads(model),
         teacher_num_parameters=count_parameters(model),
         license=teacher_license(name),
     )
@@ -132,11 +166,13 @@ def finish_pruning(
     """Describe the pruning of `teacher` into `model` (already pruned), compose it with an earlier
     pruning `previous` of the same model, attach the result as `model.pruned_config` and return it."""
     sync_mlp_sizes(model)
+    sync_attention_heads(model)
     config = replace(
         teacher,
         kept_layer_indices=list(kept_layer_indices),
         student_intermediate_sizes=mlp_sizes(model),
         student_hidden_size=model.config.hidden_size,
+        student_attention_heads=attention_heads(model),
         student_num_parameters=count_parameters(model),
         steps=[step],
         data=data,

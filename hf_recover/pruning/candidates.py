@@ -16,15 +16,15 @@ from tqdm.auto import tqdm
 from ..evaluation import count_parameters
 from ..pruned_config import PrunedConfig
 from ..reporting import format_parameters, format_perplexity
-from ._model import check_supported, decoder_layers, mlp_sizes
+from ._model import attention_heads, check_supported, decoder_layers, mlp_sizes
 from .depth import _SCORE_FOR_METHOD, DEPTH_METHODS, _plan_removal, prune_depth
 from .healing import check_heal
 from .importance import _block_scores, check_layer_indices
-from .width import WIDTH_METHODS, prune_width, target_sizes
+from .width import WIDTH_METHODS, plan_heads_and_hidden, prune_width, target_sizes, width_needs_data
 
 SPEC_KEYS = ("depth", "width")
 DEPTH_SPEC_KEYS = ("remove", "n", "method", "heal")
-WIDTH_SPEC_KEYS = ("pruning_ratio", "expansion_rate", "divisor", "method", "layers")
+WIDTH_SPEC_KEYS = ("pruning_ratio", "expansion_rate", "divisor", "method", "layers", "heads", "hidden_size")
 RANK_METRICS = ("perplexity", "kl")
 
 
@@ -224,6 +224,7 @@ def _check_spec(teacher: nn.Module, name: str, spec: Any, calibration: Any) -> N
         raise ValueError(f"{where}: unknown key(s) {bad}; valid keys are {list(SPEC_KEYS)}.")
     n_layers = len(decoder_layers(teacher))
     sizes = mlp_sizes(teacher)
+    heads = attention_heads(teacher)
     if "depth" in spec:
         depth = spec["depth"]
         if not isinstance(depth, Mapping):
@@ -245,6 +246,7 @@ def _check_spec(teacher: nn.Module, name: str, spec: Any, calibration: Any) -> N
         n_layers -= n_removed
         # Which blocks importance removes is not known yet; their MLP sizes only matter if they differ.
         sizes = [s for i, s in enumerate(sizes) if i not in set(removed)] if removed is not None else sizes[:n_layers]
+        heads = [h for i, h in enumerate(heads) if i not in set(removed)] if removed is not None else heads[:n_layers]
     if "width" in spec:
         width = spec["width"]
         if not isinstance(width, Mapping):
@@ -257,12 +259,17 @@ def _check_spec(teacher: nn.Module, name: str, spec: Any, calibration: Any) -> N
             if method not in WIDTH_METHODS:
                 raise ValueError(f"method must be one of {list(WIDTH_METHODS)}, got {method!r}.")
             layers = check_layer_indices(width.get("layers"), n_layers, "layers")
-            target_sizes(
-                [sizes[i] for i in layers],
-                teacher.config.hidden_size,
-                pruning_ratio=width.get("pruning_ratio"),
-                expansion_rate=width.get("expansion_rate"),
-                divisor=width.get("divisor", 1),
+            new_axes = width.get("heads") is not None or width.get("hidden_size") is not None
+            if not new_axes or width.get("pruning_ratio") is not None or width.get("expansion_rate") is not None:
+                target_sizes(
+                    [sizes[i] for i in layers],
+                    teacher.config.hidden_size,
+                    pruning_ratio=width.get("pruning_ratio"),
+                    expansion_rate=width.get("expansion_rate"),
+                    divisor=width.get("divisor", 1),
+                )
+            plan_heads_and_hidden(
+                teacher, width.get("heads"), width.get("hidden_size"), layers, calibration, head_counts=heads
             )
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
@@ -308,7 +315,7 @@ def _build(
         model, pruned_config = prune_depth(model, inplace=True, **depth)
     if "width" in spec:
         width = dict(spec["width"])
-        data = calibration if width.get("method") == "activation" else None
+        data = calibration if width_needs_data(width) else None
         model, pruned_config = prune_width(
             model, inplace=True, data=data, batch_size=batch_size, max_batches=max_batches, **width
         )

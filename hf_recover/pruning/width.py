@@ -1,5 +1,6 @@
-"""Width pruning: remove GLU MLP neurons (gate/up rows and down columns together). Models whose blocks ended
-with different MLP sizes reload with `hf_recover.load_pruned` (in `hf_recover.loading`)."""
+"""Width pruning: remove GLU MLP neurons (gate/up rows and down columns together), attention heads (see
+`heads`) and hidden channels (see `hidden`). Models whose blocks ended with different MLP sizes or head counts
+reload with `hf_recover.load_pruned` (in `hf_recover.loading`)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,19 @@ from torch import nn
 
 from ..pruned_config import PrunedConfig
 from ._model import (
+    attention_heads,
     base_pruned_config,
     check_supported,
     decoder_layers,
     describe_data,
     finish_pruning,
+    head_dim,
     mlp_sizes,
     new_linear,
 )
+from .calibration import check_calibration_data
+from .heads import HIDDEN_DIVISIBLE_BY_HEADS, head_scores, heads_to_keep, num_kv_heads, slice_heads, target_heads
+from .hidden import hidden_scores, slice_hidden, target_hidden_size
 from .importance import _check_neuron_args, _neuron_scores
 
 WIDTH_METHODS = ("maw", "vow", "pon", "activation")
@@ -32,15 +38,18 @@ def prune_width(
     expansion_rate: float | None = None,
     divisor: int = 1,
     method: str = "maw",
+    heads: int | float | None = None,
+    hidden_size: int | float | None = None,
     layers: list[int] | None = None,
     data: Any = None,
     inplace: bool = False,
     batch_size: int = 8,
     max_batches: int | None = None,
 ) -> tuple[nn.Module, PrunedConfig]:
-    """Remove the least important GLU MLP neurons of each block; return the model and its `PrunedConfig`.
+    """Remove the least important GLU MLP neurons, attention heads and/or hidden channels; return the model and
+    its `PrunedConfig`.
 
-    Give exactly one target size, applied to each block in `layers` (every block by default):
+    MLP neurons: give at most one target size, applied to each block in `layers` (every block by default):
     - `pruning_ratio` in (0, 1): the fraction of the block's neurons to remove; the block keeps
       `floor(size * (1 - pruning_ratio) / divisor) * divisor` neurons;
     - `expansion_rate` > 0: the kept MLP size relative to the hidden size; the block keeps
@@ -50,21 +59,48 @@ def prune_width(
     Neurons are ranked by `method` (see `neuron_importance`: `"maw"`, `"vow"`, `"pon"`, or
     `"activation"`, which needs calibration `data`). Kept neurons keep their order.
 
+    Attention heads, `heads=`: the query heads each block in `layers` keeps, as a count (an int, a multiple of the
+    key/value heads) or as the fraction kept (a float in (0, 1), rounded down to such a multiple). Query heads are
+    removed evenly within every key/value group, so every KV head and the KV cache layout stay (see
+    `hf_recover.pruning.heads`); they are ranked by the L2 norm of their output on calibration `data`.
+
+    Hidden size, `hidden_size=`: the width of the residual stream kept, as a size (an int) or the fraction kept (a
+    float in (0, 1)), for the whole model (embedding, every block, final norm, lm_head); channels are ranked by
+    their activations at every norm on calibration `data` (see `hf_recover.pruning.hidden`). `expansion_rate`
+    stays relative to the hidden size before pruning. Llama and Gemma3 configs require the hidden size to be a
+    multiple of the number of heads.
+
+    Every score is computed on the model before any of it is pruned (one calibration pass per axis), then the
+    axes are pruned together. Give at least one of the MLP target, `heads`, `hidden_size`.
+
     Blocks may end with different MLP sizes (with `layers=`, or when the model was width-pruned
     before). Equal sizes are written to `config.intermediate_size`, so plain `from_pretrained` reloads
-    the model; different ones need `hf_recover.load_pruned` (see there).
+    the model; different ones need `hf_recover.load_pruned` (see there); the same holds for head counts.
     """
     check_supported(model)
     blocks = decoder_layers(model)
     layer_indices = _check_neuron_args(model, method, data, layers)
-    targets = target_sizes(
-        [mlp_sizes(model)[i] for i in layer_indices],
-        model.config.hidden_size,
-        pruning_ratio=pruning_ratio,
-        expansion_rate=expansion_rate,
-        divisor=divisor,
+    prune_mlp = pruning_ratio is not None or expansion_rate is not None or (heads is None and hidden_size is None)
+    targets = (
+        target_sizes(
+            [mlp_sizes(model)[i] for i in layer_indices],
+            model.config.hidden_size,
+            pruning_ratio=pruning_ratio,
+            expansion_rate=expansion_rate,
+            divisor=divisor,
+        )
+        if prune_mlp
+        else []
     )
-    scores, tokens, sequences = _neuron_scores(model, method, data, layer_indices, batch_size, max_batches)
+    head_targets, hidden_target = plan_heads_and_hidden(model, heads, hidden_size, layer_indices, data)
+
+    tokens = sequences = 0
+    if prune_mlp:
+        scores, tokens, sequences = _neuron_scores(model, method, data, layer_indices, batch_size, max_batches)
+    if heads is not None:
+        scores_of_heads, tokens, sequences = head_scores(model, data, layer_indices, batch_size, max_batches)
+    if hidden_size is not None:
+        channel_scores, tokens, sequences = hidden_scores(model, data, batch_size, max_batches)
 
     teacher = base_pruned_config(model)
     previous = PrunedConfig.find_for(model)
@@ -72,7 +108,7 @@ def prune_width(
         model = copy.deepcopy(model)
         blocks = decoder_layers(model)
     summary = []
-    for i, size in zip(layer_indices, targets):
+    for i, size in zip(layer_indices, targets):  # empty when the MLP is not pruned
         score = scores[i]
         keep = torch.argsort(score, descending=True, stable=True)[:size].sort().values
         dropped = torch.ones_like(score, dtype=torch.bool)
@@ -87,19 +123,66 @@ def prune_width(
             }
         )
         slice_mlp(blocks[i].mlp, keep)
-    step = {
-        "type": "width",
-        "method": method,
-        "pruning_ratio": pruning_ratio,
-        "expansion_rate": expansion_rate,
-        "divisor": divisor,
-        "layers": layer_indices,
-        "scores": summary,
-    }
-    description = describe_data(data, tokens, sequences) if method == "activation" else None
+    step = {"type": "width", "method": method if prune_mlp else None}
+    if prune_mlp:
+        step.update(pruning_ratio=pruning_ratio, expansion_rate=expansion_rate, divisor=divisor)
+    step.update(layers=layer_indices, scores=summary)
+    if heads is not None:
+        kv_heads, size = num_kv_heads(model), head_dim(model)
+        kept_heads = {}
+        for i, kept in zip(layer_indices, head_targets):
+            keep = heads_to_keep(scores_of_heads[i], kept, kv_heads)
+            slice_heads(blocks[i].self_attn, keep, size, kv_heads)
+            kept_heads[i] = keep.tolist()
+        step.update(heads=heads, kept_heads={str(i): k for i, k in kept_heads.items()})
+    if hidden_size is not None:
+        keep = torch.argsort(channel_scores, descending=True, stable=True)[:hidden_target].sort().values
+        slice_hidden(model, keep)
+        step.update(hidden_size=hidden_size)
+    uses_data = (prune_mlp and method == "activation") or heads is not None or hidden_size is not None
+    description = describe_data(data, tokens, sequences) if uses_data else None
     kept = list(range(len(blocks)))
     pruned_config = finish_pruning(model, teacher, previous, kept_layer_indices=kept, step=step, data=description)
     return model, pruned_config
+
+
+def width_needs_data(width: dict[str, Any]) -> bool:
+    """Whether `prune_width(**width)` ranks by activations, so needs calibration `data=`."""
+    return (
+        width.get("method") == "activation" or width.get("heads") is not None or width.get("hidden_size") is not None
+    )
+
+
+def plan_heads_and_hidden(
+    model: nn.Module,
+    heads: int | float | None,
+    hidden_size: int | float | None,
+    layer_indices: list[int],
+    data: Any,
+    head_counts: list[int] | None = None,
+) -> tuple[list[int], int | None]:
+    """The head counts of the blocks in `layer_indices` and the hidden size to keep; raises before any work.
+
+    `head_counts`: the query heads of every block that `layer_indices` refers to (the model's own by default; a
+    candidate spec passes those left after its depth step)."""
+    if heads is None and hidden_size is None:
+        return [], None
+    check_calibration_data(data, "Attention-head pruning" if heads is not None else "Hidden-size pruning")
+    counts = list(attention_heads(model) if head_counts is None else head_counts)
+    head_targets = (
+        target_heads(heads, [counts[i] for i in layer_indices], num_kv_heads(model)) if heads is not None else []
+    )
+    current = model.config.hidden_size
+    hidden_target = target_hidden_size(hidden_size, current) if hidden_size is not None else current
+    for i, kept in zip(layer_indices, head_targets):
+        counts[i] = kept
+    if model.config.model_type in HIDDEN_DIVISIBLE_BY_HEADS and hidden_target % max(counts):
+        raise ValueError(
+            f"{model.config.model_type} configs require the hidden size to be a multiple of num_attention_heads: "
+            f"a hidden size of {hidden_target} with {max(counts)} heads (the most any block keeps) would not reload. "
+            "Choose a hidden size that is a multiple of the head count, or another head count."
+        )
+    return head_targets, (hidden_target if hidden_size is not None else None)
 
 
 def target_sizes(
@@ -113,7 +196,8 @@ def target_sizes(
     """The MLP size each block keeps (see `prune_width`); raises `ValueError` on impossible targets."""
     if (pruning_ratio is None) == (expansion_rate is None):
         raise ValueError(
-            "Give exactly one of pruning_ratio= (fraction removed) or expansion_rate= (kept size / hidden)."
+            "Give exactly one of pruning_ratio= (fraction removed) or expansion_rate= (kept size / hidden) for the "
+            "MLP (or neither, with heads= and/or hidden_size=)."
         )
     if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
         raise ValueError(f"divisor must be an int >= 1, got {divisor!r}.")

@@ -123,9 +123,11 @@ def parse_prune_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
     """A pruning spec as `select_candidate` takes it, from a dict, JSON, or a shorthand.
 
     Shorthands: `importance:6`, `angular:6`, `last:6` (depth, `n` blocks by that method),
-    `remove:3,12,13` (depth, those blocks), `width:maw:0.2` (width, method and pruning ratio), and
-    `+` to chain them (`importance:4+width:maw:0.1`). A depth part ending in `:heal=lstsq` or
-    `:heal=cosine` heals the cuts on the calibration data (`importance:6:heal=cosine`).
+    `remove:3,12,13` (depth, those blocks), `width:maw:0.2` (width, method and pruning ratio),
+    `heads:N` / `heads:RATIO` (query heads kept per block: a count, or the fraction kept),
+    `hidden:SIZE` / `hidden:RATIO` (the hidden size kept, or the fraction kept), and `+` to chain them
+    (`importance:4+width:maw:0.1`, `width:maw:0.2+heads:0.5+hidden:0.75`). A depth part ending in
+    `:heal=lstsq` or `:heal=cosine` heals the cuts on the calibration data (`importance:6:heal=cosine`).
     """
     if isinstance(spec, dict):
         return _check_prune_spec(spec)
@@ -151,13 +153,19 @@ def parse_prune_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
         elif kind == "width" and rest.count(":") == 1:
             method, ratio = rest.split(":")
             try:
-                result["width"] = {"method": method, "pruning_ratio": float(ratio)}
+                result.setdefault("width", {}).update(method=method, pruning_ratio=float(ratio))
             except ValueError:
                 raise ValueError(f"Prune spec {part!r}: the width ratio must be a number.") from None
+        elif kind in ("heads", "hidden") and rest:
+            try:  # digits: a count or size; anything else: the fraction kept
+                value = int(rest) if rest.isdigit() else float(rest)
+            except ValueError:
+                raise ValueError(f"Prune spec {part!r}: give a count or a fraction after '{kind}:'.") from None
+            result.setdefault("width", {})["heads" if kind == "heads" else "hidden_size"] = value
         else:
             raise ValueError(
                 f"Unknown prune spec {part!r}. Use importance:N, angular:N, last:N, remove:I,J,..., "
-                "width:METHOD:RATIO, chained with '+', or a JSON dict like "
+                "width:METHOD:RATIO, heads:N_OR_RATIO, hidden:SIZE_OR_RATIO, chained with '+', or a JSON dict like "
                 '{"depth": {"method": "importance", "n": 6}}.'
             )
         if heal:

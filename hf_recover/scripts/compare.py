@@ -6,8 +6,11 @@
 
 Pruning choices (`--prunings`): `importance` (the n blocks of lowest block influence), `last` (the last
 n blocks), `angular` (the n contiguous blocks of smallest angular distance), each removing `--n_remove`
-blocks. Recovery strategies (`--strategies`): `ce_only`, `logits_kd` (0.5·CE + 0.5·T²·KL),
-`compound` (+ 0.1·cosine hidden alignment) and `skew_fdd` (skew KL, λ = 0.1, + 0.1·FDD); see
+blocks (the default three), and `width` (opt in: `--prunings importance width`): no block removed, but
+attention heads (`--width_heads`), the hidden size (`--width_hidden`) and the MLP neurons pruned by activations
+to the parameter count of those depth-pruned students (the MLP size takes up whatever heads and hidden size
+leave; see `hf_recover.pruning.budget`). Recovery strategies (`--strategies`): `ce_only`, `logits_kd`
+(0.5·CE + 0.5·T²·KL), `compound` (+ 0.1·cosine hidden alignment) and `skew_fdd` (skew KL, λ = 0.1, + 0.1·FDD); see
 `hf_recover.recovery.STRATEGIES`. Every run gets the same steps, batch and sequence length, so the same
 tokens. Writes `results.md`, `results.json`, `recovery_curves.png` (the student's training CE per
 strategy, one panel per pruning) and `block_importance.png` into `--output_dir`.
@@ -33,18 +36,29 @@ from .arguments import (
 )
 from .recover import RECOVER_DEFAULTS
 
-PRUNINGS = ("importance", "last", "angular")
+PRUNINGS = ("importance", "last", "angular", "width")
+DEPTH_PRUNINGS = ("importance", "last", "angular")
 
 
 @dataclass
 class CompareArguments:
     teacher: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
-    prunings: list[str] = field(default_factory=lambda: list(PRUNINGS), metadata={"help": f"Of {PRUNINGS}."})
+    prunings: list[str] = field(
+        default_factory=lambda: list(DEPTH_PRUNINGS), metadata={"help": f"Of {PRUNINGS} (default: the depth ones)."}
+    )
     strategies: list[str] = field(
         default_factory=lambda: ["ce_only", "logits_kd", "compound", "skew_fdd"],
         metadata={"help": "Recovery strategies (hf_recover.recovery.STRATEGIES)."},
     )
     n_remove: int = field(default=6, metadata={"help": "Blocks to remove (6 of 30 = 20%%)."})
+    width_heads: float = field(
+        default=0.67,
+        metadata={"help": "`width` pruning: the fraction of query heads kept per block (0.67: 6 of SmolLM2's 9)."},
+    )
+    width_hidden: float = field(
+        default=0.9375,
+        metadata={"help": "`width` pruning: the fraction of the hidden size kept (0.9375: 540 of 576)."},
+    )
     overwrite: bool = field(
         default=False, metadata={"help": "Write into a non-empty --output_dir (files of the same name are replaced)."}
     )
@@ -97,7 +111,17 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
 
     rows, curves = [], {}
     for pruning in args.prunings:
-        spec = {"depth": {"method": pruning, "n": args.n_remove}}
+        if pruning == "width":
+            from ..pruning.budget import parameters_at, width_spec_at_parameters
+
+            depth_size = parameters_at(teacher, num_layers=len(teacher.model.layers) - args.n_remove)
+            spec = {
+                "width": width_spec_at_parameters(
+                    teacher, depth_size, heads=args.width_heads, hidden_size=args.width_hidden
+                )
+            }
+        else:
+            spec = {"depth": {"method": pruning, "n": args.n_remove}}
         if pruning == "importance":
             spec["depth"]["scores"] = scores  # scored once above
         student, pruned_config = build_student(teacher, spec, data=calibration)
@@ -115,6 +139,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
             )  # fmt: skip
             curves.setdefault(pruning, {})[strategy] = result.log_history
             row = {"pruning": pruning, "removed": pruned_config.removed_layer_indices, "strategy": strategy}
+            row.update(parameters=pruned_config.student_num_parameters, spec=_plain(spec))
             for split in eval_splits:
                 rec = result.recovery(split)
                 row[split] = {**result.perplexity[split], **(rec or {})}
@@ -129,6 +154,11 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
         plot_loss_curves(by_strategy, output_dir / f"recovery_curves_{pruning}.png", keys=("ce",))
     print("\n" + markdown)
     return rows
+
+
+def _plain(spec: dict) -> dict:
+    """The spec without tensors (precomputed scores), for results.json."""
+    return {kind: {k: v for k, v in args.items() if k != "scores"} for kind, args in spec.items()}
 
 
 def _row_cells(row: dict, eval_splits) -> list[str]:

@@ -1,0 +1,69 @@
+"""Width pruning at a parameter count: the meta-device count equals the pruned model's, the chosen MLP size is
+the largest that fits, and the strategy lab's `width` rows are pruned to the depth students' size."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_TEXTS, build_tiny_model
+
+from hf_recover.evaluation import count_parameters
+from hf_recover.pruning import prune_depth, prune_width
+from hf_recover.pruning.budget import parameters_at, width_spec_at_parameters
+
+
+def _rows():
+    generator = torch.Generator().manual_seed(3)
+    return [{"input_ids": torch.randint(3, 320, (10,), generator=generator).tolist()} for _ in range(3)]
+
+
+def test_the_meta_count_equals_the_pruned_models(tiny_model):
+    shallow, _ = prune_depth(tiny_model, remove=[0, 4])
+    assert parameters_at(tiny_model, num_layers=4) == count_parameters(shallow)
+    narrow, _ = prune_width(tiny_model, heads=2, hidden_size=16, expansion_rate=1.5, data=_rows())
+    assert parameters_at(tiny_model, hidden_size=16, heads=2, intermediate_size=48) == count_parameters(narrow)
+    assert parameters_at(tiny_model) == count_parameters(tiny_model)
+
+
+@pytest.mark.parametrize("divisor", [1, 8])
+def test_the_mlp_size_is_the_largest_that_fits(tiny_llama, divisor):
+    target = parameters_at(tiny_llama, num_layers=4)  # the size of the model with 2 of 6 blocks removed
+    spec = width_spec_at_parameters(tiny_llama, target, heads=2, hidden_size=28, divisor=divisor)
+    pruned, config = prune_width(tiny_llama, data=_rows(), **spec)
+    size = pruned.model.layers[0].mlp.up_proj.out_features
+    assert size % divisor == 0
+    assert config.student_num_parameters <= target
+    # naive: every MLP size one step larger would exceed the target
+    assert parameters_at(tiny_llama, hidden_size=28, heads=2, intermediate_size=size + divisor) > target
+    assert pruned.config.hidden_size == 28 and config.student_attention_heads == [2] * 6
+
+
+def test_unreachable_targets_raise(tiny_llama):
+    with pytest.raises(ValueError, match="even with the smallest MLP"):
+        width_spec_at_parameters(tiny_llama, 1000, hidden_size=24)
+    with pytest.raises(ValueError, match="already has fewer"):
+        width_spec_at_parameters(tiny_llama, count_parameters(tiny_llama), hidden_size=16)
+    with pytest.raises(ValueError, match="breaks grouped-query attention"):
+        width_spec_at_parameters(tiny_llama, 30000, heads=3)
+
+
+def test_strategy_lab_width_rows_match_the_depth_size(tmp_path, tiny_tokenizer):
+    from hf_recover.cli import main as cli
+
+    teacher = build_tiny_model("llama")
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    for i in range(30):
+        (tmp_path / "data" / f"doc{i}.txt").write_text(" ".join(TINY_TEXTS[(i + j) % 10] for j in range(3)))
+    cli(["compare", "--teacher", str(tmp_path / "teacher"), "--prunings", "importance", "width", "--strategies",
+         "ce_only", "--n_remove", "2", "--width_heads", "0.5", "--width_hidden", "0.875", "--output_dir",
+         str(tmp_path / "lab"), "--max_steps", "2", "--dataset", str(tmp_path / "data"), "--max_length", "32",
+         "--eval_max_length", "32", "--eval_blocks", "3", "--calibration_blocks", "3", "--use_cpu"])  # fmt: skip
+    rows = json.loads((tmp_path / "lab" / "results.json").read_text())
+    depth, width = rows
+    assert (depth["pruning"], width["pruning"]) == ("importance", "width")
+    assert width["removed"] == [] and width["spec"]["width"]["heads"] == 0.5
+    assert width["parameters"] <= depth["parameters"] == parameters_at(teacher, num_layers=4)
+    assert width["train_tokens"] == depth["train_tokens"]  # the same budget
+    assert "| width | ce_only |" in (tmp_path / "lab" / "results.md").read_text()
