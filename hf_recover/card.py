@@ -23,9 +23,10 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from .card_merge import as_list as _as_list
+from .card_merge import merge_into_existing, merge_metadata
 from .pruned_config import PrunedConfig
 from .reporting import MODELS, before_after_rows, before_after_table, format_parameters, format_percent
 
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 CARD_TEMPLATE = "recovered_model.md"
 CARD_NAME = "README.md"
-BEGIN_MARKER = "<!-- hf_recover:begin -->"
-END_MARKER = "<!-- hf_recover:end -->"
 """Our section of a README lies between these markers; the user's text outside them is never touched."""
 
 BASE_TAGS = ("hf-recover",)
@@ -132,7 +131,7 @@ def generate_model_card(
     if run is not None:
         # Trainer's metadata joins ours: its tags, datasets and languages extend ours, its model-index is added, and
         # its base model (`finetuned_from`) and licence, the caller's or by default the teacher's, win where set.
-        ours = _merge_metadata(ours, run["metadata"])
+        ours = merge_metadata(ours, run["metadata"])
         model_name = model_name or run["model_name"]
     card_data = ModelCardData(ignore_metadata_errors=True, **ours)
     context = {
@@ -200,7 +199,7 @@ def save_model_card(
     )
     path = directory / CARD_NAME
     if path.is_file():
-        merged = _merge_into_existing(path, card)
+        merged = merge_into_existing(path, card)
         if merged is None:
             return path
         card = merged
@@ -214,65 +213,6 @@ def saved_pruned_config(folder: Path) -> PrunedConfig | None:
     if not folder.is_dir():  # not saved yet: nothing to find (and not a Hub id to look up)
         return None
     return PrunedConfig.find_for(folder)
-
-
-# -- README merge ------------------------------------------------------------------------------------------
-
-
-def _merge_into_existing(path: Path, ours: ModelCard) -> ModelCard | None:
-    text = path.read_text(encoding="utf-8")
-    try:
-        theirs = ModelCard(text, ignore_metadata_errors=True)
-    except (ValueError, yaml.YAMLError) as err:  # a malformed header: merging would lose something
-        logger.warning("Not updating %s: its metadata header cannot be read (%s). Fix it to get the card.", path, err)
-        return None
-    body = theirs.text
-    begins, ends = body.count(BEGIN_MARKER), body.count(END_MARKER)
-    section = _our_section(ours.text)
-    if begins == ends == 0:
-        body = body.rstrip() + "\n\n" + section + "\n" if body.strip() else ours.text
-    elif begins == ends == 1 and body.index(BEGIN_MARKER) < body.index(END_MARKER):
-        start, end = body.index(BEGIN_MARKER), body.index(END_MARKER) + len(END_MARKER)
-        body = body[:start] + section + body[end:]
-    else:
-        logger.warning(
-            "Not updating %s: it has %d '%s' and %d '%s' markers; keep exactly one pair around the hf_recover "
-            "section (or none) to get the card updated.",
-            path,
-            begins,
-            BEGIN_MARKER,
-            ends,
-            END_MARKER,
-        )
-        return None
-    data = _merge_metadata(theirs.data.to_dict(), ours.data.to_dict())
-    original_order = list(theirs.data.to_dict())
-    card_data = ModelCardData(ignore_metadata_errors=True, **data)
-    return ModelCard(f"---\n{card_data.to_yaml(original_order=original_order)}\n---\n{body}")
-
-
-def _is_name_list(value: Any) -> bool:
-    if isinstance(value, list):
-        return all(isinstance(v, str) for v in value)
-    return value is None or isinstance(value, str)
-
-
-def _our_section(text: str) -> str:
-    start, end = text.index(BEGIN_MARKER), text.index(END_MARKER) + len(END_MARKER)
-    return text[start:end]
-
-
-def _merge_metadata(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-    """Ours fills and extends; lists of names (tags, datasets) are unioned, theirs first; their other keys stay.
-    Structured values (`model-index`) are replaced by ours."""
-    merged = dict(theirs)
-    for key, value in ours.items():
-        old = merged.get(key)
-        if (isinstance(value, list) or isinstance(old, list)) and _is_name_list(value) and _is_name_list(old):
-            merged[key] = list(dict.fromkeys([*_as_list(old), *_as_list(value)]))
-        else:
-            merged[key] = value
-    return merged
 
 
 # -- the template and its number formats -------------------------------------------------------------------
@@ -603,11 +543,3 @@ def _is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return [v for v in value if v is not None]

@@ -27,7 +27,8 @@ from hf_recover import (
     prune_depth,
     save_model_card,
 )
-from hf_recover.card import BEGIN_MARKER, CARD_METRICS, END_MARKER
+from hf_recover.card import CARD_METRICS
+from hf_recover.card_merge import BEGIN_MARKER, END_MARKER
 from hf_recover.evaluation import recovery_metrics
 
 TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
