@@ -1,0 +1,157 @@
+"""A teacher given by its top-k tokens: the sparse target of distillation from a cache.
+
+A cached teacher keeps, per position, its `k` most likely token ids, their log-probabilities at `T = 1`, and
+for each temperature `T` it was cached at, `log Σ_tail p_v^(1/T)`: the tail's unnormalised mass at `T`. With
+these, the teacher's distribution at `T` is known exactly on a support of `k + 1` outcomes, the top-k tokens
+and one *tail bucket* (all the other tokens together):
+
+    p_T(i)    = p_i^(1/T) / Z_T            for the top-k tokens i
+    p_T(tail) = Σ_tail p_v^(1/T) / Z_T     Z_T = Σ_top p_i^(1/T) + Σ_tail p_v^(1/T)
+
+(the top-k of `z / T` is the top-k of `z` for every `T`, so one set of ids serves every temperature). The
+student's distribution is bucketed the same way, `q_T(tail) = 1 − Σ_top q_T(i)`, and a divergence of the table
+is taken between the two `(k + 1)`-outcome distributions. Every divergence of the table (forward and reverse KL,
+the skew KLs, generalized JSD, total variation) is an f-divergence (or a mixture of KLs), so by the
+data-processing inequality the bucketed value is a *lower bound* of the full-vocabulary one, equal to it when
+`k` is the whole vocabulary. For the two KLs the gap is exact, by the chain rule of KL:
+
+    KL(p ‖ q) − KL_bucketed = p_T(tail) · KL(p_T(· | tail) ‖ q_T(· | tail))
+    KL(q ‖ p) − KL_bucketed = q_T(tail) · KL(q_T(· | tail) ‖ p_T(· | tail))
+
+and for total variation `0 ≤ TV − TV_bucketed ≤ min(p_T(tail), q_T(tail))`.
+
+Gradients: with `A_j = log q_T(bucket j)` a function of the student's tempered logits `u`, a kernel's gradient
+`g_j` with respect to the bucket pseudo-logits (`A = log_softmax(w)`) maps back to the vocabulary as
+`∂L/∂u_v = g_j(v) · q_T(v) / q_T(bucket of v)`: `g_i` itself on a top-k token (its bucket is itself) and
+`g_tail · q_T(v) / q_T(tail)` on the others. So the dense kernels run unchanged on `(N, k + 1)` inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from .kernels import Kernel
+
+
+class TopKTeacher(NamedTuple):
+    """A teacher given by its top-k tokens (what `hf_recover.cache_teacher_outputs` stores), for one temperature."""
+
+    token_ids: torch.Tensor
+    """`(batch, seq_len, k)` integer ids of the teacher's `k` most likely tokens, all distinct per position."""
+    logprobs: torch.Tensor
+    """`(batch, seq_len, k)` their log-probabilities at `T = 1`."""
+    tail_logmass: torch.Tensor
+    """`(batch, seq_len)` `log Σ_tail p_v^(1/T)` at the loss's temperature `T` (at `T = 1`, the log of the tail's
+    probability); `-inf` (or very negative) when the top-k is the whole vocabulary."""
+
+
+_LOG_TINY = {
+    dtype: float(torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64).log())
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+"""The smallest log-probability the bucketed kernels see, per dtype: an empty tail (`k` = vocabulary) becomes
+`log(tiny)`, a probability of 0 to the last bit of the loss, instead of `-inf`, whose `0 · (−inf − −inf)` is NaN."""
+
+
+def teacher_top_k(
+    logits: torch.Tensor, k: int, temperatures: Sequence[float] = (1.0,)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(N, V)` teacher logits -> the top-k ids `(N, k)`, their log-probabilities at `T = 1` `(N, k)` and the
+    tail's `log Σ_tail p_v^(1/T)` for each temperature `(N, len(temperatures))`, all in float32 (ids int64)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    top_logp, top_ids = logp.topk(k, dim=-1, sorted=True)
+    tails = []
+    for temperature in temperatures:
+        tempered = logp / temperature if temperature != 1.0 else logp.clone()
+        tails.append(tempered.scatter_(1, top_ids, float("-inf")).logsumexp(-1))  # empty tail: -inf
+    return top_ids, top_logp, torch.stack(tails, dim=-1)
+
+
+def teacher_bucket_logp(logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`(n, k)` log-probabilities at `T = 1` and `(n,)` tail log-mass at `T` -> `(n, k + 1)` log-probabilities of
+    the teacher at `T` on the top-k tokens and the tail bucket. Renormalised here, so float16 storage error in the
+    stored values never makes the bucketed distribution sum to anything but 1."""
+    floor = _LOG_TINY[logprobs.dtype]
+    joint = torch.cat([logprobs / temperature, tail_logmass.clamp_min(floor)[:, None]], dim=-1)
+    return torch.log_softmax(joint, dim=-1).clamp_min_(floor)
+
+
+def student_bucket_logp(student_logp: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(n, V)` tempered student log-probabilities and `(n, k)` ids -> the `(n, k + 1)` bucketed log-probabilities
+    and the `(n, V)` log-probabilities with the top-k entries at `-inf` (the tail alone, reused for the gradient).
+    Consumes `student_logp` (overwritten in place)."""
+    floor = _LOG_TINY[student_logp.dtype]
+    top = student_logp.gather(1, token_ids)
+    tail_only = student_logp.scatter_(1, token_ids, float("-inf"))
+    tail = tail_only.logsumexp(-1, keepdim=True).clamp_min_(floor)  # an empty tail (k = V) is log(tiny)
+    return torch.cat([top, tail], dim=-1), tail_only
+
+
+def bucketed_divergence(
+    kernel: Kernel,
+    student_logp: torch.Tensor,
+    token_ids: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A dense kernel on the bucketed distributions: `(n,)` divergences and, when `with_grad`, their `(n, V)`
+    gradient with respect to the tempered student logits (see the module docstring for the mapping).
+
+    `student_logp` is `(n, V)` (consumed), `token_ids` `(n, k)`, `teacher_logp` the `(n, k + 1)` output of
+    `teacher_bucket_logp`."""
+    student_bucket, tail_only = student_bucket_logp(student_logp, token_ids)
+    k = token_ids.size(1)
+    student_tail = student_bucket[:, k:].clone()  # the kernel may overwrite its inputs
+    per_token, bucket_grad = kernel(student_bucket, teacher_logp, with_grad)
+    if not with_grad:
+        return per_token, None
+    # q_T(v) / q_T(tail) for the tail tokens (0 on the top-k, overwritten next), times the tail's gradient
+    grad = tail_only.sub_(student_tail).exp_().mul_(bucket_grad[:, k:])
+    return per_token, grad.scatter_(1, token_ids, bucket_grad[:, :k])
+
+
+class BucketedTarget(NamedTuple):
+    """A chunk's teacher side from a top-k teacher: what `bucketed_divergence` takes."""
+
+    token_ids: torch.Tensor
+    """`(n, k)` int64."""
+    logp: torch.Tensor
+    """`(n, k + 1)` the teacher's bucketed log-probabilities at the loss's temperature."""
+
+
+def check_top_k_teacher(teacher: TopKTeacher, batch_shape: tuple[int, int], vocab: int) -> None:
+    """Check a `TopKTeacher`: shapes and dtypes against the labels' `(batch, seq_len)`, ids against `vocab`."""
+    token_ids, logprobs, tail = teacher
+    if token_ids.dim() != 3 or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
+        raise ValueError(
+            f"TopKTeacher.token_ids must be an integer tensor (batch, seq_len, k), got {token_ids.dtype} of shape "
+            f"{tuple(token_ids.shape)}."
+        )
+    if tuple(logprobs.shape) != tuple(token_ids.shape) or not logprobs.is_floating_point():
+        raise ValueError(
+            f"TopKTeacher.logprobs must be floating point and shaped like token_ids {tuple(token_ids.shape)}, got "
+            f"{logprobs.dtype} of shape {tuple(logprobs.shape)}."
+        )
+    if tuple(tail.shape) != tuple(token_ids.shape[:2]) or not tail.is_floating_point():
+        raise ValueError(
+            f"TopKTeacher.tail_logmass must be floating point of shape {tuple(token_ids.shape[:2])} (batch, seq_len), "
+            f"got {tail.dtype} of shape {tuple(tail.shape)}."
+        )
+    if tuple(token_ids.shape[:2]) != tuple(batch_shape):
+        raise ValueError(
+            f"The cached teacher's (batch, seq_len) {tuple(token_ids.shape[:2])} differs from the labels' "
+            f"{tuple(batch_shape)}: the cache rows are not aligned with the batch."
+        )
+    k = token_ids.size(-1)
+    if not 1 <= k <= vocab:
+        raise ValueError(f"The cached teacher's top_k is {k}; it must lie in [1, {vocab}] (the student's vocabulary).")
+    if token_ids.numel():
+        low, high = torch.stack([token_ids.min(), token_ids.max()]).tolist()
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"The cached teacher's token ids range from {low} to {high}, outside the student's vocabulary "
+                f"[0, {vocab}): the cache was built with another tokenizer or teacher."
+            )
