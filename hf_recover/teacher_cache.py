@@ -448,23 +448,7 @@ def load_teacher_cache(
     from datasets import concatenate_datasets, load_from_disk
 
     path = Path(path)
-    metadata_file = path / METADATA_NAME
-    if not metadata_file.is_file():
-        if (path / BUILD_NAME).is_file():
-            raise FileNotFoundError(
-                f"{path} holds an interrupted teacher-cache build (no {METADATA_NAME} yet): run the same "
-                "cache_teacher_outputs / hf-recover cache command again to finish it."
-            )
-        raise FileNotFoundError(
-            f"No teacher cache at {path} (no {METADATA_NAME}): build one with hf_recover.cache_teacher_outputs or "
-            "`hf-recover cache`."
-        )
-    metadata = json.loads(metadata_file.read_text())
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} is a teacher cache of format {metadata.get('format_version')}; this hf_recover reads format "
-            f"{FORMAT_VERSION}. Rebuild it."
-        )
+    metadata = read_cache_metadata(path)
     check_cache_metadata(
         metadata, path, tokenizer=tokenizer, teacher=teacher, max_length=max_length, temperature=temperature
     )
@@ -492,6 +476,30 @@ def load_teacher_cache(
             "(pass teacher_cache= without train_dataset)."
         )
     return TeacherCache(dataset=cached.with_format("torch"), metadata=metadata, path=path)
+
+
+def read_cache_metadata(path: str | os.PathLike) -> dict:
+    """A teacher cache's metadata, without reading its shards: a `FileNotFoundError` when there is no finished
+    cache at `path`."""
+    path = Path(path)
+    metadata_file = path / METADATA_NAME
+    if not metadata_file.is_file():
+        if (path / BUILD_NAME).is_file():
+            raise FileNotFoundError(
+                f"{path} holds an interrupted teacher-cache build (no {METADATA_NAME} yet): run the same "
+                "cache_teacher_outputs / hf-recover cache command again to finish it."
+            )
+        raise FileNotFoundError(
+            f"No teacher cache at {path} (no {METADATA_NAME}): build one with hf_recover.cache_teacher_outputs or "
+            "`hf-recover cache`."
+        )
+    metadata = json.loads(metadata_file.read_text())
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is a teacher cache of format {metadata.get('format_version')}; this hf_recover reads format "
+            f"{FORMAT_VERSION}. Rebuild it."
+        )
+    return metadata
 
 
 def _check_shard_files(folder: Path, expected: dict[str, dict], verify_checksums: bool) -> None:

@@ -37,7 +37,7 @@ from .alignment import (
 )
 from .config import OBJECTIVE_NAME, DistillationConfig
 from .constants import IGNORE_INDEX, SUPPORTED_ARCHITECTURES
-from .losses import DIVERGENCES, distillation_loss
+from .losses import DIVERGENCES, TopKTeacher, distillation_loss
 from .pruned_config import PrunedConfig
 from .teacher import (
     check_tokenizers,
@@ -47,6 +47,7 @@ from .teacher import (
     prepare_deepspeed_teacher,
     text_config,
 )
+from .teacher_cache import TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN, is_teacher_cache, tail_column, teacher_cache_columns
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class DistillationTrainer(Trainer):
             layer map and is written as `pruned_config.json` next to the weights of every save.
         teacher_tokenizer: the teacher's tokenizer, compared with the student's `processing_class` before any work
             (a teacher given as a path brings its own): token ids that stand for different tokens are an error.
+        teacher_cache: a teacher cache (`hf_recover.cache_teacher_outputs`): its folder or a loaded `TeacherCache`.
+            It is checked against the student's tokenizer, `temperature` and, when given, `train_dataset` (same
+            rows), and becomes the training data. A `train_dataset` that carries the cached columns itself is
+            detected without it. With a cache and no `teacher_model`, KD is taken on the cached top-k plus a tail
+            bucket and no teacher is loaded; alignment and FDD (`gamma`, `delta`) then need `teacher_model`.
         **kwargs: every other `Trainer` argument (`train_dataset`, `data_collator`, `callbacks`, ...).
 
     Attributes:
@@ -100,9 +106,11 @@ class DistillationTrainer(Trainer):
         args: DistillationConfig | TrainingArguments | None = None,
         pruned_config: PrunedConfig | None = None,
         teacher_tokenizer=None,
+        teacher_cache=None,
         **kwargs,
     ):
         args = _as_distillation_config(args)
+        self._cached_teacher_columns = _teacher_cache_inputs(teacher_cache, teacher_model, args, kwargs)
         if args.n_gpu > 1:
             # Trainer wraps the student in nn.DataParallel then: the distillation terms would be computed on the
             # gathered logits but scaled as per-replica losses.
@@ -111,7 +119,7 @@ class DistillationTrainer(Trainer):
                 f"and was not launched for distributed training. Launch the script with `torchrun --nproc_per_node "
                 f"{args.n_gpu}` or `accelerate launch` (DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
             )
-        if args.uses_teacher and teacher_model is None:
+        if args.uses_teacher and teacher_model is None and not self._cached_teacher_columns:
             raise ValueError(
                 "teacher_model is required when beta, gamma or delta > 0: pass the teacher model or its path. "
                 "For cross-entropy only, set beta=gamma=delta=0."
@@ -131,12 +139,12 @@ class DistillationTrainer(Trainer):
         self._saving_checkpoint = False
         self._evaluating = False  # inside evaluation_loop: compute_loss returns the student's own LM loss
 
-        if self.args.uses_teacher:
+        if self.args.uses_teacher and teacher_model is not None:
             if teacher_tokenizer is None and isinstance(teacher_model, (str, os.PathLike)):
                 teacher_tokenizer = load_teacher_tokenizer(teacher_model)
             check_tokenizers(self.processing_class, teacher_tokenizer)  # before the teacher's weights are loaded
-        self.teacher_model = self._prepare_teacher(teacher_model) if self.args.uses_teacher else None
-        if self.args.beta > 0:
+        self.teacher_model = self._prepare_teacher(teacher_model) if self.args.uses_teacher and teacher_model else None
+        if self.args.beta > 0 and self.teacher_model is not None:
             check_vocabularies(self.model, self.teacher_model)  # a real tokenizer mismatch fails here, not later
         want_hidden = self.args.wants_hidden_states
         self._teacher_forward_kwargs = {"output_hidden_states": want_hidden, "use_cache": False}
@@ -176,7 +184,8 @@ class DistillationTrainer(Trainer):
     def _can_fuse_cross_entropy(self) -> bool:
         """Whether CE can be computed together with KD (`distillation_loss`) instead of by the model: only where
         the result is exactly the model's own loss, a plain causal-LM cross-entropy."""
-        if not self.args.fused_cross_entropy or self.teacher_model is None or self.args.beta == 0:
+        has_teacher = self.teacher_model is not None or bool(self._cached_teacher_columns)
+        if not self.args.fused_cross_entropy or not has_teacher or self.args.beta == 0:
             return False
         if self.label_smoother is not None or self.compute_loss_func is not None:
             return False  # Trainer's label smoothing or the user's loss function decide the CE
@@ -236,11 +245,13 @@ class DistillationTrainer(Trainer):
         if labels is None:
             raise ValueError("DistillationTrainer needs `labels` in every batch (use a causal-LM collator).")
         want_hidden = args.wants_hidden_states
+        inputs, cached_teacher = self._split_teacher_cache(inputs)
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
         scale = self._loss_scale(num_items_in_batch)
         # Batches that carry their own `shift_labels` (context parallelism) or ask for router logits keep the
-        # model's loss.
+        # model's loss; so do batches without a teacher (cache-only training, evaluated on uncached data).
         fused = self._fused_cross_entropy and not {"shift_labels", "output_router_logits"} & inputs.keys()
+        fused = fused and (self.teacher_model is not None or cached_teacher is not None)
         with _last_block_output(model, want_hidden) as student_last:
             if fused:
                 # CE is computed together with KD, in one pass over the logits (`distillation_loss`): the student
@@ -270,6 +281,12 @@ class DistillationTrainer(Trainer):
                 )
             distill, distill_loss = self._distillation_terms(
                 outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale, fused
+            )
+            terms.update(distill)
+            loss = loss + distill_loss
+        elif cached_teacher is not None:
+            distill, distill_loss = self._distillation_terms(
+                outputs, cached_teacher, None, labels, num_items_in_batch, scale, fused
             )
             terms.update(distill)
             loss = loss + distill_loss
@@ -333,6 +350,30 @@ class DistillationTrainer(Trainer):
             )
             loss = loss + scale * args.delta * terms["fdd"]
         return terms, loss
+
+    # -- a cached teacher (`hf_recover.cache_teacher_outputs`) ------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Trainer keeps only the columns the model's forward accepts: keep the cached teacher's too.
+        super()._set_signature_columns_if_needed()
+        missing = [c for c in self._cached_teacher_columns if c not in self._signature_columns]
+        self._signature_columns += missing
+
+    def _split_teacher_cache(self, inputs: dict) -> tuple[dict, CausalLMOutputWithPast | None]:
+        """The model's inputs without the cached teacher's columns, and the cached teacher as teacher outputs whose
+        `logits` are a `TopKTeacher` (None when the batch carries no cache or a live teacher is used)."""
+        cached = {name: inputs[name] for name in teacher_cache_columns(list(inputs))}
+        if not cached:
+            return inputs, None
+        inputs = {name: value for name, value in inputs.items() if name not in cached}
+        if self.teacher_model is not None or not self._cached_teacher_columns:
+            return inputs, None
+        top_k_teacher = TopKTeacher(
+            cached[TOP_IDS_COLUMN].long(),
+            cached[TOP_LOGPROBS_COLUMN],
+            cached[tail_column(self.args.temperature)],
+        )
+        return inputs, CausalLMOutputWithPast(logits=top_k_teacher)
 
     def _loss_scale(self, num_items_in_batch) -> int:
         """The factor `Trainer.compute_loss` multiplies its loss by when tokens are averaged across devices."""
@@ -561,6 +602,59 @@ class _ZeroProjectorGradients(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)
+
+
+def _teacher_cache_inputs(teacher_cache, teacher_model, args: DistillationConfig, kwargs: dict) -> tuple[str, ...]:
+    """Check a teacher cache (given or detected in `train_dataset`) before any work and make it the training data,
+    with a collator that keeps its columns; return the cached columns the loss reads (empty: no cache in use)."""
+    from transformers import default_data_collator
+
+    if teacher_cache is not None:
+        from .teacher_cache import TeacherCache, check_cache_metadata, dataset_fingerprint, load_teacher_cache
+
+        tokenizer = kwargs.get("processing_class")
+        temperature = args.temperature if args.beta > 0 else None
+        if isinstance(teacher_cache, TeacherCache):
+            check_cache_metadata(
+                teacher_cache.metadata, teacher_cache.path, tokenizer=tokenizer, temperature=temperature
+            )
+            given = kwargs.get("train_dataset")
+            if given is not None and dataset_fingerprint(given) != teacher_cache.metadata["dataset_fingerprint"]:
+                raise ValueError(
+                    f"The teacher cache {teacher_cache.path} was built on another dataset than train_dataset: cache "
+                    "the training dataset itself, or pass the cache without train_dataset."
+                )
+        else:
+            teacher_cache = load_teacher_cache(
+                teacher_cache, tokenizer=tokenizer, dataset=kwargs.get("train_dataset"), temperature=temperature
+            )
+        kwargs["train_dataset"] = teacher_cache.dataset
+    dataset = kwargs.get("train_dataset")
+    columns = getattr(dataset, "column_names", None)
+    if teacher_model is not None or columns is None or not is_teacher_cache(columns):
+        return ()
+    if args.wants_hidden_states:
+        raise ValueError(_NO_HIDDEN_STATES_IN_CACHE)
+    if args.beta == 0:
+        return ()  # cross-entropy only: nothing of the cache is read
+    needed = (TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN, tail_column(args.temperature))
+    if needed[2] not in columns:
+        cached = [name.removeprefix("teacher_tail_logmass_T") for name in columns if name.startswith("teacher_tail")]
+        raise ValueError(
+            f"The teacher cache in train_dataset holds the temperatures {cached}, not temperature={args.temperature}: "
+            f"train at one of them, or rebuild the cache with temperatures=(..., {args.temperature})."
+        )
+    kwargs["train_dataset"] = dataset.with_format("torch")  # arrays as tensors, not lists of Python floats
+    if kwargs.get("data_collator") is None:
+        kwargs["data_collator"] = default_data_collator  # stacks every column, the cached ones included
+    return needed
+
+
+_NO_HIDDEN_STATES_IN_CACHE = (
+    "Alignment (gamma) and feature dynamics distillation (delta) compare the teacher's hidden states, which a teacher "
+    "cache does not hold: pass teacher_model= as well (the cache is then not used), or set gamma = delta = 0 to "
+    "distil from the cache alone."
+)
 
 
 def _as_distillation_config(args: TrainingArguments | None) -> DistillationConfig:
