@@ -380,3 +380,58 @@ def test_trainer_refuses_what_a_cache_cannot_give(tmp_path, prepared, tiny_token
 
     with pytest.raises(ValueError, match="another tokenizer"):
         _train(tmp_path, "tokenizer", None, teacher_cache=out, processing_class=build_tiny_tokenizer(TINY_TEXTS[:5]))
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+
+
+def test_cli_cache_then_recover_from_it(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    from hf_recover.cli import main as cli
+    from hf_recover.trainer import DistillationTrainer
+
+    trained = []
+    train = DistillationTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        output = train(self, *args, **kwargs)
+        kd = [entry["kd"] for entry in self.state.log_history if "kd" in entry]
+        trained.append((self.teacher_model, self._cached_teacher_columns, kd))
+        return output
+
+    monkeypatch.setattr(DistillationTrainer, "train", recording_train)
+
+    build_tiny_model("llama").save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    for i in range(20):
+        (tmp_path / "data" / f"doc{i}.txt").write_text(" ".join(TINY_TEXTS[(i + j) % 10] for j in range(3)))
+    data = ["--dataset", str(tmp_path / "data"), "--max_length", "32"]
+    teacher = ["--teacher", str(tmp_path / "teacher")]
+    cache = ["--teacher_cache", str(tmp_path / "cache")]
+    cli(["cache", *teacher, "--output_dir", str(tmp_path / "cache"), "--top_k", "16", "--shard_size", "4", *data])
+    assert "bytes per token" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="overwrite"):
+        cli(["cache", *teacher, "--output_dir", str(tmp_path / "cache"), *data])
+    with pytest.raises(ValueError, match="max_length 32"):
+        cli(
+            [
+                "recover",
+                *teacher,
+                "--prune",
+                "last:3",
+                *cache,
+                "--dataset",
+                str(tmp_path / "data"),
+                "--max_length",
+                "24",
+            ]
+        )
+    steps = ["--max_steps", "2", "--logging_steps", "1", "--use_cpu", "--per_device_train_batch_size", "2"]
+    evaluation = ["--eval_max_length", "32", "--eval_blocks", "2"]
+    out = tmp_path / "recovered"
+    cli(["recover", *teacher, "--prune", "last:3", *cache, *data, *evaluation, *steps, "--output_dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["perplexity"]["validation"]["recovered"] > 0
+    [(teacher_model, cached_columns, kd)] = trained
+    assert teacher_model is None and "teacher_top_ids" in cached_columns
+    assert len(kd) == 2 and all(value > 0 for value in kd)
