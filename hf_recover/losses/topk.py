@@ -79,17 +79,6 @@ def teacher_bucket_logp(logprobs: torch.Tensor, tail_logmass: torch.Tensor, temp
     return torch.log_softmax(joint, dim=-1).clamp_min_(floor)
 
 
-def student_bucket_logp(student_logp: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(n, V)` tempered student log-probabilities and `(n, k)` ids -> the `(n, k + 1)` bucketed log-probabilities
-    and the `(n, V)` log-probabilities with the top-k entries at `-inf` (the tail alone, reused for the gradient).
-    Consumes `student_logp` (overwritten in place)."""
-    floor = _LOG_TINY[student_logp.dtype]
-    top = student_logp.gather(1, token_ids)
-    tail_only = student_logp.scatter_(1, token_ids, float("-inf"))
-    tail = tail_only.logsumexp(-1, keepdim=True).clamp_min_(floor)  # an empty tail (k = V) is log(tiny)
-    return torch.cat([top, tail], dim=-1), tail_only
-
-
 def bucketed_divergence(
     kernel: Kernel,
     student_logp: torch.Tensor,
@@ -100,16 +89,21 @@ def bucketed_divergence(
     """A dense kernel on the bucketed distributions: `(n,)` divergences and, when `with_grad`, their `(n, V)`
     gradient with respect to the tempered student logits (see the module docstring for the mapping).
 
-    `student_logp` is `(n, V)` (consumed), `token_ids` `(n, k)`, `teacher_logp` the `(n, k + 1)` output of
-    `teacher_bucket_logp`."""
-    student_bucket, tail_only = student_bucket_logp(student_logp, token_ids)
-    k = token_ids.size(1)
-    student_tail = student_bucket[:, k:].clone()  # the kernel may overwrite its inputs
+    `student_logp` is `(n, V)` (consumed: it becomes the gradient), `token_ids` `(n, k)`, `teacher_logp` the
+    `(n, k + 1)` output of `teacher_bucket_logp`."""
+    floor = _LOG_TINY[student_logp.dtype]
+    top = student_logp.gather(1, token_ids)  # (n, k)
+    # The tail's mass as a sum of its own probabilities, not 1 − Σ top (which cancels when the top-k holds
+    # nearly everything); an empty or underflowing tail is log(tiny).
+    tail_p = student_logp.exp_().scatter_(1, token_ids, 0.0)  # (n, V), 0 on the top-k
+    tail = tail_p.sum(-1, keepdim=True).log_().clamp_min_(floor)  # (n, 1)
+    student_bucket = torch.cat([top, tail], dim=-1)
     per_token, bucket_grad = kernel(student_bucket, teacher_logp, with_grad)
     if not with_grad:
         return per_token, None
-    # q_T(v) / q_T(tail) for the tail tokens (0 on the top-k, overwritten next), times the tail's gradient
-    grad = tail_only.sub_(student_tail).exp_().mul_(bucket_grad[:, k:])
+    k = token_ids.size(1)
+    # q_T(v) / q_T(tail) · g_tail on the tail tokens (0 on the top-k, overwritten next)
+    grad = tail_p.mul_(bucket_grad[:, k:] * tail.neg().exp_())
     return per_token, grad.scatter_(1, token_ids, bucket_grad[:, :k])
 
 
