@@ -57,17 +57,29 @@ _LOG_TINY = {
 
 
 def teacher_top_k(
-    logits: torch.Tensor, k: int, temperatures: Sequence[float] = (1.0,)
+    logits: torch.Tensor, k: int, temperatures: Sequence[float] = (1.0,), chunk_elements: int = 2**21
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(N, V)` teacher logits -> the top-k ids `(N, k)`, their log-probabilities at `T = 1` `(N, k)` and the
-    tail's `log Σ_tail p_v^(1/T)` for each temperature `(N, len(temperatures))`, all in float32 (ids int64)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-    top_logp, top_ids = logp.topk(k, dim=-1, sorted=True)
-    tails = []
-    for temperature in temperatures:
-        tempered = logp / temperature if temperature != 1.0 else logp.clone()
-        tails.append(tempered.scatter_(1, top_ids, float("-inf")).logsumexp(-1))  # empty tail: -inf
-    return top_ids, top_logp, torch.stack(tails, dim=-1)
+    tail's `log Σ_tail p_v^(1/T)` for each temperature `(N, len(temperatures))`, in float32 (ids int64).
+
+    Rows are taken `chunk_elements` logits at a time: float32 temporaries of a whole batch's logits would each be
+    a fresh `mmap` (see `chunking.CPU_CHUNK_ELEMENTS`), which made the tails cost ten times the log-softmax."""
+    ids, top, tails = [], [], []
+    for chunk in logits.split(max(1, chunk_elements // logits.size(-1))):
+        chunk_top, chunk_ids = chunk.topk(k, dim=-1, sorted=True)  # the top-k of z is the top-k of log p
+        chunk_top = chunk_top.float()
+        shifted = chunk.float() - chunk_top[:, :1]  # z − max z <= 0, a new tensor: the logits stay untouched
+        log_normaliser = shifted.exp().sum(-1, keepdim=True).log_()  # log Σ exp(z − max z)
+        # Σ_tail p^(1/T) as a sum of its own small terms (1 − Σ top would cancel); an empty tail is log 0 = -inf.
+        chunk_tails = []
+        for temperature in temperatures:
+            powered = shifted.exp() if temperature == 1.0 else shifted.mul(1.0 / temperature).exp_()
+            tail = powered.scatter_(1, chunk_ids, 0.0).sum(-1, keepdim=True).log_()
+            chunk_tails.append(tail - log_normaliser / temperature)  # p^(1/T) = exp((z − max z − log Σ) / T)
+        ids.append(chunk_ids)
+        top.append(chunk_top - chunk_top[:, :1] - log_normaliser)
+        tails.append(torch.cat(chunk_tails, dim=-1))
+    return torch.cat(ids), torch.cat(top), torch.cat(tails)
 
 
 def teacher_bucket_logp(logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float) -> torch.Tensor:
