@@ -12,7 +12,10 @@ Printed: median seconds per optimizer step of (a), (b), (c) after `--warmup` ste
 cache's bytes per token on disk (the whole dataset: model inputs and teacher columns; target <= 400 at k = 64),
 and the build's throughput against the teacher forward alone (target >= 0.9), with and without the one-time
 fingerprint of the teacher's weights. The lines `cached/plain CE step ratio: R` and `bytes per token: B` are
-printed as such. `--quality` adds the demo protocol's recovery from the cache against online KD.
+printed as such. Then, on real text (the default corpus, not `--tiny`), the error of the cached KD term against the
+full-vocabulary one for each divergence at T = 1 and T = 2: relative error of the value, cosine and norm ratio of
+the gradients.
+`--quality` adds the demo protocol's recovery from the cache against online KD.
 
 Defaults: the embedded SmolLM2-135M-Instruct teacher (30 blocks), the student with blocks [3, 12, 13, 14, 15, 17]
 removed (24 blocks), batch 4 × 256 tokens, fp32, AdamW. `--tiny` runs tiny random models for a smoke test.
@@ -56,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, interleaved")
     parser.add_argument("--quality", action="store_true", help="also the demo protocol's recovery (slow)")
     parser.add_argument("--quality-steps", type=int, default=30)
-    parser.add_argument("--variant", choices=[*VARIANTS, "build"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--variant", choices=[*VARIANTS, "build", "error"], help=argparse.SUPPRESS)  # child
     parser.add_argument("--models", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
@@ -133,6 +136,7 @@ def main(argv=None) -> None:
             }
             for variant, variant_runs in runs.items()
         }
+        error = None if args.tiny else run_variant("error", args, models)["errors"]
         quality = measure_quality(args, models) if args.quality and not args.tiny else None
 
     what = (
@@ -160,6 +164,15 @@ def main(argv=None) -> None:
         f"fingerprint ({build['fingerprint_s']:.2f} s); teacher forward alone {forward_rows_per_s:.2f} rows/s; "
         f"ratio {build_rows / forward_rows_per_s:.3f} / {build_rows_loop / forward_rows_per_s:.3f} (target >= 0.9)"
     )
+    if error is not None:
+        print(f"cached top-{args.top_k} KD against full-vocabulary KD on the default corpus (student vs teacher):")
+        header = f"{'divergence':<18} {'T':>3} {'full':>9} {'cached':>9} {'rel. error':>10} {'grad cosine':>12}"
+        print(f"{header} {'grad norm ratio':>16}")
+        for row in error:
+            print(
+                f"{row['divergence']:<18} {row['temperature']:>3g} {row['full']:>9.4f} {row['cached']:>9.4f} "
+                f"{row['relative_error']:>10.2%} {row['gradient_cosine']:>12.5f} {row['gradient_norm_ratio']:>16.3f}"
+            )
     if quality is not None:
         for name, figure in quality.items():
             print(f"recovery (validation) {name}: {figure:.1f} %")
@@ -211,6 +224,8 @@ def measure(args) -> dict:
     student_dir, teacher_dir, cache_dir = models / "student", models / "teacher", models / "cache"
     rows = make_rows(AutoConfig.from_pretrained(student_dir).vocab_size, args)
     result: dict = {"variant": args.variant}
+    if args.variant == "error":
+        return {**result, "errors": measure_kd_error(args, models)}
     if args.variant in ("build", "t"):
         teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     if args.variant == "build":
@@ -272,6 +287,52 @@ def measure(args) -> dict:
         times = timer.times
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     return {**result, "median_s": statistics.median(times[args.warmup :]), "times": times, "peak_rss": peak_rss}
+
+
+def measure_kd_error(args, models: Path) -> list[dict]:
+    """The cached KD term (float16 top-k, as stored) against the full-vocabulary one, on default-corpus text."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_recover.data import prepare_recovery_dataset
+    from hf_recover.losses import DIVERGENCES, TopKTeacher, teacher_top_k
+    from hf_recover.scripts.arguments import DataArguments, load_model, load_text_splits
+
+    teacher, tokenizer = load_model("default")
+    student = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32).eval()
+    text = load_text_splits(DataArguments())["validation"]
+    rows = prepare_recovery_dataset(text, tokenizer, max_length=args.seq_len).select(range(args.batch))
+    input_ids = torch.tensor(rows["input_ids"])
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids).logits
+        student_logits = student(input_ids=input_ids).logits
+    batch, length, vocab = teacher_logits.shape
+    errors = []
+    for temperature in (1.0, 2.0):
+        ids, top, tails = teacher_top_k(teacher_logits.reshape(-1, vocab), args.top_k, (temperature,))
+        cached = TopKTeacher(
+            ids.view(batch, length, -1), top.half().float().view(batch, length, -1), tails[:, 0].view(batch, length)
+        )
+        for name, divergence in DIVERGENCES.items():
+            values, grads = [], []
+            for teacher_side in (teacher_logits, cached):
+                logits = student_logits.clone().requires_grad_()
+                value = divergence(logits, teacher_side, input_ids, temperature=temperature)
+                value.backward()
+                values.append(value.item())
+                grads.append(logits.grad.flatten())
+            errors.append(
+                {
+                    "divergence": name,
+                    "temperature": temperature,
+                    "full": values[0],
+                    "cached": values[1],
+                    "relative_error": (values[1] - values[0]) / values[0],
+                    "gradient_cosine": torch.nn.functional.cosine_similarity(*grads, dim=0).item(),
+                    "gradient_norm_ratio": (grads[1].norm() / grads[0].norm()).item(),
+                }
+            )
+    return errors
 
 
 def measure_quality(args, models: Path) -> dict[str, float]:
