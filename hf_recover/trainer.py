@@ -35,9 +35,10 @@ from .alignment import (
     hidden_alignment_loss,
     layer_map_pairs,
 )
+from .cached_training import split_cached_teacher, training_cache_columns
 from .config import OBJECTIVE_NAME, DistillationConfig
 from .constants import IGNORE_INDEX, SUPPORTED_ARCHITECTURES
-from .losses import DIVERGENCES, TopKTeacher, distillation_loss
+from .losses import DIVERGENCES, distillation_loss
 from .pruned_config import PrunedConfig
 from .teacher import (
     check_tokenizers,
@@ -47,7 +48,6 @@ from .teacher import (
     prepare_deepspeed_teacher,
     text_config,
 )
-from .teacher_cache import TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN, is_teacher_cache, tail_column, teacher_cache_columns
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class DistillationTrainer(Trainer):
         **kwargs,
     ):
         args = _as_distillation_config(args)
-        self._cached_teacher_columns = _teacher_cache_inputs(teacher_cache, teacher_model, args, kwargs)
+        self._cached_teacher_columns = training_cache_columns(teacher_cache, teacher_model, args, kwargs)
         if args.n_gpu > 1:
             # Trainer wraps the student in nn.DataParallel then: the distillation terms would be computed on the
             # gathered logits but scaled as per-replica losses.
@@ -245,7 +245,7 @@ class DistillationTrainer(Trainer):
         if labels is None:
             raise ValueError("DistillationTrainer needs `labels` in every batch (use a causal-LM collator).")
         want_hidden = args.wants_hidden_states
-        inputs, cached_teacher = self._split_teacher_cache(inputs)
+        inputs, cached_teacher = split_cached_teacher(inputs, self._cached_teacher_columns)
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
         scale = self._loss_scale(num_items_in_batch)
         # Batches that carry their own `shift_labels` (context parallelism) or ask for router logits keep the
@@ -284,9 +284,10 @@ class DistillationTrainer(Trainer):
             )
             terms.update(distill)
             loss = loss + distill_loss
-        elif cached_teacher is not None:
+        elif cached_teacher is not None:  # a teacher cache: KD on its top-k, no teacher forward
+            teacher_outputs = CausalLMOutputWithPast(logits=cached_teacher)
             distill, distill_loss = self._distillation_terms(
-                outputs, cached_teacher, None, labels, num_items_in_batch, scale, fused
+                outputs, teacher_outputs, None, labels, num_items_in_batch, scale, fused
             )
             terms.update(distill)
             loss = loss + distill_loss
@@ -358,22 +359,6 @@ class DistillationTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         missing = [c for c in self._cached_teacher_columns if c not in self._signature_columns]
         self._signature_columns += missing
-
-    def _split_teacher_cache(self, inputs: dict) -> tuple[dict, CausalLMOutputWithPast | None]:
-        """The model's inputs without the cached teacher's columns, and the cached teacher as teacher outputs whose
-        `logits` are a `TopKTeacher` (None when the batch carries no cache or a live teacher is used)."""
-        cached = {name: inputs[name] for name in teacher_cache_columns(list(inputs))}
-        if not cached:
-            return inputs, None
-        inputs = {name: value for name, value in inputs.items() if name not in cached}
-        if self.teacher_model is not None or not self._cached_teacher_columns:
-            return inputs, None
-        top_k_teacher = TopKTeacher(
-            cached[TOP_IDS_COLUMN].long(),
-            cached[TOP_LOGPROBS_COLUMN],
-            cached[tail_column(self.args.temperature)],
-        )
-        return inputs, CausalLMOutputWithPast(logits=top_k_teacher)
 
     def _loss_scale(self, num_items_in_batch) -> int:
         """The factor `Trainer.compute_loss` multiplies its loss by when tokens are averaged across devices."""
@@ -602,59 +587,6 @@ class _ZeroProjectorGradients(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)
-
-
-def _teacher_cache_inputs(teacher_cache, teacher_model, args: DistillationConfig, kwargs: dict) -> tuple[str, ...]:
-    """Check a teacher cache (given or detected in `train_dataset`) before any work and make it the training data,
-    with a collator that keeps its columns; return the cached columns the loss reads (empty: no cache in use)."""
-    from transformers import default_data_collator
-
-    if teacher_cache is not None:
-        from .teacher_cache import TeacherCache, check_cache_metadata, dataset_fingerprint, load_teacher_cache
-
-        tokenizer = kwargs.get("processing_class")
-        temperature = args.temperature if args.beta > 0 else None
-        if isinstance(teacher_cache, TeacherCache):
-            check_cache_metadata(
-                teacher_cache.metadata, teacher_cache.path, tokenizer=tokenizer, temperature=temperature
-            )
-            given = kwargs.get("train_dataset")
-            if given is not None and dataset_fingerprint(given) != teacher_cache.metadata["dataset_fingerprint"]:
-                raise ValueError(
-                    f"The teacher cache {teacher_cache.path} was built on another dataset than train_dataset: cache "
-                    "the training dataset itself, or pass the cache without train_dataset."
-                )
-        else:
-            teacher_cache = load_teacher_cache(
-                teacher_cache, tokenizer=tokenizer, dataset=kwargs.get("train_dataset"), temperature=temperature
-            )
-        kwargs["train_dataset"] = teacher_cache.dataset
-    dataset = kwargs.get("train_dataset")
-    columns = getattr(dataset, "column_names", None)
-    if teacher_model is not None or columns is None or not is_teacher_cache(columns):
-        return ()
-    if args.wants_hidden_states:
-        raise ValueError(_NO_HIDDEN_STATES_IN_CACHE)
-    if args.beta == 0:
-        return ()  # cross-entropy only: nothing of the cache is read
-    needed = (TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN, tail_column(args.temperature))
-    if needed[2] not in columns:
-        cached = [name.removeprefix("teacher_tail_logmass_T") for name in columns if name.startswith("teacher_tail")]
-        raise ValueError(
-            f"The teacher cache in train_dataset holds the temperatures {cached}, not temperature={args.temperature}: "
-            f"train at one of them, or rebuild the cache with temperatures=(..., {args.temperature})."
-        )
-    kwargs["train_dataset"] = dataset.with_format("torch")  # arrays as tensors, not lists of Python floats
-    if kwargs.get("data_collator") is None:
-        kwargs["data_collator"] = default_data_collator  # stacks every column, the cached ones included
-    return needed
-
-
-_NO_HIDDEN_STATES_IN_CACHE = (
-    "Alignment (gamma) and feature dynamics distillation (delta) compare the teacher's hidden states, which a teacher "
-    "cache does not hold: pass teacher_model= as well (the cache is then not used), or set gamma = delta = 0 to "
-    "distil from the cache alone."
-)
 
 
 def _as_distillation_config(args: TrainingArguments | None) -> DistillationConfig:
