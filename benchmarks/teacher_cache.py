@@ -295,8 +295,9 @@ def measure_kd_error(args, models: Path) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from hf_recover.data import prepare_recovery_dataset
+    from hf_recover.loading import load_model
     from hf_recover.losses import DIVERGENCES, TopKTeacher, teacher_top_k
-    from hf_recover.scripts.arguments import DataArguments, load_model, load_text_splits
+    from hf_recover.scripts.arguments import DataArguments, load_text_splits
 
     teacher, tokenizer = load_model("default")
     student = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32).eval()
@@ -340,8 +341,9 @@ def measure_quality(args, models: Path) -> dict[str, float]:
     validation recovery % of online KD and of KD from a top-k cache, at the same number of steps."""
     from hf_recover import DistillationConfig, cache_teacher_outputs, load_teacher_cache
     from hf_recover.data import prepare_recovery_dataset
+    from hf_recover.loading import load_model
     from hf_recover.recovery import run_recovery
-    from hf_recover.scripts.arguments import DataArguments, load_model, load_text_splits, prepare_eval_splits
+    from hf_recover.scripts.arguments import DataArguments, load_text_splits, prepare_eval_splits
 
     teacher, tokenizer = load_model("default")
     data_args = DataArguments(max_length=256)

@@ -13,8 +13,8 @@ _EXPORTS = {
     "DistillationConfig": "config",
     "DistillationTrainer": "trainer",
     "PrunedConfig": "pruned_config",
-    "load_default_teacher": "models",
-    "load_default_corpus": "corpus",
+    "load_default_teacher": "defaults",
+    "load_default_corpus": "defaults",
     "load_recovery_data": "data",
     "prepare_recovery_dataset": "data",
     "evaluate_perplexity": "evaluation",
@@ -37,7 +37,7 @@ _EXPORTS = {
     "neuron_importance": "pruning",
     "prune_depth": "pruning",
     "prune_width": "pruning",
-    "load_pruned": "pruning",
+    "load_pruned": "loading",
     "select_candidate": "pruning",
     "CandidateReport": "pruning",
     "generate_model_card": "card",
@@ -69,10 +69,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .alignment import build_layer_map, feature_dynamics_loss, hidden_alignment_loss
     from .card import generate_model_card, save_model_card
     from .config import DistillationConfig
-    from .corpus import load_default_corpus
     from .data import load_recovery_data, prepare_recovery_dataset
+    from .defaults import load_default_corpus, load_default_teacher
     from .evaluation import capability_retention, evaluate_lm_eval, evaluate_perplexity, recovery_metrics
     from .hub import HubPushError, push_recovered
+    from .loading import load_pruned
     from .losses import (
         DistillationLoss,
         TopKTeacher,
@@ -84,12 +85,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         skew_reverse_kl,
         total_variation,
     )
-    from .models import load_default_teacher
     from .pruned_config import PrunedConfig
     from .pruning import (
         CandidateReport,
         block_importance,
-        load_pruned,
         neuron_importance,
         plot_block_importance,
         prune_depth,

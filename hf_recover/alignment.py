@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from numbers import Integral, Real
 from typing import TYPE_CHECKING
 
@@ -108,8 +109,45 @@ def build_projectors(
     return nn.ModuleList(HiddenProjector(student_hidden_size, teacher_hidden_size) for _ in range(num_student_layers))
 
 
-# Hidden-state losses.
-# --------------------------------------------------------------------------------------------
+# -- the last block's raw output ------------------------------------------------------------------------------
+
+
+@contextmanager
+def last_block_output(model: nn.Module, enabled: bool):
+    """Capture the raw output of `model`'s last transformer block during a forward inside the block.
+
+    Yields a list that holds that output once the forward ran; it stays empty when disabled or when the blocks
+    are not found as `model.model.layers` through DDP/DeepSpeed/PEFT wrappers (the HF hidden state is used then).
+    """
+    captured: list[torch.Tensor] = []
+    block = _last_block(model) if enabled else None
+    if block is None:
+        yield captured
+        return
+
+    def keep(module, args, output):
+        if not captured:  # a gradient-checkpointing recomputation must not replace the first output
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = block.register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _last_block(model: nn.Module) -> nn.Module | None:
+    from .heads import base_model
+
+    layers = getattr(getattr(base_model(model), "model", None), "layers", None)
+    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+def with_last_block(hidden_states: tuple[torch.Tensor, ...], last: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (*hidden_states[:-1], last[0]) if last else tuple(hidden_states)
+
+
+# -- hidden-state losses ---------------------------------------------------------------------------------------
 
 Projectors = Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | Mapping[int | str, Callable] | nn.Module
 

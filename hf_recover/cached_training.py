@@ -3,8 +3,14 @@
 `training_cache_columns` runs once, before `Trainer.__init__`: it loads and checks a cache given as
 `teacher_cache=` (or detects the cached columns in `train_dataset`), makes it the training data with a collator
 that keeps its columns, and refuses what a cache cannot give (the teacher's hidden states, an uncached
-temperature). `split_cached_teacher` runs on every batch: it takes the cached columns out of the model's inputs
-and returns them as a `TopKTeacher` for the loss.
+temperature) and a run that needs a teacher but has neither a teacher nor a cache.
+
+With a cache and no `teacher_model`, KD is taken on the cached top-k plus a tail bucket
+(`hf_recover.losses.topk`), CE in the same pass, and no teacher is loaded. The cache is checked against the
+student's tokenizer, `temperature` and, when given, `train_dataset` (same rows in the same order).
+
+`split_cached_teacher` runs on every batch: it takes the cached columns out of the model's inputs and returns
+them as a `TopKTeacher` for the loss.
 """
 
 from __future__ import annotations
@@ -38,7 +44,13 @@ def training_cache_columns(teacher_cache, teacher_model, args, trainer_kwargs: d
         trainer_kwargs["train_dataset"] = _checked_cache(teacher_cache, args, trainer_kwargs).dataset
     dataset = trainer_kwargs.get("train_dataset")
     columns = getattr(dataset, "column_names", None)
-    if teacher_model is not None or columns is None or not is_teacher_cache(columns):
+    cached = columns is not None and is_teacher_cache(columns)
+    if args.uses_teacher and teacher_model is None and not cached:
+        raise ValueError(
+            "teacher_model is required when beta, gamma or delta > 0: pass the teacher model or its path (or, for "
+            "KD alone, a teacher cache: teacher_cache=). For cross-entropy only, set beta=gamma=delta=0."
+        )
+    if teacher_model is not None or not cached:
         return ()
     if args.wants_hidden_states:
         raise ValueError(NO_HIDDEN_STATES_IN_CACHE)

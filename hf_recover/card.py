@@ -23,7 +23,6 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .constants import PRUNED_CONFIG_NAME
 from .pruned_config import PrunedConfig
 from .reporting import MODELS, before_after_rows, before_after_table, format_parameters, format_percent
 
@@ -190,10 +189,7 @@ def saved_pruned_config(folder: Path) -> PrunedConfig | None:
     """The `pruned_config.json` saved in the model folder `folder`, or None."""
     if not folder.is_dir():  # not saved yet: nothing to find (and not a Hub id to look up)
         return None
-    found = PrunedConfig.find_for(folder)
-    if found is None and (folder / PRUNED_CONFIG_NAME).is_file():  # TODO(find_for): remove once it reads folders
-        found = PrunedConfig.from_pretrained(folder)
-    return found
+    return PrunedConfig.find_for(folder)
 
 
 # -- README merge ------------------------------------------------------------------------------------------

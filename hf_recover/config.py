@@ -159,6 +159,15 @@ class DistillationConfig(TrainingArguments):
             "Set False for a model whose own loss adds other terms. Default True."
         },
     )
+    fused_lm_head: bool = field(
+        default=True,
+        metadata={
+            "help": "In training, run both models to their final hidden states and apply their lm_heads inside the "
+            "loss, chunk by chunk of tokens, so that neither model's (tokens × vocab) logits nor their gradient ever "
+            "exist whole. Used with the fused cross-entropy, for the tested model types whose logits are norm → "
+            "linear lm_head (→ Gemma's soft-capping); others keep their logits. Default True."
+        },
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={

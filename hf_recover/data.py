@@ -99,7 +99,7 @@ def _load_source(source: dict[str, Any], **load_kwargs: Any) -> Dataset:
 
     path, column = source["path"], source["text_column"]
     if path == "default":
-        from .corpus import load_default_corpus
+        from .defaults import load_default_corpus
 
         dataset = load_default_corpus()[source["split"]]
     elif _is_local(path):

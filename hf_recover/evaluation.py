@@ -30,6 +30,8 @@ def evaluate_perplexity(
     `dataset` is prepared by `prepare_recovery_dataset` (or is a DataLoader of such batches). Position
     `t` is scored against label `t + 1`; labels equal to -100 are skipped. Returns `perplexity`
     (`exp(nll)`), `nll` (mean negative log-likelihood in nats) and `tokens` (how many were scored).
+    The same figures come from the `evaluate` metric `hf_recover.metrics.perplexity_metric_path()` fed with
+    `next_token_nll` of each batch (in a `Trainer`'s `compute_metrics`, for instance).
     """
     return score_models({"model": model}, dataset, batch_size=batch_size, max_batches=max_batches, desc=desc)["model"]
 
@@ -68,46 +70,62 @@ def score_models(
             labels = batch.get("labels", batch["input_ids"])
             if "attention_mask" in batch and "labels" not in batch:
                 labels = labels.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-            # (B, T) -> predictions for positions 0..T-2 against labels 1..T-1
-            shift_labels = labels[:, 1:].flatten()
             reference_logits = None
             for name in order:
                 logits = models[name](input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-                shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B, T, V) -> (B·(T-1), V)
-                nll[name] += F.cross_entropy(
-                    shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
-                ).item()
-                del shift_logits  # free before the next model's forward
+                sequence_nll, sequence_tokens = next_token_nll(logits, labels)
+                nll[name] += sequence_nll.sum().item()
                 if name == reference:
                     reference_logits = logits
                 elif reference_logits is not None:  # summed over valid tokens: num_items_in_batch=1
                     kl[name] += forward_kl(logits, reference_logits, labels, num_items_in_batch=1).item()
                 del logits
-            tokens += int((shift_labels != IGNORE_INDEX).sum())
+            tokens += int(sequence_tokens.sum())
     finally:
         for name, model in models.items():
             model.train(modes[name])
-    if tokens == 0:
-        raise ValueError("The dataset has no valid next-token label (all labels are -100): nothing to score.")
-    scores = {
-        name: {"perplexity": _exp(nll[name] / tokens), "nll": nll[name] / tokens, "tokens": tokens} for name in models
-    }
+    scores = {name: perplexity_from_totals(nll[name], tokens) for name in models}
     for name in models:
         if reference is not None and name != reference:
             scores[name]["kl"] = kl[name] / tokens
     return scores
 
 
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed negative log-likelihood (nats, float32) of its next-token labels, and their count.
+
+    `logits` (B, T, V) and `labels` (B, T), not shifted: position `t` is scored against label `t + 1`, and labels
+    equal to -100 are skipped. Returns two (B,) tensors, `nll_sum` and `tokens`.
+    """
+    # (B, T, V) -> predictions for positions 0..T-2 against labels 1..T-1
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(shift_labels.shape)
+    return nll.sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
+
+
+def perplexity_from_totals(total_nll: float, total_tokens: int) -> dict[str, float]:
+    """`perplexity = exp(total_nll / total_tokens)` (inf past float range), with `nll` (the mean) and `tokens`.
+
+    Token-weighted, so sums over any split of the data into batches or sequences give the same figure.
+    """
+    if total_tokens == 0:
+        raise ValueError("The dataset has no valid next-token label (all labels are -100): nothing to score.")
+    nll = total_nll / total_tokens
+    return {"perplexity": math.exp(nll) if nll < 700 else math.inf, "nll": nll, "tokens": int(total_tokens)}
 
 
 def recovery_metrics(teacher_ppl: float, pruned_ppl: float, recovered_ppl: float) -> dict[str, float]:
-    """Recovery and retention from three perplexities (DESIGN.md, book ch. 6).
+    """Recovery and retention from three perplexities (teacher, pruned student, recovered student).
 
-    `recovery = (PPL_pruned - PPL_recovered) / (PPL_pruned - PPL_teacher)`: the fraction of the gap
-    that pruning opened and recovery closed (1.0 = back to the teacher; may exceed 1 or go negative).
-    `retention = PPL_teacher / PPL_recovered` and `pruned_retention = PPL_teacher / PPL_pruned`.
+    `recovery = (PPL_pruned - PPL_recovered) / (PPL_pruned - PPL_teacher)`: the fraction of the perplexity gap
+    that pruning opened and recovery closed (1.0 = back to the teacher; it may exceed 1 or go negative, and is
+    NaN when pruning opened no gap). `retention = PPL_teacher / PPL_recovered` and
+    `pruned_retention = PPL_teacher / PPL_pruned`: the share of the teacher's quality kept, as a ratio of
+    perplexities (1.0 = as good as the teacher). The `evaluate` metric `hf_recover.metrics.recovery_metric_path()`
+    computes the same figures.
     """
     for name, value in (("teacher_ppl", teacher_ppl), ("pruned_ppl", pruned_ppl), ("recovered_ppl", recovered_ppl)):
         if not value > 0:
@@ -232,7 +250,7 @@ def _lm_eval_scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, f
 def capability_retention(
     teacher_scores: dict[str, dict[str, float]], student_scores: dict[str, dict[str, float]], *, metric: str = "acc"
 ) -> float:
-    """`mean acc_student / mean acc_teacher` over the same tasks (DESIGN.md, book ch. 6).
+    """Capability retention: `mean acc_student / mean acc_teacher`, the means over the same tasks.
 
     Both arguments are outputs of `evaluate_lm_eval` on the same tasks. Returns NaN when the teacher's mean is 0.
     """

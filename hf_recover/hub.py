@@ -11,20 +11,18 @@ import contextlib
 import json
 import logging
 import os
-import re
 from fnmatch import fnmatch
 from pathlib import Path
 
 from .card import CARD_NAME, generate_model_card, saved_pruned_config
 from .constants import PRUNED_CONFIG_NAME
-from .pruned_config import PrunedConfig
+from .loading import MODEL_WEIGHT_PATTERNS, check_pruned_config_matches_weights
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_MESSAGE = "Upload model recovered with hf_recover"
 
 # What a push sends: top-level files only (checkpoint-*/ and other subfolders never go), by name.
-MODEL_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors")
 WEIGHT_PATTERNS = (*MODEL_WEIGHT_PATTERNS, "adapter_model.safetensors")
 PUSH_PATTERNS = (
     *WEIGHT_PATTERNS,
@@ -82,7 +80,7 @@ def push_recovered(
     folder = Path(folder)
     files = _files_to_push(folder)
     _validate_repo_id(repo_id)
-    _check_pruned_config(folder, files)
+    check_pruned_config_matches_weights(folder, files)
 
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -145,71 +143,6 @@ def _validate_repo_id(repo_id: str) -> None:
         raise ValueError(
             f"Invalid Hub repo id {repo_id!r}: {err} Use 'your-username/model-name' (letters, digits, '-', '_', '.')."
         ) from None
-
-
-def _check_pruned_config(folder: Path, files: list[str]) -> None:
-    """`pruned_config.json`, when present, must describe the model in the folder: same blocks, same MLP sizes."""
-    if PRUNED_CONFIG_NAME not in files:
-        return
-    path = folder / PRUNED_CONFIG_NAME
-    try:
-        pruned = PrunedConfig.from_pretrained(path)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path} is not a valid pruned config: {err}") from None
-    n_blocks = pruned.num_student_layers
-    problems = []
-    if "config.json" in files:
-        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        model_config = model_config.get("text_config", model_config)  # multimodal wrappers nest the LM config
-        layers = model_config.get("num_hidden_layers")
-        if layers is not None and layers != n_blocks:
-            problems.append(f"config.json has num_hidden_layers={layers}")
-        expected = pruned.student_intermediate_sizes
-        for key in ("intermediate_size", "hf_recover_intermediate_sizes"):  # the latter: see `load_pruned`
-            sizes = model_config.get(key)
-            if isinstance(sizes, list) and expected and sizes != expected:
-                problems.append(f"config.json has per-block {key} {sizes}")
-    weight_blocks, weight_sizes = _blocks_in_weights(folder, files)
-    if weight_blocks is not None and weight_blocks != n_blocks:
-        problems.append(f"the weights hold {weight_blocks} transformer blocks")
-    expected_sizes = pruned.student_intermediate_sizes
-    if weight_sizes and expected_sizes and weight_blocks == n_blocks and weight_sizes != expected_sizes:
-        problems.append(f"the weights have MLP sizes {weight_sizes}")
-    if problems:
-        raise ValueError(
-            f"{path} does not match the model in {folder}: it describes {n_blocks} blocks "
-            f"(teacher blocks {pruned.kept_layer_indices}) with MLP sizes {expected_sizes or 'unrecorded'}, but "
-            + "; ".join(problems)
-            + ". Save the pruned_config.json of this very model (trainer.save_model writes both), then push again."
-        )
-
-
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _blocks_in_weights(folder: Path, files: list[str]) -> tuple[int | None, list[int]]:
-    """Number of transformer blocks and per-block MLP sizes, read from the safetensors headers only."""
-    from safetensors import safe_open
-
-    shards = [name for name in files if any(fnmatch(name, p) for p in MODEL_WEIGHT_PATTERNS)]
-    if not shards:  # an adapter: the base weights are elsewhere
-        return None, []
-    blocks: set[int] = set()
-    sizes: dict[int, int] = {}
-    for shard in shards:
-        with safe_open(str(folder / shard), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                match = _LAYER_KEY.search(key)
-                if not match:
-                    continue
-                block = int(match.group(1))
-                blocks.add(block)
-                if key.endswith("mlp.up_proj.weight"):
-                    sizes[block] = handle.get_slice(key).get_shape()[0]
-    if not blocks:
-        return None, []
-    n = max(blocks) + 1
-    return n, [sizes[i] for i in range(n)] if len(sizes) == n else []
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

@@ -168,7 +168,13 @@ class PrunedConfig:
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | None = None
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
     ) -> PrunedConfig:
         """Read `pruned_config.json` from a local folder (or the file itself) or from a Hub repo id."""
         path = Path(pretrained_model_name_or_path)
@@ -186,7 +192,14 @@ class PrunedConfig:
             from huggingface_hub import hf_hub_download
 
             path = Path(
-                hf_hub_download(str(pretrained_model_name_or_path), PRUNED_CONFIG_NAME, revision=revision, token=token)
+                hf_hub_download(
+                    name,
+                    PRUNED_CONFIG_NAME,
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                )
             )
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
@@ -213,13 +226,34 @@ class PrunedConfig:
         )
 
     @classmethod
-    def find_for(cls, model) -> PrunedConfig | None:
-        """The `PrunedConfig` that travels with `model`: attached by pruning, or saved next to its weights."""
-        attached = getattr(model, "pruned_config", None)
-        if isinstance(attached, PrunedConfig):
-            return attached
-        config = getattr(model, "config", None)
-        source = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
-        if source and (Path(source) / PRUNED_CONFIG_NAME).is_file():
-            return cls.from_pretrained(source)
-        return None
+    def find_for(cls, model_or_path: Any, **hub_kwargs: Any) -> PrunedConfig | None:
+        """The `PrunedConfig` that travels with a model, or None when it has none: the one way to find it.
+
+        `model_or_path` is
+        - a model: the `PrunedConfig` attached by pruning or loading (`model.pruned_config`), else the
+          `pruned_config.json` in the local folder it was loaded from (`config.name_or_path`; a model loaded from
+          the Hub is not looked up there again);
+        - a local folder: its `pruned_config.json`;
+        - a Hub repo id: its `pruned_config.json`, downloaded with `hub_kwargs` (`revision`, `token`, `cache_dir`,
+          `local_files_only`).
+        Only a missing file means None (including a Hub file that cannot be found, or fetched while offline); a
+        file that is not valid JSON or not a pruned config raises, as does a local path that does not exist.
+        """
+        if not isinstance(model_or_path, (str, os.PathLike)):
+            attached = getattr(model_or_path, "pruned_config", None)
+            if isinstance(attached, PrunedConfig):
+                return attached
+            config = getattr(model_or_path, "config", None)
+            source = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+            if not source or not Path(source).is_dir():
+                return None
+            model_or_path = source
+        path = Path(model_or_path)
+        if path.is_dir():
+            return cls.from_pretrained(path) if (path / PRUNED_CONFIG_NAME).is_file() else None
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return cls.from_pretrained(model_or_path, **hub_kwargs)
+        except EntryNotFoundError:  # the repo has no pruned_config.json, or it is not cached and we are offline
+            return None

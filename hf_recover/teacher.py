@@ -11,9 +11,9 @@ import os
 from copy import deepcopy
 from typing import Any
 
-import torch
 from torch import nn
 
+from .heads import text_config
 from .losses import shared_vocab_size
 
 MISMATCHES_SHOWN = 3
@@ -21,15 +21,14 @@ MISMATCHES_SHOWN = 3
 
 
 def load_teacher(name_or_path: str | os.PathLike, dtype: str = "auto") -> nn.Module:
-    """A teacher given as a folder or Hub id, in `dtype` ("auto": as saved, or a torch dtype name).
+    """A teacher given as a folder or Hub id, in `dtype` ("auto": as saved, or a torch dtype name), whatever its
+    per-block sizes (a pruned model can teach too).
 
     Never `device_map="auto"`: under DDP every process holds its own full copy, placed by the trainer.
     """
-    from transformers import AutoModelForCausalLM
+    from .loading import load_pruned, resolve_dtype
 
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
-    )
+    return load_pruned(name_or_path, dtype=resolve_dtype(name_or_path, dtype))
 
 
 def load_teacher_tokenizer(name_or_path: str | os.PathLike):
@@ -40,11 +39,6 @@ def load_teacher_tokenizer(name_or_path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):  # no tokenizer files there: only the vocabulary sizes can be compared
         return None
-
-
-def text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def output_vocab(model: nn.Module) -> int | None:

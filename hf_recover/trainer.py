@@ -12,20 +12,16 @@ with the terms of `hf_recover.losses`; see `DistillationConfig` for the fields a
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import inspect
 import logging
 import os
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .alignment import (
@@ -33,11 +29,22 @@ from .alignment import (
     build_projectors,
     feature_dynamics_loss,
     hidden_alignment_loss,
+    last_block_output,
     layer_map_pairs,
+    with_last_block,
 )
 from .cached_training import split_cached_teacher, training_cache_columns
 from .config import OBJECTIVE_NAME, DistillationConfig
-from .constants import IGNORE_INDEX, SUPPORTED_ARCHITECTURES
+from .constants import IGNORE_INDEX
+from .heads import (
+    accepts,
+    fused_head_problem,
+    head_inputs,
+    is_peft_model,
+    no_logits,
+    plain_loss_problem,
+    text_config,
+)
 from .losses import DIVERGENCES, distillation_loss
 from .pruned_config import PrunedConfig
 from .teacher import (
@@ -46,7 +53,6 @@ from .teacher import (
     load_teacher,
     load_teacher_tokenizer,
     prepare_deepspeed_teacher,
-    text_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,11 +74,8 @@ class DistillationTrainer(Trainer):
             layer map and is written as `pruned_config.json` next to the weights of every save.
         teacher_tokenizer: the teacher's tokenizer, compared with the student's `processing_class` before any work
             (a teacher given as a path brings its own): token ids that stand for different tokens are an error.
-        teacher_cache: a teacher cache (`hf_recover.cache_teacher_outputs`): its folder or a loaded `TeacherCache`.
-            It is checked against the student's tokenizer, `temperature` and, when given, `train_dataset` (same
-            rows), and becomes the training data. A `train_dataset` that carries the cached columns itself is
-            detected without it. With a cache and no `teacher_model`, KD is taken on the cached top-k plus a tail
-            bucket and no teacher is loaded; alignment and FDD (`gamma`, `delta`) then need `teacher_model`.
+        teacher_cache: a teacher cache's folder or `TeacherCache` to distil from instead of a teacher (a
+            `train_dataset` with the cached columns is detected without it); see `hf_recover.cached_training`.
         **kwargs: every other `Trainer` argument (`train_dataset`, `data_collator`, `callbacks`, ...).
 
     Attributes:
@@ -119,18 +122,13 @@ class DistillationTrainer(Trainer):
                 f"and was not launched for distributed training. Launch the script with `torchrun --nproc_per_node "
                 f"{args.n_gpu}` or `accelerate launch` (DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
             )
-        if args.uses_teacher and teacher_model is None and not self._cached_teacher_columns:
-            raise ValueError(
-                "teacher_model is required when beta, gamma or delta > 0: pass the teacher model or its path. "
-                "For cross-entropy only, set beta=gamma=delta=0."
-            )
         if isinstance(model, (str, os.PathLike)):
-            from .pruning import load_pruned  # any MLP sizes; plain from_pretrained where they are uniform
+            from .loading import load_pruned  # any MLP sizes; plain from_pretrained where they are uniform
 
             model = load_pruned(model)
         super().__init__(model=model, args=args, **kwargs)
 
-        if self.args.merge_adapters and not _is_peft_model(self.model):
+        if self.args.merge_adapters and not is_peft_model(self.model):
             raise ValueError("merge_adapters=True needs a PEFT (LoRA) student; this student has no adapters.")
         self.pruned_config = pruned_config if pruned_config is not None else PrunedConfig.find_for(self.model)
         self._model_card_metrics: dict[str, Any] | None = None
@@ -149,7 +147,8 @@ class DistillationTrainer(Trainer):
         want_hidden = self.args.wants_hidden_states
         self._teacher_forward_kwargs = {"output_hidden_states": want_hidden, "use_cache": False}
         self._fused_cross_entropy = self._can_fuse_cross_entropy()
-        if self.args.beta == 0 and _accepts(self.teacher_model, "logits_to_keep"):
+        self._fused_heads = (self._can_fuse_lm_head(self.model), self._can_fuse_lm_head(self.teacher_model))
+        if self.args.beta == 0 and accepts(self.teacher_model, "logits_to_keep"):
             # Only hidden states are compared: skip the teacher's (tokens × vocab) output projection.
             self._teacher_forward_kwargs["logits_to_keep"] = 1
         self.layer_map, self.projectors, self._layer_pairs = None, None, None
@@ -194,31 +193,24 @@ class DistillationTrainer(Trainer):
             getattr(parallelism, "sp_enabled", False) or getattr(parallelism, "cp_enabled", False)
         ):
             return False  # sequence / context parallelism shard the labels: Trainer's path handles them
-        model = self.accelerator.unwrap_model(self.model)
-        if _is_peft_model(model):
-            model = model.get_base_model()
-        config = text_config(model)
-        # Decided by declared capability: a transformers class of a model type whose causal-LM loss is tested to be
-        # the plain shifted CE (not a subclass with a forward of its own), without a router auxiliary loss (mixtures
-        # of experts) or a z-loss (Bamba) added to it.
-        model_type = getattr(config, "model_type", None)
-        fused = (
-            model_type in SUPPORTED_ARCHITECTURES
-            and type(model).__module__.startswith("transformers.")
-            and getattr(model, "loss_function", None) is ForCausalLMLoss
-            and not getattr(config, "output_router_logits", False)
-            and not getattr(config, "z_loss_coefficient", 0)
-        )
-        if fused:
-            logger.info("Cross-entropy computed together with the KD term, one pass over the logits (%s).", model_type)
+        problem = plain_loss_problem(self.model)
+        if problem is None:
+            logger.info("Cross-entropy computed together with the KD term, one pass over the logits.")
         else:
-            logger.info(
-                "Cross-entropy left to the model (%s, %s): the fused path is for %s models without extra loss terms.",
-                type(model).__name__,
-                model_type,
-                ", ".join(SUPPORTED_ARCHITECTURES),
-            )
-        return fused
+            logger.info("Cross-entropy left to the model: %s.", problem)
+        return problem is None
+
+    def _can_fuse_lm_head(self, model: nn.Module | None) -> bool:
+        """Whether `model`'s logits can be left to the loss, chunk by chunk (`fused_lm_head`)."""
+        if not (self._fused_cross_entropy and self.args.fused_lm_head) or model is None:
+            return False
+        role = "student" if model is self.model else "teacher"
+        problem = fused_head_problem(model)
+        if problem is None:
+            logger.info("The %s's lm_head runs inside the loss, chunk by chunk: its logits never exist whole.", role)
+        else:
+            logger.info("The %s's logits are computed whole (%s).", role, problem)
+        return problem is None
 
     # -- the teacher -------------------------------------------------------------------------------------
 
@@ -252,11 +244,16 @@ class DistillationTrainer(Trainer):
         # model's loss; so do batches without a teacher (cache-only training, evaluated on uncached data).
         fused = self._fused_cross_entropy and not {"shift_labels", "output_router_logits"} & inputs.keys()
         fused = fused and (self.teacher_model is not None or cached_teacher is not None)
-        with _last_block_output(model, want_hidden) as student_last:
+        # In training, the fused lm_head leaves each model's logits to the loss, chunk by chunk; evaluation keeps
+        # them (prediction_step hands them to compute_metrics).
+        student_head, teacher_head = (fused and model.training and enabled for enabled in self._fused_heads)
+        with last_block_output(model, want_hidden) as student_last:
             if fused:
                 # CE is computed together with KD, in one pass over the logits (`distillation_loss`): the student
                 # runs without labels, so that it computes no loss of its own.
                 student_inputs.pop("labels")
+                if student_head:
+                    student_inputs.update(output_hidden_states=True, logits_to_keep=no_logits(labels.device))
                 outputs = model(**student_inputs)
                 terms, loss = {}, 0
             else:
@@ -269,26 +266,34 @@ class DistillationTrainer(Trainer):
 
         if self.teacher_model is not None:
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            with torch.no_grad(), _last_block_output(self.teacher_model, want_hidden) as teacher_last:
-                teacher_outputs = self.teacher_model(**teacher_inputs, **self._teacher_forward_kwargs)
+            if teacher_head:
+                teacher_inputs.update(output_hidden_states=True, logits_to_keep=no_logits(labels.device))
+            with torch.no_grad(), last_block_output(self.teacher_model, want_hidden) as teacher_last:
+                teacher_outputs = self.teacher_model(**{**self._teacher_forward_kwargs, **teacher_inputs})
+            # What the loss reads of each model's output: its logits, or what makes them (`LMHeadInputs`).
+            student_side = head_inputs(model, outputs.hidden_states[-1]) if student_head else outputs.logits
+            teacher_side = (
+                head_inputs(self.teacher_model, teacher_outputs.hidden_states[-1])
+                if teacher_head
+                else teacher_outputs.logits
+            )
             hidden = None
             if want_hidden:
                 # HF's last hidden state is the final norm's output: align the last *block's* raw output instead,
                 # like every other block's (block importance does the same).
                 hidden = (
-                    _with_last(outputs.hidden_states, student_last),
-                    _with_last(teacher_outputs.hidden_states, teacher_last),
+                    with_last_block(outputs.hidden_states, student_last),
+                    with_last_block(teacher_outputs.hidden_states, teacher_last),
                 )
             distill, distill_loss = self._distillation_terms(
-                outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale, fused
+                student_side, teacher_side, hidden, labels, num_items_in_batch, scale, fused
             )
             terms.update(distill)
             loss = loss + distill_loss
         elif cached_teacher is not None:  # a teacher cache: KD on its top-k, no teacher forward
-            teacher_outputs = CausalLMOutputWithPast(logits=cached_teacher)
-            distill, distill_loss = self._distillation_terms(
-                outputs, teacher_outputs, None, labels, num_items_in_batch, scale, fused
-            )
+            student_side = head_inputs(model, outputs.hidden_states[-1]) if student_head else outputs.logits
+            rest = (labels, num_items_in_batch, scale, fused)
+            distill, distill_loss = self._distillation_terms(student_side, cached_teacher, None, *rest)
             terms.update(distill)
             loss = loss + distill_loss
 
@@ -308,7 +313,7 @@ class DistillationTrainer(Trainer):
         return loss, outputs
 
     def _distillation_terms(
-        self, outputs, teacher_outputs, hidden, labels, num_items_in_batch, scale, fused
+        self, student_side, teacher_side, hidden, labels, num_items_in_batch, scale, fused
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The unweighted terms (for the logs) and their weighted sum, times the Trainer's loss scale."""
         args, terms, loss = self.args, {}, 0
@@ -320,8 +325,8 @@ class DistillationTrainer(Trainer):
             kd_weight = args.beta * args.temperature**2
             if fused:
                 result = distillation_loss(
-                    outputs.logits,
-                    teacher_outputs.logits,
+                    student_side,
+                    teacher_side,
                     labels,
                     divergence=args.divergence,
                     ce_weight=args.alpha * scale,
@@ -332,9 +337,7 @@ class DistillationTrainer(Trainer):
                 terms.update(ce=result.ce, kd=result.kd)
                 loss = result.loss
             else:
-                terms["kd"] = DIVERGENCES[args.divergence](
-                    outputs.logits, teacher_outputs.logits, labels, **common, **own
-                )
+                terms["kd"] = DIVERGENCES[args.divergence](student_side, teacher_side, labels, **common, **own)
                 loss = scale * kd_weight * terms["kd"]
         hidden = (*hidden, self._layer_pairs, labels) if hidden is not None else None
         if args.gamma > 0:
@@ -352,13 +355,9 @@ class DistillationTrainer(Trainer):
             loss = loss + scale * args.delta * terms["fdd"]
         return terms, loss
 
-    # -- a cached teacher (`hf_recover.cache_teacher_outputs`) ------------------------------------------------------
-
     def _set_signature_columns_if_needed(self) -> None:
-        # Trainer keeps only the columns the model's forward accepts: keep the cached teacher's too.
-        super()._set_signature_columns_if_needed()
-        missing = [c for c in self._cached_teacher_columns if c not in self._signature_columns]
-        self._signature_columns += missing
+        super()._set_signature_columns_if_needed()  # the model's forward arguments, and the cached teacher's columns
+        self._signature_columns += [c for c in self._cached_teacher_columns if c not in self._signature_columns]
 
     def _loss_scale(self, num_items_in_batch) -> int:
         """The factor `Trainer.compute_loss` multiplies its loss by when tokens are averaged across devices."""
@@ -570,7 +569,7 @@ class DistillationTrainer(Trainer):
     def merge_and_unload(self) -> PreTrainedModel:
         """Merge a PEFT student's adapters into its base weights; `save_model` then writes a plain model."""
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if not _is_peft_model(unwrapped):
+        if not is_peft_model(unwrapped):
             raise ValueError("merge_and_unload needs a PEFT (LoRA) student; this student has no adapters.")
         merged = unwrapped.merge_and_unload()
         if getattr(unwrapped, "pruned_config", None) is not None and not hasattr(merged, "pruned_config"):
@@ -599,54 +598,3 @@ def _as_distillation_config(args: TrainingArguments | None) -> DistillationConfi
     # A plain TrainingArguments: keep its values, add the distillation defaults (as TRL does for its configs).
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return DistillationConfig(**values)
-
-
-@contextmanager
-def _last_block_output(model: nn.Module, enabled: bool):
-    """Capture the raw output of `model`'s last transformer block during a forward inside the block.
-
-    Yields a list that holds that output once the forward ran; it stays empty when disabled or when the blocks
-    are not found as `model.model.layers` through DDP/DeepSpeed/PEFT wrappers (the HF hidden state is used then).
-    """
-    captured: list[torch.Tensor] = []
-    block = _last_block(model) if enabled else None
-    if block is None:
-        yield captured
-        return
-
-    def keep(module, args, output):
-        if not captured:  # a gradient-checkpointing recomputation must not replace the first output
-            captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = block.register_forward_hook(keep)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def _last_block(model: nn.Module) -> nn.Module | None:
-    model = getattr(model, "module", model)  # DDP, DeepSpeed
-    if _is_peft_model(model):
-        model = model.get_base_model()
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
-
-
-def _with_last(hidden_states: tuple[torch.Tensor, ...], last: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return (*hidden_states[:-1], last[0]) if last else tuple(hidden_states)
-
-
-def _is_peft_model(model) -> bool:
-    if importlib.util.find_spec("peft") is None:
-        return False
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
-def _accepts(model: nn.Module | None, argument: str) -> bool:
-    if model is None:
-        return False
-    forward = getattr(model, "_original_forward", model.forward)  # accelerate may wrap forward for autocast
-    return argument in inspect.signature(forward).parameters

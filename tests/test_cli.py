@@ -164,12 +164,12 @@ def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, mat
     monkeypatch.chdir(tmp_path)
     import transformers
 
-    import hf_recover.models
+    import hf_recover.defaults
 
     def refuse(*args, **kwargs):
         pytest.fail("loaded a model before validating")
 
-    monkeypatch.setattr(hf_recover.models, "load_default_teacher", refuse)
+    monkeypatch.setattr(hf_recover.defaults, "load_default_teacher", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
     with pytest.raises(error, match=match):
@@ -225,3 +225,58 @@ def test_evaluate_runs_local_lm_eval_tasks_offline(workspace, capsys):
     assert figures["lm_eval"]["teacher"]["hf_recover_facts"]["acc"] == acc
     assert figures["capability_retention"] == pytest.approx(1.0) or acc == 0.0
     assert "hf_recover_facts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, teacher_dtype",
+    [
+        (["--prune", "last:2", "--teacher_dtype", "bfloat16"], torch.bfloat16),
+        (["--student", "STUDENT", "--teacher_dtype", "float16"], torch.float16),
+        (["--prune", "last:2"], torch.float32),  # auto: as saved (float32 here)
+    ],
+)
+def test_recover_loads_the_teacher_in_teacher_dtype(workspace, monkeypatch, flags, teacher_dtype):
+    import hf_recover.recovery
+
+    ws = workspace
+    if "STUDENT" in flags:
+        cli(["prune", "--model", str(ws / "teacher"), "--prune", "last:2", "--output_dir", str(ws / "student")])
+        flags = [str(ws / "student") if f == "STUDENT" else f for f in flags]
+    seen = {}
+
+    class SetupDone(Exception):
+        pass
+
+    def capture(*, teacher, student, **kwargs):
+        seen.update(teacher=teacher, student=student)
+        raise SetupDone
+
+    monkeypatch.setattr(hf_recover.recovery, "run_recovery", capture)
+    with pytest.raises(SetupDone):
+        cli(["recover", "--teacher", str(ws / "teacher"), *flags, "--output_dir", str(ws / "out"),
+             "--dataset", str(ws / "data"), *FAST, *TRAIN])  # fmt: skip
+    assert {p.dtype for p in seen["teacher"].parameters()} == {teacher_dtype}
+    assert {p.dtype for p in seen["student"].parameters()} == {torch.float32}  # the student trains in float32
+
+
+def test_compare_distils_from_the_teacher_in_teacher_dtype(workspace, monkeypatch):
+    import hf_recover.recovery
+
+    ws = workspace
+    seen = []
+
+    class SetupDone(Exception):
+        pass
+
+    def capture(*, teacher, student, **kwargs):
+        seen.append((teacher, student))
+        raise SetupDone
+
+    monkeypatch.setattr(hf_recover.recovery, "run_recovery", capture)
+    with pytest.raises(SetupDone):
+        cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "ce_only",
+             "--n_remove", "2", "--teacher_dtype", "bfloat16", "--output_dir", str(ws / "lab"), *data_flags(ws),
+             "--use_cpu"])  # fmt: skip
+    teacher, student = seen[0]
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}

@@ -28,6 +28,7 @@ NEW_FIELDS = {
     "teacher_dtype",
     "merge_adapters",
     "eval_objective_as_loss",
+    "fused_lm_head",
 }
 
 

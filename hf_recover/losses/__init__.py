@@ -13,8 +13,7 @@ Every logit divergence is built from three pieces, each written once:
 3. `chunking`: the one chunk engine. It walks the valid positions in chunks of `chunk_size` tokens, computes
    each chunk's divergence (and, for `distillation_loss`, the student's cross-entropy) in float32 and, in the
    same pass, its gradient, from the student's logits or from its final hidden states and lm_head
-   (`fused_linear_divergence`). The teacher's side is dense logits, its hidden states and lm_head, or a cached
-   top-k teacher (`TopKTeacher`, see `topk`), whose divergence is taken on the top-k tokens plus one tail bucket.
+   (`fused_linear_divergence`). A cached teacher (`TopKTeacher`) is a sparse target: see `topk`.
 
 `DIVERGENCES` is the one table of divergences: name, function, kernel, parameters (with the
 `DistillationConfig` field each one is set by), formula and source. The configuration, the trainer, the model
@@ -527,8 +526,7 @@ def _check_head(head: LMHeadInputs, name: str) -> torch.Tensor:
 def _sides(
     student, teacher, labels, temperature: float
 ) -> tuple[StudentLogits | StudentHead, TeacherLogits | TeacherHead | TeacherTopK]:
-    """Validate both sides (logits, `LMHeadInputs` or, for the teacher, `TopKTeacher`) against each other and the
-    labels; wrap them as sources."""
+    """Validate both sides (logits, `LMHeadInputs`, a `TopKTeacher`) against the labels; wrap them as sources."""
     student_logits = _check_head(student, "student") if isinstance(student, LMHeadInputs) else student
     if isinstance(teacher, TopKTeacher):
         vocab = _check_logits(student_logits, student_logits, labels)  # the student's side against the labels

@@ -124,12 +124,9 @@ class StudentLogits:
         return (self._grad.view(self.inputs[0].shape),)
 
 
-class StudentHead:
-    """The student's final hidden states `(B, T, H)` and lm_head `(V, H)` (+ bias): a chunk's logits are computed
-    from its hidden states, and its gradient flows on to the hidden states, the weight and the bias.
-
-    `softcap` applies Gemma's final logit soft-capping, `cap · tanh(z / cap)`, to each chunk's logits.
-    """
+class _Head:
+    """A model's final hidden states `(B, T, H)` and lm_head `(V, H)` (+ bias). `softcap` applies Gemma's final logit
+    soft-capping, `cap · tanh(z / cap)`, to each chunk's logits."""
 
     def __init__(
         self,
@@ -139,11 +136,20 @@ class StudentHead:
         softcap: float | None = None,
     ):
         self.inputs = (hidden_states, weight, bias)
+        self.softcap = softcap
+        self._flat = hidden_states.reshape(-1, hidden_states.size(-1))  # (B, T, H) -> (B·T, H)
+
+
+class StudentHead(_Head):
+    """The student's side from its final hidden states and lm_head: a chunk's logits are computed from its hidden
+    states, and its gradient flows on to the hidden states, the weight and the bias."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        hidden_states, weight, _ = self.inputs
         self.vocab = weight.size(0)
         self.dtype = hidden_states.dtype
         self.device = hidden_states.device
-        self.softcap = softcap
-        self._flat = hidden_states.reshape(-1, hidden_states.size(-1))  # (B, T, H) -> (B·T, H)
         self._grads: list[torch.Tensor | None] = [None, None, None]
         self._capped: torch.Tensor | None = None
 
@@ -219,20 +225,9 @@ class TeacherLogits:
         return self._flat[index, :vocab].to(dtype)
 
 
-class TeacherHead:
-    """The teacher's final hidden states and lm_head: its logits are computed chunk by chunk, never whole. A
-    constant of the loss (no gradient)."""
-
-    def __init__(
-        self,
-        hidden_states: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        softcap: float | None = None,
-    ):
-        self.inputs = (hidden_states, weight, bias)
-        self.softcap = softcap
-        self._flat = hidden_states.reshape(-1, hidden_states.size(-1))
+class TeacherHead(_Head):
+    """The teacher's side from its final hidden states and lm_head: its logits are computed chunk by chunk, never
+    whole. A constant of the loss (no gradient)."""
 
     def logits(self, index: slice | torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
         _, weight, bias = self.inputs

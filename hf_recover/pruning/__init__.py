@@ -1,10 +1,11 @@
-"""Choose what to prune and prune it: block and neuron importance, depth and width pruning,
-candidate selection, and reloading pruned models."""
+"""Choose what to prune and prune it: block and neuron importance, depth and width pruning, and
+candidate selection. `load_pruned` (from `hf_recover.loading`) is re-exported here for existing imports."""
 
+from ..loading import load_pruned
 from .candidates import CandidateReport, CandidateResult, select_candidate
 from .depth import prune_depth
 from .importance import block_importance, neuron_importance, plot_block_importance
-from .width import load_pruned, prune_width
+from .width import prune_width
 
 __all__ = [
     "CandidateReport",

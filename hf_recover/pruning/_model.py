@@ -93,8 +93,8 @@ def new_linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linea
 
 def teacher_license(name_or_path: str | None) -> str | None:
     try:
-        from ..models import DEFAULT_TEACHER_ID, DEFAULT_TEACHER_LICENSE
-    except ImportError:  # pragma: no cover - models.py is optional for pruning
+        from ..defaults.teacher import DEFAULT_TEACHER_ID, DEFAULT_TEACHER_LICENSE
+    except ImportError:  # pragma: no cover - the defaults are optional for pruning
         return None
     return DEFAULT_TEACHER_LICENSE if name_or_path == DEFAULT_TEACHER_ID else None
 

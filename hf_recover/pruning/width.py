@@ -1,22 +1,17 @@
-"""Width pruning: remove GLU MLP neurons (gate/up rows and down columns together), and reload
-models whose blocks ended with different MLP sizes."""
+"""Width pruning: remove GLU MLP neurons (gate/up rows and down columns together). Models whose blocks ended
+with different MLP sizes reload with `hf_recover.load_pruned` (in `hf_recover.loading`)."""
 
 from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..constants import PRUNED_CONFIG_NAME
 from ..pruned_config import PrunedConfig
 from ._model import (
-    MLP_SIZES_FIELD,
     base_pruned_config,
     check_supported,
     decoder_layers,
@@ -171,103 +166,3 @@ def slice_mlp(mlp: nn.Module, keep: torch.Tensor) -> None:
         mlp.down_proj = new
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(keep)
-
-
-def resize_mlp(mlp: nn.Module, size: int) -> None:
-    """Replace a GLU MLP's projections with uninitialised ones of MLP size `size` (weights loaded later)."""
-    for name in ("gate_proj", "up_proj"):
-        old = getattr(mlp, name)
-        setattr(mlp, name, new_linear(old.in_features, size, old))
-    mlp.down_proj = new_linear(size, mlp.down_proj.out_features, mlp.down_proj)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = size
-
-
-def load_pruned(pretrained_model_name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
-    """Load a pruned (or recovered) model saved with `save_pretrained`, whatever its MLP sizes.
-
-    How to reload. transformers 5 takes a single int `intermediate_size` for Llama, Qwen2, Qwen3,
-    Gemma3 and Mistral (a per-layer list fails the config's validation). So:
-    - depth-pruned models, and width-pruned ones whose blocks all kept the same MLP size, reload with
-      plain `AutoModelForCausalLM.from_pretrained(path)`: `prune_width` writes that size into
-      `config.intermediate_size`;
-    - when blocks ended with different sizes (`prune_width(..., layers=[...])`, or successive
-      prunings), the config also holds the list `hf_recover_intermediate_sizes`, and the model must be
-      loaded with `hf_recover.load_pruned(path)` (plain `from_pretrained` refuses the checkpoint with
-      a size-mismatch error). `load_pruned` builds each block's MLP at its own size and loads the
-      safetensors weights exactly, through `from_pretrained`, so its keyword arguments (`dtype`,
-      `device_map`, `revision`, ...) work as usual; it also works for uniform models.
-    Save with `model.save_pretrained(path)` and `model.pruned_config.save_pretrained(path)` (the
-    trainer's save does both). The `PrunedConfig` found next to the weights is attached to the
-    returned model as `model.pruned_config`.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hub_kwargs = {
-        k: from_pretrained_kwargs[k]
-        for k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
-        if k in from_pretrained_kwargs
-    }
-    config = from_pretrained_kwargs.pop("config", None) or AutoConfig.from_pretrained(
-        pretrained_model_name_or_path, **hub_kwargs
-    )
-    pruned_config = _find_pruned_config(pretrained_model_name_or_path, hub_kwargs)
-    sizes = getattr(config, MLP_SIZES_FIELD, None)
-    if sizes is None and pruned_config is not None and pruned_config.student_intermediate_sizes:
-        sizes = pruned_config.student_intermediate_sizes
-    if sizes is not None and len(set(sizes)) > 1:
-        if len(sizes) != config.num_hidden_layers:
-            raise ValueError(
-                f"The saved per-layer MLP sizes ({len(sizes)}) do not match num_hidden_layers "
-                f"({config.num_hidden_layers}) in {pretrained_model_name_or_path}: the folder is inconsistent."
-            )
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
-        with _per_layer_mlp_sizes(model_class, sizes):
-            model = AutoModelForCausalLM.from_pretrained(
-                pretrained_model_name_or_path, config=config, **from_pretrained_kwargs
-            )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained_model_name_or_path, config=config, **from_pretrained_kwargs
-        )
-    if pruned_config is not None:
-        model.pruned_config = pruned_config
-    return model
-
-
-def _find_pruned_config(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> PrunedConfig | None:
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, PRUNED_CONFIG_NAME)):
-            return None
-        return PrunedConfig.from_pretrained(name_or_path)
-    try:
-        return PrunedConfig.from_pretrained(
-            name_or_path, revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token")
-        )
-    except Exception:  # a Hub model without pruned_config.json: the config.json sizes are enough
-        return None
-
-
-@contextmanager
-def _per_layer_mlp_sizes(model_class: type, sizes: list[int]):
-    """While active, every decoder block of `model_class` builds its MLP at `sizes[layer_idx]`.
-
-    `from_pretrained` constructs the model (on the meta device) and then loads the weights into it;
-    patching the block constructor is the one place where the right shapes can be set in between.
-    """
-    module = sys.modules[model_class.__module__]
-    layer_classes = [getattr(module, name) for name in model_class._no_split_modules if hasattr(module, name)]
-    if len(layer_classes) != 1:
-        raise ValueError(f"Cannot find the decoder block class of {model_class.__name__} to build per-layer MLPs.")
-    layer_class = layer_classes[0]
-    original_init = layer_class.__init__
-
-    def __init__(self, config, layer_idx, *args, **kwargs):
-        original_init(self, config, layer_idx, *args, **kwargs)
-        resize_mlp(self.mlp, sizes[layer_idx])
-
-    layer_class.__init__ = __init__
-    try:
-        yield
-    finally:
-        layer_class.__init__ = original_init

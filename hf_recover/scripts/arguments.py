@@ -1,4 +1,4 @@
-"""Arguments shared by the `hf-recover` commands, and the loaders they drive."""
+"""Arguments shared by the `hf-recover` commands, and the data loaders they drive."""
 
 from __future__ import annotations
 
@@ -83,40 +83,10 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def load_model(name_or_path: str, *, dtype: str | None = None):
-    """`(model, tokenizer)` from 'default' (the embedded teacher), a local folder or a Hub id.
-
-    Width-pruned folders whose layers have different MLP sizes go through `hf_recover.load_pruned`.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else torch.float32
-    if name_or_path == DEFAULT:
-        from ..models import load_default_teacher
-
-        return load_default_teacher(dtype=torch_dtype)
-    path = Path(name_or_path)
-    if name_or_path.startswith((".", "/", "~")) and not path.exists():
-        raise FileNotFoundError(f"No such model folder: {name_or_path}.")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no config.json: it is not a saved model folder.")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    from ..constants import PRUNED_CONFIG_NAME
-
-    if (path / PRUNED_CONFIG_NAME).is_file():
-        from ..pruning import load_pruned
-
-        model = load_pruned(name_or_path, dtype=torch_dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-    return model.eval(), tokenizer
-
-
 def load_text_splits(args: DataArguments) -> dict[str, Any]:
     """Text splits `train`, `validation` and (when known) `ood` for the data arguments."""
-    from ..corpus import load_default_corpus
     from ..data import load_recovery_data
+    from ..defaults import load_default_corpus
 
     if args.dataset == [DEFAULT] and args.dataset_weights is None:
         corpus = load_default_corpus()

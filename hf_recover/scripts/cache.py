@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .arguments import DEFAULT, DataArguments, command_parser, load_model, load_text_splits
+from ..loading import load_model
+from .arguments import DEFAULT, DataArguments, command_parser, load_text_splits
 
 
 @dataclass
@@ -31,7 +32,10 @@ class CacheArguments:
     dtype: str = field(default="float16", metadata={"help": "Stored log-probabilities: float16 or float32."})
     batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward."})
     shard_size: int = field(default=256, metadata={"help": "Rows per shard (the unit of resuming)."})
-    teacher_dtype: str = field(default="float32", metadata={"help": "The teacher's weights: float32 or bfloat16."})
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": "The teacher's dtype, as recover's --teacher_dtype ('auto': as saved); recover checks it."},
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache in --output_dir."})
 
 

@@ -15,18 +15,19 @@ strategy, one panel per pruning) and `block_importance.png` into `--output_dir`.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
 
 from ..config import DistillationConfig
+from ..loading import load_model, resolve_dtype
 from ..reporting import format_percent, format_perplexity, markdown_row, markdown_table
 from .arguments import (
     DEFAULT,
     DataArguments,
     check_output_dir,
     command_parser,
-    load_model,
     load_text_splits,
     prepare_eval_splits,
 )
@@ -89,7 +90,10 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     output_dir.mkdir(parents=True, exist_ok=True)
     scores = block_importance(teacher, calibration)
     plot_block_importance(scores, output_dir / "block_importance.png")
-    teacher_ppl = evaluate_splits({"teacher": teacher}, eval_splits)
+    # Students are pruned from the float32 teacher (they train in float32); distillation uses it in teacher_dtype.
+    teacher_dtype = resolve_dtype(args.teacher, config.teacher_dtype)
+    distilling_teacher = teacher if teacher.dtype == teacher_dtype else copy.deepcopy(teacher).to(teacher_dtype)
+    teacher_ppl = evaluate_splits({"teacher": distilling_teacher}, eval_splits)
 
     rows, curves = [], {}
     for pruning in args.prunings:
@@ -106,7 +110,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
                 config, **STRATEGIES[strategy], output_dir=str(output_dir / "runs" / f"{pruning}-{strategy}")
             )
             _, result = run_recovery(
-                teacher=teacher, student=student, tokenizer=tokenizer, args=run_config, train_dataset=train,
+                teacher=distilling_teacher, student=student, tokenizer=tokenizer, args=run_config, train_dataset=train,
                 eval_splits=eval_splits, pruned_config=pruned_config, before=before, save=False,
             )  # fmt: skip
             curves.setdefault(pruning, {})[strategy] = result.log_history

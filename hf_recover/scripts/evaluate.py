@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .arguments import DataArguments, command_parser, load_model, load_text_splits, prepare_eval_splits
+from ..loading import load_model
+from .arguments import DataArguments, command_parser, load_text_splits, prepare_eval_splits
 
 
 @dataclass

