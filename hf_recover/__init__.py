@@ -46,6 +46,10 @@ _EXPORTS = {
     "save_model_card": "card",
     "push_recovered": "hub",
     "HubPushError": "hub",
+    "cache_teacher_outputs": "teacher_cache",
+    "load_teacher_cache": "teacher_cache",
+    "TeacherCache": "teacher_cache",
+    "TopKTeacher": "losses",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -74,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .loading import load_pruned
     from .losses import (
         DistillationLoss,
+        TopKTeacher,
         distillation_loss,
         forward_kl,
         generalized_jsd,
@@ -94,4 +99,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         prune_width,
         select_candidate,
     )
+    from .teacher_cache import TeacherCache, cache_teacher_outputs, load_teacher_cache
     from .trainer import DistillationTrainer

@@ -5,6 +5,8 @@
     hf-recover prune --model default --prune importance:6 --output_dir out/student
     hf-recover select --model default --candidates importance:6 last:6 angular:6
     hf-recover recover --teacher default --student out/student --output_dir out/recovered
+    hf-recover cache --teacher default --output_dir out/teacher-cache --top_k 64
+    hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache
     hf-recover evaluate --model out/recovered --teacher default --pruned out/student
     hf-recover compare --output_dir out/lab           # the strategy lab
     hf-recover push --folder out/recovered --repo_id you/smollm2-recovered
@@ -19,7 +21,7 @@ import argparse
 import sys
 from importlib import import_module
 
-COMMANDS = ("demo", "importance", "prune", "select", "recover", "evaluate", "compare", "push")
+COMMANDS = ("demo", "importance", "prune", "select", "cache", "recover", "evaluate", "compare", "push")
 
 
 def make_root_parser() -> argparse.ArgumentParser:

@@ -136,13 +136,15 @@ def run_recovery(
     datasets: list[str] | None = None,
     callbacks: list | None = None,
     save: bool = True,
+    teacher_cache=None,
 ) -> tuple[Any, RecoveryResult]:
     """Evaluate teacher and pruned student, recover the student with `DistillationTrainer`, evaluate it.
 
     `args` is a `DistillationConfig`. `before` reuses teacher/pruned perplexities measured earlier
     (`{split: {"teacher": ..., "pruned": ...}}`), so a lab comparing strategies pays for them once.
     With `save`, the recovered model, tokenizer, `pruned_config.json` and model card are written to
-    `args.output_dir`. Returns `(trainer, result)`.
+    `args.output_dir`. `teacher_cache` (a `TeacherCache` of `train_dataset`) replaces the teacher in training;
+    the teacher is then only evaluated. Returns `(trainer, result)`.
     """
     from .trainer import DistillationTrainer
 
@@ -150,7 +152,8 @@ def run_recovery(
     # The trainer validates the recipe (layer map, projectors, vocabularies) before any evaluation is spent.
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=teacher if args.uses_teacher else None,
+        teacher_model=teacher if args.uses_teacher and teacher_cache is None else None,
+        teacher_cache=teacher_cache,
         args=args,
         pruned_config=pruned_config,
         train_dataset=train_dataset,

@@ -33,6 +33,7 @@ from .alignment import (
     layer_map_pairs,
     with_last_block,
 )
+from .cached_training import split_cached_teacher, training_cache_columns
 from .config import OBJECTIVE_NAME, DistillationConfig
 from .constants import IGNORE_INDEX
 from .heads import (
@@ -73,6 +74,8 @@ class DistillationTrainer(Trainer):
             layer map and is written as `pruned_config.json` next to the weights of every save.
         teacher_tokenizer: the teacher's tokenizer, compared with the student's `processing_class` before any work
             (a teacher given as a path brings its own): token ids that stand for different tokens are an error.
+        teacher_cache: a teacher cache's folder or `TeacherCache` to distil from instead of a teacher (a
+            `train_dataset` with the cached columns is detected without it); see `hf_recover.cached_training`.
         **kwargs: every other `Trainer` argument (`train_dataset`, `data_collator`, `callbacks`, ...).
 
     Attributes:
@@ -106,9 +109,11 @@ class DistillationTrainer(Trainer):
         args: DistillationConfig | TrainingArguments | None = None,
         pruned_config: PrunedConfig | None = None,
         teacher_tokenizer=None,
+        teacher_cache=None,
         **kwargs,
     ):
         args = _as_distillation_config(args)
+        self._cached_teacher_columns = training_cache_columns(teacher_cache, teacher_model, args, kwargs)
         if args.n_gpu > 1:
             # Trainer wraps the student in nn.DataParallel then: the distillation terms would be computed on the
             # gathered logits but scaled as per-replica losses.
@@ -116,11 +121,6 @@ class DistillationTrainer(Trainer):
                 f"DistillationTrainer does not support torch.nn.DataParallel: this process sees {args.n_gpu} GPUs "
                 f"and was not launched for distributed training. Launch the script with `torchrun --nproc_per_node "
                 f"{args.n_gpu}` or `accelerate launch` (DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
-            )
-        if args.uses_teacher and teacher_model is None:
-            raise ValueError(
-                "teacher_model is required when beta, gamma or delta > 0: pass the teacher model or its path. "
-                "For cross-entropy only, set beta=gamma=delta=0."
             )
         if isinstance(model, (str, os.PathLike)):
             from .loading import load_pruned  # any MLP sizes; plain from_pretrained where they are uniform
@@ -137,12 +137,12 @@ class DistillationTrainer(Trainer):
         self._saving_checkpoint = False
         self._evaluating = False  # inside evaluation_loop: compute_loss returns the student's own LM loss
 
-        if self.args.uses_teacher:
+        if self.args.uses_teacher and teacher_model is not None:
             if teacher_tokenizer is None and isinstance(teacher_model, (str, os.PathLike)):
                 teacher_tokenizer = load_teacher_tokenizer(teacher_model)
             check_tokenizers(self.processing_class, teacher_tokenizer)  # before the teacher's weights are loaded
-        self.teacher_model = self._prepare_teacher(teacher_model) if self.args.uses_teacher else None
-        if self.args.beta > 0:
+        self.teacher_model = self._prepare_teacher(teacher_model) if self.args.uses_teacher and teacher_model else None
+        if self.args.beta > 0 and self.teacher_model is not None:
             check_vocabularies(self.model, self.teacher_model)  # a real tokenizer mismatch fails here, not later
         want_hidden = self.args.wants_hidden_states
         self._teacher_forward_kwargs = {"output_hidden_states": want_hidden, "use_cache": False}
@@ -183,7 +183,8 @@ class DistillationTrainer(Trainer):
     def _can_fuse_cross_entropy(self) -> bool:
         """Whether CE can be computed together with KD (`distillation_loss`) instead of by the model: only where
         the result is exactly the model's own loss, a plain causal-LM cross-entropy."""
-        if not self.args.fused_cross_entropy or self.teacher_model is None or self.args.beta == 0:
+        has_teacher = self.teacher_model is not None or bool(self._cached_teacher_columns)
+        if not self.args.fused_cross_entropy or not has_teacher or self.args.beta == 0:
             return False
         if self.label_smoother is not None or self.compute_loss_func is not None:
             return False  # Trainer's label smoothing or the user's loss function decide the CE
@@ -236,11 +237,13 @@ class DistillationTrainer(Trainer):
         if labels is None:
             raise ValueError("DistillationTrainer needs `labels` in every batch (use a causal-LM collator).")
         want_hidden = args.wants_hidden_states
+        inputs, cached_teacher = split_cached_teacher(inputs, self._cached_teacher_columns)
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
         scale = self._loss_scale(num_items_in_batch)
         # Batches that carry their own `shift_labels` (context parallelism) or ask for router logits keep the
-        # model's loss.
+        # model's loss; so do batches without a teacher (cache-only training, evaluated on uncached data).
         fused = self._fused_cross_entropy and not {"shift_labels", "output_router_logits"} & inputs.keys()
+        fused = fused and (self.teacher_model is not None or cached_teacher is not None)
         # In training, the fused lm_head leaves each model's logits to the loss, chunk by chunk; evaluation keeps
         # them (prediction_step hands them to compute_metrics).
         student_head, teacher_head = (fused and model.training and enabled for enabled in self._fused_heads)
@@ -285,6 +288,12 @@ class DistillationTrainer(Trainer):
             distill, distill_loss = self._distillation_terms(
                 student_side, teacher_side, hidden, labels, num_items_in_batch, scale, fused
             )
+            terms.update(distill)
+            loss = loss + distill_loss
+        elif cached_teacher is not None:  # a teacher cache: KD on its top-k, no teacher forward
+            student_side = head_inputs(model, outputs.hidden_states[-1]) if student_head else outputs.logits
+            rest = (labels, num_items_in_batch, scale, fused)
+            distill, distill_loss = self._distillation_terms(student_side, cached_teacher, None, *rest)
             terms.update(distill)
             loss = loss + distill_loss
 
@@ -345,6 +354,10 @@ class DistillationTrainer(Trainer):
             )
             loss = loss + scale * args.delta * terms["fdd"]
         return terms, loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # the model's forward arguments, and the cached teacher's columns
+        self._signature_columns += [c for c in self._cached_teacher_columns if c not in self._signature_columns]
 
     def _loss_scale(self, num_items_in_batch) -> int:
         """The factor `Trainer.compute_loss` multiplies its loss by when tokens are averaged across devices."""

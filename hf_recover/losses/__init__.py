@@ -13,7 +13,7 @@ Every logit divergence is built from three pieces, each written once:
 3. `chunking`: the one chunk engine. It walks the valid positions in chunks of `chunk_size` tokens, computes
    each chunk's divergence (and, for `distillation_loss`, the student's cross-entropy) in float32 and, in the
    same pass, its gradient, from the student's logits or from its final hidden states and lm_head
-   (`fused_linear_divergence`).
+   (`fused_linear_divergence`). A cached teacher (`TopKTeacher`) is a sparse target: see `topk`.
 
 `DIVERGENCES` is the one table of divergences: name, function, kernel, parameters (with the
 `DistillationConfig` field each one is set by), formula and source. The configuration, the trainer, the model
@@ -43,6 +43,7 @@ from .chunking import (
     StudentLogits,
     TeacherHead,
     TeacherLogits,
+    TeacherTopK,
     chunked_loss,
     compute_dtype,
     default_chunk_size,
@@ -57,6 +58,7 @@ from .kernels import (
     total_variation_kernel,
 )
 from .reduction import check_num_items, next_token_targets, token_normaliser
+from .topk import TopKTeacher, check_top_k_teacher, teacher_top_k
 
 __all__ = [
     "CPU_CHUNK_ELEMENTS",
@@ -66,6 +68,7 @@ __all__ = [
     "DivergenceParam",
     "DistillationLoss",
     "LMHeadInputs",
+    "TopKTeacher",
     "distillation_loss",
     "forward_kl",
     "fused_linear_divergence",
@@ -74,6 +77,7 @@ __all__ = [
     "shared_vocab_size",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "teacher_top_k",
     "total_variation",
 ]
 
@@ -196,9 +200,9 @@ def _run(
     return chunked_loss(spec, student, teacher, targets, scale)
 
 
-def _divergence(kernel: Kernel, student_logits, teacher_logits, labels, *args) -> torch.Tensor:
-    _check_logits(student_logits, teacher_logits, labels)
-    return _run(kernel, StudentLogits(student_logits), TeacherLogits(teacher_logits), labels, *args)[0]
+def _divergence(kernel: Kernel, student_logits, teacher_logits, labels, temperature, *args) -> torch.Tensor:
+    student, teacher = _sides(student_logits, teacher_logits, labels, temperature)
+    return _run(kernel, student, teacher, labels, temperature, *args)[0]
 
 
 # -- public logit divergences --------------------------------------------------------------------------------------
@@ -207,7 +211,9 @@ _COMMON_ARGS = """
     Args:
         student_logits: `(batch, seq_len, vocab)` logits of the student, unshifted.
         teacher_logits: `(batch, seq_len, vocab_t)` logits of the teacher; `vocab_t` may exceed the student's
-            vocabulary by padding rows only (they are sliced off, see `MAX_PADDING_ROWS`).
+            vocabulary by padding rows only (they are sliced off, see `MAX_PADDING_ROWS`). Or a `TopKTeacher`
+            (a cached teacher): the divergence is then taken on its top-k tokens plus one tail bucket, a lower
+            bound of the full one, equal when `k` is the whole vocabulary (see `hf_recover.losses.topk`).
         labels: `(batch, seq_len)` labels as a causal LM receives them: position `t` is scored against label
             `t + 1`; positions whose shifted label is `-100` are ignored.
         temperature: softmax temperature `T` applied to both logits. The result is *not* multiplied by `T²`.
@@ -455,7 +461,8 @@ def distillation_loss(
     Either side may be given as `LMHeadInputs` (final hidden states and lm_head) instead of logits: its logits
     are then computed chunk by chunk and never exist for the whole batch; for the student, the gradient goes
     straight to the hidden states, the lm_head weight and its bias (as Liger-Kernel's fused linear losses do).
-    A teacher given that way is a constant (no gradient).
+    A teacher given that way is a constant (no gradient). The teacher may also be a `TopKTeacher` (a cached
+    teacher, `hf_recover.cache_teacher_outputs`): KD is then taken on its top-k tokens plus a tail bucket.
 
     Args:
         student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size: as in `forward_kl`;
@@ -469,7 +476,7 @@ def distillation_loss(
     for name, weight in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
         if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"`{name}` must be a finite number >= 0, got {weight!r}.")
-    student, teacher = _sides(student_logits, teacher_logits, labels)
+    student, teacher = _sides(student_logits, teacher_logits, labels, temperature)
     loss, kd, ce = _run(
         kernel,
         student,
@@ -516,9 +523,16 @@ def _check_head(head: LMHeadInputs, name: str) -> torch.Tensor:
     return hidden.new_empty(()).expand(*hidden.shape[:2], weight.size(0))
 
 
-def _sides(student, teacher, labels) -> tuple[StudentLogits | StudentHead, TeacherLogits | TeacherHead]:
-    """Validate both sides (logits or `LMHeadInputs`) against each other and the labels; wrap them as sources."""
+def _sides(
+    student, teacher, labels, temperature: float
+) -> tuple[StudentLogits | StudentHead, TeacherLogits | TeacherHead | TeacherTopK]:
+    """Validate both sides (logits, `LMHeadInputs`, a `TopKTeacher`) against the labels; wrap them as sources."""
     student_logits = _check_head(student, "student") if isinstance(student, LMHeadInputs) else student
+    if isinstance(teacher, TopKTeacher):
+        vocab = _check_logits(student_logits, student_logits, labels)  # the student's side against the labels
+        check_top_k_teacher(teacher, tuple(labels.shape), vocab)
+        student_side = StudentHead(*student) if isinstance(student, LMHeadInputs) else StudentLogits(student)
+        return student_side, TeacherTopK(*teacher, temperature=float(temperature))
     teacher_logits = _check_head(teacher, "teacher") if isinstance(teacher, LMHeadInputs) else teacher
     _check_logits(student_logits, teacher_logits, labels)
     if (
@@ -581,5 +595,5 @@ def fused_linear_divergence(
             "`teacher_logits.detach()`, or use the unfused functions of `DIVERGENCES`."
         )
     head = LMHeadInputs(student_hidden_states, lm_head_weight, lm_head_bias)
-    student, teacher = _sides(head, teacher_logits, labels)
+    student, teacher = _sides(head, teacher_logits, labels, temperature)
     return _run(kernel, student, teacher, labels, temperature, num_items_in_batch, chunk_size)[0]

@@ -12,8 +12,9 @@ The two sides of a chunk come from *sources*. The student's:
   dropped, and the chunk's gradient goes straight to the hidden states, the weight and the bias, so the student's
   `(batch, seq_len, vocab)` logits never exist.
 
-and the teacher's: `TeacherLogits` (whole logits, sliced per chunk) or `TeacherHead` (its final hidden states and
-lm_head, each chunk's logits computed and dropped).
+and the teacher's: `TeacherLogits` (whole logits, sliced per chunk), `TeacherHead` (its final hidden states and
+lm_head, each chunk's logits computed and dropped) or `TeacherTopK` (a cached top-k teacher: each chunk is a
+sparse target, the top-k ids and the teacher's log-probabilities on them and on one tail bucket; see `topk`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ..constants import IGNORE_INDEX
 from .kernels import Kernel, cross_entropy_chunk
+from .topk import BucketedTarget, bucketed_divergence, teacher_bucket_logp
 
 DEFAULT_CHUNK_ELEMENTS = 2**23
 """With `chunk_size=None` on an accelerator, chunks hold at least this many logits (32 MiB per float32
@@ -233,6 +235,25 @@ class TeacherHead(_Head):
         return head_logits(self._flat[index], weight[:vocab], bias, self.softcap, dtype)  # padding rows skipped
 
 
+class TeacherTopK:
+    """A teacher given by its top-k tokens (`topk.TopKTeacher`): a chunk is a `BucketedTarget`, the top-k ids and
+    the teacher's `(n, k + 1)` bucketed log-probabilities at `temperature`. A constant of the loss."""
+
+    def __init__(
+        self, token_ids: torch.Tensor, logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float
+    ):
+        self.inputs = (token_ids, logprobs, tail_logmass)
+        self.temperature = temperature
+        k = token_ids.size(-1)
+        # (B, T, k) -> (B·T, k), (B, T) -> (B·T,)
+        self._ids, self._logprobs = token_ids.reshape(-1, k), logprobs.reshape(-1, k)
+        self._tail = tail_logmass.reshape(-1)
+
+    def logits(self, index: slice | torch.Tensor, vocab: int, dtype: torch.dtype) -> BucketedTarget:
+        logp = teacher_bucket_logp(self._logprobs[index].to(dtype), self._tail[index].to(dtype), self.temperature)
+        return BucketedTarget(self._ids[index].long(), logp)
+
+
 # -- the chunk loop -----------------------------------------------------------------------------------------------
 
 
@@ -269,14 +290,19 @@ def _autograd_chunk(spec: LossSpec, student, teacher, targets, mask, scale, stud
 
 def _chunk_with_grad(spec: LossSpec, student, teacher, targets, mask, scale, student_needs_grad):
     """A chunk's sums and, when wanted, the gradient of its weighted, normalised sum w.r.t. the student logits."""
-    tempered = (
-        (student, teacher) if spec.temperature == 1.0 else (student / spec.temperature, teacher / spec.temperature)
-    )
-    student_logp, teacher_logp = (F.log_softmax(logits, dim=-1) for logits in tempered)
-    del tempered
-    per_token, grad = spec.kernel(student_logp, teacher_logp, student_needs_grad)
+    if isinstance(teacher, BucketedTarget):  # a cached top-k teacher: the divergence on the bucketed support
+        student_logp = F.log_softmax(student if spec.temperature == 1.0 else student / spec.temperature, dim=-1)
+        per_token, grad = bucketed_divergence(spec.kernel, student_logp, *teacher, student_needs_grad)
+        del student_logp
+    else:
+        tempered = (
+            (student, teacher) if spec.temperature == 1.0 else (student / spec.temperature, teacher / spec.temperature)
+        )
+        student_logp, teacher_logp = (F.log_softmax(logits, dim=-1) for logits in tempered)
+        del tempered
+        per_token, grad = spec.kernel(student_logp, teacher_logp, student_needs_grad)
+        del student_logp, teacher_logp
     kd = _masked_sum(per_token, mask)
-    del student_logp, teacher_logp
     ce, ce_grad_wanted = None, student_needs_grad and spec.ce_weight not in (None, 0)
     if spec.ce_weight is not None:
         per_token, ce_grad = cross_entropy_chunk(student, targets, ce_grad_wanted)
@@ -359,7 +385,7 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 StudentSource = StudentLogits | StudentHead
-TeacherSource = TeacherLogits | TeacherHead
+TeacherSource = TeacherLogits | TeacherHead | TeacherTopK
 
 
 def chunked_loss(
@@ -373,7 +399,7 @@ def chunked_loss(
 
     `targets` are the shifted `(B, T)` next-token targets (`IGNORE_INDEX` where nothing is scored) and `scale`
     is `1 / count` of the reduction. Gradients flow to the student source's tensors and, when they require one,
-    to dense teacher logits (a teacher head is a constant).
+    to dense teacher logits (a teacher head or a top-k teacher is a constant).
     """
     grad_enabled = torch.is_grad_enabled()
     needs_grad = tuple(grad_enabled and t is not None and t.requires_grad for t in student.inputs)

@@ -4,12 +4,15 @@
         --max_steps 60 --alpha 0.5 --beta 0.5 --gamma 0.1
     hf-recover recover --teacher default --student out/student --output_dir out/recovered
     hf-recover recover --config recover.yaml
+    hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache
 
 The student is a pruned model folder (`--student`, with its `pruned_config.json`) or is pruned from the
 teacher here (`--prune`, see `hf-recover prune --help` for the spec). Teacher, pruned and recovered
 perplexity are measured on `validation` (and `ood` when known) before and after. The output folder gets
 the recovered model, tokenizer, `pruned_config.json`, a model card, `results.json`, `results.md` and
 `loss_curve.png`. Every `DistillationConfig` / `TrainingArguments` flag works (`--learning_rate`, ...).
+With `--teacher_cache` (from `hf-recover cache` on the same data), KD reads the cached top-k teacher
+distributions and the teacher runs only for the before/after perplexities.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class RecoverArguments:
     overwrite: bool = field(
         default=False, metadata={"help": "Write into a non-empty --output_dir (files of the same name are replaced)."}
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "A teacher cache folder (hf-recover cache): KD from the cached top-k, no teacher forward."},
+    )
 
 
 RECOVER_DEFAULTS = {
@@ -77,6 +84,14 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
     spec = parse_prune_spec(recover_args.prune) if recover_args.prune else None
     if recover_args.student and not Path(recover_args.student).is_dir():
         raise FileNotFoundError(f"--student {recover_args.student} is not a folder.")
+    temperature = config.temperature if config.beta > 0 else None
+    if recover_args.teacher_cache:
+        from ..teacher_cache import check_cache_metadata, read_cache_metadata
+
+        metadata = read_cache_metadata(recover_args.teacher_cache)
+        check_cache_metadata(
+            metadata, recover_args.teacher_cache, max_length=data_args.max_length, temperature=temperature
+        )
 
     # float32 first: a student pruned from the teacher is trained in float32, whatever the teacher's dtype
     teacher, tokenizer = load_model(recover_args.teacher)
@@ -92,6 +107,13 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
         pruned_config = PrunedConfig.find_for(student)
     # The trainer applies teacher_dtype only to a teacher it loads itself; this one was loaded here.
     teacher.to(resolve_dtype(recover_args.teacher, config.teacher_dtype))
+    teacher_cache = None
+    if recover_args.teacher_cache:  # built by this teacher, in this dtype, on these rows
+        from ..teacher_cache import load_teacher_cache
+
+        teacher_cache = load_teacher_cache(
+            recover_args.teacher_cache, tokenizer=tokenizer, teacher=teacher, dataset=train, temperature=temperature
+        )
 
     trainer, result = run_recovery(
         teacher=teacher,
@@ -102,6 +124,7 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
         eval_splits=eval_splits,
         pruned_config=pruned_config,
         datasets=list(data_args.dataset),
+        teacher_cache=teacher_cache,
     )
     result.wall_time = time.perf_counter() - start
     write_results(output_dir, result, {"strategy": strategy_summary(config), "prune": spec or recover_args.student})

@@ -1,0 +1,561 @@
+"""The teacher runs once: its top-k distributions cached on disk, for distillation without a teacher in memory.
+
+`cache_teacher_outputs` runs a teacher over a prepared dataset (`hf_recover.prepare_recovery_dataset`, packed or
+padded) and writes, next to `input_ids` / `attention_mask` / `labels`, for every position:
+
+- `teacher_top_ids` `(max_length, k)`: the teacher's `k` most likely next tokens (uint16 when the vocabulary fits,
+  else int32);
+- `teacher_top_logprobs` `(max_length, k)`: their log-probabilities at `T = 1` (float16 by default);
+- `teacher_tail_logmass_T{T}` `(max_length,)`, one column per cached temperature `T`: `log Σ_tail p_v^(1/T)`, the
+  log of the unnormalised mass of all the other tokens at `T` (float32).
+
+Temperature convention: the top-k of `z / T` is the top-k of `z`, and `p_T(i) ∝ p_i^(1/T)`, so with these columns
+the teacher's distribution at each cached `T` is known *exactly* on the top-k tokens plus one tail bucket
+(`hf_recover.losses.topk`). Training at a temperature the cache does not hold is refused; cache it with
+`temperatures=(...)`. The KD term is then the divergence between the bucketed teacher and the bucketed student, a
+lower bound of the full-vocabulary divergence, equal to it at `k` = vocabulary.
+
+The cache is a folder of `datasets` shards (Arrow, memory-mapped) with `teacher_cache.json` (teacher name,
+revision, weights and tokenizer fingerprints, the dataset's fingerprint, `max_length`, packing, `top_k`, dtypes,
+temperatures, each shard's files and checksums, hf_recover's version) and a dataset card (`README.md`). An
+interrupted build resumes: finished shards are kept. Under `torchrun` / `accelerate launch`, process `r` of `n`
+builds shards `r, r + n, ...`; the result is the same as one process's. `load_teacher_cache` checks everything
+before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import MODEL_INPUT_COLUMNS
+from .losses import teacher_top_k
+
+METADATA_NAME = "teacher_cache.json"
+BUILD_NAME = "build.json"
+"""Written when a build starts and removed when it ends: a folder holding it is an interrupted build to resume."""
+SHARDS_DIR = "shards"
+FORMAT_VERSION = 1
+
+TOP_IDS_COLUMN = "teacher_top_ids"
+TOP_LOGPROBS_COLUMN = "teacher_top_logprobs"
+TAIL_COLUMN_PREFIX = "teacher_tail_logmass_T"
+LOGPROB_DTYPES = ("float16", "float32")
+TEMPERATURE_CONVENTION = (
+    "teacher_top_logprobs are log-probabilities at T = 1; teacher_tail_logmass_T{T} is log sum over the other "
+    "tokens of p_v^(1/T); the distribution at T on the top-k tokens plus one tail bucket is "
+    "softmax([teacher_top_logprobs / T, teacher_tail_logmass_T{T}]), exact at every cached T."
+)
+
+
+def tail_column(temperature: float) -> str:
+    """The column holding the tail's log-mass at `temperature`, e.g. `teacher_tail_logmass_T2`."""
+    return f"{TAIL_COLUMN_PREFIX}{float(temperature):g}"
+
+
+def cached_temperatures(column_names: Sequence[str]) -> tuple[float, ...]:
+    """The temperatures a cached dataset holds, read from its column names."""
+    return tuple(
+        float(name[len(TAIL_COLUMN_PREFIX) :]) for name in column_names if name.startswith(TAIL_COLUMN_PREFIX)
+    )
+
+
+def is_teacher_cache(column_names: Sequence[str]) -> bool:
+    """Whether a dataset carries cached teacher outputs."""
+    return {TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN} <= set(column_names) and bool(cached_temperatures(column_names))
+
+
+def teacher_cache_columns(column_names: Sequence[str]) -> list[str]:
+    """The cached teacher's columns among `column_names`."""
+    cached = (TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN)
+    return [name for name in column_names if name in cached or name.startswith(TAIL_COLUMN_PREFIX)]
+
+
+# -- fingerprints: what a cache was built from ---------------------------------------------------------------------
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, dtypes, shapes and bytes), independent of its device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """sha256 of a tokenizer's vocabulary and special tokens; `None` for no tokenizer."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return None
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def dataset_fingerprint(dataset) -> str:
+    """sha256 of the model inputs of a prepared dataset (`input_ids`, `attention_mask`, `labels`), row order
+    included: two datasets with the same fingerprint give the same batches."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    columns = [c for c in MODEL_INPUT_COLUMNS if c in dataset.column_names]
+    view = dataset.select_columns(columns).with_format("numpy")
+    for start in range(0, len(dataset), 1024):
+        batch = view[start : start + 1024]
+        for column in columns:
+            digest.update(np.ascontiguousarray(batch[column], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    checksums = {}
+    for path in sorted(folder.iterdir()):
+        digest = hashlib.sha256()
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(block)
+        checksums[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return checksums
+
+
+# -- building -------------------------------------------------------------------------------------------------------
+
+
+def _output_vocab(teacher: nn.Module) -> int:
+    head = teacher.get_output_embeddings() if hasattr(teacher, "get_output_embeddings") else None
+    if head is not None:
+        return head.weight.shape[0]
+    return teacher.config.get_text_config().vocab_size
+
+
+def _check_build_args(teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype) -> tuple[int, int]:
+    """Everything a build needs, checked before any work: (vocabulary, max_length)."""
+    vocab = _output_vocab(teacher)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be an integer in [1, {vocab}] (the teacher's vocabulary), got {top_k!r}.")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"dtype must be one of {LOGPROB_DTYPES} (the stored log-probabilities), got {dtype!r}.")
+    if not temperatures or any(not isinstance(t, int | float) or not math.isfinite(t) or t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures must be finite numbers > 0, at least one, got {temperatures!r}.")
+    if len({tail_column(t) for t in temperatures}) != len(temperatures):
+        raise ValueError(f"temperatures holds the same temperature twice: {temperatures!r}.")
+    missing = [c for c in MODEL_INPUT_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"The dataset has no column {missing}; cache a prepared dataset (hf_recover.prepare_recovery_dataset), "
+            f"whose columns are {list(MODEL_INPUT_COLUMNS)}."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: there is nothing to cache.")
+    lengths = {len(dataset[0]["input_ids"]), len(dataset[len(dataset) - 1]["input_ids"])}
+    if len(lengths) != 1:
+        raise ValueError(f"Rows of the dataset differ in length ({sorted(lengths)}); prepare fixed-length blocks.")
+    return vocab, lengths.pop()
+
+
+def _features(dataset, max_length: int, top_k: int, vocab: int, dtype: str, temperatures):
+    from datasets import Array2D, Features, Sequence, Value
+
+    ids_dtype = "uint16" if vocab <= 2**16 else "int32"
+    features = {name: dataset.features[name] for name in MODEL_INPUT_COLUMNS}
+    features[TOP_IDS_COLUMN] = Array2D(shape=(max_length, top_k), dtype=ids_dtype)
+    features[TOP_LOGPROBS_COLUMN] = Array2D(shape=(max_length, top_k), dtype=dtype)
+    for temperature in temperatures:
+        features[tail_column(temperature)] = Sequence(Value("float32"), length=max_length)
+    return Features(features), ids_dtype
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+@torch.inference_mode()
+def _build_shard(teacher, rows, features, top_k, temperatures, batch_size, device, progress) -> Any:
+    """One shard: the teacher's top-k outputs for `rows` (a `Dataset`), as a `Dataset` with `features`."""
+    import numpy as np
+    from datasets import Dataset
+
+    ids_dtype = features[TOP_IDS_COLUMN].dtype
+    logprob_dtype = features[TOP_LOGPROBS_COLUMN].dtype
+    inputs = rows.with_format("torch", columns=["input_ids", "attention_mask"])
+    top_ids, top_logprobs, tails = [], [], []
+    for start in range(0, len(rows), batch_size):
+        batch = inputs[start : start + batch_size]
+        logits = teacher(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        ).logits
+        n, length, vocab = logits.shape
+        ids, logprobs, tail = teacher_top_k(logits.reshape(-1, vocab), top_k, temperatures)  # (n·L, ...)
+        top_ids.append(ids.reshape(n, length, top_k).cpu().numpy().astype(ids_dtype))
+        top_logprobs.append(logprobs.reshape(n, length, top_k).cpu().numpy().astype(logprob_dtype))
+        tails.append(tail.reshape(n, length, -1).cpu().numpy())
+        progress.update(n)
+    columns = {name: rows[name] for name in MODEL_INPUT_COLUMNS}
+    columns[TOP_IDS_COLUMN] = np.concatenate(top_ids)
+    columns[TOP_LOGPROBS_COLUMN] = np.concatenate(top_logprobs)
+    tail = np.concatenate(tails)
+    for i, temperature in enumerate(temperatures):
+        columns[tail_column(temperature)] = tail[..., i]
+    return Dataset.from_dict(columns, features=features)
+
+
+def cache_teacher_outputs(
+    teacher: nn.Module,
+    dataset,
+    output_dir: str | os.PathLike,
+    *,
+    top_k: int = 64,
+    temperatures: Sequence[float] = (1.0, 2.0),
+    batch_size: int = 8,
+    shard_size: int = 256,
+    dtype: str = "float16",
+    tokenizer: Any = None,
+    packing: bool | None = None,
+    teacher_name: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """Run `teacher` once over a prepared `dataset` and write its top-k distributions to `output_dir`.
+
+    Args:
+        teacher: a causal LM (any device; under `torchrun` / `accelerate launch` it is moved to each process's
+            device). Put in eval mode; no gradients.
+        dataset: a prepared dataset (`input_ids`, `attention_mask`, `labels` of equal, fixed length).
+        top_k: tokens kept per position, in [1, vocabulary]. At 64 with float16 log-probabilities and a
+            vocabulary under 65,536 tokens, the teacher columns take 264 bytes per token (with two temperatures).
+        temperatures: the temperatures training may use; each adds 4 bytes per token (see the module docstring).
+        batch_size: rows per teacher forward. shard_size: rows per shard (the unit of resuming and of work under
+            several processes).
+        dtype: `"float16"` (default) or `"float32"` for the stored log-probabilities.
+        tokenizer: the teacher's tokenizer, fingerprinted into the metadata so that training with another one is
+            refused. packing: recorded in the metadata (`None`: inferred, every attention mask full).
+        teacher_name: recorded as the teacher's name (default: its `config._name_or_path`).
+        overwrite: replace an existing cache in `output_dir`. Without it an existing cache is an error, and an
+            interrupted build of the same teacher and dataset is resumed.
+
+    Returns:
+        `output_dir`, loadable with `load_teacher_cache`.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    temperatures = tuple(float(t) for t in temperatures)
+    vocab, max_length = _check_build_args(teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype)
+    output_dir = Path(output_dir)
+    # Without a GPU, accelerate would see a torchrun launch as one process unless told that it runs on CPUs (gloo).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    features, ids_dtype = _features(dataset, max_length, top_k, vocab, dtype, temperatures)
+    if packing is None:
+        packing = all(all(mask) for mask in dataset["attention_mask"])
+    config = getattr(teacher, "config", None)
+    plan = {
+        "format_version": FORMAT_VERSION,
+        "teacher": teacher_name or getattr(config, "_name_or_path", None) or type(teacher).__name__,
+        "teacher_revision": getattr(config, "_commit_hash", None),
+        "teacher_fingerprint": weights_fingerprint(teacher),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "num_rows": len(dataset),
+        "max_length": max_length,
+        "packing": packing,
+        "vocab_size": vocab,
+        "top_k": top_k,
+        "logprob_dtype": dtype,
+        "token_id_dtype": ids_dtype,
+        "temperatures": list(temperatures),
+        "temperature_convention": TEMPERATURE_CONVENTION,
+        "shard_size": shard_size,
+        "num_shards": -(-len(dataset) // shard_size),
+    }
+    _prepare_output_dir(output_dir, plan, overwrite, state)
+
+    teacher.eval()
+    device = state.device if state.num_processes > 1 else next(teacher.parameters()).device
+    if state.num_processes > 1:
+        teacher.to(device)
+    shards = range(state.process_index, plan["num_shards"], state.num_processes)
+    todo = [i for i in shards if not (output_dir / SHARDS_DIR / _shard_name(i)).is_dir()]
+    rows_todo = sum(min(shard_size, len(dataset) - i * shard_size) for i in todo)
+    with tqdm(
+        total=rows_todo, desc="Caching teacher outputs", unit="row", disable=not show_progress, position=0
+    ) as progress:
+        for index in todo:
+            rows = dataset.select(range(index * shard_size, min((index + 1) * shard_size, len(dataset))))
+            shard = _build_shard(teacher, rows, features, top_k, temperatures, batch_size, device, progress)
+            final = output_dir / SHARDS_DIR / _shard_name(index)
+            partial = final.with_name(final.name + f".partial-{state.process_index}")
+            shutil.rmtree(partial, ignore_errors=True)
+            with _quiet_datasets():  # one progress bar for the whole build, not one more per shard
+                shard.save_to_disk(str(partial))
+            os.replace(partial, final)  # a shard folder exists only once complete: what resuming relies on
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _finish(output_dir, plan)
+    state.wait_for_everyone()
+    return output_dir
+
+
+@contextmanager
+def _quiet_datasets():
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _prepare_output_dir(output_dir: Path, plan: dict, overwrite: bool, state) -> None:
+    """Refuse to replace a cache without `overwrite`; keep an interrupted build of the same plan (resume)."""
+    if state.is_main_process:
+        build_file = output_dir / BUILD_NAME
+        if overwrite and output_dir.exists():
+            shutil.rmtree(output_dir)
+        if (output_dir / METADATA_NAME).exists():
+            raise FileExistsError(
+                f"{output_dir} already holds a teacher cache; pass overwrite=True (--overwrite) to replace it, or "
+                "choose another output_dir."
+            )
+        if build_file.exists():
+            previous = json.loads(build_file.read_text())
+            differing = sorted(k for k in plan if previous.get(k) != plan[k])
+            if differing:
+                raise ValueError(
+                    f"{output_dir} holds an interrupted build of another cache (it differs in {differing}); pass "
+                    "overwrite=True (--overwrite) to start over, or choose another output_dir."
+                )
+        elif output_dir.exists() and any(output_dir.iterdir()):
+            raise FileExistsError(
+                f"{output_dir} is not empty and holds no teacher cache; choose an empty or new output_dir, or pass "
+                "overwrite=True (--overwrite) to replace its contents."
+            )
+        (output_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        build_file.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    state.wait_for_everyone()
+
+
+def _finish(output_dir: Path, plan: dict) -> None:
+    """Checksums of every shard, then the metadata and the card; the build marker goes last."""
+    from . import __version__
+
+    shards = []
+    for index in range(plan["num_shards"]):
+        folder = output_dir / SHARDS_DIR / _shard_name(index)
+        rows = min(plan["shard_size"], plan["num_rows"] - index * plan["shard_size"])
+        shards.append({"name": folder.name, "num_rows": rows, "files": _file_checksums(folder)})
+    stored = sum(f["bytes"] for shard in shards for f in shard["files"].values())
+    tokens = plan["num_rows"] * plan["max_length"]
+    metadata = {**plan, "hf_recover_version": __version__, "shards": shards, "bytes_per_token": stored / tokens}
+    (output_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    _dataset_card(metadata).save(output_dir / "README.md")
+    (output_dir / BUILD_NAME).unlink()
+
+
+CARD_TEMPLATE = """
+# Teacher cache of {teacher}
+
+The top-{top_k} next-token distributions of `{teacher}` on {num_rows} blocks of {max_length} tokens
+({packing}), written by hf_recover's `cache_teacher_outputs` for
+distillation without the teacher in memory (`DistillationTrainer(teacher_model=None, teacher_cache=...)`).
+
+Columns: `input_ids`, `attention_mask`, `labels` (the prepared dataset), `{ids}` and `{logprobs}`
+(`(max_length, top_k)`: the teacher's {top_k} most likely tokens and their log-probabilities at T = 1, {dtype}),
+and one `{tail}{{T}}` column per cached temperature ({temperatures}): the log of the other tokens' unnormalised
+mass at T. At each cached T, `softmax([logprobs / T, tail])` is the teacher's exact distribution on the top-k
+tokens plus one tail bucket.
+
+Storage: {bytes_per_token:.0f} bytes per token, {num_shards} shards. Teacher weights sha256 `{fingerprint}`.
+"""
+
+
+def _dataset_card(metadata: dict):
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    data = DatasetCardData(tags=["hf-recover", "knowledge-distillation", "teacher-cache"])
+    body = CARD_TEMPLATE.format(
+        teacher=metadata["teacher"],
+        top_k=metadata["top_k"],
+        num_rows=metadata["num_rows"],
+        max_length=metadata["max_length"],
+        packing="packed" if metadata["packing"] else "padded",
+        ids=TOP_IDS_COLUMN,
+        logprobs=TOP_LOGPROBS_COLUMN,
+        tail=TAIL_COLUMN_PREFIX,
+        dtype=metadata["logprob_dtype"],
+        temperatures=", ".join(f"{t:g}" for t in metadata["temperatures"]),
+        bytes_per_token=metadata["bytes_per_token"],
+        num_shards=metadata["num_shards"],
+        fingerprint=metadata["teacher_fingerprint"],
+    )
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+# -- loading and checking -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherCache:
+    """A loaded teacher cache: the dataset (torch format, memory-mapped) and its metadata."""
+
+    dataset: Any
+    metadata: dict
+    path: Path
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        return tuple(self.metadata["temperatures"])
+
+
+def load_teacher_cache(
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    teacher: nn.Module | str | None = None,
+    dataset=None,
+    max_length: int | None = None,
+    temperature: float | None = None,
+    verify_checksums: bool = True,
+) -> TeacherCache:
+    """Load a cache written by `cache_teacher_outputs` and check it against what training will use.
+
+    Every given argument is compared with the metadata, and a mismatch is a `ValueError` naming it: `tokenizer`
+    (fingerprint), `teacher` (a model: weights fingerprint; a name or path: the recorded name), `dataset` (the
+    prepared dataset training would use: same rows in the same order), `max_length`, `temperature` (must be one of
+    the cached ones). Missing shards are a `FileNotFoundError`; truncated or corrupted ones (file sizes, and sha256
+    with `verify_checksums`) a `ValueError`.
+    """
+    from datasets import concatenate_datasets, load_from_disk
+
+    path = Path(path)
+    metadata = read_cache_metadata(path)
+    check_cache_metadata(
+        metadata, path, tokenizer=tokenizer, teacher=teacher, max_length=max_length, temperature=temperature
+    )
+    shards = []
+    for shard in metadata["shards"]:
+        folder = path / SHARDS_DIR / shard["name"]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Shard {shard['name']} of the teacher cache {path} is missing ({folder}).")
+        _check_shard_files(folder, shard["files"], verify_checksums)
+        try:
+            loaded = load_from_disk(str(folder))
+        except Exception as err:  # Arrow raises several types for a damaged file
+            raise ValueError(f"Shard {shard['name']} of the teacher cache {path} cannot be read ({err}).") from err
+        if len(loaded) != shard["num_rows"]:
+            raise ValueError(
+                f"Shard {shard['name']} of the teacher cache {path} has {len(loaded)} rows, its metadata "
+                f"{shard['num_rows']}: it is truncated. Rebuild the cache with overwrite."
+            )
+        shards.append(loaded)
+    cached = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+    if dataset is not None and dataset_fingerprint(dataset) != metadata["dataset_fingerprint"]:
+        raise ValueError(
+            f"The teacher cache {path} was built on another dataset than the one given (its input_ids/attention_mask/"
+            "labels differ, or their order): cache the training dataset itself, or train on the cache's rows "
+            "(pass teacher_cache= without train_dataset)."
+        )
+    return TeacherCache(dataset=cached.with_format("torch"), metadata=metadata, path=path)
+
+
+def read_cache_metadata(path: str | os.PathLike) -> dict:
+    """A teacher cache's metadata, without reading its shards: a `FileNotFoundError` when there is no finished
+    cache at `path`."""
+    path = Path(path)
+    metadata_file = path / METADATA_NAME
+    if not metadata_file.is_file():
+        if (path / BUILD_NAME).is_file():
+            raise FileNotFoundError(
+                f"{path} holds an interrupted teacher-cache build (no {METADATA_NAME} yet): run the same "
+                "cache_teacher_outputs / hf-recover cache command again to finish it."
+            )
+        raise FileNotFoundError(
+            f"No teacher cache at {path} (no {METADATA_NAME}): build one with hf_recover.cache_teacher_outputs or "
+            "`hf-recover cache`."
+        )
+    metadata = json.loads(metadata_file.read_text())
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is a teacher cache of format {metadata.get('format_version')}; this hf_recover reads format "
+            f"{FORMAT_VERSION}. Rebuild it."
+        )
+    return metadata
+
+
+def _check_shard_files(folder: Path, expected: dict[str, dict], verify_checksums: bool) -> None:
+    for name, facts in expected.items():
+        file = folder / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing from the teacher cache; rebuild the cache with overwrite.")
+        size = file.stat().st_size
+        if size != facts["bytes"]:
+            raise ValueError(
+                f"{file} has {size} bytes, the teacher cache's metadata {facts['bytes']}: it is truncated or "
+                "corrupted. Rebuild the cache with overwrite."
+            )
+    if verify_checksums:
+        actual = _file_checksums(folder)
+        for name, facts in expected.items():
+            if actual[name]["sha256"] != facts["sha256"]:
+                raise ValueError(
+                    f"{folder / name} does not match its sha256 in the teacher cache's metadata: it is corrupted. "
+                    "Rebuild the cache with overwrite."
+                )
+
+
+def check_cache_metadata(
+    metadata: dict,
+    path: Path | str,
+    *,
+    tokenizer: Any = None,
+    teacher: nn.Module | str | None = None,
+    max_length: int | None = None,
+    temperature: float | None = None,
+) -> None:
+    """Compare a cache's metadata with what training uses; a `ValueError` names the first mismatch."""
+    expected = tokenizer_fingerprint(tokenizer)
+    if expected is not None and metadata["tokenizer_fingerprint"] not in (None, expected):
+        raise ValueError(
+            f"The teacher cache {path} was built with another tokenizer than the student's: its token ids mean other "
+            "tokens. Build the cache with the student's tokenizer (the teacher's, which the student shares)."
+        )
+    if isinstance(teacher, nn.Module) and weights_fingerprint(teacher) != metadata["teacher_fingerprint"]:
+        raise ValueError(
+            f"The teacher cache {path} was built with other teacher weights than the teacher given "
+            f"(cache: {metadata['teacher']}, weights sha256 {metadata['teacher_fingerprint'][:12]}...). Rebuild the "
+            "cache with this teacher, or train with the teacher the cache was built from."
+        )
+    if isinstance(teacher, str | os.PathLike) and str(teacher) != metadata["teacher"]:
+        raise ValueError(
+            f"The teacher cache {path} was built with the teacher {metadata['teacher']!r}, not {str(teacher)!r}."
+        )
+    if max_length is not None and max_length != metadata["max_length"]:
+        raise ValueError(
+            f"The teacher cache {path} holds blocks of max_length {metadata['max_length']}, training uses "
+            f"{max_length}: rebuild the cache with --max_length {max_length}, or train with {metadata['max_length']}."
+        )
+    if temperature is not None and tail_column(temperature) not in map(tail_column, metadata["temperatures"]):
+        raise ValueError(
+            f"The teacher cache {path} holds the temperatures {metadata['temperatures']}, not {temperature}: "
+            f"train at one of them, or rebuild the cache with temperatures=(..., {temperature})."
+        )

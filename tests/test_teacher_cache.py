@@ -1,0 +1,437 @@
+"""Cached top-k teacher distributions: the builder, the bucketed KD term, the trainer and the CLI, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_TEXTS, build_tiny_model
+
+from hf_recover.constants import IGNORE_INDEX
+from hf_recover.losses import DIVERGENCES, TopKTeacher, distillation_loss, teacher_top_k
+from hf_recover.teacher_cache import (
+    METADATA_NAME,
+    SHARDS_DIR,
+    TOP_IDS_COLUMN,
+    TOP_LOGPROBS_COLUMN,
+    cache_teacher_outputs,
+    load_teacher_cache,
+    tail_column,
+)
+
+WORKER = Path(__file__).parent / "cache_worker.py"
+
+
+@pytest.fixture
+def prepared(tiny_tokenizer):
+    from datasets import Dataset
+
+    from hf_recover import prepare_recovery_dataset
+
+    texts = [text[: 12 + 7 * i] for i, text in enumerate(TINY_TEXTS * 2)]
+    return prepare_recovery_dataset(Dataset.from_dict({"text": texts}), tiny_tokenizer, max_length=24, packing=False)
+
+
+def _top_k_teacher(teacher_logits: torch.Tensor, k: int, temperature: float) -> TopKTeacher:
+    batch, length, vocab = teacher_logits.shape
+    ids, logprobs, tails = teacher_top_k(teacher_logits.reshape(-1, vocab), k, (temperature,))
+    return TopKTeacher(ids.view(batch, length, k), logprobs.view(batch, length, k), tails[:, 0].view(batch, length))
+
+
+def _random_case(batch=2, length=7, vocab=13, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, length, vocab, generator=generator) * 2
+    teacher = torch.randn(batch, length, vocab, generator=generator) * 3
+    labels = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels[0, 3] = labels[-1, 0] = IGNORE_INDEX
+    return student, teacher, labels
+
+
+# -- the bucketed KD term -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_top_k_equal_to_vocabulary_is_online_kd(name, temperature):
+    student, teacher, labels = _random_case()
+    cached = _top_k_teacher(teacher, teacher.size(-1), temperature)
+    dense_input, cached_input = student.clone().requires_grad_(), student.clone().requires_grad_()
+    dense = DIVERGENCES[name](dense_input, teacher, labels, temperature=temperature, chunk_size=5)
+    sparse = DIVERGENCES[name](cached_input, cached, labels, temperature=temperature, chunk_size=3)
+    dense.backward()
+    sparse.backward()
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached_input.grad, dense_input.grad, rtol=1e-5, atol=1e-7)
+
+
+def _naive_bucketed(p: torch.Tensor, q: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket two (n, V) distributions by hand: the top-k columns, then the sum of the others."""
+    top_p, top_q = p.gather(1, ids), q.gather(1, ids)
+    return torch.cat([top_p, 1 - top_p.sum(1, keepdim=True)], 1), torch.cat([top_q, 1 - top_q.sum(1, keepdim=True)], 1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_small_top_k_obeys_the_documented_gaps(temperature):
+    """KL − KL_bucketed = p(tail)·KL(p(·|tail) ‖ q(·|tail)) (and reverse), 0 ≤ TV − TV_bucketed ≤ min tail mass."""
+    student, teacher, _ = _random_case(batch=1, length=6, vocab=17, seed=3)
+    labels = torch.zeros(1, 6, dtype=torch.long)  # every position but the last is scored
+    k = 4
+    cached = _top_k_teacher(teacher.double(), k, temperature)
+    cached = TopKTeacher(cached.token_ids, cached.logprobs.double(), cached.tail_logmass.double())
+    p = torch.softmax(teacher.double()[0, :5] / temperature, -1)
+    q = torch.softmax(student.double()[0, :5] / temperature, -1)
+    ids = cached.token_ids[0, :5]
+    tail = torch.ones_like(p, dtype=torch.bool).scatter_(1, ids, False)
+    p_tail, q_tail = (torch.where(tail, x, 0).sum(1) for x in (p, q))
+    p_cond, q_cond = torch.where(tail, p, 0) / p_tail[:, None], torch.where(tail, q, 0) / q_tail[:, None]
+    kl_tail = torch.where(tail, p_cond * (p_cond.log() - q_cond.log()), 0).sum(1)
+    reverse_kl_tail = torch.where(tail, q_cond * (q_cond.log() - p_cond.log()), 0).sum(1)
+    run = dict(temperature=temperature)
+    student = student.double()
+    gap = DIVERGENCES["forward_kl"](student, teacher.double(), labels, **run) - DIVERGENCES["forward_kl"](
+        student, cached, labels, **run
+    )
+    torch.testing.assert_close(gap, (p_tail * kl_tail).mean())
+    gap = DIVERGENCES["reverse_kl"](student, teacher.double(), labels, **run) - DIVERGENCES["reverse_kl"](
+        student, cached, labels, **run
+    )
+    torch.testing.assert_close(gap, (q_tail * reverse_kl_tail).mean())
+    tv_gap = DIVERGENCES["total_variation"](student, teacher.double(), labels, **run) - DIVERGENCES["total_variation"](
+        student, cached, labels, **run
+    )
+    assert 0 < tv_gap <= torch.minimum(p_tail, q_tail).mean() + 1e-12
+    # The bucketed value itself, against the naive bucketing of both distributions.
+    bucket_p, bucket_q = _naive_bucketed(p, q, ids)
+    expected = (bucket_p * (bucket_p.log() - bucket_q.log())).sum(1).mean()
+    torch.testing.assert_close(DIVERGENCES["forward_kl"](student, cached, labels, **run), expected)
+    for name in DIVERGENCES:  # data-processing inequality: never above the full-vocabulary value
+        assert (
+            DIVERGENCES[name](student, cached, labels, **run)
+            <= DIVERGENCES[name](student, teacher.double(), labels, **run) + 1e-12
+        ), name
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_bucketed_gradient_matches_autograd_of_the_naive_bucketing(name):
+    student, teacher, labels = _random_case(batch=1, length=5, vocab=11, seed=5)
+    cached = _top_k_teacher(teacher.double(), 3, 2.0)
+    cached = TopKTeacher(cached.token_ids, cached.logprobs.double(), cached.tail_logmass.double())
+    student = student.double().requires_grad_()
+    torch.autograd.gradcheck(
+        lambda s: DIVERGENCES[name](s, cached, labels, temperature=2.0, chunk_size=2), (student,), atol=1e-6
+    )
+
+
+def test_fused_ce_and_cached_kd_equal_their_sum():
+    student, teacher, labels = _random_case()
+    cached = _top_k_teacher(teacher, 5, 2.0)
+    fused_input, split_input = student.clone().requires_grad_(), student.clone().requires_grad_()
+    result = distillation_loss(fused_input, cached, labels, ce_weight=0.5, kd_weight=2.0, temperature=2.0)
+    ce = F.cross_entropy(split_input[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    kd = DIVERGENCES["forward_kl"](split_input, cached, labels, temperature=2.0)
+    (0.5 * ce + 2.0 * kd).backward()
+    result.loss.backward()
+    torch.testing.assert_close(result.loss, 0.5 * ce + 2.0 * kd)
+    torch.testing.assert_close(fused_input.grad, split_input.grad)
+
+
+def test_top_k_teacher_shapes_and_ids_are_checked():
+    student, teacher, labels = _random_case()
+    cached = _top_k_teacher(teacher, 4, 1.0)
+    with pytest.raises(ValueError, match="not aligned"):
+        DIVERGENCES["forward_kl"](student[:, :-1], cached, labels[:, :-1])
+    bad_ids = TopKTeacher(cached.token_ids + 20, *cached[1:])
+    with pytest.raises(ValueError, match="outside the student's vocabulary"):
+        DIVERGENCES["forward_kl"](student, bad_ids, labels)
+
+
+# -- building and loading ---------------------------------------------------------------------------------------
+
+
+def test_cache_round_trip(tmp_path, prepared, tiny_tokenizer):
+    teacher = build_tiny_model(seed=1)
+    out = cache_teacher_outputs(
+        teacher, prepared, tmp_path / "cache", top_k=5, batch_size=3, shard_size=4, tokenizer=tiny_tokenizer
+    )
+    cache = load_teacher_cache(
+        out, tokenizer=tiny_tokenizer, teacher=teacher, dataset=prepared, max_length=24, temperature=2.0
+    )
+    metadata = json.loads((out / METADATA_NAME).read_text())
+    assert metadata["top_k"] == 5 and metadata["max_length"] == 24 and metadata["packing"] is False
+    assert metadata["num_shards"] == 5 == len(list((out / SHARDS_DIR).iterdir()))
+    assert (out / "README.md").read_text().count("Teacher cache of") == 1
+    rows = cache.dataset
+    assert len(rows) == len(prepared)
+    assert rows[7]["input_ids"].tolist() == prepared[7]["input_ids"]
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor(prepared[7:9]["input_ids"])).logits.float()
+    logp = torch.log_softmax(logits, -1)
+    expected_logp, expected_ids = logp.topk(5, -1)
+    assert torch.equal(rows[7:9][TOP_IDS_COLUMN], expected_ids)
+    torch.testing.assert_close(rows[7:9][TOP_LOGPROBS_COLUMN].float(), expected_logp, atol=4e-3, rtol=1e-3)
+    tail = logp.scatter(-1, expected_ids, float("-inf"))
+    torch.testing.assert_close(rows[7:9][tail_column(1.0)], tail.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[7:9][tail_column(2)], (tail / 2).logsumexp(-1), atol=1e-5, rtol=1e-5)
+    assert metadata["bytes_per_token"] < 5 * 4 + 100  # uint16 ids + float16 log-probs + tails + inputs
+
+
+def test_interrupted_build_resumes_without_recomputing_finished_shards(tmp_path, prepared, tiny_tokenizer):
+    teacher = build_tiny_model(seed=1)
+    forward = teacher.forward
+    calls = []
+
+    def failing_forward(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted during the second shard (2 batches of 2 rows per shard)
+        calls.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    teacher.forward = failing_forward
+    kwargs = dict(top_k=5, batch_size=2, shard_size=4, tokenizer=tiny_tokenizer, show_progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher_outputs(teacher, prepared, tmp_path / "cache", **kwargs)
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        load_teacher_cache(tmp_path / "cache")
+    calls.clear()
+    teacher.forward = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
+    cache_teacher_outputs(teacher, prepared, tmp_path / "cache", **kwargs)
+    assert sum(calls) == len(prepared) - 4  # the first shard was kept
+    teacher.forward = forward
+    fresh = cache_teacher_outputs(teacher, prepared, tmp_path / "fresh", **kwargs)
+    resumed, fresh = load_teacher_cache(tmp_path / "cache").dataset, load_teacher_cache(fresh).dataset
+    for column in fresh.column_names:
+        assert torch.equal(resumed[:][column], fresh[:][column]), column
+
+
+def test_existing_cache_is_never_overwritten_without_overwrite(tmp_path, prepared, tiny_tokenizer):
+    teacher = build_tiny_model(seed=1)
+    kwargs = dict(top_k=3, shard_size=8, tokenizer=tiny_tokenizer, show_progress=False)
+    out = cache_teacher_outputs(teacher, prepared, tmp_path / "cache", **kwargs)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        cache_teacher_outputs(teacher, prepared, out, **kwargs)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        cache_teacher_outputs(teacher, prepared, tmp_path / "other", **kwargs)
+    cache_teacher_outputs(teacher, prepared, out, **{**kwargs, "top_k": 4}, overwrite=True)
+    assert load_teacher_cache(out).metadata["top_k"] == 4
+
+
+@pytest.mark.parametrize("top_k", [0, 321, 2.5])
+def test_top_k_out_of_range_is_refused_before_any_work(tmp_path, prepared, top_k):
+    with pytest.raises(ValueError, match="top_k"):
+        cache_teacher_outputs(build_tiny_model(seed=1), prepared, tmp_path / "cache", top_k=top_k)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_mismatched_cache_is_refused(tmp_path, prepared, tiny_tokenizer):
+    from conftest import build_tiny_tokenizer
+
+    teacher = build_tiny_model(seed=1)
+    out = cache_teacher_outputs(
+        teacher, prepared, tmp_path / "cache", top_k=3, shard_size=8, tokenizer=tiny_tokenizer, show_progress=False
+    )
+    other_tokenizer = build_tiny_tokenizer([text.upper() for text in TINY_TEXTS])
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_teacher_cache(out, tokenizer=other_tokenizer)
+    with pytest.raises(ValueError, match="other teacher weights"):
+        load_teacher_cache(out, teacher=build_tiny_model(seed=2))
+    with pytest.raises(ValueError, match="max_length 24"):
+        load_teacher_cache(out, max_length=32)
+    with pytest.raises(ValueError, match="another dataset"):
+        load_teacher_cache(out, dataset=prepared.select(range(1, len(prepared))))
+    with pytest.raises(ValueError, match="temperatures"):
+        load_teacher_cache(out, temperature=3.0)
+
+
+def test_truncated_corrupted_or_missing_shards_are_refused(tmp_path, prepared, tiny_tokenizer):
+    teacher = build_tiny_model(seed=1)
+    out = cache_teacher_outputs(
+        teacher, prepared, tmp_path / "cache", top_k=3, shard_size=8, tokenizer=tiny_tokenizer, show_progress=False
+    )
+    arrow = sorted((out / SHARDS_DIR / "shard-00001").glob("*.arrow"))[0]
+    data = arrow.read_bytes()
+    arrow.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_teacher_cache(out)
+    arrow.write_bytes(data[:-8] + bytes(8))  # same size, damaged content
+    with pytest.raises(ValueError, match="corrupted"):
+        load_teacher_cache(out)
+    arrow.write_bytes(data)
+    load_teacher_cache(out)
+    import shutil
+
+    shutil.rmtree(out / SHARDS_DIR / "shard-00002")
+    with pytest.raises(FileNotFoundError, match="shard-00002"):
+        load_teacher_cache(out)
+    with pytest.raises(FileNotFoundError, match="No teacher cache"):
+        load_teacher_cache(tmp_path / "nowhere")
+
+
+@pytest.mark.multiprocess
+def test_two_process_build_equals_one_process_build(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    completed = subprocess.run(
+        [*command, str(WORKER), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    sys.path.insert(0, str(WORKER.parent))
+    from cache_worker import build
+
+    build(str(tmp_path / "single"))
+    ddp, single = load_teacher_cache(tmp_path / "ddp"), load_teacher_cache(tmp_path / "single")
+    assert ddp.metadata["num_shards"] == single.metadata["num_shards"] > 2
+    assert [s["files"] for s in ddp.metadata["shards"]] == [s["files"] for s in single.metadata["shards"]]
+    for column in single.dataset.column_names:
+        assert torch.equal(ddp.dataset[:][column], single.dataset[:][column]), column
+
+
+# -- the trainer ------------------------------------------------------------------------------------------------
+
+
+def _student():
+    return build_tiny_model(
+        seed=2, num_hidden_layers=3, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1
+    )
+
+
+def _train(tmp_path, name, train_dataset, teacher=None, **kwargs):
+    from hf_recover import DistillationConfig, DistillationTrainer
+
+    config = dict(
+        output_dir=str(tmp_path / name),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        divergence="generalized_jsd",
+    )
+    args = DistillationConfig(**{**config, **kwargs.pop("config", {})})
+    trainer = DistillationTrainer(_student(), teacher, args, train_dataset=train_dataset, **kwargs)
+    trainer.train()
+    history = [entry for entry in trainer.state.log_history if "kd" in entry]
+    return trainer, history
+
+
+@pytest.mark.parametrize("path_or_columns", ["teacher_cache", "detected"])
+def test_training_from_a_full_cache_equals_online_kd(tmp_path, prepared, tiny_tokenizer, path_or_columns):
+    """top_k = vocabulary, float32: the same losses and the same weights after 3 steps, and no teacher loaded."""
+    teacher = build_tiny_model(seed=1)
+    out = cache_teacher_outputs(
+        teacher,
+        prepared,
+        tmp_path / "cache",
+        top_k=320,
+        dtype="float32",
+        tokenizer=tiny_tokenizer,
+        show_progress=False,
+    )
+    online, online_history = _train(tmp_path, "online", prepared, teacher)
+    if path_or_columns == "teacher_cache":
+        cached, cached_history = _train(
+            tmp_path, "cached", prepared, teacher_cache=out, processing_class=tiny_tokenizer
+        )
+    else:
+        cached, cached_history = _train(tmp_path, "cached", load_teacher_cache(out).dataset)
+    assert cached.teacher_model is None and cached._fused_cross_entropy
+    assert len(cached_history) == 3
+    for mine, reference in zip(cached_history, online_history, strict=True):
+        for key in ("loss", "ce", "kd"):
+            assert mine[key] == pytest.approx(reference[key], rel=1e-5), key
+    for (name, weight), reference in zip(cached.model.named_parameters(), online.model.parameters(), strict=True):
+        torch.testing.assert_close(weight, reference, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_from_a_top_64_float16_cache_is_a_lower_bound_of_online_kd(tmp_path, prepared, tiny_tokenizer):
+    teacher = build_tiny_model(seed=1)
+    out = cache_teacher_outputs(teacher, prepared, tmp_path / "cache", top_k=64, show_progress=False)
+    _, online_history = _train(tmp_path, "online", prepared, teacher, config={"divergence": "forward_kl"})
+    _, cached_history = _train(tmp_path, "cached", prepared, teacher_cache=out, config={"divergence": "forward_kl"})
+    for mine, reference in zip(cached_history, online_history, strict=True):
+        assert mine["ce"] == pytest.approx(reference["ce"], rel=1e-3)
+        # The first step's weights are the same: there the bucketed KD is a lower bound of the full one (a random
+        # tiny teacher is nearly uniform, so its 256-token tail holds much of the mass and the gap is large).
+        assert 0 < mine["kd"] <= reference["kd"] * (1 + 1e-3)
+
+
+def test_trainer_refuses_what_a_cache_cannot_give(tmp_path, prepared, tiny_tokenizer):
+    teacher = build_tiny_model(seed=1)
+    out = cache_teacher_outputs(teacher, prepared, tmp_path / "cache", top_k=8, tokenizer=tiny_tokenizer)
+    cache = load_teacher_cache(out)
+    with pytest.raises(ValueError, match="hidden states"):
+        _train(tmp_path, "align", cache.dataset, config={"gamma": 0.5, "layer_map": "uniform"})
+    with pytest.raises(ValueError, match="temperatures"):
+        _train(tmp_path, "temperature", cache.dataset, config={"temperature": 3.0})
+    with pytest.raises(ValueError, match="another dataset"):
+        _train(tmp_path, "dataset", prepared.select(range(4)), teacher_cache=out)
+    from conftest import build_tiny_tokenizer
+
+    with pytest.raises(ValueError, match="another tokenizer"):
+        _train(tmp_path, "tokenizer", None, teacher_cache=out, processing_class=build_tiny_tokenizer(TINY_TEXTS[:5]))
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+
+
+def test_cli_cache_then_recover_from_it(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    from hf_recover.cli import main as cli
+    from hf_recover.trainer import DistillationTrainer
+
+    trained = []
+    train = DistillationTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        output = train(self, *args, **kwargs)
+        kd = [entry["kd"] for entry in self.state.log_history if "kd" in entry]
+        trained.append((self.teacher_model, self._cached_teacher_columns, kd))
+        return output
+
+    monkeypatch.setattr(DistillationTrainer, "train", recording_train)
+
+    build_tiny_model("llama").save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    for i in range(20):
+        (tmp_path / "data" / f"doc{i}.txt").write_text(" ".join(TINY_TEXTS[(i + j) % 10] for j in range(3)))
+    data = ["--dataset", str(tmp_path / "data"), "--max_length", "32"]
+    teacher = ["--teacher", str(tmp_path / "teacher")]
+    cache = ["--teacher_cache", str(tmp_path / "cache")]
+    cli(["cache", *teacher, "--output_dir", str(tmp_path / "cache"), "--top_k", "16", "--shard_size", "4", *data])
+    assert "bytes per token" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="overwrite"):
+        cli(["cache", *teacher, "--output_dir", str(tmp_path / "cache"), *data])
+    with pytest.raises(ValueError, match="max_length 32"):
+        cli(
+            [
+                "recover",
+                *teacher,
+                "--prune",
+                "last:3",
+                *cache,
+                "--dataset",
+                str(tmp_path / "data"),
+                "--max_length",
+                "24",
+            ]
+        )
+    steps = ["--max_steps", "2", "--logging_steps", "1", "--use_cpu", "--per_device_train_batch_size", "2"]
+    evaluation = ["--eval_max_length", "32", "--eval_blocks", "2"]
+    out = tmp_path / "recovered"
+    cli(["recover", *teacher, "--prune", "last:3", *cache, *data, *evaluation, *steps, "--output_dir", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["perplexity"]["validation"]["recovered"] > 0
+    [(teacher_model, cached_columns, kd)] = trained
+    assert teacher_model is None and "teacher_top_ids" in cached_columns
+    assert len(kd) == 2 and all(value > 0 for value in kd)
