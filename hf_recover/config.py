@@ -10,6 +10,7 @@ Feature Dynamics for Effective Knowledge Distillation"). The divergences and the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -232,6 +233,19 @@ class DistillationConfig(TrainingArguments):
         ):
             self.greater_is_better = False
         super().__post_init__()
+
+    @classmethod
+    def upgrade(cls, args: TrainingArguments | None):
+        """`args` as this config class: None gives the defaults, an instance is returned as it is, any other
+        `TrainingArguments` (an `SFTConfig`, ...) keeps its values and gains the distillation defaults, as TRL does
+        for its configs."""
+        if args is None:
+            return cls(output_dir="tmp_trainer")
+        if isinstance(args, cls):
+            return args
+        if not isinstance(args, TrainingArguments):
+            raise ValueError(f"args must be a {cls.__name__} (or TrainingArguments), got {type(args).__name__}.")
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
     # -- what the recipe implies: derived here once, read by the trainer, the workflow and the model card --------
 

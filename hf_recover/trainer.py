@@ -11,7 +11,6 @@ with the terms of `hf_recover.losses`; see `DistillationConfig` for the fields a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import warnings
@@ -112,7 +111,7 @@ class DistillationTrainer(Trainer):
         teacher_cache=None,
         **kwargs,
     ):
-        args = _as_distillation_config(args)
+        args = DistillationConfig.upgrade(args)
         self._cached_teacher_columns = training_cache_columns(teacher_cache, teacher_model, args, kwargs)
         if args.n_gpu > 1:
             # Trainer wraps the student in nn.DataParallel then: the distillation terms would be computed on the
@@ -596,15 +595,3 @@ class _ZeroProjectorGradients(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)
-
-
-def _as_distillation_config(args: TrainingArguments | None) -> DistillationConfig:
-    if args is None:
-        return DistillationConfig(output_dir="tmp_trainer")
-    if isinstance(args, DistillationConfig):
-        return args
-    if not isinstance(args, TrainingArguments):
-        raise ValueError(f"args must be a DistillationConfig (or TrainingArguments), got {type(args).__name__}.")
-    # A plain TrainingArguments: keep its values, add the distillation defaults (as TRL does for its configs).
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    return DistillationConfig(**values)

@@ -31,14 +31,12 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import DistillationConfig
@@ -112,23 +110,10 @@ class DistillationSFTTrainer(DistillationTrainer, _SFTLossWithStudentOutputs):
     """
 
     def __init__(self, model=None, teacher_model=None, args=None, **kwargs):
-        super().__init__(model=model, teacher_model=teacher_model, args=_as_distillation_sft_config(args), **kwargs)
+        super().__init__(model=model, teacher_model=teacher_model, args=DistillationSFTConfig.upgrade(args), **kwargs)
 
     def _can_fuse_cross_entropy(self) -> bool:
         return False  # the CE term is SFT's loss
-
-
-def _as_distillation_sft_config(args: TrainingArguments | None) -> DistillationSFTConfig:
-    if args is None:
-        return DistillationSFTConfig(output_dir="tmp_trainer")
-    if isinstance(args, DistillationSFTConfig):
-        return args
-    if not isinstance(args, TrainingArguments):
-        raise ValueError(
-            f"args must be a DistillationSFTConfig (or an SFTConfig / TrainingArguments), got {type(args).__name__}."
-        )
-    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(args) if field.init}
-    return DistillationSFTConfig(**values)
 
 
 @contextmanager
