@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,10 @@ from ..data import iter_batches, num_batches
 from ._model import model_device
 
 _MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+class StopCalibrationForward(Exception):
+    """Raised by a hook once a batch has given all a pass needs: the rest of the forward is skipped."""
 
 
 def check_calibration_data(data: Any, what: str) -> None:
@@ -32,7 +37,9 @@ def calibration_pass(
     """Run `model` on every batch of `data` with the hooks `register(valid)` installs; return (tokens, sequences).
 
     `valid` holds one tensor while a batch runs: its real-token mask `(B, T)` as floats (padding is 0), which the
-    hooks use to leave padding out of their statistics. The hooks are removed afterwards, even on error.
+    hooks use to leave padding out of their statistics. A hook may raise `StopCalibrationForward` to skip the rest
+    of a batch's forward. The hooks are removed afterwards, even on error. Tensors the hooks keep are inference
+    tensors: copy them (any op outside inference mode does) before using them with autograd.
     """
     valid: list[torch.Tensor] = []
     handles = register(valid)
@@ -49,7 +56,8 @@ def calibration_pass(
             if mask is None:
                 mask = torch.ones_like(batch["input_ids"])
             valid[:] = [mask.float()]
-            model.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+            with contextlib.suppress(StopCalibrationForward):
+                model.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
             tokens += int(mask.sum())
             sequences += mask.shape[0]
     finally:

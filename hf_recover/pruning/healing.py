@@ -29,18 +29,16 @@ has no block before it to carry the map: it is left unhealed and listed under `s
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import iter_batches
-from ._model import decoder_layers, model_device, new_linear
+from ._model import decoder_layers, new_linear
+from .calibration import StopCalibrationForward, calibration_pass
 
 HEAL_METHODS = ("lstsq", "cosine")
-_MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
 def removed_spans(removed: list[int]) -> list[tuple[int, int]]:
@@ -74,39 +72,39 @@ def check_heal(model: nn.Module, heal: str | None, data: Any) -> None:
         raise ValueError("heal folds its map into each block's `mlp.down_proj`, which this model lacks as nn.Linear.")
 
 
-class _StopForward(Exception):
-    """Raised once the last tapped block has run: the blocks after it would be computed for nothing."""
-
-
 class _Taps:
-    """Forward hooks that keep, for the real tokens of every batch, a block's MLP output and block output."""
+    """Forward hooks that keep, for the real tokens of every batch, a block's MLP output and block output, and end
+    the forward after the last block they need."""
 
     def __init__(self, layers: nn.ModuleList, mlp_blocks: list[int], output_blocks: list[int]):
-        self.mask: torch.Tensor | None = None
         self.mlp: dict[int, list[torch.Tensor]] = {i: [] for i in mlp_blocks}
         self.out: dict[int, list[torch.Tensor]] = {i: [] for i in output_blocks}
-        self.handles = [layers[i].mlp.register_forward_hook(self._keep(self.mlp[i])) for i in mlp_blocks]
-        self.handles += [layers[i].register_forward_hook(self._keep(self.out[i])) for i in output_blocks]
-        last = max([*mlp_blocks, *output_blocks])
-        self.handles.append(layers[last].register_forward_hook(self._stop))  # after the taps above
+        self._layers, self._mlp_blocks, self._output_blocks = layers, mlp_blocks, output_blocks
+
+    def register(self, valid: list[torch.Tensor]) -> list[Any]:
+        layers, keep = self._layers, self._keeper(valid)
+        handles = [layers[i].mlp.register_forward_hook(keep(self.mlp[i])) for i in self._mlp_blocks]
+        handles += [layers[i].register_forward_hook(keep(self.out[i])) for i in self._output_blocks]
+        last = max([*self._mlp_blocks, *self._output_blocks])
+        handles.append(layers[last].register_forward_hook(self._stop))  # after the taps above
+        return handles
 
     @staticmethod
     def _stop(module, args, output):
-        raise _StopForward
+        raise StopCalibrationForward
 
-    def _keep(self, store: list[torch.Tensor]):
-        def hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            store.append(hidden[self.mask].float().cpu())  # (real tokens, hidden)
+    @staticmethod
+    def _keeper(valid: list[torch.Tensor]):
+        def keep(store: list[torch.Tensor]):
+            def hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                store.append(hidden[valid[0].bool()].float().cpu())  # (real tokens, hidden)
 
-        return hook
+            return hook
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        return keep
 
 
-@torch.no_grad()
 def _collect(
     model: nn.Module,
     data: Any,
@@ -117,29 +115,11 @@ def _collect(
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int, int]:
     """MLP outputs of `mlp_blocks` and outputs of `output_blocks` over the real calibration tokens,
     and how many tokens and sequences that was."""
-    layers = decoder_layers(model)
-    taps = _Taps(layers, mlp_blocks, output_blocks)
-    was_training = model.training
-    model.eval()
-    tokens = sequences = 0
-    try:
-        batches = iter_batches(
-            data, batch_size=batch_size, max_batches=max_batches, device=model_device(model), columns=_MODEL_INPUTS
-        )
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones_like(batch["input_ids"])
-            taps.mask = mask.bool()
-            with contextlib.suppress(_StopForward):
-                model.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
-            tokens += int(mask.sum())
-            sequences += mask.shape[0]
-    finally:
-        taps.remove()
-        model.train(was_training)
-    if tokens == 0:
-        raise ValueError("The calibration data has no real token (attention_mask is all 0): nothing to heal on.")
+    taps = _Taps(decoder_layers(model), mlp_blocks, output_blocks)
+    tokens, sequences = calibration_pass(
+        model, data, taps.register, batch_size=batch_size, max_batches=max_batches, desc="Healing calibration"
+    )
+    # torch.cat outside inference mode: plain tensors, which the cosine fit may use with autograd
     mlp = {i: torch.cat(v) for i, v in taps.mlp.items()}
     return mlp, {i: torch.cat(v) for i, v in taps.out.items()}, tokens, sequences
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data import iter_batches, num_batches
 from ._model import check_glu_mlp, check_supported, decoder_layers, model_device
+from .calibration import calibration_pass
 
 BLOCK_METHODS = ("block_influence", "angular")
 NEURON_METHODS = ("maw", "vow", "pon", "activation")
@@ -238,44 +239,24 @@ def check_layer_indices(indices: list[int] | None, n_layers: int, name: str) -> 
     return sorted(indices)
 
 
-@torch.inference_mode()
 def _activation_norms(
     model: torch.nn.Module, data: Any, layer_indices: list[int], batch_size: int, max_batches: int | None
 ) -> tuple[dict[int, torch.Tensor], int, int]:
     """L2 norm over real tokens of every neuron's output (the input of `down_proj`), per block."""
     blocks = decoder_layers(model)
-    device = model_device(model)
     sums = {i: torch.zeros(blocks[i].mlp.down_proj.in_features, dtype=torch.float64) for i in layer_indices}
-    valid: list[torch.Tensor] = []  # the current batch's real-token mask, read by the hooks
 
-    def make_hook(i: int):
-        def hook(module, args):
-            h = args[0].float()  # (B, T, I)
-            sums[i] += (h.square() * valid[0].unsqueeze(-1)).sum(dim=(0, 1)).double().cpu()
+    def register(valid: list[torch.Tensor]) -> list:
+        def make_hook(i: int):
+            def hook(module, args):
+                h = args[0].float()  # (B, T, I)
+                sums[i] += (h.square() * valid[0].unsqueeze(-1)).sum(dim=(0, 1)).double().cpu()
 
-        return hook
+            return hook
 
-    handles = [blocks[i].mlp.down_proj.register_forward_pre_hook(make_hook(i)) for i in layer_indices]
-    was_training = model.training
-    model.eval()
-    tokens = sequences = 0
-    try:
-        batches = iter_batches(
-            data, batch_size=batch_size, max_batches=max_batches, device=device, columns=_MODEL_INPUTS
-        )
-        total = num_batches(data, batch_size=batch_size, max_batches=max_batches)
-        for batch in tqdm(batches, total=total, desc="Neuron activations", leave=False):
-            mask = batch.get("attention_mask")
-            if mask is None:
-                mask = torch.ones_like(batch["input_ids"])
-            valid[:] = [mask.float()]
-            model.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
-            tokens += int(mask.sum())
-            sequences += mask.shape[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if tokens == 0:
-        raise ValueError("The calibration data has no real token (attention_mask is all 0): nothing to score.")
+        return [blocks[i].mlp.down_proj.register_forward_pre_hook(make_hook(i)) for i in layer_indices]
+
+    tokens, sequences = calibration_pass(
+        model, data, register, batch_size=batch_size, max_batches=max_batches, desc="Neuron activations"
+    )
     return {i: s.sqrt().float() for i, s in sums.items()}, tokens, sequences
