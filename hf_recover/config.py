@@ -161,12 +161,15 @@ class DistillationConfig(TrainingArguments):
         },
     )
     fused_lm_head: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "In training, run both models to their final hidden states and apply their lm_heads inside the "
             "loss, chunk by chunk of tokens, so that neither model's (tokens × vocab) logits nor their gradient ever "
-            "exist whole. Used with the fused cross-entropy, for the tested model types whose logits are norm → "
-            "linear lm_head (→ Gemma's soft-capping); others keep their logits. Default True."
+            "exist whole: the memory of a plain fine-tuning step at long contexts and large vocabularies. Used with "
+            "the fused cross-entropy, for the tested model types whose logits are norm → linear lm_head (→ Gemma's "
+            "soft-capping); others keep their logits. Measured on 2 CPU cores it cuts peak memory (0.86× a plain CE "
+            "step at 4 × 1024 tokens, 0.69× at a 151,936-token vocabulary) but slows the step (1.2–1.9×: the lm_head "
+            "gradient is accumulated chunk by chunk), hence off by default. Default False."
         },
     )
     teacher_dtype: str = field(

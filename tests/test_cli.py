@@ -292,12 +292,13 @@ def test_compare_distils_from_the_teacher_in_teacher_dtype(workspace, monkeypatc
     assert {p.dtype for p in student.parameters()} == {torch.float32}
 
 
-def test_demo_heals_and_trains_with_the_depth_recovery_preset():
+def test_demo_trains_with_the_depth_recovery_preset():
     from hf_recover import DistillationConfig
     from hf_recover.scripts import demo
 
     recover_args, data_args, config = demo.make_parser().parse_args_into_dataclasses([])
-    assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "importance", "n": 6, "heal": "lstsq"}
+    # Healing stays opt-in for the demo: on its 16 calibration blocks it measured worse after training.
+    assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "importance", "n": 6}
     for name, value in DistillationConfig.DEPTH_RECOVERY_RECIPE.items():
         assert getattr(config, name) == value, name
     assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (60, 4, 256)

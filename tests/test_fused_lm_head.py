@@ -45,6 +45,7 @@ def make_args(tmp_path, **overrides):
         disable_tqdm=True,
         seed=0,
         kd_chunk_size=7,  # several chunks per batch, crossing rows
+        fused_lm_head=True,
     )
     kwargs.update(overrides)
     return DistillationConfig(**kwargs)
