@@ -38,13 +38,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from step_overhead import REMOVED_BLOCKS, StepTimer, prepare_models
+
 VARIANTS = {
     "a": "plain Trainer, CE",
     "b": "DistillationTrainer, online logits KD",
     "c": "DistillationTrainer, KD from the cache",
     "t": "teacher forward alone",
 }
-REMOVED_BLOCKS = [3, 12, 13, 14, 15, 17]
 
 
 def parse_args(argv=None):
@@ -68,36 +69,6 @@ def parse_args(argv=None):
 
 
 # -- parent ---------------------------------------------------------------------------------------------------------
-
-
-def prepare_models(folder: Path, tiny: bool) -> None:
-    import torch
-
-    from hf_recover import prune_depth
-
-    if tiny:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-        teacher, removed = LlamaForCausalLM(config).eval(), [1, 4]
-    else:
-        from hf_recover import load_default_teacher
-
-        teacher, _ = load_default_teacher()
-        removed = REMOVED_BLOCKS
-    student, pruned = prune_depth(teacher, remove=removed)
-    teacher.save_pretrained(folder / "teacher")
-    student.save_pretrained(folder / "student")
-    pruned.save_pretrained(folder / "student")
 
 
 def run_variant(variant: str, args, models: Path) -> dict:
@@ -192,23 +163,6 @@ def make_rows(vocab_size: int, args):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (args.steps * args.batch, args.seq_len), generator=generator).tolist()
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * args.seq_len] * len(ids), "labels": ids})
-
-
-class StepTimer:
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                timer.started = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                timer.times.append(time.perf_counter() - timer.started)
-
-        self.times: list[float] = []
-        self.callback = Callback()
 
 
 def measure(args) -> dict:
