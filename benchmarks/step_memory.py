@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from step_overhead import REMOVED_BLOCKS, StepTimer, make_batches
+from step_overhead import REMOVED_BLOCKS, StepTimer, make_batches, step_arguments
 
 VARIANTS = {
     "a": "plain Trainer, CE",
@@ -175,19 +175,7 @@ def measure(args) -> dict:
     student_dir, teacher_dir = models / "student", models / "teacher"
     data = make_batches(AutoConfig.from_pretrained(student_dir).vocab_size, args)
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-    common = dict(
-        output_dir=str(models / f"run-{args.variant}"),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=args.batch,
-        max_steps=args.steps,
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        logging_steps=args.steps,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
+    common = step_arguments(models, args)
     timer = StepTimer()
     if args.variant == "a":
         trainer = Trainer(student, TrainingArguments(**common), train_dataset=data, callbacks=[timer.callback])

@@ -162,6 +162,23 @@ def main(argv=None) -> None:
 # -- child: one variant ---------------------------------------------------------------------------------------------
 
 
+def step_arguments(models: Path, args) -> dict:
+    """The `TrainingArguments` every timed variant shares: the batch, constant LR 1e-4, no saving, no logging cost."""
+    return dict(
+        output_dir=str(models / f"run-{args.variant}"),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=args.steps,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
 class StepTimer:
     def __init__(self):
         from transformers import TrainerCallback
@@ -214,19 +231,7 @@ def measure(args) -> dict:
             cpu_times.append(time.process_time() - cpu_started)
     else:
         student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
-        common = dict(
-            output_dir=str(models / f"run-{args.variant}"),
-            report_to="none",
-            use_cpu=True,
-            per_device_train_batch_size=args.batch,
-            max_steps=args.steps,
-            learning_rate=1e-4,
-            lr_scheduler_type="constant",
-            logging_steps=args.steps,
-            save_strategy="no",
-            disable_tqdm=True,
-            seed=0,
-        )
+        common = step_arguments(models, args)
         timer = StepTimer()
         if args.variant == "a":
             trainer = Trainer(student, TrainingArguments(**common), train_dataset=data, callbacks=[timer.callback])
