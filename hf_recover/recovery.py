@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
+from .config import DistillationConfig
 from .evaluation import count_parameters, evaluate_perplexity, recovery_metrics
 from .reporting import before_after_table, format_parameters, format_percent
 
@@ -20,8 +22,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "compound": {"alpha": 0.5, "beta": 0.5, "gamma": 0.1, "delta": 0.0, "divergence": "forward_kl"},
     "skew_fdd": {"alpha": 0.5, "beta": 0.5, "gamma": 0.0, "delta": 0.1, "divergence": "skew_forward_kl",
                  "skew_lambda": 0.1},
+    "recommended": DistillationConfig.DEPTH_RECOVERY_RECIPE,
 }  # fmt: skip
-"""Named recovery strategies: CE only, logits KD, compound (CE + KD + hidden alignment), skew KL + FDD."""
+"""Named recovery strategies: CE only, logits KD, compound (CE + KD + hidden alignment), skew KL + FDD, and the
+recommended recipe (`DistillationConfig.for_depth_recovery()`, its optimizer settings included)."""
 
 
 @dataclass
@@ -187,6 +191,65 @@ def run_recovery(
     if save:
         trainer.save_model(args.output_dir)
     return trainer, result
+
+
+class RecoveryCurve(TrainerCallback):
+    """Perplexity of the model in training on every split at chosen optimizer steps: the points of a curve of
+    recovery against training tokens (`points[step] = {split: perplexity}`)."""
+
+    def __init__(self, steps, eval_splits: dict[str, Any], *, batch_size: int = 8, max_batches: int | None = None):
+        self.steps, self.eval_splits = set(steps), eval_splits
+        self.batch_size, self.max_batches = batch_size, max_batches
+        self.points: dict[int, dict[str, float]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and state.global_step not in self.points:
+            scores = evaluate_splits(
+                {"model": model}, self.eval_splits, batch_size=self.batch_size, max_batches=self.max_batches
+            )
+            self.points[state.global_step] = {split: by_model["model"] for split, by_model in scores.items()}
+
+
+def curve_steps(max_steps: int, points: int) -> list[int]:
+    """`points` optimizer steps evenly spaced up to `max_steps` (the last one is `max_steps`)."""
+    if points < 1:
+        raise ValueError(f"A recovery curve needs at least 1 point, got {points}.")
+    return sorted({max(1, round(max_steps * (i + 1) / points)) for i in range(points)})
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The fewest training tokens at which a `[(tokens, recovery), ...]` curve reaches `target`; None if never."""
+    reached = [tokens for tokens, recovery in sorted(curve) if recovery >= target]
+    return reached[0] if reached else None
+
+
+def plot_recovery_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path) -> Path:
+    """Recovery % against training tokens, one line per run (`curves[run][split] = [(tokens, recovery %)]`),
+    one panel per split, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = sorted({split for by_split in curves.values() for split in by_split})
+    if not splits:
+        raise ValueError("No recovery curve to plot.")
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 3.8), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for name, by_split in curves.items():
+            if by_split.get(split):
+                ax.plot(*zip(*sorted(by_split[split])), label=name, marker=".")
+        ax.set_title(f"{split} recovery")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("recovery %")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path, *, keys=("loss", "ce", "kd")) -> Path:

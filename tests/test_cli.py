@@ -135,6 +135,29 @@ def test_compare_lab_runs_every_pair_at_equal_budget(workspace):
     assert rows[2]["removed"] == [4, 5]
     assert "| importance | ce_only |" in (ws / "lab" / "results.md").read_text()
     assert (ws / "lab" / "recovery_curves_last.png").is_file() and (ws / "lab" / "block_importance.png").is_file()
+    assert (ws / "lab" / "recovery_vs_tokens.png").is_file()
+
+
+def test_compare_lab_measures_every_row_against_the_first_pruning(workspace):
+    ws = workspace
+    cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "remove:3,4:heal=lstsq", "--strategies",
+         "recommended", "--n_remove", "2", "--output_dir", str(ws / "lab"), "--max_steps", "4", "--curve_points",
+         "2", "--reach", "-1000", *data_flags(ws), "--use_cpu"])  # fmt: skip
+    rows = json.loads((ws / "lab" / "results.json").read_text())
+    assert [(r["pruning"], r["removed"]) for r in rows] == [("last", [4, 5]), ("remove:3,4:heal=lstsq", [3, 4])]
+    reference = rows[0]["validation"]
+    for row in rows:
+        figures = row["validation"]
+        assert [tokens for tokens, _ in figures["curve"]] == [0, 2 * 4 * 32, 4 * 4 * 32]  # before, 2 and 4 steps
+        teacher, pruned, recovered = figures["teacher"], reference["pruned"], figures["recovered"]
+        expected = 100 * (pruned - recovered) / (pruned - teacher)  # by hand, against the first row's pruned PPL
+        assert figures["curve"][-1][1] == pytest.approx(expected)
+        assert figures["recovery"] == pytest.approx(expected / 100)
+        # before training: the row's own pruned perplexity, measured against the reference
+        assert figures["curve"][0][1] == pytest.approx(100 * (pruned - figures["pruned"]) / (pruned - teacher))
+        assert figures["tokens_to_reach"] == 0  # every point is above -1000 %
+    assert rows[0]["validation"]["curve"][0][1] == 0.0
+    assert "tokens to -1000%" in (ws / "lab" / "results.md").read_text()
 
 
 def test_output_folder_is_never_overwritten_without_asking(workspace):
@@ -156,7 +179,9 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
         (["evaluate", "--model", "./no/such/model"], FileNotFoundError, "No such model folder"),
         (["prune", "--prune", "importance:six"], ValueError, "Unknown prune spec"),
         (["prune", "--prune", '{"depth": {"count": 3}}'], ValueError, "takes a dict with keys"),
-        (["compare", "--strategies", "magic"], ValueError, "Unknown pruning or strategy"),
+        (["compare", "--strategies", "magic"], ValueError, "Unknown strategy"),
+        (["compare", "--prunings", "magic:3"], ValueError, "Unknown prune spec"),
+        (["compare", "--curve_points", "0"], ValueError, "at least 1 point"),
         (["recover", "--prune", "last:2", "--student", "x"], ValueError, "exactly one of"),
     ],
 )

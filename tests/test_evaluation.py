@@ -62,3 +62,33 @@ def test_recovery_metrics_by_hand():
     assert m["pruned_retention"] == pytest.approx(20 / 60)
     with pytest.raises(ValueError, match="pruned_ppl must be a positive"):
         recovery_metrics(20.0, 0.0, 30.0)
+
+
+def test_recovery_curve_helpers_by_hand():
+    from hf_recover.recovery import curve_steps, tokens_to_reach
+
+    assert curve_steps(60, 4) == [15, 30, 45, 60]
+    assert curve_steps(2, 4) == [1, 2]  # no step twice, none before the first
+    assert curve_steps(7, 1) == [7]
+    with pytest.raises(ValueError, match="at least 1 point"):
+        curve_steps(10, 0)
+    curve = [(0, 10.0), (1024, 60.0), (2048, 55.0), (4096, 80.0)]
+    assert tokens_to_reach(curve, 50.0) == 1024
+    assert tokens_to_reach(curve, 60.0) == 1024  # reaching counts, not exceeding
+    assert tokens_to_reach(curve, 70.0) == 4096
+    assert tokens_to_reach(list(reversed(curve)), 70.0) == 4096  # order of the points does not matter
+    assert tokens_to_reach(curve, 90.0) is None
+
+
+def test_recovery_curve_callback_evaluates_at_its_steps_only(tiny_llama):
+    from types import SimpleNamespace
+
+    from hf_recover.recovery import RecoveryCurve
+
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 2, "attention_mask": [[1] * 4] * 2,
+                              "labels": [[1, 2, 3, 4]] * 2})  # fmt: skip
+    curve = RecoveryCurve([2], {"validation": data})
+    for step in (1, 2, 3):
+        curve.on_step_end(None, SimpleNamespace(global_step=step), None, model=tiny_llama)
+    assert list(curve.points) == [2]
+    assert curve.points[2]["validation"] == pytest.approx(evaluate_perplexity(tiny_llama, data)["perplexity"])

@@ -1,19 +1,27 @@
 """`hf-recover compare`: the strategy lab. Which blocks to remove, and how to recover, at equal budgets.
 
     hf-recover compare                                       # about 50 minutes on 2 CPU cores
+    hf-recover compare --prunings importance angular:6:heal=lstsq --strategies logits_kd recommended
     hf-recover compare --prunings importance last --strategies ce_only compound --max_steps 10
     hf-recover compare --max_steps 500 --per_device_train_batch_size 16 --eval_blocks 128   # on a GPU
 
 Pruning choices (`--prunings`): `importance` (the n blocks of lowest block influence), `last` (the last
 n blocks), `angular` (the n contiguous blocks of smallest angular distance), each removing `--n_remove`
-blocks (the default three), and `width` (opt in: `--prunings importance width`): no block removed, but
+blocks (the default six), `width` (opt in: `--prunings importance width`): no block removed, but
 attention heads (`--width_heads`), the hidden size (`--width_hidden`) and the MLP neurons pruned by activations
 to the parameter count of those depth-pruned students (the MLP size takes up whatever heads and hidden size
-leave; see `hf_recover.pruning.budget`). Recovery strategies (`--strategies`): `ce_only`, `logits_kd`
-(0.5·CE + 0.5·T²·KL), `compound` (+ 0.1·cosine hidden alignment) and `skew_fdd` (skew KL, λ = 0.1, + 0.1·FDD); see
-`hf_recover.recovery.STRATEGIES`. Every run gets the same steps, batch and sequence length, so the same
-tokens. Writes `results.md`, `results.json`, `recovery_curves.png` (the student's training CE per
-strategy, one panel per pruning) and `block_importance.png` into `--output_dir`.
+leave; see `hf_recover.pruning.budget`), or any prune spec `hf-recover prune` takes (`angular:6:heal=lstsq`
+heals the cut). Recovery strategies (`--strategies`): `ce_only`, `logits_kd` (0.5·CE + 0.5·T²·KL), `compound`
+(+ 0.1·cosine hidden alignment), `skew_fdd` (skew KL, λ = 0.1, + 0.1·FDD) and `recommended`
+(`DistillationConfig.for_depth_recovery()`); see `hf_recover.recovery.STRATEGIES`. Every run gets the same steps,
+batch and sequence length, so the same tokens.
+
+Recovery % is measured against one reference for every row, the pruned perplexity of the first pruning listed,
+so a better block choice or healing counts fully. Each run is evaluated at `--curve_points` evenly spaced budgets
+(and before training), and the table gives the tokens each run needed to reach `--reach` % recovery. Writes
+`results.md`, `results.json`, `recovery_vs_tokens.png` (recovery % against training tokens, every run),
+`recovery_curves_PRUNING.png` (the student's training CE per strategy) and `block_importance.png` into
+`--output_dir`.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import DistillationConfig
+from ..evaluation import recovery_metrics
 from ..loading import load_model, resolve_dtype
+from ..recovery import tokens_to_reach
 from ..reporting import format_percent, format_perplexity, markdown_row, markdown_table
 from .arguments import (
     DEFAULT,
@@ -32,11 +42,11 @@ from .arguments import (
     check_output_dir,
     command_parser,
     load_text_splits,
+    parse_prune_spec,
     prepare_eval_splits,
 )
 from .recover import RECOVER_DEFAULTS
 
-PRUNINGS = ("importance", "last", "angular", "width")
 DEPTH_PRUNINGS = ("importance", "last", "angular")
 
 
@@ -44,13 +54,20 @@ DEPTH_PRUNINGS = ("importance", "last", "angular")
 class CompareArguments:
     teacher: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
     prunings: list[str] = field(
-        default_factory=lambda: list(DEPTH_PRUNINGS), metadata={"help": f"Of {PRUNINGS} (default: the depth ones)."}
+        default_factory=lambda: list(DEPTH_PRUNINGS),
+        metadata={"help": "importance, last, angular, width, or prune specs (angular:6:heal=lstsq)."},
     )
     strategies: list[str] = field(
         default_factory=lambda: ["ce_only", "logits_kd", "compound", "skew_fdd"],
         metadata={"help": "Recovery strategies (hf_recover.recovery.STRATEGIES)."},
     )
     n_remove: int = field(default=6, metadata={"help": "Blocks to remove (6 of 30 = 20%%)."})
+    curve_points: int = field(
+        default=3, metadata={"help": "Evaluate each run at this many evenly spaced budgets (1: at the end only)."}
+    )
+    reach: float = field(
+        default=75.0, metadata={"help": "Report the tokens each run needed to reach this recovery %%."}
+    )
     width_heads: float = field(
         default=0.67,
         metadata={"help": "`width` pruning: the fraction of query heads kept per block (0.67: 6 of SmolLM2's 9)."},
@@ -81,18 +98,36 @@ def make_parser(subparsers=None):
     )
 
 
+def _pruning_spec(pruning: str, args: CompareArguments) -> dict | None:
+    """The prune spec a `--prunings` entry names (None for `width`, which needs the teacher to size it)."""
+    if pruning == "width":
+        return None
+    if pruning in DEPTH_PRUNINGS:
+        return {"depth": {"method": pruning, "n": args.n_remove}}
+    return parse_prune_spec(pruning)
+
+
 def main(args: CompareArguments, data_args: DataArguments, config: DistillationConfig):
     from dataclasses import replace
 
     from ..data import prepare_recovery_dataset
     from ..pruning import block_importance, plot_block_importance
-    from ..recovery import STRATEGIES, build_student, evaluate_splits, plot_loss_curves, run_recovery
+    from ..recovery import (
+        STRATEGIES,
+        RecoveryCurve,
+        build_student,
+        curve_steps,
+        evaluate_splits,
+        plot_loss_curves,
+        plot_recovery_curves,
+        run_recovery,
+    )
 
-    unknown = [p for p in args.prunings if p not in PRUNINGS] + [s for s in args.strategies if s not in STRATEGIES]
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
-        raise ValueError(
-            f"Unknown pruning or strategy {unknown}; prunings: {PRUNINGS}, strategies: {list(STRATEGIES)}."
-        )
+        raise ValueError(f"Unknown strategy {unknown}; strategies: {list(STRATEGIES)}.")
+    specs = {pruning: _pruning_spec(pruning, args) for pruning in args.prunings}  # bad specs fail here
+    steps = curve_steps(config.max_steps, args.curve_points)
     output_dir = check_output_dir(config.output_dir, args.overwrite)
     start = time.perf_counter()
 
@@ -108,10 +143,12 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     teacher_dtype = resolve_dtype(args.teacher, config.teacher_dtype)
     distilling_teacher = teacher if teacher.dtype == teacher_dtype else copy.deepcopy(teacher).to(teacher_dtype)
     teacher_ppl = evaluate_splits({"teacher": distilling_teacher}, eval_splits)
+    tokens_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    tokens_per_step *= data_args.max_length
 
-    rows, curves = [], {}
-    for pruning in args.prunings:
-        if pruning == "width":
+    rows, curves, reference = [], {}, None
+    for pruning, spec in specs.items():
+        if spec is None:
             from ..pruning.budget import parameters_at, width_spec_at_parameters
 
             depth_size = parameters_at(teacher, num_layers=len(teacher.model.layers) - args.n_remove)
@@ -120,40 +157,58 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
                     teacher, depth_size, heads=args.width_heads, hidden_size=args.width_hidden
                 )
             }
-        else:
-            spec = {"depth": {"method": pruning, "n": args.n_remove}}
         if pruning == "importance":
             spec["depth"]["scores"] = scores  # scored once above
         student, pruned_config = build_student(teacher, spec, data=calibration)
         pruned_ppl = evaluate_splits({"pruned": student}, eval_splits)
-        before = {split: {**teacher_ppl[split], **pruned_ppl[split]} for split in eval_splits}
+        if reference is None:  # every recovery % is measured against the first pruning's pruned student
+            reference = {split: by_model["pruned"] for split, by_model in pruned_ppl.items()}
+        before = {
+            split: {"teacher": teacher_ppl[split]["teacher"], "pruned": reference[split]} for split in eval_splits
+        }
         pruned_state = {k: v.clone() for k, v in student.state_dict().items()}
         for strategy in args.strategies:
             student.load_state_dict(pruned_state)  # every strategy starts from the same pruned student
             run_config = replace(
                 config, **STRATEGIES[strategy], output_dir=str(output_dir / "runs" / f"{pruning}-{strategy}")
             )
+            curve = RecoveryCurve(steps[:-1], eval_splits)  # the last point is run_recovery's own evaluation
             _, result = run_recovery(
                 teacher=distilling_teacher, student=student, tokenizer=tokenizer, args=run_config, train_dataset=train,
-                eval_splits=eval_splits, pruned_config=pruned_config, before=before, save=False,
+                eval_splits=eval_splits, pruned_config=pruned_config, before=before, save=False, callbacks=[curve],
             )  # fmt: skip
             curves.setdefault(pruning, {})[strategy] = result.log_history
             row = {"pruning": pruning, "removed": pruned_config.removed_layer_indices, "strategy": strategy}
             row.update(parameters=pruned_config.student_num_parameters, spec=_plain(spec))
+            points = {0: {s: by_model["pruned"] for s, by_model in pruned_ppl.items()}, **curve.points}
+            points[result.train_steps] = {split: result.perplexity[split]["recovered"] for split in eval_splits}
+            points = sorted(points.items())
             for split in eval_splits:
-                rec = result.recovery(split)
-                row[split] = {**result.perplexity[split], **(rec or {})}
+                figures = row[split] = {**result.perplexity[split], "pruned": pruned_ppl[split]["pruned"]}
+                figures.update(result.recovery(split) or {})  # against the reference pruned perplexity
+                figures["pruned_retention"] = figures["teacher"] / figures["pruned"]
+                figures["curve"] = [(step * tokens_per_step, _recovery(before[split], p[split])) for step, p in points]
+                figures["tokens_to_reach"] = tokens_to_reach(figures["curve"], args.reach)
             row.update(train_tokens=result.train_tokens, train_runtime=result.train_runtime)
             rows.append(row)
             print(markdown_row(_row_cells(row, eval_splits)), flush=True)
 
-    markdown = _table(rows, eval_splits, config, data_args, time.perf_counter() - start)
+    markdown = _table(rows, eval_splits, config, data_args, args, time.perf_counter() - start)
     (output_dir / "results.md").write_text(markdown)
     (output_dir / "results.json").write_text(json.dumps(rows, indent=2, sort_keys=True, default=float) + "\n")
     for pruning, by_strategy in curves.items():
         plot_loss_curves(by_strategy, output_dir / f"recovery_curves_{pruning}.png", keys=("ce",))
+    plot_recovery_curves(
+        {f"{row['pruning']} / {row['strategy']}": {s: row[s]["curve"] for s in eval_splits} for row in rows},
+        output_dir / "recovery_vs_tokens.png",
+    )
     print("\n" + markdown)
     return rows
+
+
+def _recovery(before: dict[str, float], ppl: float) -> float:
+    """Recovery % of a perplexity against `before`'s teacher and (reference) pruned perplexity."""
+    return 100 * recovery_metrics(before["teacher"], before["pruned"], ppl)["recovery"]
 
 
 def _plain(spec: dict) -> dict:
@@ -165,23 +220,36 @@ def _row_cells(row: dict, eval_splits) -> list[str]:
     cells = [row["pruning"], row["strategy"]]
     for split in eval_splits:
         r = row[split]
-        cells += [format_perplexity(r["pruned"]), format_perplexity(r["recovered"]), format_percent(r.get("recovery"))]
+        reach = r.get("tokens_to_reach")
+        cells += [
+            format_perplexity(r["pruned"]),
+            format_perplexity(r["recovered"]),
+            format_percent(r.get("recovery")),
+            "-" if reach is None else f"{reach:,}",
+        ]
     cells.append(f"{row['train_runtime']:.0f}")
     return cells
 
 
-def _table(rows: list[dict], eval_splits, config, data_args, wall_time: float) -> str:
+def _table(rows: list[dict], eval_splits, config, data_args, args, wall_time: float) -> str:
     header = ["pruning", "strategy"]
     for split in eval_splits:
-        header += [f"{split} pruned PPL", f"{split} recovered PPL", f"{split} recovery"]
+        header += [
+            f"{split} pruned PPL",
+            f"{split} recovered PPL",
+            f"{split} recovery",
+            f"{split} tokens to {args.reach:g}%",
+        ]
     header.append("train s")
     teacher_ppl = {split: rows[0][split]["teacher"] for split in eval_splits} if rows else {}
     teacher = ", ".join(f"{split} {format_perplexity(ppl)}" for split, ppl in teacher_ppl.items())
     table = markdown_table(header, [_row_cells(row, eval_splits) for row in rows], numeric_columns=len(header) - 2)
     tokens = rows[0]["train_tokens"] if rows else 0
+    reference = f"the pruned perplexity of `{rows[0]['pruning']}`" if rows else "the first pruning"
     return (
         f"Teacher perplexity: {teacher}. Each run: {config.max_steps} steps of {config.per_device_train_batch_size} x "
-        f"{data_args.max_length} tokens ({tokens:,} tokens), learning rate {config.learning_rate}.\n\n"
+        f"{data_args.max_length} tokens ({tokens:,} tokens), learning rate {config.learning_rate} unless the "
+        f"strategy sets its own. Recovery % is measured against {reference}, for every row.\n\n"
         + table
         + f"\n\nWall time: {wall_time / 60:.1f} min.\n"
     )
