@@ -36,14 +36,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_recover import DistillationConfig, DistillationTrainer, evaluate_perplexity  # noqa: E402
 from hf_recover.data import prepare_recovery_dataset  # noqa: E402
 from hf_recover.models import load_default_teacher  # noqa: E402
-from hf_recover.recovery import build_student  # noqa: E402
+from hf_recover.recovery import RecoveryCurve, build_student  # noqa: E402
 from hf_recover.scripts.arguments import (  # noqa: E402
     DataArguments,
     load_text_splits,
@@ -54,6 +54,7 @@ from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
 
 BATCH = 4
 NAIVE_ALPHA, NAIVE_TEMPERATURE, NAIVE_LR = 0.5, 2.0, 1e-4
+NAIVE_CALIBRATION_BLOCKS = 16
 
 
 def parse_args(argv=None):
@@ -118,17 +119,6 @@ class NaiveDistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class EvaluateAt(TrainerCallback):
-    """Perplexity on every split when training reaches each budget (in steps)."""
-
-    def __init__(self, budgets: list[int], evaluate):
-        self.budgets, self.evaluate, self.results = set(budgets), evaluate, {}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step in self.budgets:
-            self.results[state.global_step] = self.evaluate(model)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -153,8 +143,8 @@ def main(argv=None) -> dict:
         return scores
 
     results = {"budgets": args.budgets, "tokens_per_step": BATCH * data_args.max_length}
-    # The naive student is scored on the recover command's default calibration (16 blocks), as users get it.
-    naive_calibration = train.select(range(DataArguments.calibration_blocks))
+    # The naive student: the 6 blocks of lowest block influence on 16 calibration blocks (the reference protocol).
+    naive_calibration = train.select(range(NAIVE_CALIBRATION_BLOCKS))
     naive_student, naive_config = build_student(
         teacher, {"depth": {"method": "importance", "n": 6}}, data=naive_calibration
     )
@@ -176,7 +166,7 @@ def main(argv=None) -> dict:
                 output_dir="/tmp/recovery_quality/naive", learning_rate=NAIVE_LR, lr_scheduler_type="constant",
                 **_common_args(args.budgets),
             )  # fmt: skip
-            callback = EvaluateAt(args.budgets, evaluate)
+            callback = RecoveryCurve(args.budgets, eval_splits)
             trainer = NaiveDistillationTrainer(
                 model=student, args=training, train_dataset=train, teacher=teacher, callbacks=[callback]
             )
@@ -188,7 +178,7 @@ def main(argv=None) -> dict:
             recipe = DistillationConfig.for_depth_recovery(
                 output_dir="/tmp/recovery_quality/recommended", **_common_args(args.budgets), **args.overrides
             )
-            callback = EvaluateAt(args.budgets, evaluate)
+            callback = RecoveryCurve(args.budgets, eval_splits)
             trainer = DistillationTrainer(
                 model=student, teacher_model=teacher, args=recipe, pruned_config=config, train_dataset=train,
                 callbacks=[callback],
@@ -203,9 +193,9 @@ def main(argv=None) -> dict:
             results["overrides"] = args.overrides
         print(f"{leg}: before training {_fmt(student_before)}", flush=True)
         trainer.train()
-        results[leg] = {0: student_before, **callback.results}
+        results[leg] = {0: student_before, **callback.points}
         results[f"{leg}_seconds"] = time.perf_counter() - leg_start
-        for steps, ppl in callback.results.items():
+        for steps, ppl in callback.points.items():
             print(f"{leg}: {steps} steps {_fmt(ppl)} {_fmt(_recovery(results, ppl), '%')}", flush=True)
 
     report = _report(results, legs)

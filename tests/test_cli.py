@@ -210,6 +210,7 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 def test_prune_spec_shorthands():
     assert parse_prune_spec("importance:6") == {"depth": {"method": "importance", "n": 6}}
     assert parse_prune_spec("remove:3,12") == {"depth": {"remove": [3, 12]}}
+    assert parse_prune_spec("greedy:2:heal=lstsq") == {"depth": {"method": "greedy", "n": 2, "heal": "lstsq"}}
     assert parse_prune_spec("angular:4+width:vow:0.25") == {
         "depth": {"method": "angular", "n": 4},
         "width": {"method": "vow", "pruning_ratio": 0.25},
@@ -317,16 +318,22 @@ def test_compare_distils_from_the_teacher_in_teacher_dtype(workspace, monkeypatc
     assert {p.dtype for p in student.parameters()} == {torch.float32}
 
 
-def test_demo_trains_with_the_depth_recovery_preset():
+@pytest.mark.parametrize("command", ["demo", "recover"])
+def test_demo_and_recover_train_with_the_depth_recovery_preset(command):
     from hf_recover import DistillationConfig
-    from hf_recover.scripts import demo
+    from hf_recover.scripts import demo, recover
 
-    recover_args, data_args, config = demo.make_parser().parse_args_into_dataclasses([])
-    # Healing stays opt-in for the demo: on its 16 calibration blocks it measured worse after training.
-    assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "importance", "n": 6}
+    parser = (demo if command == "demo" else recover).make_parser()
+    recover_args, data_args, config = parser.parse_args_into_dataclasses([])
     for name, value in DistillationConfig.DEPTH_RECOVERY_RECIPE.items():
         assert getattr(config, name) == value, name
-    assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (60, 4, 256)
+    assert data_args.calibration_blocks == 64  # enough tokens for the healing maps
+    if command == "demo":  # the angular span, healed: the best measured starting point
+        assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "angular", "n": 6, "heal": "lstsq"}
+        assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (60, 4, 256)
+    # a flag still overrides the preset
+    _, _, changed = parser.parse_args_into_dataclasses(["--learning_rate", "3e-5", "--gamma", "0"])
+    assert (changed.learning_rate, changed.gamma) == (3e-5, 0.0)
 
 
 def test_named_blocks_with_healing_get_calibration_data(workspace):

@@ -138,6 +138,49 @@ def test_methods_choose_the_right_blocks(tiny_llama):
     assert angular_data.removed_layer_indices == [start, start + 1]
 
 
+def test_only_blocks_runs_the_pruned_model_and_restores_the_full_one(tiny_model):
+    from hf_recover.pruning.greedy import only_blocks
+
+    ids = torch.randint(3, 320, (2, 20))  # longer than the sliding windows: the per-block masks matter
+    kept = [2, 4, 5]
+    pruned, _ = prune_depth(tiny_model, remove=[0, 1, 3])
+    with torch.no_grad():
+        full = tiny_model(ids, use_cache=False).logits
+        with only_blocks(tiny_model, kept):
+            inside = tiny_model(ids, use_cache=False).logits
+            layer_types = getattr(tiny_model.config, "layer_types", None)
+        after = tiny_model(ids, use_cache=False).logits
+        expected = pruned(ids, use_cache=False).logits
+    torch.testing.assert_close(inside, expected, rtol=1e-5, atol=1e-5)
+    assert layer_types == getattr(pruned.config, "layer_types", None)
+    assert torch.equal(after, full)
+    assert len(tiny_model.model.layers) == tiny_model.config.num_hidden_layers == 6
+
+
+def test_greedy_removal_equals_a_naive_search_over_pruned_copies(tiny_llama):
+    """Each step removes the block whose removal gives the lowest KL to the full model: checked against building
+    every candidate with prune_depth and scoring it with the evaluation loop's KL."""
+    from hf_recover.evaluation import score_models
+
+    rows = _rows(n_rows=4, length=16)
+    removed_naive, kl_naive = [], []
+    for _ in range(2):
+        kl = {}
+        for block in (b for b in range(6) if b not in removed_naive):
+            candidate, _ = prune_depth(tiny_llama, remove=sorted([*removed_naive, block]))
+            kl[block] = score_models({"full": tiny_llama, "c": candidate}, rows, reference="full")["c"]["kl"]
+        best = min(kl, key=kl.get)
+        removed_naive.append(best)
+        kl_naive.append(kl[best])
+
+    pruned, config = prune_depth(tiny_llama, n=2, method="greedy", data=rows)
+    assert config.removed_layer_indices == sorted(removed_naive)
+    step = config.steps[0]
+    assert step["method"] == "greedy" and step["score"] == "forward_kl"
+    assert step["kl_after_each_removal"] == pytest.approx(kl_naive, rel=1e-4, abs=1e-6)
+    assert len(pruned.model.layers) == 4 and len(tiny_llama.model.layers) == 6
+
+
 def test_pruned_config_describes_the_pruning(tiny_llama):
     pruned, config = prune_depth(tiny_llama, remove=[0, 5])
     assert pruned.pruned_config is config
@@ -178,6 +221,8 @@ def test_inplace(tiny_llama):
         ({"n": 2, "method": "random"}, "method must be one of"),
         ({"n": 2, "scores": [0.1, 0.2]}, "needs 6"),
         ({"n": 2, "method": "angular", "scores": [0.1] * 6}, "needs 5"),
+        ({"n": 2, "method": "greedy"}, "pass data="),
+        ({"n": 2, "method": "greedy", "scores": [0.1] * 6}, "not scores="),
         ({}, "Say which blocks"),
     ],
 )

@@ -10,10 +10,11 @@ from torch import nn
 
 from ..pruned_config import PrunedConfig
 from ._model import MLP_SIZES_FIELD, base_pruned_config, check_supported, decoder_layers, describe_data, finish_pruning
+from .greedy import greedy_block_removal
 from .healing import check_heal, heal_cuts, teacher_targets
 from .importance import _block_scores, check_layer_indices
 
-DEPTH_METHODS = ("importance", "angular", "last")
+DEPTH_METHODS = ("importance", "angular", "greedy", "last")
 _SCORE_FOR_METHOD = {"importance": "block_influence", "angular": "angular"}
 
 # Config fields holding one entry per block; sliced by the kept block indices.
@@ -40,6 +41,9 @@ def prune_depth(
     - `"importance"`: the `n` blocks of lowest block influence (ShortGPT), scored on `data`;
     - `"angular"`: the `n` contiguous blocks whose input and output are closest in angular distance
       (Gromov et al.), scored on `data`;
+    - `"greedy"`: one block at a time, each time the one whose removal changes the next-token distribution least
+      (forward KL to `model` on `data`), re-scored after every removal (`hf_recover.pruning.greedy`): it sees how
+      removals interact, at `n × blocks` forwards of `data` (bound them with `max_batches`);
     - `"last"`: the last `n` blocks (the naive baseline).
     `scores` from `block_importance` (with `n_blocks=n` for `"angular"`) replace `data`.
 
@@ -62,8 +66,13 @@ def prune_depth(
     n_layers = len(decoder_layers(model))
     check_heal(model, heal, data)
     removed, method, scores = _plan_removal(model, n_layers, remove, n, method, scores, data)
-    description = None
-    if removed is None:  # scored on data, which the checks above made sure is there
+    description, greedy_kl = None, None
+    if removed is None and method == "greedy":
+        removed, greedy_kl, tokens, sequences = greedy_block_removal(
+            model, data, n, batch_size=batch_size, max_batches=max_batches
+        )
+        description = describe_data(data, tokens, sequences)
+    elif removed is None:  # scored on data, which the checks above made sure is there
         n_blocks = n if method == "angular" else 1
         scores, tokens, sequences = _block_scores(
             model,
@@ -90,6 +99,8 @@ def prune_depth(
     if method in _SCORE_FOR_METHOD:
         step.update(score=_SCORE_FOR_METHOD[method], n_blocks=n if method == "angular" else 1)
         step["scores"] = [round(float(s), 6) for s in scores]
+    if greedy_kl is not None:
+        step.update(score="forward_kl", kl_after_each_removal=[round(kl, 6) for kl in greedy_kl])
     if heal is not None:
         step["heal"] = heal_cuts(
             model, kept, targets, data, method=heal, batch_size=batch_size, max_batches=max_batches
@@ -126,6 +137,12 @@ def _plan_removal(
         raise ValueError(f"n must be an int in 1..{n_layers - 1} (the model has {n_layers} blocks), got {n!r}.")
     if method == "last":
         return list(range(n_layers - n, n_layers)), method, None
+    if method == "greedy":
+        if scores is not None:
+            raise ValueError("method='greedy' re-scores the blocks after every removal: pass data=, not scores=.")
+        if data is None:
+            raise ValueError("method='greedy' scores blocks on calibration data: pass data=.")
+        return None, method, None
     if scores is not None:
         scores = [float(s) for s in (scores.tolist() if isinstance(scores, torch.Tensor) else scores)]
         expected = n_layers if method == "importance" else n_layers - n + 1

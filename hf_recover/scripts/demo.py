@@ -3,10 +3,11 @@
     hf-recover demo                      # about 15 minutes on 2 CPU cores
     hf-recover demo --max_steps 200      # any `hf-recover recover` flag works
 
-It takes SmolLM2-135M-Instruct (30 blocks) and the default offline corpus, scores the blocks by
-block influence on 16 calibration blocks of 256 tokens, removes the 6 least important (20%), recovers the
-24-block student with
-`DistillationConfig.for_depth_recovery()` for 60 steps of 4 × 256 tokens, and prints teacher / pruned /
+It takes SmolLM2-135M-Instruct (30 blocks) and the default offline corpus, finds on 64 calibration blocks of
+256 tokens the 6 contiguous blocks whose input and output are closest in angular distance (Gromov et al., 2024),
+removes them (20%), heals the cut with a least-squares map folded into the block before it (ReplaceMe,
+Shopkhoev et al., 2025), recovers the 24-block student with `DistillationConfig.for_depth_recovery()` for
+60 steps of 4 × 256 tokens, and prints teacher / pruned /
 recovered perplexity on `validation` and `ood` (a domain never trained on), recovery %, retention,
 parameters and wall time. The recovered model folder (weights, tokenizer, `pruned_config.json`, model
 card) and `loss_curve.png` go to `outputs/demo`.
@@ -19,11 +20,10 @@ from . import recover
 
 DEMO_DEFAULTS = {
     "teacher": "default",
-    # Healing is not the demo's default: on its 16 calibration blocks (4,096 tokens) the least-squares maps are
-    # underdetermined (576² entries each); measured with healing, the demo ended at validation 19.60 / ood 54.70
-    # after 60 steps, against 18.8 / 51.9 without. `--prune importance:6:heal=lstsq --calibration_blocks 64`
-    # heals on enough tokens (54% / 48% recovery before training) but makes block influence choose other blocks.
-    "prune": "importance:6",
+    # Measured on this protocol (validation / ood perplexity before training; teacher 16.08 / 38.50): block
+    # influence's 6 blocks [12-15, 17, 25] 41.36 / 83.31; the angular span [13-18] 36.44 / 74.84 (also what
+    # removing one block at a time by KL to the teacher chooses); healed on 64 x 256 tokens 27.17 / 60.12.
+    "prune": "angular:6:heal=lstsq",
     "output_dir": "outputs/demo",
     "max_length": 256,
     "max_train_documents": 400,

@@ -1,7 +1,7 @@
 """`hf-recover recover`: recover a pruned student from its teacher with `DistillationTrainer`.
 
-    hf-recover recover --teacher default --prune importance:6 --output_dir out/recovered \\
-        --max_steps 60 --alpha 0.5 --beta 0.5 --gamma 0.1
+    hf-recover recover --teacher default --prune angular:6:heal=lstsq --output_dir out/recovered
+    hf-recover recover --teacher default --prune importance:6 --output_dir out/recovered --max_steps 120 --gamma 0
     hf-recover recover --teacher default --student out/student --output_dir out/recovered
     hf-recover recover --config recover.yaml
     hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache
@@ -10,7 +10,8 @@ The student is a pruned model folder (`--student`, with its `pruned_config.json`
 teacher here (`--prune`, see `hf-recover prune --help` for the spec). Teacher, pruned and recovered
 perplexity are measured on `validation` (and `ood` when known) before and after. The output folder gets
 the recovered model, tokenizer, `pruned_config.json`, a model card, `results.json`, `results.md` and
-`loss_curve.png`. Every `DistillationConfig` / `TrainingArguments` flag works (`--learning_rate`, ...).
+`loss_curve.png`. Training follows `DistillationConfig.for_depth_recovery()` unless flags say otherwise: every
+`DistillationConfig` / `TrainingArguments` flag works (`--learning_rate`, `--alpha`, ...).
 With `--teacher_cache` (from `hf-recover cache` on the same data), KD reads the cached top-k teacher
 distributions and the teacher runs only for the before/after perplexities.
 """
@@ -56,9 +57,8 @@ class RecoverArguments:
 
 RECOVER_DEFAULTS = {
     "output_dir": "outputs/recovered",
+    **DistillationConfig.DEPTH_RECOVERY_RECIPE,  # the recommended recipe: loss weights and optimizer settings
     "per_device_train_batch_size": 4,
-    "learning_rate": 1e-4,
-    "lr_scheduler_type": "constant",
     "max_steps": 60,
     "logging_steps": 5,
     "save_strategy": "no",
