@@ -133,7 +133,7 @@ def test_compare_lab_runs_every_pair_at_equal_budget(workspace):
     # Every strategy starts from the same pruned student.
     assert rows[0]["validation"]["pruned"] == rows[1]["validation"]["pruned"]
     assert rows[2]["removed"] == [4, 5]
-    assert "| importance | ce_only |" in (ws / "lab" / "results.md").read_text()
+    assert "| importance | ce_only | none |" in (ws / "lab" / "results.md").read_text()
     assert (ws / "lab" / "recovery_curves_last.png").is_file() and (ws / "lab" / "block_importance.png").is_file()
     assert (ws / "lab" / "recovery_vs_tokens.png").is_file()
 
@@ -346,3 +346,22 @@ def test_named_blocks_with_healing_get_calibration_data(workspace):
     cli(["prune", "--model", str(ws / "teacher"), "--prune", "remove:1,2:heal=lstsq", "--output_dir", str(ws / "s"),
          *data_flags(ws)])  # fmt: skip
     assert (ws / "s" / "pruned_config.json").is_file()
+
+
+def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspace):
+    from hf_recover.teacher_cache import load_teacher_cache
+
+    ws = workspace
+    common = ["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "logits_kd",
+              "compound", "--n_remove", "2", "--max_steps", "2", "--curve_points", "1", *data_flags(ws), "--use_cpu"]
+    cli([*common, "--output_dir", str(ws / "cached"), "--cache_top_k", "320"])  # top_k = the whole vocabulary
+    cli([*common, "--output_dir", str(ws / "online"), "--cache_teacher", "false"])  # fmt: skip
+    cached = json.loads((ws / "cached" / "results.json").read_text())
+    online = json.loads((ws / "online" / "results.json").read_text())
+    assert [r["teacher"] for r in cached] == ["cache", "online"]  # compound compares hidden states: online
+    assert [r["teacher"] for r in online] == ["online", "online"]
+    cache = load_teacher_cache(ws / "cached" / "teacher-cache")
+    assert cache.metadata["num_rows"] == 2 * 4  # the rows the budget consumes: 2 steps of 4
+    assert cache.temperatures == (2.0,)
+    for c, o in zip(cached, online, strict=True):  # a full-vocabulary cache (float16 log-probs) = online KD
+        assert c["validation"]["recovered"] == pytest.approx(o["validation"]["recovered"], rel=1e-3)

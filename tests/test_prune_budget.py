@@ -66,4 +66,4 @@ def test_strategy_lab_width_rows_match_the_depth_size(tmp_path, tiny_tokenizer):
     assert width["removed"] == [] and width["spec"]["width"]["heads"] == 0.5
     assert width["parameters"] <= depth["parameters"] == parameters_at(teacher, num_layers=4)
     assert width["train_tokens"] == depth["train_tokens"]  # the same budget
-    assert "| width | ce_only |" in (tmp_path / "lab" / "results.md").read_text()
+    assert "| width | ce_only | none |" in (tmp_path / "lab" / "results.md").read_text()

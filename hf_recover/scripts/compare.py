@@ -16,6 +16,11 @@ heals the cut). Recovery strategies (`--strategies`): `ce_only`, `logits_kd` (0.
 (`DistillationConfig.for_depth_recovery()`); see `hf_recover.recovery.STRATEGIES`. Every run gets the same steps,
 batch and sequence length, so the same tokens.
 
+`--cache_teacher` (on by default) runs the teacher once: its top-k distributions on the lab's training rows are
+cached (`hf_recover.cache_teacher_outputs`) and every logits-only strategy (`logits_kd`; γ = δ = 0) distils from
+the cache; strategies that compare hidden states run the teacher online (the `teacher` column says which).
+Every run trains on the same rows, the first `max_steps × batch` packed blocks, in the Trainer's seeded order.
+
 Recovery % is measured against one reference for every row, the pruned perplexity of the first pruning listed,
 so a better block choice or healing counts fully. Each run is evaluated at `--curve_points` evenly spaced budgets
 (and before training), and the table gives the tokens each run needed to reach `--reach` % recovery. Writes
@@ -65,6 +70,14 @@ class CompareArguments:
     curve_points: int = field(
         default=3, metadata={"help": "Evaluate each run at this many evenly spaced budgets (1: at the end only)."}
     )
+    cache_teacher: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the teacher once: cache its top-k on the lab's training rows and train every logits-only "
+            "strategy (gamma = delta = 0) from the cache."
+        },
+    )
+    cache_top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position in the cache."})
     reach: float = field(
         default=75.0, metadata={"help": "Report the tokens each run needed to reach this recovery %%."}
     )
@@ -135,6 +148,9 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
     calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+    # Every run trains on the same rows, the ones its budget consumes (so that one teacher cache covers them all).
+    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    train = train.select(range(min(len(train), config.max_steps * rows_per_step)))
     eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
     output_dir.mkdir(parents=True, exist_ok=True)
     scores = block_importance(teacher, calibration)
@@ -143,8 +159,12 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     teacher_dtype = resolve_dtype(args.teacher, config.teacher_dtype)
     distilling_teacher = teacher if teacher.dtype == teacher_dtype else copy.deepcopy(teacher).to(teacher_dtype)
     teacher_ppl = evaluate_splits({"teacher": distilling_teacher}, eval_splits)
-    tokens_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
-    tokens_per_step *= data_args.max_length
+    tokens_per_step = rows_per_step * data_args.max_length
+    run_configs = {
+        strategy: replace(config, **STRATEGIES[strategy], output_dir=str(output_dir / "runs" / strategy))
+        for strategy in args.strategies
+    }
+    teacher_cache = _build_teacher_cache(args, run_configs, distilling_teacher, tokenizer, train, output_dir)
 
     rows, curves, reference = [], {}, None
     for pruning, spec in specs.items():
@@ -169,16 +189,17 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
         pruned_state = {k: v.clone() for k, v in student.state_dict().items()}
         for strategy in args.strategies:
             student.load_state_dict(pruned_state)  # every strategy starts from the same pruned student
-            run_config = replace(
-                config, **STRATEGIES[strategy], output_dir=str(output_dir / "runs" / f"{pruning}-{strategy}")
-            )
+            run_config = replace(run_configs[strategy], output_dir=str(output_dir / "runs" / f"{pruning}-{strategy}"))
+            from_cache = teacher_cache is not None and _logits_only(run_config)
             curve = RecoveryCurve(steps[:-1], eval_splits)  # the last point is run_recovery's own evaluation
             _, result = run_recovery(
                 teacher=distilling_teacher, student=student, tokenizer=tokenizer, args=run_config, train_dataset=train,
                 eval_splits=eval_splits, pruned_config=pruned_config, before=before, save=False, callbacks=[curve],
+                teacher_cache=teacher_cache if from_cache else None,
             )  # fmt: skip
             curves.setdefault(pruning, {})[strategy] = result.log_history
             row = {"pruning": pruning, "removed": pruned_config.removed_layer_indices, "strategy": strategy}
+            row["teacher"] = "cache" if from_cache else ("online" if run_config.uses_teacher else "none")
             row.update(parameters=pruned_config.student_num_parameters, spec=_plain(spec))
             points = {0: {s: by_model["pruned"] for s, by_model in pruned_ppl.items()}, **curve.points}
             points[result.train_steps] = {split: result.perplexity[split]["recovered"] for split in eval_splits}
@@ -206,6 +227,26 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     return rows
 
 
+def _logits_only(config: DistillationConfig) -> bool:
+    """Whether a run needs the teacher's logits alone (a cache can stand in for the teacher)."""
+    return config.beta > 0 and not config.wants_hidden_states
+
+
+def _build_teacher_cache(args, run_configs, teacher, tokenizer, train, output_dir):
+    """One top-k cache of the teacher on the lab's training rows, at every temperature a logits-only strategy
+    uses; `None` when caching is off or no strategy could read it."""
+    from ..teacher_cache import cache_teacher_outputs, load_teacher_cache
+
+    temperatures = sorted({c.temperature for c in run_configs.values() if _logits_only(c)})
+    if not args.cache_teacher or not temperatures:
+        return None
+    folder = cache_teacher_outputs(
+        teacher, train, output_dir / "teacher-cache", top_k=args.cache_top_k, temperatures=temperatures,
+        tokenizer=tokenizer, packing=True, teacher_name=args.teacher, overwrite=args.overwrite,
+    )  # fmt: skip
+    return load_teacher_cache(folder, tokenizer=tokenizer, dataset=train)
+
+
 def _recovery(before: dict[str, float], ppl: float) -> float:
     """Recovery % of a perplexity against `before`'s teacher and (reference) pruned perplexity."""
     return 100 * recovery_metrics(before["teacher"], before["pruned"], ppl)["recovery"]
@@ -217,7 +258,7 @@ def _plain(spec: dict) -> dict:
 
 
 def _row_cells(row: dict, eval_splits) -> list[str]:
-    cells = [row["pruning"], row["strategy"]]
+    cells = [row["pruning"], row["strategy"], row["teacher"]]
     for split in eval_splits:
         r = row[split]
         reach = r.get("tokens_to_reach")
@@ -232,7 +273,7 @@ def _row_cells(row: dict, eval_splits) -> list[str]:
 
 
 def _table(rows: list[dict], eval_splits, config, data_args, args, wall_time: float) -> str:
-    header = ["pruning", "strategy"]
+    header = ["pruning", "strategy", "teacher"]
     for split in eval_splits:
         header += [
             f"{split} pruned PPL",
@@ -243,7 +284,7 @@ def _table(rows: list[dict], eval_splits, config, data_args, args, wall_time: fl
     header.append("train s")
     teacher_ppl = {split: rows[0][split]["teacher"] for split in eval_splits} if rows else {}
     teacher = ", ".join(f"{split} {format_perplexity(ppl)}" for split, ppl in teacher_ppl.items())
-    table = markdown_table(header, [_row_cells(row, eval_splits) for row in rows], numeric_columns=len(header) - 2)
+    table = markdown_table(header, [_row_cells(row, eval_splits) for row in rows], numeric_columns=len(header) - 3)
     tokens = rows[0]["train_tokens"] if rows else 0
     reference = f"the pruned perplexity of `{rows[0]['pruning']}`" if rows else "the first pruning"
     return (
