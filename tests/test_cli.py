@@ -353,7 +353,7 @@ def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspac
 
     ws = workspace
     common = ["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "logits_kd",
-              "compound", "--n_remove", "2", "--max_steps", "2", "--curve_points", "1", *data_flags(ws), "--use_cpu"]
+              "compound", "--n_remove", "2", "--max_steps", "2", "--curve_points", "1", *data_flags(ws), "--use_cpu"]  # fmt: skip
     cli([*common, "--output_dir", str(ws / "cached"), "--cache_top_k", "320"])  # top_k = the whole vocabulary
     cli([*common, "--output_dir", str(ws / "online"), "--cache_teacher", "false"])  # fmt: skip
     cached = json.loads((ws / "cached" / "results.json").read_text())
