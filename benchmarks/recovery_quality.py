@@ -1,8 +1,8 @@
 """Recovery quality: hf_recover's recommended recipe against the naive one, at equal token budgets.
 
-    python benchmarks/recovery_quality.py                 # the demo's protocol; about 50 minutes on 2 CPU cores
-    python benchmarks/recovery_quality.py --quick         # a smoke run: 2 and 4 steps, 4 evaluation blocks
-    python benchmarks/recovery_quality.py --only recommended --budgets 30 --set learning_rate=2e-4
+    python benchmarks/recovery_quality.py                 # the demo's protocol; about 25 minutes on 2 CPU cores
+    python benchmarks/recovery_quality.py --quick         # a smoke run: 2,048 and 4,096 tokens, 4 evaluation blocks
+    python benchmarks/recovery_quality.py --only recommended --budgets 30720 --set learning_rate=2e-4
 
 The protocol is `hf-recover demo`'s: SmolLM2-135M-Instruct (30 blocks) and the default offline corpus
 (400 training documents packed into 256-token blocks), 6 blocks removed, AdamW, batches of 4 × 256
@@ -10,12 +10,12 @@ tokens in the Trainer's seeded order, perplexity on the first 32 packed 512-toke
 `validation` and `ood` (a domain never trained on). Two students train side by side:
 
 1. naive: what a user writes by hand, a plain `transformers.Trainer` subclass with
-   `0.5·CE + 0.5·T²·KL(teacher ‖ student)`, T = 2, lr 1e-4 constant, on the student pruned by block
-   influence without healing;
-2. recommended: the demo's student (pruned and healed as `DEMO_DEFAULTS["prune"]` says) trained with
-   `DistillationConfig.for_depth_recovery()`.
+   `0.5·CE + 0.5·T²·KL(teacher ‖ student)`, T = 2, lr 1e-4 constant, batches of 4 × 256 tokens, on the student
+   pruned by block influence (16 calibration blocks) without healing;
+2. recommended: the demo's student (pruned and healed as `DEMO_DEFAULTS["prune"]` says, on the default 64
+   calibration blocks) trained with `DistillationConfig.for_depth_recovery()` (its own batch size).
 
-Both are evaluated at 15, 30 and 60 steps (15,360, 30,720 and 61,440 tokens) and once before training.
+Both are evaluated at 15,360, 30,720 and 61,440 training tokens and once before training.
 Recovery % = (PPL_pruned − PPL) / (PPL_pruned − PPL_teacher) against the naive pruned student's
 perplexity, so a better block choice or healing counts fully. It prints the table and the budget at
 which (2) first reaches (1)'s recovery at the largest budget. Nothing is downloaded from the Hub.
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_recover import DistillationConfig, DistillationTrainer, evaluate_perplexity  # noqa: E402
 from hf_recover.data import prepare_recovery_dataset  # noqa: E402
-from hf_recover.models import load_default_teacher  # noqa: E402
-from hf_recover.recovery import RecoveryCurve, build_student  # noqa: E402
+from hf_recover.defaults import load_default_teacher  # noqa: E402
+from hf_recover.recovery import RecoveryCurve, build_student, tokens_to_reach  # noqa: E402
 from hf_recover.scripts.arguments import (  # noqa: E402
     DataArguments,
     load_text_splits,
@@ -52,15 +52,17 @@ from hf_recover.scripts.arguments import (  # noqa: E402
 )
 from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
 
-BATCH = 4
+NAIVE_BATCH = 4
 NAIVE_ALPHA, NAIVE_TEMPERATURE, NAIVE_LR = 0.5, 2.0, 1e-4
 NAIVE_CALIBRATION_BLOCKS = 16
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Smoke run: budgets 2,4 steps, 4 evaluation blocks.")
-    parser.add_argument("--budgets", default=None, help="Comma-separated step counts to evaluate at (15,30,60).")
+    parser.add_argument("--quick", action="store_true", help="Smoke run: 2,048 and 4,096 tokens, 4 evaluation blocks.")
+    parser.add_argument(
+        "--budgets", default=None, help="Comma-separated training-token budgets to evaluate at (15360,30720,61440)."
+    )
     parser.add_argument("--eval_blocks", type=int, default=None, help="512-token blocks per split (32).")
     parser.add_argument("--only", choices=("naive", "recommended"), default=None, help="Run one leg only.")
     parser.add_argument("--prune", default=None, help="The recommended leg's prune spec (the demo's by default).")
@@ -75,7 +77,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output", default=None, help="Write the results as JSON here.")
     args = parser.parse_args(argv)
-    budgets = args.budgets or ("2,4" if args.quick else "15,30,60")
+    budgets = args.budgets or ("2048,4096" if args.quick else "15360,30720,61440")
     args.budgets = sorted(int(b) for b in budgets.split(","))
     if args.eval_blocks is None:
         args.eval_blocks = 4 if args.quick else 32
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
         model.train(was_training)
         return scores
 
-    results = {"budgets": args.budgets, "tokens_per_step": BATCH * data_args.max_length}
+    results = {"budgets": args.budgets}
     # The naive student: the 6 blocks of lowest block influence on 16 calibration blocks (the reference protocol).
     naive_calibration = train.select(range(NAIVE_CALIBRATION_BLOCKS))
     naive_student, naive_config = build_student(
@@ -162,11 +164,12 @@ def main(argv=None) -> dict:
         leg_start = time.perf_counter()
         if leg == "naive":
             student, config = naive_student, None
+            steps = _steps(args.budgets, NAIVE_BATCH * data_args.max_length)
             training = TrainingArguments(
                 output_dir="/tmp/recovery_quality/naive", learning_rate=NAIVE_LR, lr_scheduler_type="constant",
-                **_common_args(args.budgets),
+                per_device_train_batch_size=NAIVE_BATCH, **_common_args(steps),
             )  # fmt: skip
-            callback = RecoveryCurve(args.budgets, eval_splits)
+            callback = RecoveryCurve(steps, eval_splits)
             trainer = NaiveDistillationTrainer(
                 model=student, args=training, train_dataset=train, teacher=teacher, callbacks=[callback]
             )
@@ -175,10 +178,17 @@ def main(argv=None) -> dict:
             spec = parse_prune_spec(args.prune or DEMO_DEFAULTS["prune"])
             student, config = build_student(teacher, spec, data=calibration)
             student_before = evaluate(student)
-            recipe = DistillationConfig.for_depth_recovery(
-                output_dir="/tmp/recovery_quality/recommended", **_common_args(args.budgets), **args.overrides
+            batch = (
+                args.overrides.get("per_device_train_batch_size")
+                or DistillationConfig.for_depth_recovery(
+                    output_dir="/tmp/recovery_quality/recommended"
+                ).per_device_train_batch_size
             )
-            callback = RecoveryCurve(args.budgets, eval_splits)
+            steps = _steps(args.budgets, batch * data_args.max_length)
+            recipe = DistillationConfig.for_depth_recovery(
+                output_dir="/tmp/recovery_quality/recommended", **{**_common_args(steps), **args.overrides}
+            )
+            callback = RecoveryCurve(steps, eval_splits)
             trainer = DistillationTrainer(
                 model=student, teacher_model=teacher, args=recipe, pruned_config=config, train_dataset=train,
                 callbacks=[callback],
@@ -188,15 +198,17 @@ def main(argv=None) -> dict:
             results["recommended_recipe"] = {
                 k: getattr(recipe, k)
                 for k in ("alpha", "beta", "gamma", "delta", "temperature", "divergence", "skew_lambda",
-                          "learning_rate", "lr_scheduler_type", "warmup_steps")
+                          "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size")
             }  # fmt: skip
             results["overrides"] = args.overrides
         print(f"{leg}: before training {_fmt(student_before)}", flush=True)
-        trainer.train()
-        results[leg] = {0: student_before, **callback.points}
+        train_output = trainer.train()
+        tokens_per_step = trainer.args.per_device_train_batch_size * data_args.max_length
+        results[leg] = {0: student_before, **{s * tokens_per_step: ppl for s, ppl in callback.points.items()}}
         results[f"{leg}_seconds"] = time.perf_counter() - leg_start
-        for steps, ppl in callback.points.items():
-            print(f"{leg}: {steps} steps {_fmt(ppl)} {_fmt(_recovery(results, ppl), '%')}", flush=True)
+        results[f"{leg}_train_runtime"] = train_output.metrics["train_runtime"] - callback.seconds  # no evaluations
+        for tokens, ppl in results[leg].items():
+            print(f"{leg}: {tokens:,} tokens {_fmt(ppl)} {_fmt(_recovery(results, ppl), '%')}", flush=True)
 
     report = _report(results, legs)
     print("\n" + report)
@@ -206,10 +218,16 @@ def main(argv=None) -> dict:
     return results
 
 
-def _common_args(budgets: list[int]) -> dict:
+def _steps(budgets: list[int], tokens_per_step: int) -> list[int]:
+    """The optimizer steps at which each token budget is reached."""
+    if any(budget % tokens_per_step for budget in budgets):
+        raise ValueError(f"Every budget must be a multiple of {tokens_per_step} tokens (one step), got {budgets}.")
+    return [budget // tokens_per_step for budget in budgets]
+
+
+def _common_args(steps: list[int]) -> dict:
     return dict(
-        per_device_train_batch_size=BATCH,
-        max_steps=max(budgets),
+        max_steps=max(steps),
         logging_steps=5,
         save_strategy="no",
         report_to="none",
@@ -229,33 +247,28 @@ def _fmt(values: dict[str, float], unit: str = "") -> str:
 
 def _report(results: dict, legs) -> str:
     splits = list(results["teacher"])
-    header = ["recipe", "steps", "tokens"] + [f"{s} {c}" for s in splits for c in ("PPL", "recovery")]
+    header = ["recipe", "tokens"] + [f"{s} {c}" for s in splits for c in ("PPL", "recovery")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for leg in legs:
-        for steps, ppl in results[leg].items():
+        for tokens, ppl in results[leg].items():
             rec = _recovery(results, ppl)
-            cells = [leg, str(steps), f"{steps * results['tokens_per_step']:,}"]
-            cells += [f"{ppl[s]:.2f} | {rec[s]:.1f}%" for s in splits]
+            cells = [leg, f"{tokens:,}"] + [f"{ppl[s]:.2f} | {rec[s]:.1f}%" for s in splits]
             lines.append("| " + " | ".join(cells) + " |")
     pruned = f"pruned (blocks {results['naive_removed']}) {_fmt(results['pruned'])}"
     text = f"Teacher {_fmt(results['teacher'])}; {pruned}.\n\n" + "\n".join(lines)
+    for leg in legs:
+        text += f"\n{leg}: training {results[f'{leg}_train_runtime']:.0f} s (evaluations excluded)."
     if set(legs) == {"naive", "recommended"}:
         last = max(results["budgets"])
         goal = _recovery(results, results["naive"][last])
         for split in splits:
-            reached = [
-                steps
-                for steps, ppl in sorted(results["recommended"].items())
-                if _recovery(results, ppl)[split] >= goal[split]
-            ]
-            where = (
-                f"by {reached[0]} steps ({reached[0] * results['tokens_per_step']:,} tokens)"
-                if reached
-                else "not within the budgets measured"
-            )
-            text += (
-                f"\nRecommended reaches the naive recipe's {last}-step {split} recovery ({goal[split]:.1f}%) {where}."
-            )
+            curve = [(tokens, _recovery(results, ppl)[split]) for tokens, ppl in results["recommended"].items()]
+            reached = tokens_to_reach(curve, goal[split])
+            where = "not within the budgets measured" if reached is None else f"by {reached:,} tokens"
+            goal_text = f"{last:,}-token {split} recovery ({goal[split]:.1f}%)"
+            text += f"\nRecommended reaches the naive recipe's {goal_text} {where}."
+        ratio = results["recommended_train_runtime"] / results["naive_train_runtime"]
+        text += f"\nrecommended/naive training time: {ratio:.2f}"
     return text
 
 

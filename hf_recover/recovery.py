@@ -15,6 +15,7 @@ from .config import DistillationConfig
 from .evaluation import count_parameters, evaluate_perplexity, recovery_metrics
 from .reporting import before_after_table, format_parameters, format_percent
 
+_BATCH = "per_device_train_batch_size"
 STRATEGIES: dict[str, dict[str, Any]] = {
     # The strategy lab's recovery recipes (DistillationConfig fields). T = 2 throughout.
     "ce_only": {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0},
@@ -22,7 +23,8 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "compound": {"alpha": 0.5, "beta": 0.5, "gamma": 0.1, "delta": 0.0, "divergence": "forward_kl"},
     "skew_fdd": {"alpha": 0.5, "beta": 0.5, "gamma": 0.0, "delta": 0.1, "divergence": "skew_forward_kl",
                  "skew_lambda": 0.1},
-    "recommended": DistillationConfig.DEPTH_RECOVERY_RECIPE,
+    # the recipe's loss and optimizer, at the lab's batch size (every strategy gets the same tokens)
+    "recommended": {k: v for k, v in DistillationConfig.DEPTH_RECOVERY_RECIPE.items() if k != _BATCH},
 }  # fmt: skip
 """Named recovery strategies: CE only, logits KD, compound (CE + KD + hidden alignment), skew KL + FDD, and the
 recommended recipe (`DistillationConfig.for_depth_recovery()`, its optimizer settings included)."""
@@ -195,19 +197,23 @@ def run_recovery(
 
 class RecoveryCurve(TrainerCallback):
     """Perplexity of the model in training on every split at chosen optimizer steps: the points of a curve of
-    recovery against training tokens (`points[step] = {split: perplexity}`)."""
+    recovery against training tokens (`points[step] = {split: perplexity}`; `seconds`: the time they took, which
+    the Trainer's `train_runtime` includes)."""
 
     def __init__(self, steps, eval_splits: dict[str, Any], *, batch_size: int = 8, max_batches: int | None = None):
         self.steps, self.eval_splits = set(steps), eval_splits
         self.batch_size, self.max_batches = batch_size, max_batches
         self.points: dict[int, dict[str, float]] = {}
+        self.seconds = 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps and state.global_step not in self.points:
+            start = time.perf_counter()
             scores = evaluate_splits(
                 {"model": model}, self.eval_splits, batch_size=self.batch_size, max_batches=self.max_batches
             )
             self.points[state.global_step] = {split: by_model["model"] for split, by_model in scores.items()}
+            self.seconds += time.perf_counter() - start
 
 
 def curve_steps(max_steps: int, points: int) -> list[int]:

@@ -148,7 +148,7 @@ def test_compare_lab_measures_every_row_against_the_first_pruning(workspace):
     reference = rows[0]["validation"]
     for row in rows:
         figures = row["validation"]
-        assert [tokens for tokens, _ in figures["curve"]] == [0, 2 * 4 * 32, 4 * 4 * 32]  # before, 2 and 4 steps
+        assert [tokens for tokens, _ in figures["curve"]] == [0, 2 * 2 * 32, 4 * 2 * 32]  # before, 2 and 4 steps of 2 x 32
         teacher, pruned, recovered = figures["teacher"], reference["pruned"], figures["recovered"]
         expected = 100 * (pruned - recovered) / (pruned - teacher)  # by hand, against the first row's pruned PPL
         assert figures["curve"][-1][1] == pytest.approx(expected)
@@ -330,7 +330,7 @@ def test_demo_and_recover_train_with_the_depth_recovery_preset(command):
     assert data_args.calibration_blocks == 64  # enough tokens for the healing maps
     if command == "demo":  # the angular span, healed: the best measured starting point
         assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "angular", "n": 6, "heal": "lstsq"}
-        assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (60, 4, 256)
+        assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (120, 2, 256)
     # a flag still overrides the preset
     _, _, changed = parser.parse_args_into_dataclasses(["--learning_rate", "3e-5", "--gamma", "0"])
     assert (changed.learning_rate, changed.gamma) == (3e-5, 0.0)
@@ -353,7 +353,8 @@ def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspac
 
     ws = workspace
     common = ["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "logits_kd",
-              "compound", "--n_remove", "2", "--max_steps", "2", "--curve_points", "1", *data_flags(ws), "--use_cpu"]  # fmt: skip
+              "compound", "--n_remove", "2", "--max_steps", "2", "--curve_points", "1", "--use_cpu",
+              *data_flags(ws)]  # fmt: skip
     cli([*common, "--output_dir", str(ws / "cached"), "--cache_top_k", "320"])  # top_k = the whole vocabulary
     cli([*common, "--output_dir", str(ws / "online"), "--cache_teacher", "false"])  # fmt: skip
     cached = json.loads((ws / "cached" / "results.json").read_text())
@@ -361,7 +362,7 @@ def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspac
     assert [r["teacher"] for r in cached] == ["cache", "online"]  # compound compares hidden states: online
     assert [r["teacher"] for r in online] == ["online", "online"]
     cache = load_teacher_cache(ws / "cached" / "teacher-cache")
-    assert cache.metadata["num_rows"] == 2 * 4  # the rows the budget consumes: 2 steps of 4
+    assert cache.metadata["num_rows"] == 2 * 2  # the rows the budget consumes: 2 steps of 2
     assert cache.temperatures == (2.0,)
     for c, o in zip(cached, online, strict=True):  # a full-vocabulary cache (float16 log-probs) = online KD
         assert c["validation"]["recovered"] == pytest.approx(o["validation"]["recovered"], rel=1e-3)

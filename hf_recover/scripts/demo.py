@@ -1,13 +1,13 @@
 """`hf-recover demo`: the README's main job, on the embedded default, in one command.
 
     hf-recover demo                      # about 15 minutes on 2 CPU cores
-    hf-recover demo --max_steps 200      # any `hf-recover recover` flag works
+    hf-recover demo --max_steps 240      # any `hf-recover recover` flag works
 
 It takes SmolLM2-135M-Instruct (30 blocks) and the default offline corpus, finds on 64 calibration blocks of
 256 tokens the 6 contiguous blocks whose input and output are closest in angular distance (Gromov et al., 2024),
 removes them (20%), heals the cut with a least-squares map folded into the block before it (ReplaceMe,
 Shopkhoev et al., 2025), recovers the 24-block student with `DistillationConfig.for_depth_recovery()` for
-60 steps of 4 × 256 tokens, and prints teacher / pruned /
+120 steps of 2 × 256 tokens (61,440 tokens), and prints teacher / pruned /
 recovered perplexity on `validation` and `ood` (a domain never trained on), recovery %, retention,
 parameters and wall time. The recovered model folder (weights, tokenizer, `pruned_config.json`, model
 card) and `loss_curve.png` go to `outputs/demo`.
@@ -28,7 +28,7 @@ DEMO_DEFAULTS = {
     "max_length": 256,
     "max_train_documents": 400,
     **DistillationConfig.DEPTH_RECOVERY_RECIPE,
-    "max_steps": 60,
+    "max_steps": 120,
 }
 
 

@@ -57,9 +57,8 @@ class RecoverArguments:
 
 RECOVER_DEFAULTS = {
     "output_dir": "outputs/recovered",
-    **DistillationConfig.DEPTH_RECOVERY_RECIPE,  # the recommended recipe: loss weights and optimizer settings
-    "per_device_train_batch_size": 4,
-    "max_steps": 60,
+    **DistillationConfig.DEPTH_RECOVERY_RECIPE,  # the recommended recipe: loss, optimizer, batches of 2
+    "max_steps": 120,
     "logging_steps": 5,
     "save_strategy": "no",
     "report_to": "none",
