@@ -148,7 +148,7 @@ def test_compare_lab_measures_every_row_against_the_first_pruning(workspace):
     reference = rows[0]["validation"]
     for row in rows:
         figures = row["validation"]
-        assert [tokens for tokens, _ in figures["curve"]] == [0, 2 * 2 * 32, 4 * 2 * 32]  # before, 2 and 4 steps of 2 x 32
+        assert [tokens for tokens, _ in figures["curve"]] == [0, 2 * 2 * 32, 4 * 2 * 32]  # 0, 2, 4 steps of 2 x 32
         teacher, pruned, recovered = figures["teacher"], reference["pruned"], figures["recovered"]
         expected = 100 * (pruned - recovered) / (pruned - teacher)  # by hand, against the first row's pruned PPL
         assert figures["curve"][-1][1] == pytest.approx(expected)
@@ -158,6 +158,7 @@ def test_compare_lab_measures_every_row_against_the_first_pruning(workspace):
         assert figures["tokens_to_reach"] == 0  # every point is above -1000 %
     assert rows[0]["validation"]["curve"][0][1] == 0.0
     assert "tokens to -1000%" in (ws / "lab" / "results.md").read_text()
+    assert (ws / "lab" / "recovery_curves_remove_3_4_heal_lstsq.png").is_file()  # the spec, as a file name
 
 
 def test_output_folder_is_never_overwritten_without_asking(workspace):
@@ -355,8 +356,8 @@ def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspac
     common = ["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "logits_kd",
               "compound", "--n_remove", "2", "--max_steps", "2", "--curve_points", "1", "--use_cpu",
               *data_flags(ws)]  # fmt: skip
-    cli([*common, "--output_dir", str(ws / "cached"), "--cache_top_k", "320"])  # top_k = the whole vocabulary
-    cli([*common, "--output_dir", str(ws / "online"), "--cache_teacher", "false"])  # fmt: skip
+    cli([*common, "--output_dir", str(ws / "cached"), "--cache_teacher", "--cache_top_k", "320"])  # the vocabulary
+    cli([*common, "--output_dir", str(ws / "online")])  # fmt: skip
     cached = json.loads((ws / "cached" / "results.json").read_text())
     online = json.loads((ws / "online" / "results.json").read_text())
     assert [r["teacher"] for r in cached] == ["cache", "online"]  # compound compares hidden states: online
