@@ -1,7 +1,7 @@
 """`hf-recover cache`: run the teacher once over the training data and store its top-k distributions.
 
     hf-recover cache --teacher default --output_dir out/teacher-cache --top_k 64
-    hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache
+    hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache --gamma 0
     torchrun --nproc_per_node 4 -m hf_recover.cli cache --teacher default --output_dir out/teacher-cache
 
 The training data is prepared exactly as `hf-recover recover` prepares it (same `--dataset`, `--max_length`,

@@ -4,7 +4,7 @@
     hf-recover recover --teacher default --prune importance:6 --output_dir out/recovered --max_steps 120 --gamma 0
     hf-recover recover --teacher default --student out/student --output_dir out/recovered
     hf-recover recover --config recover.yaml
-    hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache
+    hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache --gamma 0
 
 The student is a pruned model folder (`--student`, with its `pruned_config.json`) or is pruned from the
 teacher here (`--prune`, see `hf-recover prune --help` for the spec). Teacher, pruned and recovered
@@ -12,7 +12,8 @@ perplexity are measured on `validation` (and `ood` when known) before and after.
 the recovered model, tokenizer, `pruned_config.json`, a model card, `results.json`, `results.md` and
 `loss_curve.png`. Training follows `DistillationConfig.for_depth_recovery()` unless flags say otherwise: every
 `DistillationConfig` / `TrainingArguments` flag works (`--learning_rate`, `--alpha`, ...).
-With `--teacher_cache` (from `hf-recover cache` on the same data), KD reads the cached top-k teacher
+With `--teacher_cache` (from `hf-recover cache` on the same data; `--gamma 0`, since a cache holds no hidden states for
+the preset's alignment term), KD reads the cached top-k teacher
 distributions and the teacher runs only for the before/after perplexities.
 """
 
