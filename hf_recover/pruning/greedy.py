@@ -4,8 +4,7 @@ distribution least (forward KL to the unpruned model on calibration data), re-sc
 One-shot scores (block influence, angular distance) rank every block against the full model, so they miss how
 removals interact: two neighbouring blocks may each be harmless alone and costly together. Re-scoring after each
 removal sees the interaction, at the price of `n × blocks` calibration forwards instead of one (on SmolLM2-135M with
-6 blocks to remove and 16 × 256 calibration tokens: about 18 minutes on 2 CPU cores). Close in spirit to the
-iterative layer pruning studied by Kim et al. ("Shortened LLaMA", 2024), which re-scores after each removal.
+6 blocks to remove and 16 × 256 calibration tokens: about 18 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
