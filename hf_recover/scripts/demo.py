@@ -1,6 +1,6 @@
 """`hf-recover demo`: the README's main job, on the embedded default, in one command.
 
-    hf-recover demo                      # about 15 minutes on 2 CPU cores
+    hf-recover demo                      # about 8 minutes on 2 CPU cores
     hf-recover demo --max_steps 240      # any `hf-recover recover` flag works
 
 It takes SmolLM2-135M-Instruct (30 blocks) and the default offline corpus, finds on 64 calibration blocks of
