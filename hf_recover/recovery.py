@@ -232,52 +232,58 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> int | None
 def plot_recovery_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path) -> Path:
     """Recovery % against training tokens, one line per run (`curves[run][split] = [(tokens, recovery %)]`),
     one panel per split, to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     splits = sorted({split for by_split in curves.values() for split in by_split})
     if not splits:
         raise ValueError("No recovery curve to plot.")
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 3.8), squeeze=False)
-    for ax, split in zip(axes[0], splits):
-        for name, by_split in curves.items():
-            if by_split.get(split):
-                ax.plot(*zip(*sorted(by_split[split])), label=name, marker=".")
-        ax.set_title(f"{split} recovery")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("recovery %")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    panels = {
+        f"{split} recovery": {
+            name: sorted(by_split[split]) for name, by_split in curves.items() if by_split.get(split)
+        }
+        for split in splits
+    }
+    return _save_panels(panels, path, xlabel="training tokens", ylabel="recovery %", size=(5.5, 3.8), legend_size=7)
 
 
 def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path, *, keys=("loss", "ce", "kd")) -> Path:
     """Plot training-log curves (Trainer `log_history` per run) to a PNG: one panel per logged key."""
+    keys = [k for k in keys if any(k in entry for history in curves.values() for entry in history)]
+    if not keys:
+        raise ValueError("The log histories hold none of the keys to plot; set logging_steps so the trainer logs.")
+    panels = {}
+    for key in keys:
+        points = {
+            name: [(e["step"], e[key]) for e in history if key in e and "step" in e]
+            for name, history in curves.items()
+        }
+        panels[key] = {name: run for name, run in points.items() if run}
+    return _save_panels(panels, path, xlabel="step", size=(5, 3.6), legend_size=8)
+
+
+def _save_panels(
+    panels: dict[str, dict[str, list[tuple[float, float]]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str | None = None,
+    size: tuple[float, float],
+    legend_size: int,
+) -> Path:
+    """One PNG, a panel per `panels` entry (its title), a line per run in it: `panels[title][run] = [(x, y), ...]`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in keys if any(k in entry for history in curves.values() for entry in history)]
-    if not keys:
-        raise ValueError("The log histories hold none of the keys to plot; set logging_steps so the trainer logs.")
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for name, history in curves.items():
-            points = [(e["step"], e[key]) for e in history if key in e and "step" in e]
-            if points:
-                ax.plot(*zip(*points), label=name, marker=".")
-        ax.set_title(key)
-        ax.set_xlabel("step")
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels.items()):
+        for name, points in runs.items():
+            ax.plot(*zip(*points), label=name, marker=".")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=legend_size)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
