@@ -14,6 +14,8 @@ from ..evaluation import count_parameters
 from ..pruned_config import PrunedConfig
 
 MLP_SIZES_FIELD = "hf_recover_intermediate_sizes"
+PER_LAYER_CONFIG_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", MLP_SIZES_FIELD)
+"""Config fields holding one entry per block; sliced by the kept block indices."""
 """Config field holding per-layer MLP sizes when they differ (transformers takes a single int)."""
 
 ATTENTION_HEADS_FIELD = "hf_recover_attention_heads"

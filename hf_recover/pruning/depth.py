@@ -9,16 +9,20 @@ import torch
 from torch import nn
 
 from ..pruned_config import PrunedConfig
-from ._model import MLP_SIZES_FIELD, base_pruned_config, check_supported, decoder_layers, describe_data, finish_pruning
+from ._model import (
+    PER_LAYER_CONFIG_FIELDS,
+    base_pruned_config,
+    check_supported,
+    decoder_layers,
+    describe_data,
+    finish_pruning,
+)
 from .greedy import greedy_block_removal
 from .healing import check_heal, heal_cuts, teacher_targets
 from .importance import _block_scores, check_layer_indices
 
 DEPTH_METHODS = ("importance", "angular", "greedy", "last")
 _SCORE_FOR_METHOD = {"importance": "block_influence", "angular": "angular"}
-
-# Config fields holding one entry per block; sliced by the kept block indices.
-_PER_LAYER_CONFIG_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", MLP_SIZES_FIELD)
 
 
 def prune_depth(
@@ -178,7 +182,7 @@ def remove_blocks(model: nn.Module, kept: list[int]) -> None:
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
 
-    for name in _PER_LAYER_CONFIG_FIELDS:
+    for name in PER_LAYER_CONFIG_FIELDS:
         values = getattr(config, name, None)
         if isinstance(values, list | tuple) and len(values) == len(layers):
             setattr(config, name, [values[i] for i in kept])

@@ -19,9 +19,8 @@ from tqdm.auto import tqdm
 
 from ..constants import IGNORE_INDEX
 from ..data import iter_batches, num_batches
-from ._model import decoder_layers, model_device
-
-_PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers")
+from ..losses import forward_kl
+from ._model import PER_LAYER_CONFIG_FIELDS, decoder_layers, model_device
 
 
 @contextlib.contextmanager
@@ -30,12 +29,12 @@ def only_blocks(model: nn.Module, kept: list[int]) -> Iterator[nn.Module]:
     config entries are swapped and restored). Forwards must pass `use_cache=False`: block indices are not
     renumbered."""
     config, layers = model.config, decoder_layers(model)
-    names = ("num_hidden_layers", *_PER_LAYER_FIELDS)
+    names = ("num_hidden_layers", *PER_LAYER_CONFIG_FIELDS)
     saved = {name: getattr(config, name) for name in names if hasattr(config, name)}
     try:
         model.model.layers = nn.ModuleList([layers[i] for i in kept])
         config.num_hidden_layers = len(kept)
-        for name in _PER_LAYER_FIELDS:
+        for name in PER_LAYER_CONFIG_FIELDS:
             values = saved.get(name)
             if isinstance(values, list | tuple) and len(values) == len(layers):
                 setattr(config, name, [values[i] for i in kept])
@@ -75,11 +74,12 @@ def greedy_block_removal(
                 ids = batch["input_ids"]
                 mask = batch.get("attention_mask", torch.ones_like(ids))
                 labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-                reference = _log_probs(model, ids, mask)
+                reference = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 for block in kept:
                     with only_blocks(model, [k for k in kept if k != block]):
-                        candidate = _log_probs(model, ids, mask)
-                    totals[block] += _kl_sum(reference, candidate, labels)
+                        candidate = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    # summed over the valid next-token positions (num_items_in_batch=1), as the evaluation loop does
+                    totals[block] += forward_kl(candidate, reference, labels, num_items_in_batch=1).item()
                 tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
                 sequences += ids.shape[0]
             if tokens == 0:
@@ -90,15 +90,3 @@ def greedy_block_removal(
     finally:
         model.train(was_training)
     return sorted(block for block, _ in path), [kl for _, kl in path], tokens, sequences
-
-
-def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _kl_sum(reference: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor) -> float:
-    """Σ over valid next-token positions of KL(reference ‖ candidate), from log-probabilities `(B, T-1, V)`."""
-    valid = labels[:, 1:] != IGNORE_INDEX
-    kl = (reference.exp() * (reference - candidate)).sum(-1)
-    return float(kl[valid].double().sum())
