@@ -164,7 +164,8 @@ def main(argv=None) -> dict:
         leg_start = time.perf_counter()
         if leg == "naive":
             student, config = naive_student, None
-            steps = _steps(args.budgets, NAIVE_BATCH * data_args.max_length)
+            tokens_per_step = NAIVE_BATCH * data_args.max_length
+            steps = _steps(args.budgets, tokens_per_step)
             training = TrainingArguments(
                 output_dir="/tmp/recovery_quality/naive", learning_rate=NAIVE_LR, lr_scheduler_type="constant",
                 per_device_train_batch_size=NAIVE_BATCH, **_common_args(steps),
@@ -178,13 +179,11 @@ def main(argv=None) -> dict:
             spec = parse_prune_spec(args.prune or DEMO_DEFAULTS["prune"])
             student, config = build_student(teacher, spec, data=calibration)
             student_before = evaluate(student)
-            batch = (
-                args.overrides.get("per_device_train_batch_size")
-                or DistillationConfig.for_depth_recovery(
-                    output_dir="/tmp/recovery_quality/recommended"
-                ).per_device_train_batch_size
+            batch = args.overrides.get(
+                "per_device_train_batch_size", DistillationConfig.DEPTH_RECOVERY_RECIPE["per_device_train_batch_size"]
             )
-            steps = _steps(args.budgets, batch * data_args.max_length)
+            tokens_per_step = batch * data_args.max_length
+            steps = _steps(args.budgets, tokens_per_step)
             recipe = DistillationConfig.for_depth_recovery(
                 output_dir="/tmp/recovery_quality/recommended", **{**_common_args(steps), **args.overrides}
             )
@@ -203,7 +202,6 @@ def main(argv=None) -> dict:
             results["overrides"] = args.overrides
         print(f"{leg}: before training {_fmt(student_before)}", flush=True)
         train_output = trainer.train()
-        tokens_per_step = trainer.args.per_device_train_batch_size * data_args.max_length
         results[leg] = {0: student_before, **{s * tokens_per_step: ppl for s, ppl in callback.points.items()}}
         results[f"{leg}_seconds"] = time.perf_counter() - leg_start
         results[f"{leg}_train_runtime"] = train_output.metrics["train_runtime"] - callback.seconds  # no evaluations
