@@ -802,12 +802,23 @@ def capped(logits, softcap):
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
+def automatic_blocks_of_several_chunks(monkeypatch, vocab: int) -> None:
+    """Automatic chunks of 5 positions and lm_head blocks of 17: blocks span several chunks, and rows."""
+    from hf_recover.losses import chunking
+
+    monkeypatch.setattr(chunking, "CPU_CHUNK_ELEMENTS", 5 * vocab)
+    monkeypatch.setattr(chunking, "HEAD_BLOCK_TOKENS", 17)
+
+
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("softcap", [None, 2.5], ids=["plain", "softcap"])
+@pytest.mark.parametrize("blocks", [False, True], ids=["chunk-per-block", "blocks-of-chunks"])
 @DENSITIES
-def test_distillation_loss_from_lm_heads_equals_the_logits_path(name, params, softcap, ignore):
+def test_distillation_loss_from_lm_heads_equals_the_logits_path(name, params, softcap, blocks, ignore, monkeypatch):
     from hf_recover.losses import LMHeadInputs
 
+    if blocks:
+        automatic_blocks_of_several_chunks(monkeypatch, 61)
     torch.manual_seed(0)
     states, weight, bias, _, _ = make_fused_inputs(3, 29, 16, 61, bias=True)
     labels = make_inputs(3, 29, 61, ignore=ignore)[2]
@@ -823,7 +834,7 @@ def test_distillation_loss_from_lm_heads_equals_the_logits_path(name, params, so
         LMHeadInputs(*head_leaves, softcap=softcap),
         LMHeadInputs(teacher_states, teacher_weight, softcap=softcap),
         labels,
-        **kwargs,
+        **{**kwargs, "chunk_size": None if blocks else 7},
     )
     got.loss.backward()
     for field in ("loss", "ce", "kd"):
@@ -850,8 +861,10 @@ def test_tied_lm_head_gets_both_gradients():
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
 
 
-def test_no_logits_sized_tensor_with_lm_heads_on_both_sides():
-    """Neither the student's nor the teacher's (tokens, vocab) logits, nor their gradient, ever exist whole."""
+@pytest.mark.parametrize("blocks", [False, True], ids=["chunks-of-8", "blocks-of-17"])
+def test_no_logits_sized_tensor_with_lm_heads_on_both_sides(blocks, monkeypatch):
+    """Neither the student's nor the teacher's (tokens, vocab) logits, nor their gradient, ever exist whole: at most
+    one chunk of them, or one lm_head block with automatic chunks."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -875,12 +888,18 @@ def test_no_logits_sized_tensor_with_lm_heads_on_both_sides():
                     self.largest = max(self.largest, t.untyped_storage().nbytes())
             return out
 
+    if blocks:
+        automatic_blocks_of_several_chunks(monkeypatch, 50)
+    rows = 17 if blocks else 8
     with LargestAllocation() as recorder:
         distillation_loss(
-            LMHeadInputs(states, weight), LMHeadInputs(teacher_states, teacher_weight), labels, chunk_size=8
+            LMHeadInputs(states, weight),
+            LMHeadInputs(teacher_states, teacher_weight),
+            labels,
+            chunk_size=None if blocks else 8,
         ).loss.backward()
-    # One float32 chunk of logits, or the hidden states' gradient; the logits would be 16x a chunk.
-    assert recorder.largest <= max(8 * 50, states.numel()) * 4
+    # One float32 block of logits, or the hidden states' gradient; the logits would be 128 rows.
+    assert recorder.largest <= max(rows * 50, states.numel()) * 4
     assert states.grad.abs().max() > 0 and weight.grad.abs().max() > 0
 
 

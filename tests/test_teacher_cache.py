@@ -141,6 +141,29 @@ def test_fused_ce_and_cached_kd_equal_their_sum():
     torch.testing.assert_close(fused_input.grad, split_input.grad)
 
 
+def test_a_student_lm_head_in_blocks_of_chunks_against_a_cache(monkeypatch):
+    """The fused lm_head's path with a cached teacher: the student's logits computed per block of 17 positions, the
+    loss walked in chunks of 5, equal to the loss and gradients through the student's whole logits."""
+    from hf_recover.losses import LMHeadInputs, chunking
+
+    monkeypatch.setattr(chunking, "CPU_CHUNK_ELEMENTS", 5 * 13)
+    monkeypatch.setattr(chunking, "HEAD_BLOCK_TOKENS", 17)
+    _, teacher, labels = _random_case(batch=3, length=19)
+    cached = _top_k_teacher(teacher, 4, 2.0)
+    generator = torch.Generator().manual_seed(1)
+    states, weight = torch.randn(3, 19, 6, generator=generator), torch.randn(13, 6, generator=generator)
+    leaves = [t.clone().requires_grad_() for t in (states, weight)]
+    head_leaves = [t.clone().requires_grad_() for t in (states, weight)]
+    kwargs = dict(ce_weight=0.5, kd_weight=2.0, temperature=2.0)
+    want = distillation_loss(F.linear(*leaves), cached, labels, chunk_size=57, **kwargs)  # one chunk, no blocks
+    got = distillation_loss(LMHeadInputs(*head_leaves), cached, labels, **kwargs)
+    want.loss.backward()
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss)
+    for head_leaf, leaf in zip(head_leaves, leaves):
+        torch.testing.assert_close(head_leaf.grad, leaf.grad)
+
+
 def test_top_k_teacher_shapes_and_ids_are_checked():
     student, teacher, labels = _random_case()
     cached = _top_k_teacher(teacher, 4, 1.0)

@@ -46,6 +46,7 @@ from .chunking import (
     TeacherTopK,
     chunked_loss,
     compute_dtype,
+    default_block_size,
     default_chunk_size,
 )
 from .kernels import (
@@ -190,12 +191,14 @@ def _run(
         _check_targets(targets, student.vocab)
     num_valid = targets.ne(IGNORE_INDEX).sum()
     scale = token_normaliser(num_valid, num_items_in_batch, student.device, compute_dtype(student.dtype))
+    chunk = chunk_size or default_chunk_size(student.vocab, student.device)
     spec = LossSpec(
         kernel=kernel,
         temperature=float(temperature),
-        chunk_size=chunk_size or default_chunk_size(student.vocab, student.device),
+        chunk_size=chunk,
         kd_weight=weights[0],
         ce_weight=weights[1],
+        block_size=None if chunk_size else default_block_size(chunk, student, teacher),  # a given size bounds all
     )
     return chunked_loss(spec, student, teacher, targets, scale)
 
