@@ -3,7 +3,8 @@
 Variants on the same student, teacher and rows, each in a fresh subprocess (so that each peak RSS is its own):
     (a) plain `Trainer`, cross-entropy on the student;
     (b) `DistillationTrainer`, 0.5·CE + 0.5·T²·forward KL (T = 2), the teacher run online;
-    (c) `DistillationTrainer`, the same loss from a teacher cache at `--top_k` (no teacher in memory);
+    (c) `DistillationTrainer`, the same loss from a teacher cache at `--top_k` with `--tail-samples` tail samples
+        (no teacher in memory);
     (t) the teacher's forward pass alone (no_grad), batch by batch, for the build throughput.
 and, once before them, the cache build itself (`hf_recover.cache_teacher_outputs`).
 
@@ -15,7 +16,8 @@ fingerprint of the teacher's weights. The lines `cached/plain CE step ratio: R` 
 printed as such. Then, on real text (the default corpus, not `--tiny`), the error of the cached KD term against the
 full-vocabulary one for each divergence at T = 1 and T = 2: relative error of the value, cosine and norm ratio of
 the gradients.
-`--quality` adds the demo protocol's recovery from the cache against online KD.
+`--quality` adds the demo protocol's recovery (validation and `ood`) of online KD, of KD from the top-k cache with
+the tail as one bucket, and of KD from the same cache with its tail samples.
 
 Defaults: the embedded SmolLM2-135M-Instruct teacher (30 blocks), the student with blocks [3, 12, 13, 14, 15, 17]
 removed (24 blocks), batch 4 × 256 tokens, fp32, AdamW. `--tiny` runs tiny random models for a smoke test.
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from step_overhead import REMOVED_BLOCKS, StepTimer, prepare_models, step_arguments
@@ -54,6 +57,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--tail-samples", type=int, default=16, help="tail tokens sampled per position")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per variant, warm-up included")
     parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the median")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -73,6 +77,7 @@ def parse_args(argv=None):
 
 def run_variant(variant: str, args, models: Path) -> dict:
     command = [sys.executable, __file__, "--variant", variant, "--models", str(models), "--top-k", str(args.top_k)]
+    command += ["--tail-samples", str(args.tail_samples)]
     command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.threads:
@@ -114,7 +119,7 @@ def main(argv=None) -> None:
         "tiny random models" if args.tiny else f"SmolLM2-135M-Instruct teacher, 24-block student (-{REMOVED_BLOCKS})"
     )
     print(
-        f"\n{what}; batch {args.batch} × {args.seq_len}; top_k {args.top_k}; "
+        f"\n{what}; batch {args.batch} × {args.seq_len}; top_k {args.top_k} + {args.tail_samples} tail samples; "
         f"{args.rounds} round(s) of {args.steps} steps"
     )
     print(f"{'variant':<46} {'s/step':>8} {'peak RSS':>10}")
@@ -145,11 +150,12 @@ def main(argv=None) -> None:
                 f"{row['relative_error']:>10.2%} {row['gradient_cosine']:>12.5f} {row['gradient_norm_ratio']:>16.3f}"
             )
     if quality is not None:
-        for name, figure in quality.items():
-            print(f"recovery (validation) {name}: {figure:.1f} %")
-        print(
-            f"recovery difference cache - online: {quality['cache'] - quality['online']:+.2f} points (target |.| <= 1)"
-        )
+        print(f"recovery in the demo protocol, {4 * args.quality_steps * 256:,} tokens (validation / ood):")
+        for name, figures in quality.items():
+            print(f"  {name:<34} {figures['validation']:6.1f} % / {figures['ood']:6.1f} %")
+        for name in ("top-k cache", "top-k cache + tail samples"):
+            gaps = [quality[name][split] - quality["online"][split] for split in ("validation", "ood")]
+            print(f"recovery difference {name} - online: {gaps[0]:+.2f} / {gaps[1]:+.2f} points (target |.| <= 1)")
     print(f"total wall time {time.perf_counter() - started:.0f} s")
 
 
@@ -185,14 +191,16 @@ def measure(args) -> dict:
     if args.variant == "build":
         started = time.perf_counter()
         cache_teacher_outputs(
-            teacher, rows, cache_dir, top_k=args.top_k, batch_size=args.batch, show_progress=False, overwrite=True
-        )
+            teacher, rows, cache_dir, top_k=args.top_k, tail_samples=args.tail_samples, batch_size=args.batch,
+            show_progress=False, overwrite=True,
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         fingerprint_started = time.perf_counter()
         weights_fingerprint(teacher)
         metadata = load_teacher_cache(cache_dir).metadata
         ids_bytes = 2 if metadata["token_id_dtype"] == "uint16" else 4
         teacher_bytes = args.top_k * (ids_bytes + 2) + 4 * len(metadata["temperatures"])
+        teacher_bytes += args.tail_samples * (ids_bytes + 2 + 1)
         return {
             **result,
             "seconds": seconds,
@@ -278,35 +286,47 @@ def measure_kd_error(args, models: Path) -> list[dict]:
     return errors
 
 
-def measure_quality(args, models: Path) -> dict[str, float]:
-    """The demo protocol (default corpus, 32 packed 512-token blocks, AdamW 1e-4 constant, batch 4 × 256 tokens):
-    validation recovery % of online KD and of KD from a top-k cache, at the same number of steps."""
+def measure_quality(args, models: Path) -> dict[str, dict[str, float]]:
+    """The demo protocol (default corpus, packed 256-token blocks, AdamW 1e-4 constant, batch 4 × 256 tokens,
+    0.5·CE + 0.5·T²·forward KL at T = 2): recovery % (validation and ood) of online KD, of KD from the top-k cache
+    with the tail as one bucket, and from the same cache with its tail samples, at the same number of steps."""
     from hf_recover import DistillationConfig, cache_teacher_outputs, load_teacher_cache
     from hf_recover.data import prepare_recovery_dataset
     from hf_recover.loading import load_model
     from hf_recover.recovery import run_recovery
     from hf_recover.scripts.arguments import DataArguments, load_text_splits, prepare_eval_splits
+    from hf_recover.teacher_cache import tail_sample_columns
 
     teacher, tokenizer = load_model("default")
     data_args = DataArguments(max_length=256)
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=256)
     train = train.select(range(min(4 * args.quality_steps, len(train))))
-    eval_splits = {"validation": prepare_eval_splits(splits, tokenizer, data_args)["validation"]}
+    eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
     cache_dir = models / "quality-cache"
-    cache_teacher_outputs(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer, overwrite=True)
+    cache_teacher_outputs(
+        teacher, train, cache_dir, top_k=args.top_k, tail_samples=args.tail_samples, tokenizer=tokenizer,
+        overwrite=True,
+    )  # fmt: skip
     cache = load_teacher_cache(cache_dir, tokenizer=tokenizer, dataset=train, temperature=2.0)
+    bucket_only = replace(
+        cache, dataset=cache.dataset.remove_columns(list(tail_sample_columns(cache.dataset.column_names)))
+    )
+    runs = {"online": None, "top-k cache": bucket_only, "top-k cache + tail samples": cache}
     figures = {}
-    for name, teacher_cache in (("online", None), ("cache", cache)):
+    for name, teacher_cache in runs.items():
         student, _ = load_model(str(models / "student"))
         config = DistillationConfig(
-            output_dir=str(models / f"quality-{name}"),
+            output_dir=str(models / f"quality-{name.replace(' ', '-')}"),
             report_to="none",
             use_cpu=True,
             per_device_train_batch_size=4,
             max_steps=args.quality_steps,
             learning_rate=1e-4,
             lr_scheduler_type="constant",
+            alpha=0.5,
+            beta=0.5,
+            temperature=2.0,
             save_strategy="no",
             disable_tqdm=True,
             seed=0,
@@ -321,7 +341,8 @@ def measure_quality(args, models: Path) -> dict[str, float]:
             save=False,
             teacher_cache=teacher_cache,
         )
-        figures[name] = 100 * result.recovery("validation")["recovery"]
+        figures[name] = {split: 100 * result.recovery(split)["recovery"] for split in ("validation", "ood")}
+        print(f"  quality {name}: {figures[name]}", file=sys.stderr, flush=True)
     return figures
 
 

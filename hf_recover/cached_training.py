@@ -5,9 +5,10 @@
 that keeps its columns, and refuses what a cache cannot give (the teacher's hidden states, an uncached
 temperature) and a run that needs a teacher but has neither a teacher nor a cache.
 
-With a cache and no `teacher_model`, KD is taken on the cached top-k plus a tail bucket
-(`hf_recover.losses.topk`), CE in the same pass, and no teacher is loaded. The cache is checked against the
-student's tokenizer, `temperature` and, when given, `train_dataset` (same rows in the same order).
+With a cache and no `teacher_model`, KD is taken on the cached top-k plus a tail bucket, or the tail's mass
+spread over the cached tail samples (`hf_recover.losses.topk`), CE in the same pass, and no teacher is loaded.
+The cache is checked against the student's tokenizer, `temperature` and, when given, `train_dataset` (same rows
+in the same order).
 
 `split_cached_teacher` runs on every batch: it takes the cached columns out of the model's inputs and returns
 them as a `TopKTeacher` for the loss.
@@ -18,12 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 from .losses import TopKTeacher
+from .losses.topk import tail_share
 from .teacher_cache import (
     TOP_IDS_COLUMN,
     TOP_LOGPROBS_COLUMN,
     cached_temperatures,
+    column_temperature,
     is_teacher_cache,
     tail_column,
+    tail_sample_columns,
     teacher_cache_columns,
 )
 
@@ -63,6 +67,7 @@ def training_cache_columns(teacher_cache, teacher_model, args, trainer_kwargs: d
             f"temperature={args.temperature}: train at one of them, or rebuild the cache with "
             f"temperatures=(..., {args.temperature})."
         )
+    needed += tail_sample_columns(columns) or ()
     trainer_kwargs["train_dataset"] = dataset.with_format("torch")  # arrays as tensors, not lists of floats
     if trainer_kwargs.get("data_collator") is None:
         trainer_kwargs["data_collator"] = default_data_collator  # stacks every column, the cached ones included
@@ -100,5 +105,9 @@ def split_cached_teacher(
     model_inputs = {name: value for name, value in inputs.items() if name not in cached}
     if not columns or columns[2] not in inputs:
         return model_inputs, None
-    ids, logprobs, tail = (inputs[name] for name in columns)
-    return model_inputs, TopKTeacher(ids.long(), logprobs, tail)  # uint16 ids come as int64 or uint16 tensors
+    ids, logprobs, tail = (inputs[name] for name in columns[:3])
+    if len(columns) == 3:
+        return model_inputs, TopKTeacher(ids.long(), logprobs, tail)  # uint16 ids come as int64 or uint16 tensors
+    sample_ids, sample_logprobs, counts = (inputs[name] for name in columns[3:])
+    share = tail_share(counts, sample_logprobs.float(), column_temperature(columns[2]), column_temperature(columns[5]))
+    return model_inputs, TopKTeacher(ids.long(), logprobs, tail, sample_ids.long(), share)

@@ -7,7 +7,12 @@ padded) and writes, next to `input_ids` / `attention_mask` / `labels`, for every
   else int32);
 - `teacher_top_logprobs` `(max_length, k)`: their log-probabilities at `T = 1` (float16 by default);
 - `teacher_tail_logmass_T{T}` `(max_length,)`, one column per cached temperature `T`: `log Σ_tail p_v^(1/T)`, the
-  log of the unnormalised mass of all the other tokens at `T` (float32).
+  log of the unnormalised mass of all the other tokens at `T` (float32);
+- with `tail_samples = s > 0`, tokens drawn from the tail (`hf_recover.losses.topk.sample_tail`) at the largest
+  cached temperature `T_s`: `teacher_tail_sample_ids` and `teacher_tail_sample_logprobs` `(max_length, s)` (distinct
+  tokens, their log-probabilities at `T = 1`) and `teacher_tail_sample_counts_T{T_s}` (uint8, how often each was
+  drawn). Training then splits the tail's exact mass over them instead of keeping it as one bucket, which makes
+  the forward-KL gradient an unbiased estimate of the full-vocabulary one at `T_s`.
 
 Temperature convention: the top-k of `z / T` is the top-k of `z`, and `p_T(i) ∝ p_i^(1/T)`, so with these columns
 the teacher's distribution at each cached `T` is known *exactly* on the top-k tokens plus one tail bucket
@@ -41,6 +46,7 @@ from torch import nn
 
 from .data import MODEL_INPUT_COLUMNS
 from .losses import teacher_top_k
+from .losses.topk import sample_tail
 
 METADATA_NAME = "teacher_cache.json"
 BUILD_NAME = "build.json"
@@ -51,6 +57,11 @@ FORMAT_VERSION = 1
 TOP_IDS_COLUMN = "teacher_top_ids"
 TOP_LOGPROBS_COLUMN = "teacher_top_logprobs"
 TAIL_COLUMN_PREFIX = "teacher_tail_logmass_T"
+SAMPLE_IDS_COLUMN = "teacher_tail_sample_ids"
+SAMPLE_LOGPROBS_COLUMN = "teacher_tail_sample_logprobs"
+SAMPLE_COUNTS_PREFIX = "teacher_tail_sample_counts_T"
+MAX_TAIL_SAMPLES = 255
+"""Draw counts are stored as uint8."""
 LOGPROB_DTYPES = ("float16", "float32")
 TEMPERATURE_CONVENTION = (
     "teacher_top_logprobs are log-probabilities at T = 1; teacher_tail_logmass_T{T} is log sum over the other "
@@ -62,6 +73,24 @@ TEMPERATURE_CONVENTION = (
 def tail_column(temperature: float) -> str:
     """The column holding the tail's log-mass at `temperature`, e.g. `teacher_tail_logmass_T2`."""
     return f"{TAIL_COLUMN_PREFIX}{float(temperature):g}"
+
+
+def sample_counts_column(sample_temperature: float) -> str:
+    """The column holding the tail samples' draw counts, named after the temperature they were drawn at."""
+    return f"{SAMPLE_COUNTS_PREFIX}{float(sample_temperature):g}"
+
+
+def tail_sample_columns(column_names: Sequence[str]) -> tuple[str, str, str] | None:
+    """`(ids, logprobs, counts)` columns of a cache's tail samples, or `None` when it holds none."""
+    counts = [name for name in column_names if name.startswith(SAMPLE_COUNTS_PREFIX)]
+    if not counts or SAMPLE_IDS_COLUMN not in column_names:
+        return None
+    return SAMPLE_IDS_COLUMN, SAMPLE_LOGPROBS_COLUMN, counts[0]
+
+
+def column_temperature(column: str) -> float:
+    """The temperature in a column's name (`teacher_tail_logmass_T2` -> 2.0)."""
+    return float(column.rsplit("_T", 1)[1])
 
 
 def cached_temperatures(column_names: Sequence[str]) -> tuple[float, ...]:
@@ -78,8 +107,9 @@ def is_teacher_cache(column_names: Sequence[str]) -> bool:
 
 def teacher_cache_columns(column_names: Sequence[str]) -> list[str]:
     """The cached teacher's columns among `column_names`."""
-    cached = (TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN)
-    return [name for name in column_names if name in cached or name.startswith(TAIL_COLUMN_PREFIX)]
+    cached = (TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN, SAMPLE_IDS_COLUMN, SAMPLE_LOGPROBS_COLUMN)
+    prefixes = (TAIL_COLUMN_PREFIX, SAMPLE_COUNTS_PREFIX)
+    return [name for name in column_names if name in cached or name.startswith(prefixes)]
 
 
 # -- fingerprints: what a cache was built from ---------------------------------------------------------------------
@@ -143,11 +173,20 @@ def _output_vocab(teacher: nn.Module) -> int:
     return teacher.config.get_text_config().vocab_size
 
 
-def _check_build_args(teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype) -> tuple[int, int]:
+def _check_build_args(
+    teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype, tail_samples
+) -> tuple[int, int]:
     """Everything a build needs, checked before any work: (vocabulary, max_length)."""
     vocab = _output_vocab(teacher)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be an integer in [1, {vocab}] (the teacher's vocabulary), got {top_k!r}.")
+    if isinstance(tail_samples, bool) or not isinstance(tail_samples, int) or tail_samples < 0:
+        raise ValueError(f"tail_samples must be an integer >= 0 (0: the tail as one bucket), got {tail_samples!r}.")
+    if tail_samples > min(MAX_TAIL_SAMPLES, vocab - top_k):
+        raise ValueError(
+            f"tail_samples={tail_samples} is too many: at most {MAX_TAIL_SAMPLES} (draw counts are uint8) and at most "
+            f"the tail's {vocab - top_k} tokens (vocabulary {vocab} minus top_k {top_k})."
+        )
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -171,7 +210,7 @@ def _check_build_args(teacher, dataset, top_k, temperatures, batch_size, shard_s
     return vocab, lengths.pop()
 
 
-def _features(dataset, max_length: int, top_k: int, vocab: int, dtype: str, temperatures):
+def _features(dataset, max_length: int, top_k: int, vocab: int, dtype: str, temperatures, tail_samples: int):
     from datasets import Array2D, Features, Sequence, Value
 
     ids_dtype = "uint16" if vocab <= 2**16 else "int32"
@@ -180,6 +219,11 @@ def _features(dataset, max_length: int, top_k: int, vocab: int, dtype: str, temp
     features[TOP_LOGPROBS_COLUMN] = Array2D(shape=(max_length, top_k), dtype=dtype)
     for temperature in temperatures:
         features[tail_column(temperature)] = Sequence(Value("float32"), length=max_length)
+    if tail_samples:
+        features[SAMPLE_IDS_COLUMN] = Array2D(shape=(max_length, tail_samples), dtype=ids_dtype)
+        features[SAMPLE_LOGPROBS_COLUMN] = Array2D(shape=(max_length, tail_samples), dtype=dtype)
+        counts = sample_counts_column(max(temperatures))
+        features[counts] = Array2D(shape=(max_length, tail_samples), dtype="uint8")
     return Features(features), ids_dtype
 
 
@@ -188,32 +232,44 @@ def _shard_name(index: int) -> str:
 
 
 @torch.inference_mode()
-def _build_shard(teacher, rows, features, top_k, temperatures, batch_size, device, progress) -> Any:
-    """One shard: the teacher's top-k outputs for `rows` (a `Dataset`), as a `Dataset` with `features`."""
+def _build_shard(teacher, rows, features, top_k, temperatures, tail_samples, seed, batch_size, device, progress):
+    """One shard: the teacher's top-k outputs (and tail samples) for `rows` (a `Dataset`), as a `Dataset` with
+    `features`. Tail samples are drawn with a generator seeded by `seed`: a shard is the same whoever builds it."""
     import numpy as np
     from datasets import Dataset
 
     ids_dtype = features[TOP_IDS_COLUMN].dtype
     logprob_dtype = features[TOP_LOGPROBS_COLUMN].dtype
+    generator = torch.Generator(device=device).manual_seed(seed)
     inputs = rows.with_format("torch", columns=["input_ids", "attention_mask"])
-    top_ids, top_logprobs, tails = [], [], []
+    outputs: dict[str, list] = {key: [] for key in ("ids", "logprobs", "tails", "sample_ids", "sample_lp", "counts")}
     for start in range(0, len(rows), batch_size):
         batch = inputs[start : start + batch_size]
         logits = teacher(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
         ).logits
         n, length, vocab = logits.shape
-        ids, logprobs, tail = teacher_top_k(logits.reshape(-1, vocab), top_k, temperatures)  # (n·L, ...)
-        top_ids.append(ids.reshape(n, length, top_k).cpu().numpy().astype(ids_dtype))
-        top_logprobs.append(logprobs.reshape(n, length, top_k).cpu().numpy().astype(logprob_dtype))
-        tails.append(tail.reshape(n, length, -1).cpu().numpy())
+        flat = logits.reshape(-1, vocab)
+        ids, logprobs, tail = teacher_top_k(flat, top_k, temperatures)  # (n·L, ...)
+        outputs["ids"].append(ids.reshape(n, length, top_k).cpu().numpy().astype(ids_dtype))
+        outputs["logprobs"].append(logprobs.reshape(n, length, top_k).cpu().numpy().astype(logprob_dtype))
+        outputs["tails"].append(tail.reshape(n, length, -1).cpu().numpy())
+        if tail_samples:
+            drawn = sample_tail(flat, ids, tail_samples, max(temperatures), generator)
+            kinds = {"sample_ids": ids_dtype, "sample_lp": logprob_dtype, "counts": "uint8"}
+            for (key, kind), value in zip(kinds.items(), drawn):
+                outputs[key].append(value.reshape(n, length, tail_samples).cpu().numpy().astype(kind))
         progress.update(n)
     columns = {name: rows[name] for name in MODEL_INPUT_COLUMNS}
-    columns[TOP_IDS_COLUMN] = np.concatenate(top_ids)
-    columns[TOP_LOGPROBS_COLUMN] = np.concatenate(top_logprobs)
-    tail = np.concatenate(tails)
+    columns[TOP_IDS_COLUMN] = np.concatenate(outputs["ids"])
+    columns[TOP_LOGPROBS_COLUMN] = np.concatenate(outputs["logprobs"])
+    tail = np.concatenate(outputs["tails"])
     for i, temperature in enumerate(temperatures):
         columns[tail_column(temperature)] = tail[..., i]
+    if tail_samples:
+        columns[SAMPLE_IDS_COLUMN] = np.concatenate(outputs["sample_ids"])
+        columns[SAMPLE_LOGPROBS_COLUMN] = np.concatenate(outputs["sample_lp"])
+        columns[sample_counts_column(max(temperatures))] = np.concatenate(outputs["counts"])
     return Dataset.from_dict(columns, features=features)
 
 
@@ -227,6 +283,8 @@ def cache_teacher_outputs(
     batch_size: int = 8,
     shard_size: int = 256,
     dtype: str = "float16",
+    tail_samples: int = 0,
+    seed: int = 0,
     tokenizer: Any = None,
     packing: bool | None = None,
     teacher_name: str | None = None,
@@ -245,6 +303,10 @@ def cache_teacher_outputs(
         batch_size: rows per teacher forward. shard_size: rows per shard (the unit of resuming and of work under
             several processes).
         dtype: `"float16"` (default) or `"float32"` for the stored log-probabilities.
+        tail_samples: tokens drawn per position from the rest of the vocabulary, at the largest of
+            `temperatures`, to spread the tail's mass over (0: the tail stays one bucket). 5 bytes per sample and
+            token; 16 samples with `top_k = 64` keep the whole dataset under 400 bytes per token. seed: their
+            generator's seed (shard `i` draws with `seed + i`).
         tokenizer: the teacher's tokenizer, fingerprinted into the metadata so that training with another one is
             refused. packing: recorded in the metadata (`None`: inferred, every attention mask full).
         teacher_name: recorded as the teacher's name (default: its `config._name_or_path`).
@@ -258,11 +320,13 @@ def cache_teacher_outputs(
     from tqdm.auto import tqdm
 
     temperatures = tuple(float(t) for t in temperatures)
-    vocab, max_length = _check_build_args(teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype)
+    vocab, max_length = _check_build_args(
+        teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype, tail_samples
+    )
     output_dir = Path(output_dir)
     # Without a GPU, accelerate would see a torchrun launch as one process unless told that it runs on CPUs (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
-    features, ids_dtype = _features(dataset, max_length, top_k, vocab, dtype, temperatures)
+    features, ids_dtype = _features(dataset, max_length, top_k, vocab, dtype, temperatures, tail_samples)
     if packing is None:
         packing = all(all(mask) for mask in dataset["attention_mask"])
     config = getattr(teacher, "config", None)
@@ -282,6 +346,9 @@ def cache_teacher_outputs(
         "token_id_dtype": ids_dtype,
         "temperatures": list(temperatures),
         "temperature_convention": TEMPERATURE_CONVENTION,
+        "tail_samples": tail_samples,
+        "sample_temperature": max(temperatures) if tail_samples else None,
+        "seed": seed,
         "shard_size": shard_size,
         "num_shards": -(-len(dataset) // shard_size),
     }
@@ -299,7 +366,9 @@ def cache_teacher_outputs(
     ) as progress:
         for index in todo:
             rows = dataset.select(range(index * shard_size, min((index + 1) * shard_size, len(dataset))))
-            shard = _build_shard(teacher, rows, features, top_k, temperatures, batch_size, device, progress)
+            shard = _build_shard(
+                teacher, rows, features, top_k, temperatures, tail_samples, seed + index, batch_size, device, progress
+            )
             final = output_dir / SHARDS_DIR / _shard_name(index)
             partial = final.with_name(final.name + f".partial-{state.process_index}")
             shutil.rmtree(partial, ignore_errors=True)
@@ -384,6 +453,7 @@ Columns: `input_ids`, `attention_mask`, `labels` (the prepared dataset), `{ids}`
 and one `{tail}{{T}}` column per cached temperature ({temperatures}): the log of the other tokens' unnormalised
 mass at T. At each cached T, `softmax([logprobs / T, tail])` is the teacher's exact distribution on the top-k
 tokens plus one tail bucket.
+{samples}
 
 Storage: {bytes_per_token:.0f} bytes per token, {num_shards} shards. Teacher weights sha256 `{fingerprint}`.
 """
@@ -407,6 +477,14 @@ def _dataset_card(metadata: dict):
         bytes_per_token=metadata["bytes_per_token"],
         num_shards=metadata["num_shards"],
         fingerprint=metadata["teacher_fingerprint"],
+        samples=(
+            f"\nTail samples: {metadata['tail_samples']} tokens per position drawn from the rest of the vocabulary at "
+            f"T = {metadata['sample_temperature']:g} (`{SAMPLE_IDS_COLUMN}`, `{SAMPLE_LOGPROBS_COLUMN}`, "
+            f"`{SAMPLE_COUNTS_PREFIX}{metadata['sample_temperature']:g}`); training splits the tail's mass over "
+            "them.\n"
+            if metadata.get("tail_samples")
+            else ""
+        ),
     )
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
 

@@ -25,7 +25,15 @@ def build(output_dir: str) -> None:
     data = prepare_recovery_dataset(Dataset.from_dict({"text": texts}), tokenizer, max_length=24, packing=False)
     teacher = build_tiny_model(seed=1)
     cache_teacher_outputs(
-        teacher, data, output_dir, top_k=5, batch_size=2, shard_size=3, tokenizer=tokenizer, show_progress=False
+        teacher,
+        data,
+        output_dir,
+        top_k=5,
+        tail_samples=4,  # drawn per shard with its own seed: the same whichever process builds it
+        batch_size=2,
+        shard_size=3,
+        tokenizer=tokenizer,
+        show_progress=False,
     )
 
 

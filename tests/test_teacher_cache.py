@@ -14,14 +14,18 @@ import torch.nn.functional as F
 from conftest import TINY_TEXTS, build_tiny_model
 
 from hf_recover.constants import IGNORE_INDEX
-from hf_recover.losses import DIVERGENCES, TopKTeacher, distillation_loss, teacher_top_k
+from hf_recover.losses import DIVERGENCES, TopKTeacher, distillation_loss, forward_kl, teacher_top_k
+from hf_recover.losses.topk import sample_tail, tail_share
 from hf_recover.teacher_cache import (
     METADATA_NAME,
+    SAMPLE_IDS_COLUMN,
+    SAMPLE_LOGPROBS_COLUMN,
     SHARDS_DIR,
     TOP_IDS_COLUMN,
     TOP_LOGPROBS_COLUMN,
     cache_teacher_outputs,
     load_teacher_cache,
+    sample_counts_column,
     tail_column,
 )
 
@@ -164,6 +168,61 @@ def test_a_student_lm_head_in_blocks_of_chunks_against_a_cache(monkeypatch):
         torch.testing.assert_close(head_leaf.grad, leaf.grad)
 
 
+# -- sampled tails ------------------------------------------------------------------------------------------------
+
+
+def test_sample_tail_draws_distinct_tail_tokens_with_their_counts():
+    logits = torch.randn(50, 17, generator=torch.Generator().manual_seed(3)) * 2
+    top_ids = logits.topk(4, dim=-1).indices
+    generator = torch.Generator().manual_seed(0)
+    ids, logprobs, counts = sample_tail(logits, top_ids, 6, 2.0, generator, chunk_elements=17 * 7)
+    assert ids.shape == logprobs.shape == counts.shape == (50, 6)
+    assert counts.sum(-1).eq(6).all() and counts.ge(0).all()
+    for row, top in zip(ids.tolist(), top_ids.tolist()):
+        assert len(set(row)) == 6 and not set(row) & set(top)  # distinct, none of the top-k
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).gather(1, ids))
+    # Drawn tokens come first (by count), then the most likely undrawn ones.
+    assert (counts[:, :-1] >= counts[:, 1:]).all()
+    assert ids.equal(sample_tail(logits, top_ids, 6, 2.0, torch.Generator().manual_seed(0))[0])  # seeded
+
+
+def _forward_kl_gradient(teacher, student, labels, temperature):
+    student = student.detach().clone().requires_grad_()
+    forward_kl(student, teacher, labels, temperature=temperature).backward()
+    return student.grad[0].sum(0)  # every row is the same position: the gradient of the mean
+
+
+@pytest.mark.parametrize("temperature", [2.0, 1.0], ids=["at-the-sampling-T", "reweighted-to-T1"])
+def test_tail_samples_make_the_forward_kl_gradient_unbiased(temperature):
+    """One position repeated 20,000 times, each with its own draws of 4 tail tokens (drawn at T = 2): the mean
+    gradient is the full-vocabulary one, where the one-bucket tail's is not."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, k, samples, rows = 23, 3, 4, 20000
+    teacher = (torch.randn(vocab, generator=generator) * 2).expand(1, rows, vocab).contiguous()
+    student = (torch.randn(vocab, generator=generator) * 2).expand(1, rows, vocab).contiguous()
+    labels = torch.zeros(1, rows, dtype=torch.long)
+    flat = teacher.reshape(-1, vocab)
+    ids, logprobs, tails = teacher_top_k(flat, k, (temperature,))
+    sample_ids, sample_logprobs, counts = sample_tail(flat, ids, samples, 2.0, generator)
+    share = tail_share(counts, sample_logprobs, temperature, 2.0)
+    shaped = [t.view(1, rows, -1) for t in (ids, logprobs)]
+    bucket = TopKTeacher(*shaped, tails[:, 0].view(1, rows))
+    sampled = TopKTeacher(*shaped, tails[:, 0].view(1, rows), sample_ids.view(1, rows, -1), share.view(1, rows, -1))
+    full = _forward_kl_gradient(teacher, student, labels, temperature)
+    scale = full.abs().max()
+    assert (_forward_kl_gradient(bucket, student, labels, temperature) - full).abs().max() > 0.2 * scale
+    assert (_forward_kl_gradient(sampled, student, labels, temperature) - full).abs().max() < 0.03 * scale
+
+
+def test_tail_share_splits_the_tail_by_counts_and_importance_weights():
+    counts = torch.tensor([[3, 1, 0]])
+    logprobs = torch.tensor([[-2.0, -4.0, -5.0]])
+    torch.testing.assert_close(tail_share(counts, logprobs, 2.0, 2.0).exp(), torch.tensor([[0.75, 0.25, 0.0]]))
+    weights = torch.tensor([3.0, 1.0]) * torch.tensor([-1.0, -2.0]).exp()  # counts · p^(1/1 − 1/2)
+    expected = torch.cat([weights / weights.sum(), torch.zeros(1)])
+    torch.testing.assert_close(tail_share(counts, logprobs, 1.0, 2.0).exp()[0], expected)
+
+
 def test_top_k_teacher_shapes_and_ids_are_checked():
     student, teacher, labels = _random_case()
     cached = _top_k_teacher(teacher, 4, 1.0)
@@ -202,6 +261,53 @@ def test_cache_round_trip(tmp_path, prepared, tiny_tokenizer):
     torch.testing.assert_close(rows[7:9][tail_column(1.0)], tail.logsumexp(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rows[7:9][tail_column(2)], (tail / 2).logsumexp(-1), atol=1e-5, rtol=1e-5)
     assert metadata["bytes_per_token"] < 5 * 4 + 100  # uint16 ids + float16 log-probs + tails + inputs
+
+
+def test_cache_with_tail_samples_round_trip_and_training(tmp_path, prepared, tiny_tokenizer):
+    """Tail samples are stored with the top-k (ids outside it, counts summing to the draws, at the largest cached
+    T), and a trainer reads them: its KD term is the one computed by hand from the stored columns."""
+    from hf_recover import DistillationConfig, DistillationTrainer
+
+    teacher = build_tiny_model(seed=1)
+    out = cache_teacher_outputs(
+        teacher, prepared, tmp_path / "cache", top_k=5, tail_samples=7, shard_size=8, show_progress=False
+    )
+    metadata = json.loads((out / METADATA_NAME).read_text())
+    assert metadata["tail_samples"] == 7 and metadata["sample_temperature"] == 2.0
+    assert "Tail samples: 7" in (out / "README.md").read_text()
+    rows = load_teacher_cache(out).dataset[:]
+    counts = rows[sample_counts_column(2.0)]
+    assert rows[SAMPLE_IDS_COLUMN].shape == counts.shape == (len(prepared), 24, 7)
+    assert counts.sum(-1).eq(7).all()
+    overlap = rows[SAMPLE_IDS_COLUMN][..., :, None] == rows[TOP_IDS_COLUMN][..., None, :]
+    assert not overlap.any()
+    with torch.no_grad():
+        logits = teacher(input_ids=rows["input_ids"][:2], attention_mask=rows["attention_mask"][:2]).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    expected = logp.gather(-1, rows[SAMPLE_IDS_COLUMN][:2].long())
+    torch.testing.assert_close(rows[SAMPLE_LOGPROBS_COLUMN][:2].float(), expected, atol=4e-3, rtol=1e-3)
+
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "train"), report_to="none", use_cpu=True, per_device_train_batch_size=4,
+        temperature=1.0, alpha=0.5, beta=0.5, max_steps=1, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = DistillationTrainer(_student(), None, args, teacher_cache=out)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert SAMPLE_IDS_COLUMN in batch
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    share = tail_share(batch[sample_counts_column(2.0)], batch[SAMPLE_LOGPROBS_COLUMN].float(), 1.0, 2.0)
+    cached = TopKTeacher(
+        batch[TOP_IDS_COLUMN].long(), batch[TOP_LOGPROBS_COLUMN], batch[tail_column(1.0)],
+        batch[SAMPLE_IDS_COLUMN].long(), share,
+    )  # fmt: skip
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = distillation_loss(logits, cached, batch["labels"], ce_weight=0.5, kd_weight=0.5, temperature=1.0)
+    torch.testing.assert_close(loss.detach(), expected.loss, rtol=1e-5, atol=1e-6)
+    bucket_only = distillation_loss(
+        logits, TopKTeacher(*cached[:3]), batch["labels"], ce_weight=0.5, kd_weight=0.5, temperature=1.0
+    )
+    assert not torch.isclose(bucket_only.loss, expected.loss)  # the samples are used
 
 
 def test_interrupted_build_resumes_without_recomputing_finished_shards(tmp_path, prepared, tiny_tokenizer):
@@ -250,6 +356,15 @@ def test_existing_cache_is_never_overwritten_without_overwrite(tmp_path, prepare
 def test_top_k_out_of_range_is_refused_before_any_work(tmp_path, prepared, top_k):
     with pytest.raises(ValueError, match="top_k"):
         cache_teacher_outputs(build_tiny_model(seed=1), prepared, tmp_path / "cache", top_k=top_k)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("top_k", "tail_samples"), [(5, -1), (5, 1.5), (300, 21), (5, 256)])
+def test_tail_samples_out_of_range_are_refused_before_any_work(tmp_path, prepared, top_k, tail_samples):
+    with pytest.raises(ValueError, match="tail_samples"):
+        cache_teacher_outputs(
+            build_tiny_model(seed=1), prepared, tmp_path / "cache", top_k=top_k, tail_samples=tail_samples
+        )
     assert not (tmp_path / "cache").exists()
 
 

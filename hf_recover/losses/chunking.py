@@ -310,21 +310,35 @@ class TeacherHead(_Head):
 
 
 class TeacherTopK(_GivenWhole):
-    """A teacher given by its top-k tokens (`topk.TopKTeacher`): a chunk is a `BucketedTarget`, the top-k ids and
-    the teacher's `(n, k + 1)` bucketed log-probabilities at `temperature`. A constant of the loss."""
+    """A teacher given by its top-k tokens (`topk.TopKTeacher`): a chunk is a `BucketedTarget`, the top-k ids (and
+    sampled tail ids) and the teacher's bucketed log-probabilities at `temperature`. A constant of the loss."""
 
     def __init__(
-        self, token_ids: torch.Tensor, logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float
+        self,
+        token_ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        tail_logmass: torch.Tensor,
+        tail_ids: torch.Tensor | None = None,
+        tail_share: torch.Tensor | None = None,
+        *,
+        temperature: float,
     ):
-        self.inputs = (token_ids, logprobs, tail_logmass)
+        self.inputs = (token_ids, logprobs, tail_logmass, tail_ids, tail_share)
         self.temperature = temperature
         k = token_ids.size(-1)
         # (B, T, k) -> (B·T, k), (B, T) -> (B·T,)
         self._ids, self._logprobs = token_ids.reshape(-1, k), logprobs.reshape(-1, k)
         self._tail = tail_logmass.reshape(-1)
+        if tail_ids is not None:
+            samples = tail_ids.size(-1)
+            self._ids = torch.cat([self._ids, tail_ids.reshape(-1, samples).to(self._ids.dtype)], dim=-1)
+            tail_share = tail_share.reshape(-1, samples)
+        self._share = tail_share
 
     def logits(self, index: slice | torch.Tensor, local: slice, vocab: int, dtype: torch.dtype) -> BucketedTarget:
-        logp = teacher_bucket_logp(self._logprobs[index].to(dtype), self._tail[index].to(dtype), self.temperature)
+        share = None if self._share is None else self._share[index].to(dtype)
+        tail = self._tail[index].to(dtype)
+        logp = teacher_bucket_logp(self._logprobs[index].to(dtype), tail, self.temperature, share)
         return BucketedTarget(self._ids[index].long(), logp)
 
 

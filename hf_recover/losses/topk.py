@@ -20,6 +20,16 @@ data-processing inequality the bucketed value is a *lower bound* of the full-voc
 
 and for total variation `0 ≤ TV − TV_bucketed ≤ min(p_T(tail), q_T(tail))`.
 
+**Sampled tail** (Anshumann et al., 2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs",
+who show that top-k targets bias the student). The bucket says how much mass the tail holds, not how it is
+spread: within it, the student keeps its own shape. A cache may also hold `s` tokens drawn from the tail at a
+sampling temperature `T_s` (`sample_tail`), deduplicated with their counts `c`; the tail's exact mass at `T` is
+then split over them, token `j` getting the share `c_j · w_j / Σ c · w`, `w_j = p_j^(1/T − 1/T_s)` (importance
+weights, all 1 at `T = T_s`), and the tail tokens nobody drew form the last bucket with teacher mass 0. At
+`T = T_s` the expected target is the teacher's full distribution, so the forward-KL gradient `q − p̂` is an
+unbiased estimate of the full-vocabulary one (self-normalised, hence consistent, at other `T`); the other
+divergences are not linear in `p` and get a consistent, not unbiased, estimate.
+
 Gradients: with `A_j = log q_T(bucket j)` a function of the student's tempered logits `u`, a kernel's gradient
 `g_j` with respect to the bucket pseudo-logits (`A = log_softmax(w)`) maps back to the vocabulary as
 `∂L/∂u_v = g_j(v) · q_T(v) / q_T(bucket of v)`: `g_i` itself on a top-k token (its bucket is itself) and
@@ -37,7 +47,8 @@ from .kernels import Kernel
 
 
 class TopKTeacher(NamedTuple):
-    """A teacher given by its top-k tokens (what `hf_recover.cache_teacher_outputs` stores), for one temperature."""
+    """A teacher given by its top-k tokens (what `hf_recover.cache_teacher_outputs` stores), for one temperature,
+    and optionally tokens sampled from its tail (see the module docstring)."""
 
     token_ids: torch.Tensor
     """`(batch, seq_len, k)` integer ids of the teacher's `k` most likely tokens, all distinct per position."""
@@ -46,6 +57,11 @@ class TopKTeacher(NamedTuple):
     tail_logmass: torch.Tensor
     """`(batch, seq_len)` `log Σ_tail p_v^(1/T)` at the loss's temperature `T` (at `T = 1`, the log of the tail's
     probability); `-inf` (or very negative) when the top-k is the whole vocabulary."""
+    tail_ids: torch.Tensor | None = None
+    """`(batch, seq_len, s)` distinct tail tokens (none of the top-k) that receive a share of the tail's mass."""
+    tail_share: torch.Tensor | None = None
+    """`(batch, seq_len, s)` the log of each one's share of the tail mass at the loss's temperature (`tail_share`);
+    `-inf` for a token nobody drew. Without them the tail is one bucket."""
 
 
 _LOG_TINY = {
@@ -82,12 +98,64 @@ def teacher_top_k(
     return torch.cat(ids), torch.cat(top), torch.cat(tails)
 
 
-def teacher_bucket_logp(logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float) -> torch.Tensor:
+def sample_tail(
+    logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    samples: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    chunk_elements: int = 2**21,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw `samples` tokens per row from the teacher's tail (every token but `top_ids`) at `temperature`, with
+    replacement: `(N, samples)` distinct ids (int64), their log-probabilities at `T = 1` (float32) and how often
+    each was drawn (int64; the draws sum to `samples`). Rows with fewer distinct draws are filled with the most
+    likely undrawn tail tokens, count 0."""
+    ids, logprobs, counts = [], [], []
+    for chunk, chunk_top in zip(
+        logits.split(max(1, chunk_elements // logits.size(-1))),
+        top_ids.split(max(1, chunk_elements // logits.size(-1))),
+    ):
+        shifted = chunk.float()
+        shifted = shifted - shifted.max(-1, keepdim=True).values
+        log_normaliser = shifted.logsumexp(-1, keepdim=True)
+        weights = shifted.div(temperature).exp_()  # p^(1/T), unnormalised
+        weights.add_(torch.finfo(weights.dtype).tiny).scatter_(1, chunk_top, 0.0)  # never empty, never the top-k
+        draws = torch.multinomial(weights, samples, replacement=True, generator=generator)
+        # Rank by count, then by probability (a fraction below 1/2 orders ties without ever adding up to a draw).
+        score = torch.zeros_like(weights).scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
+        score.add_(weights.div_(weights.sum(-1, keepdim=True)).mul_(0.5)).scatter_(1, chunk_top, -1.0)
+        chunk_score, chunk_ids = score.topk(samples, dim=-1)
+        ids.append(chunk_ids)
+        logprobs.append(shifted.gather(1, chunk_ids) - log_normaliser)
+        counts.append(chunk_score.floor_().long())
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(counts)
+
+
+def tail_share(
+    counts: torch.Tensor, logprobs: torch.Tensor, temperature: float, sample_temperature: float
+) -> torch.Tensor:
+    """The log of each sampled tail token's share of the tail's mass at `temperature`, from its draw count and its
+    log-probability at `T = 1` (drawn at `sample_temperature`): `log(c · w / Σ c · w)`, `w = p^(1/T − 1/T_s)`."""
+    log_weights = counts.to(logprobs.dtype).log() + logprobs * (1.0 / temperature - 1.0 / sample_temperature)
+    return log_weights - log_weights.logsumexp(-1, keepdim=True)
+
+
+def teacher_bucket_logp(
+    logprobs: torch.Tensor, tail_logmass: torch.Tensor, temperature: float, share: torch.Tensor | None = None
+) -> torch.Tensor:
     """`(n, k)` log-probabilities at `T = 1` and `(n,)` tail log-mass at `T` -> `(n, k + 1)` log-probabilities of
     the teacher at `T` on the top-k tokens and the tail bucket. Renormalised here, so float16 storage error in the
-    stored values never makes the bucketed distribution sum to anything but 1."""
+    stored values never makes the bucketed distribution sum to anything but 1.
+
+    With `share` (`(n, s)`, see `tail_share`) the tail's mass is split over `s` sampled tail tokens and the last
+    bucket, the undrawn rest, has mass 0: `(n, k + s + 1)`."""
     floor = _LOG_TINY[logprobs.dtype]
-    joint = torch.cat([logprobs / temperature, tail_logmass.clamp_min(floor)[:, None]], dim=-1)
+    tail = tail_logmass.clamp_min(floor)[:, None]
+    if share is None:
+        joint = torch.cat([logprobs / temperature, tail], dim=-1)
+    else:
+        rest = torch.full_like(tail, floor)
+        joint = torch.cat([logprobs / temperature, (tail + share).clamp_min_(floor), rest], dim=-1)
     return torch.log_softmax(joint, dim=-1).clamp_min_(floor)
 
 
@@ -130,7 +198,7 @@ class BucketedTarget(NamedTuple):
 
 def check_top_k_teacher(teacher: TopKTeacher, batch_shape: tuple[int, int], vocab: int) -> None:
     """Check a `TopKTeacher`: shapes and dtypes against the labels' `(batch, seq_len)`, ids against `vocab`."""
-    token_ids, logprobs, tail = teacher
+    token_ids, logprobs, tail = teacher.token_ids, teacher.logprobs, teacher.tail_logmass
     if token_ids.dim() != 3 or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
         raise ValueError(
             f"TopKTeacher.token_ids must be an integer tensor (batch, seq_len, k), got {token_ids.dtype} of shape "
@@ -151,6 +219,21 @@ def check_top_k_teacher(teacher: TopKTeacher, batch_shape: tuple[int, int], voca
             f"The cached teacher's (batch, seq_len) {tuple(token_ids.shape[:2])} differs from the labels' "
             f"{tuple(batch_shape)}: the cache rows are not aligned with the batch."
         )
+    if (teacher.tail_ids is None) != (teacher.tail_share is None):
+        raise ValueError("TopKTeacher.tail_ids and tail_share go together: give both or neither.")
+    if teacher.tail_ids is not None:
+        samples = teacher.tail_ids
+        if samples.is_floating_point() or tuple(samples.shape[:2]) != tuple(token_ids.shape[:2]) or samples.dim() != 3:
+            raise ValueError(
+                f"TopKTeacher.tail_ids must be an integer tensor (batch, seq_len, s) aligned with token_ids, got "
+                f"{samples.dtype} of shape {tuple(samples.shape)}."
+            )
+        if tuple(teacher.tail_share.shape) != tuple(samples.shape) or not teacher.tail_share.is_floating_point():
+            raise ValueError(
+                f"TopKTeacher.tail_share must be floating point and shaped like tail_ids {tuple(samples.shape)}, got "
+                f"{teacher.tail_share.dtype} of shape {tuple(teacher.tail_share.shape)}."
+            )
+        token_ids = torch.cat([token_ids, samples.to(token_ids.dtype)], dim=-1)  # ids checked together below
     k = token_ids.size(-1)
     if not 1 <= k <= vocab:
         raise ValueError(f"The cached teacher's top_k is {k}; it must lie in [1, {vocab}] (the student's vocabulary).")

@@ -1,6 +1,6 @@
 """`hf-recover cache`: run the teacher once over the training data and store its top-k distributions.
 
-    hf-recover cache --teacher default --output_dir out/teacher-cache --top_k 64
+    hf-recover cache --teacher default --output_dir out/teacher-cache --top_k 64 --tail_samples 16
     hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache --gamma 0
     torchrun --nproc_per_node 4 -m hf_recover.cli cache --teacher default --output_dir out/teacher-cache
 
@@ -25,6 +25,15 @@ class CacheArguments:
     )
     output_dir: str = field(default="outputs/teacher-cache", metadata={"help": "Folder to write the cache to."})
     top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position, in [1, vocabulary]."})
+    tail_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Tokens drawn per position from the rest of the vocabulary (at the largest temperature), over "
+            "which training spreads the tail's mass instead of keeping it as one bucket; 5 bytes each per token. "
+            "0: one bucket."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the tail samples' generator."})
     temperatures: list[float] = field(
         default_factory=lambda: [1.0, 2.0],
         metadata={"help": "Temperatures training may use (each adds 4 bytes per token); others are refused."},
@@ -54,6 +63,8 @@ def main(args: CacheArguments, data_args: DataArguments):
         train,
         args.output_dir,
         top_k=args.top_k,
+        tail_samples=args.tail_samples,
+        seed=args.seed,
         temperatures=args.temperatures,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
@@ -64,8 +75,9 @@ def main(args: CacheArguments, data_args: DataArguments):
         overwrite=args.overwrite,
     )
     metadata = load_teacher_cache(output_dir).metadata
+    samples = f" + {metadata['tail_samples']} tail samples" if metadata.get("tail_samples") else ""
     print(
-        f"Cached the top-{metadata['top_k']} of {args.teacher} on {metadata['num_rows']} blocks of "
+        f"Cached the top-{metadata['top_k']}{samples} of {args.teacher} on {metadata['num_rows']} blocks of "
         f"{metadata['max_length']} tokens: {metadata['bytes_per_token']:.0f} bytes per token, "
         f"temperatures {metadata['temperatures']}.\nTeacher cache: {output_dir}"
     )

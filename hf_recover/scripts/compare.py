@@ -82,6 +82,9 @@ class CompareArguments:
         },
     )
     cache_top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position in the cache."})
+    cache_tail_samples: int = field(
+        default=0, metadata={"help": "Tail tokens sampled per position into the cache (see `hf-recover cache`)."}
+    )
     reach: float = field(
         default=75.0, metadata={"help": "Report the tokens each run needed to reach this recovery %%."}
     )
@@ -247,6 +250,7 @@ def _build_teacher_cache(args, run_configs, teacher, tokenizer, train, output_di
         return None
     folder = cache_teacher_outputs(
         teacher, train, output_dir / "teacher-cache", top_k=args.cache_top_k, temperatures=temperatures,
+        tail_samples=args.cache_tail_samples,
         tokenizer=tokenizer, packing=True, teacher_name=args.teacher, overwrite=args.overwrite,
     )  # fmt: skip
     return load_teacher_cache(folder, tokenizer=tokenizer, dataset=train)
