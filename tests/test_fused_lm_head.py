@@ -31,7 +31,8 @@ def data():
     )
 
 
-def make_args(tmp_path, **overrides):
+def make_args(tmp_path, *, defaults: tuple[str, ...] = (), **overrides):
+    """The tests' config; the fields named in `defaults` are left at DistillationConfig's defaults."""
     kwargs = dict(
         output_dir=str(tmp_path / "out"),
         report_to="none",
@@ -48,7 +49,7 @@ def make_args(tmp_path, **overrides):
         fused_lm_head=True,
     )
     kwargs.update(overrides)
-    return DistillationConfig(**kwargs)
+    return DistillationConfig(**{name: value for name, value in kwargs.items() if name not in defaults})
 
 
 def train_both_ways(tmp_path, data, student, teacher, **overrides):
@@ -79,6 +80,26 @@ def test_every_architecture_trains_as_through_whole_logits(tmp_path, data, archi
     teacher = build_tiny_model(architecture, seed=1, **overrides)
     student = build_tiny_model(architecture, seed=2, num_hidden_layers=3, **overrides)
     assert_same_training(*train_both_ways(tmp_path, data, student, teacher, alpha=0.4, beta=0.6, temperature=1.5))
+
+
+def test_the_default_path_is_fused_with_blocks_of_chunks(tmp_path, data, monkeypatch):
+    """Without `fused_lm_head` or `kd_chunk_size`, training is fused, its lm_heads run in blocks of 17 positions
+    walked in chunks of 5 (sizes scaled down to the tiny models), and it equals training through whole logits."""
+    from hf_recover.losses import chunking
+
+    monkeypatch.setattr(chunking, "CPU_CHUNK_ELEMENTS", 5 * VOCAB)
+    monkeypatch.setattr(chunking, "HEAD_BLOCK_TOKENS", 17)
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2, num_hidden_layers=3)
+    trainers = {}
+    for name, args in (
+        ("default", make_args(tmp_path, defaults=("fused_lm_head", "kd_chunk_size"))),
+        ("logits", make_args(tmp_path, fused_lm_head=False)),
+    ):
+        trainers[name] = DistillationTrainer(copy.deepcopy(student), copy.deepcopy(teacher), args, train_dataset=data)
+        trainers[name].train()
+    assert trainers["default"]._fused_heads == (True, True)
+    assert trainers["logits"]._fused_heads == (False, False)
+    assert_same_training(trainers["default"], trainers["logits"])
 
 
 @pytest.mark.parametrize(
