@@ -176,7 +176,8 @@ def measure(args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
     from hf_recover import DistillationConfig, DistillationTrainer
-    from hf_recover.teacher_cache import cache_teacher_outputs, load_teacher_cache, weights_fingerprint
+    from hf_recover.fingerprints import weights_fingerprint
+    from hf_recover.teacher_cache import cache_teacher_outputs, load_teacher_cache
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,6 +291,9 @@ def measure_quality(args, models: Path) -> dict[str, dict[str, float]]:
     """The demo protocol (default corpus, packed 256-token blocks, AdamW 1e-4 constant, batch 4 × 256 tokens,
     0.5·CE + 0.5·T²·forward KL at T = 2): recovery % (validation and ood) of online KD, of KD from the top-k cache
     with the tail as one bucket, and from the same cache with its tail samples, at the same number of steps."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from hf_recover import DistillationConfig, cache_teacher_outputs, load_teacher_cache
     from hf_recover.data import prepare_recovery_dataset
     from hf_recover.loading import load_model
@@ -315,7 +319,7 @@ def measure_quality(args, models: Path) -> dict[str, dict[str, float]]:
     runs = {"online": None, "top-k cache": bucket_only, "top-k cache + tail samples": cache}
     figures = {}
     for name, teacher_cache in runs.items():
-        student, _ = load_model(str(models / "student"))
+        student = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32)
         config = DistillationConfig(
             output_dir=str(models / f"quality-{name.replace(' ', '-')}"),
             report_to="none",

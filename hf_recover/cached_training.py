@@ -77,7 +77,8 @@ def training_cache_columns(teacher_cache, teacher_model, args, trainer_kwargs: d
 def _checked_cache(teacher_cache, args, trainer_kwargs: dict[str, Any]):
     """A `TeacherCache` from a folder or a loaded one, checked against the student's tokenizer, the temperature and
     a given `train_dataset` (same rows)."""
-    from .teacher_cache import TeacherCache, check_cache_metadata, dataset_fingerprint, load_teacher_cache
+    from .fingerprints import dataset_fingerprint
+    from .teacher_cache import TeacherCache, check_cache_metadata, load_teacher_cache
 
     tokenizer = trainer_kwargs.get("processing_class")
     temperature = args.temperature if args.beta > 0 else None

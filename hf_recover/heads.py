@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -88,12 +89,50 @@ def fused_head_problem(model: nn.Module) -> str | None:
         return f"its lm_head is {type(head).__name__}, not a plain nn.Linear"
     if not accepts(model, "logits_to_keep"):
         return "its forward takes no logits_to_keep"
+    if final_norm(model) is None:
+        return "its final norm is not model.model.norm"
     return None
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm whose output the lm_head reads (`model.model.norm` in every supported architecture)."""
+    norm = getattr(getattr(base_model(model), "model", None), "norm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
+@contextmanager
+def final_hidden_states(model: nn.Module, enabled: bool):
+    """Capture what `model`'s lm_head reads, its final norm's output, during a forward inside the block.
+
+    The fused lm_head reads it this way rather than through `output_hidden_states`, which would keep every layer's
+    hidden states alive until the loss is computed: for the teacher, `num_layers × tokens × hidden` of memory that
+    nothing else needs. Yields a list that holds the output once the forward ran (empty when disabled).
+    """
+    captured: list[torch.Tensor] = []
+    if not enabled:
+        yield captured
+        return
+
+    def keep(module, args, output):
+        if not captured:
+            captured.append(output)
+
+    handle = final_norm(model).register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def no_logits(device: torch.device) -> torch.Tensor:
     """`logits_to_keep` that keeps no position: the model's lm_head then computes nothing."""
     return torch.empty(0, dtype=torch.long, device=device)
+
+
+def loss_side(model: nn.Module, final: list[torch.Tensor], outputs) -> LMHeadInputs | torch.Tensor:
+    """What the loss reads of a model's output: what makes its logits when `final_hidden_states` captured them (the
+    fused lm_head), else the logits themselves."""
+    return head_inputs(model, final[0]) if final else outputs.logits
 
 
 def head_inputs(model: nn.Module, final_hidden_states: torch.Tensor) -> LMHeadInputs:

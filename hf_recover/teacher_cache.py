@@ -30,7 +30,6 @@ before training starts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from .data import MODEL_INPUT_COLUMNS
+from .fingerprints import dataset_fingerprint, file_checksums, tokenizer_fingerprint, weights_fingerprint
 from .losses import teacher_top_k
 from .losses.topk import sample_tail
 
@@ -110,57 +110,6 @@ def teacher_cache_columns(column_names: Sequence[str]) -> list[str]:
     cached = (TOP_IDS_COLUMN, TOP_LOGPROBS_COLUMN, SAMPLE_IDS_COLUMN, SAMPLE_LOGPROBS_COLUMN)
     prefixes = (TAIL_COLUMN_PREFIX, SAMPLE_COUNTS_PREFIX)
     return [name for name in column_names if name in cached or name.startswith(prefixes)]
-
-
-# -- fingerprints: what a cache was built from ---------------------------------------------------------------------
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's parameters and buffers (names, dtypes, shapes and bytes), independent of its device."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str | None:
-    """sha256 of a tokenizer's vocabulary and special tokens; `None` for no tokenizer."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors
-    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
-        return None
-    payload = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
-    }
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
-
-
-def dataset_fingerprint(dataset) -> str:
-    """sha256 of the model inputs of a prepared dataset (`input_ids`, `attention_mask`, `labels`), row order
-    included: two datasets with the same fingerprint give the same batches."""
-    import numpy as np
-
-    digest = hashlib.sha256()
-    columns = [c for c in MODEL_INPUT_COLUMNS if c in dataset.column_names]
-    view = dataset.select_columns(columns).with_format("numpy")
-    for start in range(0, len(dataset), 1024):
-        batch = view[start : start + 1024]
-        for column in columns:
-            digest.update(np.ascontiguousarray(batch[column], dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def _file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
-    checksums = {}
-    for path in sorted(folder.iterdir()):
-        digest = hashlib.sha256()
-        with path.open("rb") as stream:
-            for block in iter(lambda: stream.read(1 << 22), b""):
-                digest.update(block)
-        checksums[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    return checksums
 
 
 # -- building -------------------------------------------------------------------------------------------------------
@@ -432,7 +381,7 @@ def _finish(output_dir: Path, plan: dict) -> None:
     for index in range(plan["num_shards"]):
         folder = output_dir / SHARDS_DIR / _shard_name(index)
         rows = min(plan["shard_size"], plan["num_rows"] - index * plan["shard_size"])
-        shards.append({"name": folder.name, "num_rows": rows, "files": _file_checksums(folder)})
+        shards.append({"name": folder.name, "num_rows": rows, "files": file_checksums(folder)})
     stored = sum(f["bytes"] for shard in shards for f in shard["files"].values())
     tokens = plan["num_rows"] * plan["max_length"]
     metadata = {**plan, "hf_recover_version": __version__, "shards": shards, "bytes_per_token": stored / tokens}
@@ -592,7 +541,7 @@ def _check_shard_files(folder: Path, expected: dict[str, dict], verify_checksums
                 "corrupted. Rebuild the cache with overwrite."
             )
     if verify_checksums:
-        actual = _file_checksums(folder)
+        actual = file_checksums(folder)
         for name, facts in expected.items():
             if actual[name]["sha256"] != facts["sha256"]:
                 raise ValueError(

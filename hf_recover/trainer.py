@@ -37,9 +37,10 @@ from .config import OBJECTIVE_NAME, DistillationConfig
 from .constants import IGNORE_INDEX
 from .heads import (
     accepts,
+    final_hidden_states,
     fused_head_problem,
-    head_inputs,
     is_peft_model,
+    loss_side,
     no_logits,
     plain_loss_problem,
     text_config,
@@ -246,13 +247,16 @@ class DistillationTrainer(Trainer):
         # In training, the fused lm_head leaves each model's logits to the loss, chunk by chunk; evaluation keeps
         # them (prediction_step hands them to compute_metrics).
         student_head, teacher_head = (fused and model.training and enabled for enabled in self._fused_heads)
-        with last_block_output(model, want_hidden) as student_last:
+        with (
+            last_block_output(model, want_hidden) as student_last,
+            final_hidden_states(model, student_head) as student_final,
+        ):
             if fused:
                 # CE is computed together with KD, in one pass over the logits (`distillation_loss`): the student
                 # runs without labels, so that it computes no loss of its own.
                 student_inputs.pop("labels")
                 if student_head:
-                    student_inputs.update(output_hidden_states=True, logits_to_keep=no_logits(labels.device))
+                    student_inputs["logits_to_keep"] = no_logits(labels.device)
                 outputs = model(**student_inputs)
                 terms, loss = {}, 0
             else:
@@ -266,16 +270,15 @@ class DistillationTrainer(Trainer):
         if self.teacher_model is not None:
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
             if teacher_head:
-                teacher_inputs.update(output_hidden_states=True, logits_to_keep=no_logits(labels.device))
-            with torch.no_grad(), last_block_output(self.teacher_model, want_hidden) as teacher_last:
+                teacher_inputs["logits_to_keep"] = no_logits(labels.device)
+            with (
+                torch.no_grad(),
+                last_block_output(self.teacher_model, want_hidden) as teacher_last,
+                final_hidden_states(self.teacher_model, teacher_head) as teacher_final,
+            ):
                 teacher_outputs = self.teacher_model(**{**self._teacher_forward_kwargs, **teacher_inputs})
-            # What the loss reads of each model's output: its logits, or what makes them (`LMHeadInputs`).
-            student_side = head_inputs(model, outputs.hidden_states[-1]) if student_head else outputs.logits
-            teacher_side = (
-                head_inputs(self.teacher_model, teacher_outputs.hidden_states[-1])
-                if teacher_head
-                else teacher_outputs.logits
-            )
+            student_side = loss_side(model, student_final, outputs)
+            teacher_side = loss_side(self.teacher_model, teacher_final, teacher_outputs)
             hidden = None
             if want_hidden:
                 # HF's last hidden state is the final norm's output: align the last *block's* raw output instead,
@@ -290,7 +293,7 @@ class DistillationTrainer(Trainer):
             terms.update(distill)
             loss = loss + distill_loss
         elif cached_teacher is not None:  # a teacher cache: KD on its top-k, no teacher forward
-            student_side = head_inputs(model, outputs.hidden_states[-1]) if student_head else outputs.logits
+            student_side = loss_side(model, student_final, outputs)
             rest = (labels, num_items_in_batch, scale, fused)
             distill, distill_loss = self._distillation_terms(student_side, cached_teacher, None, *rest)
             terms.update(distill)

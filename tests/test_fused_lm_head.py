@@ -102,6 +102,23 @@ def test_the_default_path_is_fused_with_blocks_of_chunks(tmp_path, data, monkeyp
     assert_same_training(trainers["default"], trainers["logits"])
 
 
+def test_neither_model_keeps_every_layers_hidden_states(tmp_path, data):
+    """The fused path reads the final norm's output through a hook: without alignment, neither forward is asked for
+    `output_hidden_states` (which would hold `num_layers` hidden states until the loss is computed)."""
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2, num_hidden_layers=3)
+    trainer = DistillationTrainer(student, teacher, make_args(tmp_path), train_dataset=data)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # before forward is wrapped
+    calls = []
+    for model in (trainer.model, trainer.teacher_model):
+        forward = model.forward
+        model.forward = lambda *a, _forward=forward, **k: calls.append(k) or _forward(*a, **k)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert len(calls) == 2 and all(not call.get("output_hidden_states") for call in calls)
+    assert all(call["logits_to_keep"].numel() == 0 for call in calls)  # neither lm_head computes anything
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize(
     ("divergence", "params"),
     [

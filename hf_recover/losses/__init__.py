@@ -192,14 +192,8 @@ def _run(
     num_valid = targets.ne(IGNORE_INDEX).sum()
     scale = token_normaliser(num_valid, num_items_in_batch, student.device, compute_dtype(student.dtype))
     chunk = chunk_size or default_chunk_size(student.vocab, student.device)
-    spec = LossSpec(
-        kernel=kernel,
-        temperature=float(temperature),
-        chunk_size=chunk,
-        kd_weight=weights[0],
-        ce_weight=weights[1],
-        block_size=None if chunk_size else default_block_size(chunk, student, teacher),  # a given size bounds all
-    )
+    block = None if chunk_size else default_block_size(chunk, student, teacher)  # a given size bounds all
+    spec = LossSpec(kernel, float(temperature), chunk, kd_weight=weights[0], ce_weight=weights[1], block_size=block)
     return chunked_loss(spec, student, teacher, targets, scale)
 
 
