@@ -62,6 +62,9 @@ SAMPLE_LOGPROBS_COLUMN = "teacher_tail_sample_logprobs"
 SAMPLE_COUNTS_PREFIX = "teacher_tail_sample_counts_T"
 MAX_TAIL_SAMPLES = 255
 """Draw counts are stored as uint8."""
+DEFAULT_TAIL_SAMPLES = 16
+"""With `top_k = 64` at T = 2, 16 tail samples brought KD from the cache within 0.1 point of online KD's recovery,
+where the one-bucket tail lost 1.4 / 3.1 points (`benchmarks/teacher_cache.py --quality`)."""
 LOGPROB_DTYPES = ("float16", "float32")
 TEMPERATURE_CONVENTION = (
     "teacher_top_logprobs are log-probabilities at T = 1; teacher_tail_logmass_T{T} is log sum over the other "
@@ -124,11 +127,13 @@ def _output_vocab(teacher: nn.Module) -> int:
 
 def _check_build_args(
     teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype, tail_samples
-) -> tuple[int, int]:
-    """Everything a build needs, checked before any work: (vocabulary, max_length)."""
+) -> tuple[int, int, int]:
+    """Everything a build needs, checked before any work: (vocabulary, max_length, tail samples)."""
     vocab = _output_vocab(teacher)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be an integer in [1, {vocab}] (the teacher's vocabulary), got {top_k!r}.")
+    if tail_samples is None:  # the default, as many as the tail holds
+        tail_samples = min(DEFAULT_TAIL_SAMPLES, vocab - top_k)
     if isinstance(tail_samples, bool) or not isinstance(tail_samples, int) or tail_samples < 0:
         raise ValueError(f"tail_samples must be an integer >= 0 (0: the tail as one bucket), got {tail_samples!r}.")
     if tail_samples > min(MAX_TAIL_SAMPLES, vocab - top_k):
@@ -156,7 +161,7 @@ def _check_build_args(
     lengths = {len(dataset[0]["input_ids"]), len(dataset[len(dataset) - 1]["input_ids"])}
     if len(lengths) != 1:
         raise ValueError(f"Rows of the dataset differ in length ({sorted(lengths)}); prepare fixed-length blocks.")
-    return vocab, lengths.pop()
+    return vocab, lengths.pop(), tail_samples
 
 
 def _features(dataset, max_length: int, top_k: int, vocab: int, dtype: str, temperatures, tail_samples: int):
@@ -232,7 +237,7 @@ def cache_teacher_outputs(
     batch_size: int = 8,
     shard_size: int = 256,
     dtype: str = "float16",
-    tail_samples: int = 0,
+    tail_samples: int | None = None,
     seed: int = 0,
     tokenizer: Any = None,
     packing: bool | None = None,
@@ -253,9 +258,9 @@ def cache_teacher_outputs(
             several processes).
         dtype: `"float16"` (default) or `"float32"` for the stored log-probabilities.
         tail_samples: tokens drawn per position from the rest of the vocabulary, at the largest of
-            `temperatures`, to spread the tail's mass over (0: the tail stays one bucket). 5 bytes per sample and
-            token; 16 samples with `top_k = 64` keep the whole dataset under 400 bytes per token. seed: their
-            generator's seed (shard `i` draws with `seed + i`).
+            `temperatures`, to spread the tail's mass over (0: the tail stays one bucket). Default `None`: 16, or
+            the whole tail when it is smaller. 5 bytes per sample and token; 16 samples with `top_k = 64` keep the
+            whole dataset under 400 bytes per token. seed: their generator's seed (shard `i` draws with `seed + i`).
         tokenizer: the teacher's tokenizer, fingerprinted into the metadata so that training with another one is
             refused. packing: recorded in the metadata (`None`: inferred, every attention mask full).
         teacher_name: recorded as the teacher's name (default: its `config._name_or_path`).
@@ -269,7 +274,7 @@ def cache_teacher_outputs(
     from tqdm.auto import tqdm
 
     temperatures = tuple(float(t) for t in temperatures)
-    vocab, max_length = _check_build_args(
+    vocab, max_length, tail_samples = _check_build_args(
         teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype, tail_samples
     )
     output_dir = Path(output_dir)

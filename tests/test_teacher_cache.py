@@ -260,7 +260,14 @@ def test_cache_round_trip(tmp_path, prepared, tiny_tokenizer):
     tail = logp.scatter(-1, expected_ids, float("-inf"))
     torch.testing.assert_close(rows[7:9][tail_column(1.0)], tail.logsumexp(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rows[7:9][tail_column(2)], (tail / 2).logsumexp(-1), atol=1e-5, rtol=1e-5)
-    assert metadata["bytes_per_token"] < 5 * 4 + 100  # uint16 ids + float16 log-probs + tails + inputs
+    assert metadata["tail_samples"] == 16  # the default
+    bucket = cache_teacher_outputs(
+        teacher, prepared, tmp_path / "bucket", top_k=5, tail_samples=0, shard_size=4, show_progress=False
+    )
+    bucket_bytes = json.loads((bucket / METADATA_NAME).read_text())["bytes_per_token"]
+    assert bucket_bytes < 5 * 4 + 100  # uint16 ids + float16 log-probs + tails + inputs
+    # each sample: a uint16 id, a float16 log-prob, a uint8 count (and Arrow's per-row offsets)
+    assert 16 * 5 <= metadata["bytes_per_token"] - bucket_bytes < 16 * 5 * 1.5
 
 
 def test_cache_with_tail_samples_round_trip_and_training(tmp_path, prepared, tiny_tokenizer):
@@ -494,7 +501,7 @@ def test_training_from_a_full_cache_equals_online_kd(tmp_path, prepared, tiny_to
 
 def test_training_from_a_top_64_float16_cache_is_a_lower_bound_of_online_kd(tmp_path, prepared, tiny_tokenizer):
     teacher = build_tiny_model(seed=1)
-    out = cache_teacher_outputs(teacher, prepared, tmp_path / "cache", top_k=64, show_progress=False)
+    out = cache_teacher_outputs(teacher, prepared, tmp_path / "cache", top_k=64, tail_samples=0, show_progress=False)
     _, online_history = _train(tmp_path, "online", prepared, teacher, config={"divergence": "forward_kl"})
     _, cached_history = _train(tmp_path, "cached", prepared, teacher_cache=out, config={"divergence": "forward_kl"})
     for mine, reference in zip(cached_history, online_history, strict=True):

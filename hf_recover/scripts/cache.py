@@ -25,12 +25,12 @@ class CacheArguments:
     )
     output_dir: str = field(default="outputs/teacher-cache", metadata={"help": "Folder to write the cache to."})
     top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position, in [1, vocabulary]."})
-    tail_samples: int = field(
-        default=0,
+    tail_samples: int | None = field(
+        default=None,
         metadata={
             "help": "Tokens drawn per position from the rest of the vocabulary (at the largest temperature), over "
             "which training spreads the tail's mass instead of keeping it as one bucket; 5 bytes each per token. "
-            "0: one bucket."
+            "0: one bucket. Default 16 (fewer when the tail is smaller)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the tail samples' generator."})
