@@ -169,7 +169,7 @@ class DistillationConfig(TrainingArguments):
             "ever exist whole: the memory of a plain fine-tuning step at long contexts and large vocabularies. Used "
             "with the fused cross-entropy, for the tested model types whose logits are norm → linear lm_head (→ "
             "Gemma's soft-capping); others keep their logits. Measured on 2 CPU cores: peak memory 0.88× a plain CE "
-            "step at 4 × 1024 tokens and 0.68× at a 151,936-token vocabulary, step time 0.94-0.98× the logits path "
+            "step at 4 × 1024 tokens and 0.68× at a 151,936-token vocabulary, step time 0.93-0.94× the logits path "
             "(0.72× at the large vocabulary). Set False to keep the logits path (e.g. for a compute_loss override "
             "that reads the training outputs' logits). Default True."
         },
