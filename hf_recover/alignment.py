@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from numbers import Integral, Real
 from typing import TYPE_CHECKING
 
@@ -112,28 +111,15 @@ def build_projectors(
 # -- the last block's raw output ------------------------------------------------------------------------------
 
 
-@contextmanager
 def last_block_output(model: nn.Module, enabled: bool):
     """Capture the raw output of `model`'s last transformer block during a forward inside the block.
 
     Yields a list that holds that output once the forward ran; it stays empty when disabled or when the blocks
     are not found as `model.model.layers` through DDP/DeepSpeed/PEFT wrappers (the HF hidden state is used then).
     """
-    captured: list[torch.Tensor] = []
-    block = _last_block(model) if enabled else None
-    if block is None:
-        yield captured
-        return
+    from .heads import first_output
 
-    def keep(module, args, output):
-        if not captured:  # a gradient-checkpointing recomputation must not replace the first output
-            captured.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = block.register_forward_hook(keep)
-    try:
-        yield captured
-    finally:
-        handle.remove()
+    return first_output(_last_block(model) if enabled else None)
 
 
 def _last_block(model: nn.Module) -> nn.Module | None:

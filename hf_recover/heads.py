@@ -101,27 +101,36 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
-def final_hidden_states(model: nn.Module, enabled: bool):
-    """Capture what `model`'s lm_head reads, its final norm's output, during a forward inside the block.
+def first_output(module: nn.Module | None):
+    """Capture `module`'s output (the first element of a tuple output) during a forward inside the block.
 
-    The fused lm_head reads it this way rather than through `output_hidden_states`, which would keep every layer's
-    hidden states alive until the loss is computed: for the teacher, `num_layers × tokens × hidden` of memory that
-    nothing else needs. Yields a list that holds the output once the forward ran (empty when disabled).
+    Yields a list that holds the output once the forward ran; it stays empty when `module` is None. The first call
+    wins: a gradient-checkpointing recomputation must not replace the output the graph was built on.
     """
     captured: list[torch.Tensor] = []
-    if not enabled:
+    if module is None:
         yield captured
         return
 
     def keep(module, args, output):
         if not captured:
-            captured.append(output)
+            captured.append(output[0] if isinstance(output, tuple) else output)
 
-    handle = final_norm(model).register_forward_hook(keep)
+    handle = module.register_forward_hook(keep)
     try:
         yield captured
     finally:
         handle.remove()
+
+
+def final_hidden_states(model: nn.Module, enabled: bool):
+    """Capture what `model`'s lm_head reads, its final norm's output (`first_output`), when `enabled`.
+
+    The fused lm_head reads it this way rather than through `output_hidden_states`, which would keep every layer's
+    hidden states alive until the loss is computed: for the teacher, `num_layers × tokens × hidden` of memory that
+    nothing else needs.
+    """
+    return first_output(final_norm(model) if enabled else None)
 
 
 def no_logits(device: torch.device) -> torch.Tensor:

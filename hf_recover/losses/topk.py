@@ -111,10 +111,8 @@ def sample_tail(
     each was drawn (int64; the draws sum to `samples`). Rows with fewer distinct draws are filled with the most
     likely undrawn tail tokens, count 0."""
     ids, logprobs, counts = [], [], []
-    for chunk, chunk_top in zip(
-        logits.split(max(1, chunk_elements // logits.size(-1))),
-        top_ids.split(max(1, chunk_elements // logits.size(-1))),
-    ):
+    rows = max(1, chunk_elements // logits.size(-1))
+    for chunk, chunk_top in zip(logits.split(rows), top_ids.split(rows)):
         shifted = chunk.float()
         shifted = shifted - shifted.max(-1, keepdim=True).values
         log_normaliser = shifted.logsumexp(-1, keepdim=True)
