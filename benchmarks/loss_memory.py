@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
+
+import harness
 
 LOSSES = ("forward_kl", "skew_forward_kl")
 VARIANTS = ("naive", "chunked")
@@ -68,7 +68,7 @@ def naive_loss(name: str, student_logits, teacher_logits, labels):
 
 
 def chunked_loss(name: str, student_logits, teacher_logits, labels, chunk_size):
-    from hf_recover.losses import DIVERGENCES
+    from hf_recover.base.losses import DIVERGENCES
 
     params = {"skew_lambda": SKEW_LAMBDA} if name == "skew_forward_kl" else {}
     return DIVERGENCES[name](
@@ -80,7 +80,7 @@ def worker(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from hf_recover.losses import fused_linear_divergence
+    from hf_recover.base.losses import fused_linear_divergence
 
     torch.manual_seed(0)
     teacher = 3 * torch.randn(args.batch, args.seq_len, args.vocab)
@@ -121,21 +121,10 @@ def worker(args) -> None:
 
 
 def run_variant(args, loss: str, variant: str) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        f"--loss={loss}",
-        f"--variant={variant}",
-        f"--batch={args.batch}",
-        f"--seq-len={args.seq_len}",
-        f"--vocab={args.vocab}",
-        f"--repeats={args.repeats}",
-    ]
-    if args.chunk_size:
-        command.append(f"--chunk-size={args.chunk_size}")
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    flags = {"--worker": True, "--loss": loss, "--variant": variant, "--batch": args.batch, "--seq-len": args.seq_len}
+    return harness.run_variant(
+        __file__, {**flags, "--vocab": args.vocab, "--repeats": args.repeats, "--chunk-size": args.chunk_size}
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,13 +41,13 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_recover import DistillationConfig, DistillationTrainer, evaluate_perplexity  # noqa: E402
-from hf_recover.data import prepare_recovery_dataset  # noqa: E402
-from hf_recover.defaults import load_default_teacher  # noqa: E402
-from hf_recover.recovery import RecoveryCurve, build_student, tokens_to_reach  # noqa: E402
+from hf_recover.base.data import prepare_recovery_dataset  # noqa: E402
+from hf_recover.base.defaults import load_default_teacher  # noqa: E402
+from hf_recover.prune.spec import PruneSpec  # noqa: E402
+from hf_recover.recovery import RecoveryCurve, tokens_to_reach  # noqa: E402
 from hf_recover.scripts.arguments import (  # noqa: E402
     DataArguments,
     load_text_splits,
-    parse_prune_spec,
     prepare_eval_splits,
 )
 from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
@@ -147,9 +147,7 @@ def main(argv=None) -> dict:
     results = {"budgets": args.budgets}
     # The naive student: the 6 blocks of lowest block influence on 16 calibration blocks (the reference protocol).
     naive_calibration = train.select(range(NAIVE_CALIBRATION_BLOCKS))
-    naive_student, naive_config = build_student(
-        teacher, {"depth": {"method": "importance", "n": 6}}, data=naive_calibration
-    )
+    naive_student, naive_config = PruneSpec.parse("importance:6").build(teacher, naive_calibration)
     if args.reference:
         values = [float(v) for v in args.reference.split(",")]
         results["teacher"] = dict(zip(eval_splits, values[:2], strict=True))
@@ -176,8 +174,8 @@ def main(argv=None) -> dict:
             )
             student_before = results["pruned"]
         else:
-            spec = parse_prune_spec(args.prune or DEMO_DEFAULTS["prune"])
-            student, config = build_student(teacher, spec, data=calibration)
+            spec = PruneSpec.parse(args.prune or DEMO_DEFAULTS["prune"])
+            student, config = spec.build(teacher, calibration)
             student_before = evaluate(student)
             batch = args.overrides.get(
                 "per_device_train_batch_size", DistillationConfig.DEPTH_RECOVERY_RECIPE["per_device_train_batch_size"]
@@ -192,7 +190,7 @@ def main(argv=None) -> dict:
                 model=student, teacher_model=teacher, args=recipe, pruned_config=config, train_dataset=train,
                 callbacks=[callback],
             )  # fmt: skip
-            results["recommended_prune"] = spec
+            results["recommended_prune"] = str(spec)
             results["recommended_removed"] = config.removed_layer_indices
             results["recommended_recipe"] = {
                 k: getattr(recipe, k)

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 from step_overhead import REMOVED_BLOCKS, StepTimer, make_batches, step_arguments
 
 VARIANTS = {
@@ -79,8 +78,6 @@ def prepare_models(folder: Path, kind: str, tiny: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from hf_recover import prune_depth
-
     torch.manual_seed(0)
     if tiny:
         config = Qwen2Config(
@@ -100,20 +97,12 @@ def prepare_models(folder: Path, kind: str, tiny: bool) -> None:
 
         teacher, _ = load_default_teacher()
         removed = REMOVED_BLOCKS
-    student, pruned = prune_depth(teacher, remove=removed)
-    teacher.save_pretrained(folder / "teacher")
-    student.save_pretrained(folder / "student")
-    pruned.save_pretrained(folder / "student")
+    harness.save_teacher_and_student(folder, teacher, removed)
 
 
 def run_variant(variant: str, args, models: Path, batch: int, seq_len: int) -> dict:
-    command = [sys.executable, __file__, "--variant", variant, "--models", str(models)]
-    command += ["--batch", str(batch), "--seq-len", str(seq_len), "--steps", str(args.steps)]
-    command += ["--warmup", str(args.warmup)]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"variant ({variant}) failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    flags = {"--variant": variant, "--models": models, "--batch": batch, "--seq-len": seq_len}
+    return harness.run_variant(__file__, {**flags, "--steps": args.steps, "--warmup": args.warmup})
 
 
 def main(argv=None) -> None:
@@ -185,7 +174,7 @@ def measure(args) -> dict:
         trainer = DistillationTrainer(student, teacher, config, train_dataset=data, callbacks=[timer.callback])
         assert trainer._fused_heads == ((True, True) if args.variant == "c" else (False, False))
     trainer.train()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    peak_rss = harness.peak_rss_bytes()
     median = statistics.median(timer.times[args.warmup :])
     return {"variant": args.variant, "median_s": median, "times": timer.times, "peak_rss": peak_rss}
 

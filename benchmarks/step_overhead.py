@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import harness
 
 VARIANTS = {
     "a": "plain Trainer, CE",
@@ -68,8 +68,6 @@ def parse_args(argv=None):
 def prepare_models(folder: Path, tiny: bool) -> None:
     import torch
 
-    from hf_recover import prune_depth
-
     if tiny:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,22 +87,14 @@ def prepare_models(folder: Path, tiny: bool) -> None:
 
         teacher, _ = load_default_teacher()
         removed = REMOVED_BLOCKS
-    student, pruned = prune_depth(teacher, remove=removed)
-    teacher.save_pretrained(folder / "teacher")
-    student.save_pretrained(folder / "student")
-    pruned.save_pretrained(folder / "student")
+    harness.save_teacher_and_student(folder, teacher, removed)
 
 
 def run_variant(variant: str, args, models: Path) -> dict:
-    command = [sys.executable, __file__, "--variant", variant, "--models", str(models)]
-    command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
-    command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"variant ({variant}) failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    flags = {"--variant": variant, "--models": models, "--batch": args.batch, "--seq-len": args.seq_len}
+    return harness.run_variant(
+        __file__, {**flags, "--steps": args.steps, "--warmup": args.warmup, "--threads": args.threads}
+    )
 
 
 def main(argv=None) -> None:
@@ -242,7 +232,7 @@ def measure(args) -> dict:
             trainer = DistillationTrainer(student, teacher, config, train_dataset=data, callbacks=[timer.callback])
         trainer.train()
         times, cpu_times = timer.times, timer.cpu_times
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    peak_rss = harness.peak_rss_bytes()
     median = statistics.median(times[args.warmup :])
     return {"variant": args.variant, "median_s": median, "times": times, "cpu_times": cpu_times, "peak_rss": peak_rss}
 

@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import harness
 from step_overhead import REMOVED_BLOCKS, StepTimer, prepare_models, step_arguments
 
 VARIANTS = {
@@ -76,16 +75,9 @@ def parse_args(argv=None):
 
 
 def run_variant(variant: str, args, models: Path) -> dict:
-    command = [sys.executable, __file__, "--variant", variant, "--models", str(models), "--top-k", str(args.top_k)]
-    command += ["--tail-samples", str(args.tail_samples)]
-    command += ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
-    command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"variant ({variant}) failed:\n{completed.stderr[-4000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    flags = {"--variant": variant, "--models": models, "--top-k": args.top_k, "--tail-samples": args.tail_samples}
+    flags.update({"--batch": args.batch, "--seq-len": args.seq_len, "--steps": args.steps, "--warmup": args.warmup})
+    return harness.run_variant(__file__, {**flags, "--threads": args.threads})
 
 
 def main(argv=None) -> None:
@@ -176,8 +168,8 @@ def measure(args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
     from hf_recover import DistillationConfig, DistillationTrainer
-    from hf_recover.fingerprints import weights_fingerprint
-    from hf_recover.teacher_cache import cache_teacher_outputs, load_teacher_cache
+    from hf_recover.distill.fingerprints import weights_fingerprint
+    from hf_recover.distill.teacher_cache import cache_teacher_outputs, load_teacher_cache
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,7 +228,7 @@ def measure(args) -> dict:
                 )
         trainer.train()
         times = timer.times
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    peak_rss = harness.peak_rss_bytes()
     return {**result, "median_s": statistics.median(times[args.warmup :]), "times": times, "peak_rss": peak_rss}
 
 
@@ -245,9 +237,9 @@ def measure_kd_error(args, models: Path) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_recover.data import prepare_recovery_dataset
-    from hf_recover.loading import load_model
-    from hf_recover.losses import DIVERGENCES, TopKTeacher, teacher_top_k
+    from hf_recover.base.data import prepare_recovery_dataset
+    from hf_recover.base.loading import load_model
+    from hf_recover.base.losses import DIVERGENCES, TopKTeacher, teacher_top_k
     from hf_recover.scripts.arguments import DataArguments, load_text_splits
 
     teacher, tokenizer = load_model("default")
@@ -295,11 +287,11 @@ def measure_quality(args, models: Path) -> dict[str, dict[str, float]]:
     from transformers import AutoModelForCausalLM
 
     from hf_recover import DistillationConfig, cache_teacher_outputs, load_teacher_cache
-    from hf_recover.data import prepare_recovery_dataset
-    from hf_recover.loading import load_model
+    from hf_recover.base.data import prepare_recovery_dataset
+    from hf_recover.base.loading import load_model
+    from hf_recover.distill.teacher_cache import tail_sample_columns
     from hf_recover.recovery import run_recovery
     from hf_recover.scripts.arguments import DataArguments, load_text_splits, prepare_eval_splits
-    from hf_recover.teacher_cache import tail_sample_columns
 
     teacher, tokenizer = load_model("default")
     data_args = DataArguments(max_length=256)

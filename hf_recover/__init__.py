@@ -1,55 +1,62 @@
 """hf_recover: heal structurally pruned language models by knowledge distillation.
 
-The public API. Names are imported lazily so that `import hf_recover` stays fast and a CLI
-`--help` does not pay for importing torch and transformers.
+The public API. The package is arranged in parts (see the README's "Architecture"): `base` (losses, data, pruned
+config, loading, model anatomy, evaluation, reporting, metrics, the embedded defaults), `distill` (the trainer and
+its teacher), `prune` (what to prune, and pruning it), `publish` (model card, Hub) and this face (the public names,
+`recovery`, `cli`, `scripts`, `integrations`). Names are imported lazily so that `import hf_recover` stays fast
+and a CLI `--help` does not pay for importing torch and transformers.
 """
 
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from . import moved_modules
+from .base.version import __version__
+
+moved_modules.install()  # the import paths of before the parts keep working, with a DeprecationWarning
 
 _EXPORTS = {
-    "DistillationConfig": "config",
-    "DistillationTrainer": "trainer",
-    "PrunedConfig": "pruned_config",
-    "load_default_teacher": "defaults",
-    "load_default_corpus": "defaults",
-    "load_recovery_data": "data",
-    "prepare_recovery_dataset": "data",
-    "evaluate_perplexity": "evaluation",
-    "recovery_metrics": "evaluation",
-    "evaluate_lm_eval": "evaluation",
-    "capability_retention": "evaluation",
-    "forward_kl": "losses",
-    "reverse_kl": "losses",
-    "skew_forward_kl": "losses",
-    "skew_reverse_kl": "losses",
-    "generalized_jsd": "losses",
-    "total_variation": "losses",
-    "hidden_alignment_loss": "alignment",
-    "feature_dynamics_loss": "alignment",
-    "distillation_loss": "losses",
-    "DistillationLoss": "losses",
-    "build_layer_map": "alignment",
-    "block_importance": "pruning",
-    "plot_block_importance": "pruning",
-    "neuron_importance": "pruning",
-    "head_importance": "pruning",
-    "hidden_importance": "pruning",
-    "prune_depth": "pruning",
-    "prune_width": "pruning",
-    "load_pruned": "loading",
-    "select_candidate": "pruning",
-    "CandidateReport": "pruning",
-    "generate_model_card": "card",
-    "save_model_card": "card",
-    "push_recovered": "hub",
-    "HubPushError": "hub",
-    "cache_teacher_outputs": "teacher_cache",
-    "load_teacher_cache": "teacher_cache",
-    "TeacherCache": "teacher_cache",
-    "TopKTeacher": "losses",
+    "DistillationConfig": "distill.config",
+    "DistillationTrainer": "distill.trainer",
+    "PrunedConfig": "base.pruned_config",
+    "load_default_teacher": "base.defaults",
+    "load_default_corpus": "base.defaults",
+    "load_recovery_data": "base.data",
+    "prepare_recovery_dataset": "base.data",
+    "evaluate_perplexity": "base.evaluation",
+    "recovery_metrics": "base.evaluation",
+    "evaluate_lm_eval": "base.evaluation",
+    "capability_retention": "base.evaluation",
+    "forward_kl": "base.losses",
+    "reverse_kl": "base.losses",
+    "skew_forward_kl": "base.losses",
+    "skew_reverse_kl": "base.losses",
+    "generalized_jsd": "base.losses",
+    "total_variation": "base.losses",
+    "hidden_alignment_loss": "distill.alignment",
+    "feature_dynamics_loss": "distill.alignment",
+    "distillation_loss": "base.losses",
+    "DistillationLoss": "base.losses",
+    "build_layer_map": "distill.alignment",
+    "block_importance": "prune",
+    "plot_block_importance": "prune",
+    "neuron_importance": "prune",
+    "head_importance": "prune",
+    "hidden_importance": "prune",
+    "prune_depth": "prune",
+    "prune_width": "prune",
+    "PruneSpec": "prune",
+    "load_pruned": "base.loading",
+    "select_candidate": "prune",
+    "CandidateReport": "prune",
+    "generate_model_card": "publish.card",
+    "save_model_card": "publish.card",
+    "push_recovered": "publish.hub",
+    "HubPushError": "publish.hub",
+    "cache_teacher_outputs": "distill.teacher_cache",
+    "load_teacher_cache": "distill.teacher_cache",
+    "TeacherCache": "distill.teacher_cache",
+    "TopKTeacher": "base.losses",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -68,15 +75,11 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .alignment import build_layer_map, feature_dynamics_loss, hidden_alignment_loss
-    from .card import generate_model_card, save_model_card
-    from .config import DistillationConfig
-    from .data import load_recovery_data, prepare_recovery_dataset
-    from .defaults import load_default_corpus, load_default_teacher
-    from .evaluation import capability_retention, evaluate_lm_eval, evaluate_perplexity, recovery_metrics
-    from .hub import HubPushError, push_recovered
-    from .loading import load_pruned
-    from .losses import (
+    from .base.data import load_recovery_data, prepare_recovery_dataset
+    from .base.defaults import load_default_corpus, load_default_teacher
+    from .base.evaluation import capability_retention, evaluate_lm_eval, evaluate_perplexity, recovery_metrics
+    from .base.loading import load_pruned
+    from .base.losses import (
         DistillationLoss,
         TopKTeacher,
         distillation_loss,
@@ -87,17 +90,21 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         skew_reverse_kl,
         total_variation,
     )
-    from .pruned_config import PrunedConfig
-    from .pruning import (
+    from .base.pruned_config import PrunedConfig
+    from .distill.alignment import build_layer_map, feature_dynamics_loss, hidden_alignment_loss
+    from .distill.config import DistillationConfig
+    from .distill.teacher_cache import TeacherCache, cache_teacher_outputs, load_teacher_cache
+    from .distill.trainer import DistillationTrainer
+    from .prune import (
         CandidateReport,
+        PruneSpec,
         block_importance,
         head_importance,
         hidden_importance,
-        neuron_importance,
         plot_block_importance,
         prune_depth,
         prune_width,
         select_candidate,
     )
-    from .teacher_cache import TeacherCache, cache_teacher_outputs, load_teacher_cache
-    from .trainer import DistillationTrainer
+    from .publish.card import generate_model_card, save_model_card
+    from .publish.hub import HubPushError, push_recovered

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .config import DistillationConfig
-from .evaluation import count_parameters, evaluate_perplexity, recovery_metrics
-from .reporting import before_after_table, format_parameters, format_percent
+from .base.evaluation import count_parameters, evaluate_perplexity, recovery_metrics
+from .base.reporting import before_after_table, format_parameters, format_percent
+from .distill.config import DistillationConfig
 
 _BATCH = "per_device_train_batch_size"
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -73,45 +73,6 @@ class RecoveryResult:
         return before_after_table(self.perplexity) + ("\n\n" + "; ".join(facts) if facts else "")
 
 
-def needs_calibration(spec: dict[str, Any]) -> bool:
-    """Whether pruning by `spec` scores blocks or neurons on calibration data."""
-    from .pruning.width import width_needs_data
-
-    return _scored_depth(spec.get("depth")) or width_needs_data(spec.get("width", {}))
-
-
-def _scored_depth(depth: dict[str, Any] | None) -> bool:
-    """Whether depth pruning reads calibration data: to score the blocks, or to heal the cuts."""
-    if not depth:
-        return False
-    scored = "remove" not in depth and "scores" not in depth and depth.get("method") != "last"
-    return scored or bool(depth.get("heal"))
-
-
-def build_student(teacher: torch.nn.Module, spec: dict[str, Any], *, data: Any = None, max_batches: int | None = None):
-    """Prune a copy of `teacher` as `spec` says (`{"depth": {...}, "width": {...}}`, depth first).
-
-    `data` is the calibration data for the scored methods (depth `importance`/`angular`, width
-    `activation`, heads, hidden size) and for healing the cuts (see `needs_calibration`). Returns
-    `(student, PrunedConfig)`; `teacher` is untouched.
-    """
-    from .pruning import prune_depth, prune_width
-
-    student, pruned_config = teacher, None
-    if "depth" in spec:
-        depth = dict(spec["depth"])
-        if _scored_depth(depth):
-            depth.update(data=data, max_batches=max_batches)
-        student, pruned_config = prune_depth(student, **depth)
-    if "width" in spec:
-        width = dict(spec["width"])
-        if needs_calibration({"width": width}):
-            width.update(data=data, max_batches=max_batches)
-        student, pruned_config = prune_width(student, inplace=student is not teacher, **width)
-    # The copy inherits the teacher's flags, and a teacher that trained a student before is frozen.
-    return student.requires_grad_(True), pruned_config
-
-
 def evaluate_splits(
     models: dict[str, torch.nn.Module], splits: dict[str, Any], *, batch_size: int = 8, max_batches: int | None = None
 ) -> dict[str, dict[str, float]]:
@@ -152,7 +113,7 @@ def run_recovery(
     `args.output_dir`. `teacher_cache` (a `TeacherCache` of `train_dataset`) replaces the teacher in training;
     the teacher is then only evaluated. Returns `(trainer, result)`.
     """
-    from .trainer import DistillationTrainer
+    from .distill.trainer import DistillationTrainer
 
     start = time.perf_counter()
     # The trainer validates the recipe (layer map, projectors, vocabularies) before any evaluation is spent.

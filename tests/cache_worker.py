@@ -18,7 +18,7 @@ def build(output_dir: str) -> None:
     from datasets import Dataset
 
     from hf_recover import prepare_recovery_dataset
-    from hf_recover.teacher_cache import cache_teacher_outputs
+    from hf_recover.distill.teacher_cache import cache_teacher_outputs
 
     tokenizer = build_tiny_tokenizer()
     texts = [text[: 12 + 7 * i] for i, text in enumerate(TINY_TEXTS * 2)]

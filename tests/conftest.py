@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from hf_recover.constants import IGNORE_INDEX  # noqa: E402
+from hf_recover.base.constants import IGNORE_INDEX  # noqa: E402
 
 TINY_TEXTS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the warm sun all afternoon.",
@@ -130,3 +130,21 @@ def make_inputs(batch=3, seq=47, vocab=123, *, teacher_vocab=None, dtype=torch.f
         labels[torch.rand(batch, seq) < ignore] = IGNORE_INDEX
         labels[0, :5] = IGNORE_INDEX  # a prompt-like prefix
     return student, teacher, labels
+
+
+def make_args(tmp_path, name: str = "out", cls=None, **overrides):
+    """A quiet, CPU-only, short `DistillationConfig` (or `cls`) writing to `tmp_path / name`; `overrides` win."""
+    from hf_recover.distill.config import DistillationConfig
+
+    kwargs = dict(
+        output_dir=str(tmp_path / name),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return (cls or DistillationConfig)(**{**kwargs, **overrides})

@@ -9,7 +9,9 @@ from conftest import make_inputs
 from torch import nn
 
 from hf_recover import PrunedConfig, build_layer_map
-from hf_recover.alignment import (
+from hf_recover.base.constants import IGNORE_INDEX
+from hf_recover.base.losses import forward_kl
+from hf_recover.distill.alignment import (
     HiddenProjector,
     LayerPairs,
     build_projectors,
@@ -17,8 +19,6 @@ from hf_recover.alignment import (
     hidden_alignment_loss,
     layer_map_pairs,
 )
-from hf_recover.constants import IGNORE_INDEX
-from hf_recover.losses import forward_kl
 
 
 def test_uniform_and_last():

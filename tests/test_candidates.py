@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_recover.evaluation import evaluate_perplexity
-from hf_recover.pruning import CandidateReport, prune_depth, prune_width, select_candidate
-from hf_recover.pruning import candidates as candidates_module
+from hf_recover.base.evaluation import evaluate_perplexity
+from hf_recover.prune import CandidateReport, prune_depth, prune_width, select_candidate
+from hf_recover.prune import importance as importance_module
+from hf_recover.prune.spec import PruneSpec
 
 
 def _rows(n_rows=4, length=16, seed=0):
@@ -59,18 +60,20 @@ def test_metrics_equal_independent_computations(tiny_llama):
 
     by_name = {r.name: r for r in report.results}
     manual, _ = prune_depth(tiny_llama, remove=[1, 2])
-    result = by_name["depth remove=[1, 2]"]
+    result = by_name["remove:1,2"]
     assert result.perplexity == pytest.approx(evaluate_perplexity(manual, rows)["perplexity"], rel=1e-5)
     assert result.kl == pytest.approx(_naive_kl(tiny_llama, manual, rows), rel=1e-4, abs=1e-7)
     assert result.num_layers == 4
     assert result.pruned_config.removed_layer_indices == [1, 2]
 
     narrow, _ = prune_width(tiny_llama, pruning_ratio=0.5, method="vow")
-    result = by_name["width:vow pruning_ratio=0.5"]
+    result = by_name["width:vow:0.5"]
     assert result.kl == pytest.approx(_naive_kl(tiny_llama, narrow, rows), rel=1e-4, abs=1e-7)
     assert result.pruned_config.student_intermediate_sizes == [32] * 6
 
-    combined = by_name["depth remove=[0] + width:activation expansion_rate=1.0"].pruned_config
+    combined = by_name[
+        '{"depth": {"remove": [0]}, "width": {"expansion_rate": 1.0, "method": "activation"}}'
+    ].pruned_config
     assert combined.kept_layer_indices == [1, 2, 3, 4, 5]
     assert combined.student_intermediate_sizes == [32] * 5
     assert combined.pruning_types == ["depth", "width"]
@@ -88,8 +91,8 @@ def test_metrics_equal_independent_computations(tiny_llama):
 
 def test_importance_candidates_share_one_scoring(tiny_llama, monkeypatch):
     calls = []
-    original = candidates_module._block_scores
-    monkeypatch.setattr(candidates_module, "_block_scores", lambda *a, **k: calls.append(k) or original(*a, **k))
+    original = importance_module._block_scores
+    monkeypatch.setattr(importance_module, "_block_scores", lambda *a, **k: calls.append(k) or original(*a, **k))
     rows = _rows()
     report = select_candidate(
         tiny_llama, {"one": {"depth": {"n": 1}}, "three": {"depth": {"n": 3}}}, rows, calibration_data=rows[:2]
@@ -120,20 +123,20 @@ def test_rank_by_kl_and_table_formats(tiny_llama):
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ({"depht": {"n": 2}}, r"unknown key\(s\) \['depht'\]; valid keys are \['depth', 'width'\]"),
-        ({"depth": {"n": 2, "blocks": [1]}}, r"unknown depth key\(s\) \['blocks'\]; valid depth keys"),
-        ({"width": {"ratio": 0.5}}, r"unknown width key\(s\) \['ratio'\]; valid width keys"),
+        ({"depht": {"n": 2}}, r"a dict with keys 'depth' and/or 'width'; got \{'depht'"),
+        ({"depth": {"n": 2, "blocks": [1]}}, r"'depth' has unknown key\(s\) \['blocks'\]; its keys are"),
+        ({"width": {"ratio": 0.5}}, r"'width' has unknown key\(s\) \['ratio'\]; its keys are"),
         ({"depth": {"n": 6, "method": "last"}}, "n must be"),
         ({"depth": {"remove": [9]}}, "outside"),
         ({"depth": {"n": 2, "method": "cosine"}}, "method must be one of"),
         ({"width": {"pruning_ratio": 1.5}}, r"\(0, 1\)"),
         ({"width": {"pruning_ratio": 0.5, "method": "l2"}}, "method must be one of"),
         ({"depth": {"n": 2}, "width": {"pruning_ratio": 0.5, "layers": [4]}}, "outside"),
-        ({}, "a spec is a dict"),
+        ({}, "A prune spec is a dict"),
     ],
 )
 def test_bad_spec_raises_before_building(tiny_llama, monkeypatch, spec, match):
-    monkeypatch.setattr(candidates_module, "_build", lambda *a, **k: pytest.fail("a candidate was built"))
+    monkeypatch.setattr(PruneSpec, "build", lambda *a, **k: pytest.fail("a candidate was built"))
     with pytest.raises(ValueError, match=match):
         select_candidate(tiny_llama, [{"depth": {"n": 1, "method": "last"}}, spec], _rows())
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_TEXTS, build_tiny_model, build_tiny_tokenizer
+from conftest import TINY_TEXTS, build_tiny_model, build_tiny_tokenizer, make_args
 from datasets import Dataset
 from huggingface_hub import ModelCard, metadata_load
 
@@ -27,9 +27,9 @@ from hf_recover import (
     prune_depth,
     save_model_card,
 )
-from hf_recover.card import CARD_METRICS
-from hf_recover.card_merge import BEGIN_MARKER, END_MARKER
-from hf_recover.evaluation import recovery_metrics
+from hf_recover.base.evaluation import recovery_metrics
+from hf_recover.publish.card import CARD_METRICS
+from hf_recover.publish.card_merge import BEGIN_MARKER, END_MARKER
 
 TEACHER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -306,7 +306,7 @@ def test_card_reads_a_distillation_config(tmp_path):
     ["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "generalized_jsd", "total_variation"],
 )
 def test_kd_row_reads_the_divergence_table(tmp_path, divergence):
-    from hf_recover.losses import DIVERGENCES
+    from hf_recover.base.losses import DIVERGENCES
 
     entry = DIVERGENCES[divergence]
     args = DistillationConfig(output_dir=str(tmp_path), divergence=divergence, report_to="none", use_cpu=True)
@@ -434,7 +434,7 @@ def test_our_own_card_is_replaced_on_the_next_save(tmp_path):
 )
 def test_readme_that_cannot_be_merged_is_left_alone(tmp_path, caplog, content):
     (tmp_path / "README.md").write_text(content, encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="hf_recover.card"):
+    with caplog.at_level(logging.WARNING, logger="hf_recover.publish.card"):
         save_model_card(tmp_path, pruned_config=depth_pruned_config())
     assert (tmp_path / "README.md").read_text(encoding="utf-8") == content
     assert "Not updating" in caplog.text
@@ -523,21 +523,8 @@ def trainer(tmp_path, tiny_dataset):
     teacher = build_tiny_model()
     teacher.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"  # as the embedded teacher names itself
     student, _ = prune_depth(teacher, remove=[1, 4])
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        max_steps=2,
-        save_strategy="steps",
-        save_steps=2,
-        logging_steps=1,
-        disable_tqdm=True,
-        alpha=0.5,
-        beta=0.5,
-        temperature=2.0,
-        hub_model_id="me/tiny-recovered",
-        seed=0,
+    args = make_args(
+        tmp_path, max_steps=2, save_strategy="steps", save_steps=2, temperature=2.0, hub_model_id="me/tiny-recovered"
     )
     return DistillationTrainer(
         student, teacher, args, train_dataset=tiny_dataset, processing_class=build_tiny_tokenizer()
@@ -594,24 +581,10 @@ def evaluated_trainer(tmp_path, tiny_dataset):
     teacher = build_tiny_model()
     teacher.config._name_or_path = TEACHER
     student, _ = prune_depth(teacher, remove=[1, 4])
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "run"),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=2,
-        learning_rate=1e-3,
-        max_steps=4,
-        logging_steps=2,
-        eval_strategy="steps",
-        eval_steps=2,
-        save_strategy="no",
-        disable_tqdm=True,
-        alpha=0.5,
-        beta=0.5,
-        temperature=2.0,
-        seed=0,
-    )
+    args = make_args(
+        tmp_path, "run", per_device_eval_batch_size=2, learning_rate=1e-3, max_steps=4, logging_steps=2,
+        eval_strategy="steps", eval_steps=2, temperature=2.0,
+    )  # fmt: skip
     trainer = DistillationTrainer(
         student,
         teacher,
@@ -717,10 +690,12 @@ def test_create_model_card_honours_trainers_arguments(evaluated_trainer):
 
 
 def test_push_to_hub_passes_trainers_arguments_to_the_card(evaluated_trainer, monkeypatch):
-    import hf_recover.hub
+    import hf_recover.publish.hub
 
     pushed = {}
-    monkeypatch.setattr(hf_recover.hub, "push_recovered", lambda folder, repo_id, **kw: pushed.update(repo=repo_id))
+    monkeypatch.setattr(
+        hf_recover.publish.hub, "push_recovered", lambda folder, repo_id, **kw: pushed.update(repo=repo_id)
+    )
     evaluated_trainer.model.model_tags = ["model-own-tag"]
     evaluated_trainer.push_to_hub(finetuned_from="me/other-base", language="fr", tags="pushed")
     meta = metadata_load(Path(evaluated_trainer.args.output_dir) / "README.md")

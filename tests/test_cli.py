@@ -11,9 +11,9 @@ from conftest import TINY_TEXTS, build_tiny_model
 from huggingface_hub import HfApi
 
 from hf_recover import PrunedConfig
+from hf_recover.base.loading import load_pruned
 from hf_recover.cli import main as cli
-from hf_recover.pruning import load_pruned
-from hf_recover.scripts.arguments import parse_prune_spec
+from hf_recover.prune.spec import PruneSpec
 
 FAST = ["--max_length", "32", "--eval_max_length", "32", "--eval_blocks", "3", "--calibration_blocks", "3"]
 TRAIN = ["--max_steps", "3", "--logging_steps", "1", "--use_cpu", "--per_device_train_batch_size", "2"]
@@ -179,7 +179,7 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
         (["recover", "--student", "./missing-student", "--teacher", "default"], FileNotFoundError, "not a folder"),
         (["evaluate", "--model", "./no/such/model"], FileNotFoundError, "No such model folder"),
         (["prune", "--prune", "importance:six"], ValueError, "Unknown prune spec"),
-        (["prune", "--prune", '{"depth": {"count": 3}}'], ValueError, "takes a dict with keys"),
+        (["prune", "--prune", '{"depth": {"count": 3}}'], ValueError, "'depth' has unknown key\\(s\\) \\['count'\\]"),
         (["compare", "--strategies", "magic"], ValueError, "Unknown strategy"),
         (["compare", "--prunings", "magic:3"], ValueError, "Unknown prune spec"),
         (["compare", "--curve_points", "0"], ValueError, "at least 1 point"),
@@ -190,12 +190,12 @@ def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, mat
     monkeypatch.chdir(tmp_path)
     import transformers
 
-    import hf_recover.defaults
+    import hf_recover.base.defaults
 
     def refuse(*args, **kwargs):
         pytest.fail("loaded a model before validating")
 
-    monkeypatch.setattr(hf_recover.defaults, "load_default_teacher", refuse)
+    monkeypatch.setattr(hf_recover.base.defaults, "load_default_teacher", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
     with pytest.raises(error, match=match):
@@ -206,26 +206,6 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("teacher: default\nlearning_rat: 0.1\n")
     with pytest.raises(SystemExit, match="unknown keys \\['learning_rat'\\]"):
         cli(["recover", "--config", str(tmp_path / "bad.yaml")])
-
-
-def test_prune_spec_shorthands():
-    assert parse_prune_spec("importance:6") == {"depth": {"method": "importance", "n": 6}}
-    assert parse_prune_spec("remove:3,12") == {"depth": {"remove": [3, 12]}}
-    assert parse_prune_spec("greedy:2:heal=lstsq") == {"depth": {"method": "greedy", "n": 2, "heal": "lstsq"}}
-    assert parse_prune_spec("angular:4+width:vow:0.25") == {
-        "depth": {"method": "angular", "n": 4},
-        "width": {"method": "vow", "pruning_ratio": 0.25},
-    }
-    healed = {"depth": {"method": "importance", "n": 6, "heal": "cosine"}}
-    assert parse_prune_spec("importance:6:heal=cosine") == healed
-    assert parse_prune_spec("remove:3,12:heal=lstsq+width:maw:0.1") == {
-        "depth": {"remove": [3, 12], "heal": "lstsq"},
-        "width": {"method": "maw", "pruning_ratio": 0.1},
-    }
-    with pytest.raises(ValueError, match="heal= takes one of"):
-        parse_prune_spec("importance:6:heal=svd")
-    with pytest.raises(ValueError, match="follows a depth part"):
-        parse_prune_spec("width:maw:0.1:heal=lstsq")
 
 
 def test_console_script_help_lists_every_command():
@@ -330,7 +310,9 @@ def test_demo_and_recover_train_with_the_depth_recovery_preset(command):
         assert getattr(config, name) == value, name
     assert data_args.calibration_blocks == 64  # enough tokens for the healing maps
     if command == "demo":  # the angular span, healed: the best measured starting point
-        assert parse_prune_spec(recover_args.prune)["depth"] == {"method": "angular", "n": 6, "heal": "lstsq"}
+        assert PruneSpec.parse(recover_args.prune).to_dict() == {
+            "depth": {"method": "angular", "n": 6, "heal": "lstsq"}
+        }
         assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (120, 2, 256)
     # a flag still overrides the preset
     _, _, changed = parser.parse_args_into_dataclasses(["--learning_rate", "3e-5", "--gamma", "0"])
@@ -339,10 +321,8 @@ def test_demo_and_recover_train_with_the_depth_recovery_preset(command):
 
 def test_named_blocks_with_healing_get_calibration_data(workspace):
     """`remove:...:heal=lstsq` scores nothing but heals: the calibration data must still reach prune_depth."""
-    from hf_recover.recovery import needs_calibration
-
-    assert needs_calibration(parse_prune_spec("remove:1,2:heal=lstsq"))
-    assert not needs_calibration(parse_prune_spec("remove:1,2"))
+    assert PruneSpec.parse("remove:1,2:heal=lstsq").needs_calibration
+    assert not PruneSpec.parse("remove:1,2").needs_calibration
     ws = workspace
     cli(["prune", "--model", str(ws / "teacher"), "--prune", "remove:1,2:heal=lstsq", "--output_dir", str(ws / "s"),
          *data_flags(ws)])  # fmt: skip
@@ -350,7 +330,7 @@ def test_named_blocks_with_healing_get_calibration_data(workspace):
 
 
 def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspace):
-    from hf_recover.teacher_cache import load_teacher_cache
+    from hf_recover.distill.teacher_cache import load_teacher_cache
 
     ws = workspace
     common = ["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "logits_kd",

@@ -4,8 +4,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from hf_recover import load_recovery_data, prepare_recovery_dataset
-from hf_recover.constants import IGNORE_INDEX
-from hf_recover.data import iter_batches
+from hf_recover.base.constants import IGNORE_INDEX
+from hf_recover.base.data import iter_batches
 
 DOCS = ["alpha beta gamma delta", "the quick brown fox", "a", "pruning heals with distillation " * 5]
 

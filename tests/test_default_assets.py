@@ -5,7 +5,7 @@ import json
 import pytest
 
 import hf_recover
-from hf_recover.defaults import cache_root, default_teacher_path, load_default_corpus
+from hf_recover.base.defaults import cache_root, default_teacher_path, load_default_corpus
 
 pytestmark = pytest.mark.slow
 

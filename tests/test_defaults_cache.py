@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_recover.defaults import cache, corpus, teacher
+from hf_recover.base.defaults import cache, corpus, teacher
 
 FILES = {"weights.bin": b"w" * 5000, "sub/config.json": b'{"a": 1}', "notes.txt": b"hello"}
 
@@ -70,7 +70,7 @@ def test_a_damaged_cache_is_rebuilt_and_the_warning_says_why(built, caplog, dama
     folder, build = built
     damage(folder)
     assert cache.find_damage(folder) and problem in "; ".join(cache.find_damage(folder))
-    with caplog.at_level(logging.WARNING, logger="hf_recover.defaults.cache"):
+    with caplog.at_level(logging.WARNING, logger="hf_recover.base.defaults.cache"):
         cache.ensure_built(folder, build, what="test thing")
     assert build.calls == 2
     assert problem in caplog.text and str(folder) in caplog.text
@@ -161,7 +161,7 @@ def test_a_truncated_teacher_cache_is_converted_again(monkeypatch, tmp_path, tin
     # A killed copy or a full disk: the file is cut short. Loading it as is fails with
     # `SafetensorError: incomplete metadata`; the check converts the teacher again instead.
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="hf_recover.defaults.cache"):
+    with caplog.at_level(logging.WARNING, logger="hf_recover.base.defaults.cache"):
         reloaded, _ = teacher.load_default_teacher(tmp_path / "cache")
     assert len(conversions) == 2 and "model.safetensors has" in caplog.text
     assert torch.equal(reloaded(ids).logits, expected)

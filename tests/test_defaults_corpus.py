@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from hf_recover.defaults import corpus
+from hf_recover.base.defaults import corpus
 
 
 def _write_ztext_module(root, books: dict[str, str]):

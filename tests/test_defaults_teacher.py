@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_recover.defaults import cache, fetch, teacher
+from hf_recover.base.defaults import cache, fetch, teacher
 
 
 def test_cache_root_respects_the_documented_order(monkeypatch, tmp_path):

@@ -5,7 +5,7 @@ import torch
 from datasets import Dataset
 
 from hf_recover import evaluate_perplexity, recovery_metrics
-from hf_recover.constants import IGNORE_INDEX
+from hf_recover.base.constants import IGNORE_INDEX
 
 
 def _manual_nll(model, rows):

@@ -8,19 +8,12 @@ import copy
 import pytest
 import torch
 from conftest import ARCHITECTURES, TINY_TEXTS, build_tiny_model, build_tiny_tokenizer
+from conftest import make_args as shared_args
 from datasets import Dataset
 
-from hf_recover import DistillationConfig, DistillationTrainer, prepare_recovery_dataset
+from hf_recover import DistillationTrainer, prepare_recovery_dataset
 
 VOCAB = 320
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -34,22 +27,13 @@ def data():
 def make_args(tmp_path, *, defaults: tuple[str, ...] = (), **overrides):
     """The tests' config; the fields named in `defaults` are left at DistillationConfig's defaults."""
     kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=4,
         optim="sgd",  # Adam would turn round-off in near-zero gradients (unseen tokens' rows) into full-size steps
         learning_rate=0.5,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
         kd_chunk_size=7,  # several chunks per batch, crossing rows
         fused_lm_head=True,
     )
     kwargs.update(overrides)
-    return DistillationConfig(**{name: value for name, value in kwargs.items() if name not in defaults})
+    return shared_args(tmp_path, **{name: value for name, value in kwargs.items() if name not in defaults})
 
 
 def train_both_ways(tmp_path, data, student, teacher, **overrides):
@@ -85,7 +69,7 @@ def test_every_architecture_trains_as_through_whole_logits(tmp_path, data, archi
 def test_the_default_path_is_fused_with_blocks_of_chunks(tmp_path, data, monkeypatch):
     """Without `fused_lm_head` or `kd_chunk_size`, training is fused, its lm_heads run in blocks of 17 positions
     walked in chunks of 5 (sizes scaled down to the tiny models), and it equals training through whole logits."""
-    from hf_recover.losses import chunking
+    from hf_recover.base.losses import chunking
 
     monkeypatch.setattr(chunking, "CPU_CHUNK_ELEMENTS", 5 * VOCAB)
     monkeypatch.setattr(chunking, "HEAD_BLOCK_TOKENS", 17)

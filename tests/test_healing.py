@@ -7,9 +7,9 @@ import torch
 from conftest import build_tiny_model
 
 import hf_recover
-from hf_recover.pruned_config import PrunedConfig
-from hf_recover.pruning import healing, prune_depth
-from hf_recover.pruning.healing import (
+from hf_recover.base.pruned_config import PrunedConfig
+from hf_recover.prune import healing, prune_depth
+from hf_recover.prune.healing import (
     cosine_distance,
     fit_cosine,
     fit_lstsq,
@@ -195,7 +195,7 @@ def test_generation_with_cache_and_save_reload(model_type, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"remove": [2], "heal": "svd", "data": [{"input_ids": [5, 6]}]}, "heal must be None or one of"),
+        ({"remove": [2], "heal": "svd", "data": [{"input_ids": [5, 6]}]}, "heal takes one of"),
         ({"remove": [2], "heal": "lstsq"}, "pass data="),
         ({"n": 2, "method": "last", "heal": "cosine"}, "pass data="),
     ],
@@ -227,7 +227,7 @@ def test_depth_recovery_preset(tmp_path):
 
 
 def test_select_candidate_builds_healed_candidates_without_touching_the_teacher(tiny_llama):
-    from hf_recover.pruning import select_candidate
+    from hf_recover.prune import select_candidate
 
     data = _rows(n_rows=12)
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}

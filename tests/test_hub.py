@@ -231,7 +231,7 @@ def test_no_token_in_files_or_logs(saved_model, hub, caplog, capsys):
         push_recovered(saved_model, "me/recovered", token=TOKEN)
     assert TOKEN not in str(info.value) and "***" in str(info.value)
     push_recovered(saved_model, "me/recovered", token=TOKEN)
-    logging.getLogger("hf_recover.hub").error("failure: %s", info.value)  # as a caller would log it
+    logging.getLogger("hf_recover.publish.hub").error("failure: %s", info.value)  # as a caller would log it
     save_model_card(saved_model, metrics=FULL_METRICS, hub_model_id="me/recovered")
 
     assert "Pushing 7 files" in caplog.text  # logging was captured

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_recover.pruning import block_importance, neuron_importance, plot_block_importance
+from hf_recover.prune import block_importance, neuron_importance, plot_block_importance
 
 
 def _sequences(lengths, seed=0):

@@ -1,4 +1,11 @@
-"""The package's layout rules: the logit losses stand alone, and each module stays one readable concept."""
+"""The package's layout rules: the parts import only downward, the logit losses stand alone, and each module stays
+one readable concept.
+
+The parts (see the README's "Architecture"): `base` imports nothing of hf_recover above it; `prune` and `publish`
+import only the base; `distill` imports the base and `publish` (its save hooks write the model card), never
+`prune`; the face (the package's `__init__`, `cli`, `recovery`, `moved_modules`, `scripts/`, `integrations/`) may
+import everything, and nothing below it imports the face. Imports inside functions count too.
+"""
 
 from __future__ import annotations
 
@@ -10,45 +17,107 @@ import hf_recover
 
 PACKAGE = Path(hf_recover.__file__).parent
 
+ALLOWED = {
+    "base": {"base"},
+    "prune": {"base", "prune"},
+    "publish": {"base", "publish"},
+    "distill": {"base", "publish", "distill"},
+}
+"""What each part may import, by the first name under `hf_recover`."""
 
-def imported_roots(path: Path) -> set[str]:
-    """Top-level names a module imports; relative imports as `.name` (`..` one level up)."""
-    roots = set()
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of every module a file imports, at any depth (relative imports resolved)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            roots.add("." * node.level + module.split(".")[0] if node.level else module.split(".")[0])
-    return roots
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found |= {f"{module}.{alias.name}" for alias in node.names}  # `from . import x` imports x
+    return found
+
+
+def part_of(module: str) -> str | None:
+    """`base`, `distill`, `prune` or `publish` for a module inside a part; None for the face and for outsiders."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "hf_recover" and len(parts) > 1 and parts[1] in ALLOWED else None
+
+
+def upward_imports(path: Path) -> set[str]:
+    """The hf_recover modules a module of a part imports against the rules (the face, or a part it may not use)."""
+    part = part_of(module_name(path))
+    if part is None:  # the face may import everything
+        return set()
+    ours = {module for module in imported_modules(path) if module.split(".")[0] == "hf_recover"}
+    return {module for module in ours if part_of(module) not in ALLOWED[part]}  # None (the face) is never allowed
+
+
+def test_the_parts_import_only_downward():
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(wrong)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (wrong := upward_imports(path))
+    }
+    assert offenders == {}
+
+
+def test_the_direction_rule_sees_a_forbidden_import(tmp_path, monkeypatch):
+    """The check above fails where it should: the base reaching up to a part or the face, prune reaching distill."""
+    fake = tmp_path / "hf_recover"
+    (fake / "base").mkdir(parents=True)
+    (fake / "prune").mkdir()
+    (fake / "base" / "bad.py").write_text(
+        "def f():\n    from .. import __version__\n    from ..prune.depth import prune_depth\n"
+    )
+    (fake / "prune" / "bad.py").write_text(
+        "from ..distill.trainer import DistillationTrainer\nfrom ..base import data\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert upward_imports(fake / "base" / "bad.py") == {
+        "hf_recover",
+        "hf_recover.__version__",
+        "hf_recover.prune.depth",
+        "hf_recover.prune.depth.prune_depth",
+    }
+    assert upward_imports(fake / "prune" / "bad.py") == {
+        "hf_recover.distill.trainer",
+        "hf_recover.distill.trainer.DistillationTrainer",
+    }
 
 
 def test_losses_import_only_torch_and_constants():
-    """`hf_recover.losses` is pure tensor code: torch, the standard library, `hf_recover.constants` and its own
-    modules, nothing else of hf_recover or of the ecosystem (no transformers, no trainer state)."""
-    folder = PACKAGE / "losses"
-    own = {f".{path.stem}" for path in folder.glob("*.py")} | {"."}
+    """`hf_recover.base.losses` is pure tensor code: torch, the standard library, `hf_recover.base.constants` and its
+    own modules, nothing else of hf_recover or of the ecosystem (no transformers, no trainer state)."""
+    folder = PACKAGE / "base" / "losses"
     for path in sorted(folder.glob("*.py")):
+        allowed = ("hf_recover.base.losses", "hf_recover.base.constants", "torch", "__future__")
         foreign = {
-            name
-            for name in imported_roots(path) - own - {"__future__", "torch", "..constants"}
-            if name.lstrip(".") not in sys.stdlib_module_names or name.startswith(".")
+            module
+            for module in imported_modules(path)
+            if not module.startswith(allowed) and module.split(".")[0] not in sys.stdlib_module_names
         }
         assert not foreign, f"{path.name} imports {sorted(foreign)}"
-
-
-def test_the_layout_rule_sees_a_forbidden_import(tmp_path):
-    """The check above fails where it should: a module importing transformers or the trainer."""
-    module = tmp_path / "bad.py"
-    module.write_text("import transformers\nfrom ..trainer import DistillationTrainer\nfrom . import kernels\n")
-    assert imported_roots(module) == {"transformers", "..trainer", "."}
 
 
 MAX_MODULE_LINES = 600
 
 
 def test_no_module_grows_past_one_readable_concept():
-    """A module over ~600 lines holds more than one concept: split it by what its parts are about."""
+    """A guard, not a target: a module near ~600 lines most likely holds more than one concept. Split it where its
+    concepts part."""
     sizes = {
         path.relative_to(PACKAGE): len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.rglob("*.py")
     }

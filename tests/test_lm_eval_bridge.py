@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_recover.evaluation import capability_retention, evaluate_lm_eval
+from hf_recover.base.evaluation import capability_retention, evaluate_lm_eval
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "examples" / "lm_eval_tasks"
 TASK = "hf_recover_facts"

@@ -1,4 +1,4 @@
-"""Loading models (hf_recover.loading): per-block MLP sizes rebuilt by load_pruned, load_model by name, folder
+"""Loading models (hf_recover.base.loading): per-block MLP sizes rebuilt by load_pruned, load_model by name, folder
 or 'default' with its dtype, and the check that pruned_config.json matches the weights next to it."""
 
 import json
@@ -9,8 +9,8 @@ from conftest import build_tiny_model
 from transformers import AutoModelForCausalLM
 
 import hf_recover
-from hf_recover.loading import check_pruned_config_matches_weights, load_model, load_pruned, resolve_dtype
-from hf_recover.pruning import prune_depth, prune_width
+from hf_recover.base.loading import check_pruned_config_matches_weights, load_model, load_pruned, resolve_dtype
+from hf_recover.prune import prune_depth, prune_width
 
 
 def test_different_sizes_reload_with_load_pruned(tiny_model, tmp_path):
@@ -43,9 +43,7 @@ def test_load_pruned_without_pruned_config_and_with_dtype(tiny_llama, tmp_path):
 
 
 def test_the_public_loaders_are_one_function():
-    import hf_recover.pruning
-
-    assert hf_recover.load_pruned is hf_recover.pruning.load_pruned is load_pruned
+    assert hf_recover.load_pruned is load_pruned
 
 
 def _save_different_sizes(model, folder, tokenizer=None):
@@ -85,14 +83,14 @@ def test_load_model_default_is_the_embedded_teacher(monkeypatch):
         seen["dtype"] = dtype
         return "model", "tokenizer"
 
-    monkeypatch.setattr(hf_recover.defaults, "load_default_teacher", fake_teacher)
+    monkeypatch.setattr(hf_recover.base.defaults, "load_default_teacher", fake_teacher)
     assert load_model("default", dtype="bfloat16") == ("model", "tokenizer")
     assert seen["dtype"] == torch.bfloat16
 
 
 def test_auto_dtype_of_the_default_teacher_is_the_one_its_cache_records(monkeypatch, tiny_llama, tmp_path):
     tiny_llama.to(torch.float16).save_pretrained(tmp_path)  # stands in for the converted teacher's folder
-    monkeypatch.setattr(hf_recover.defaults, "default_teacher_path", lambda: tmp_path)
+    monkeypatch.setattr(hf_recover.base.defaults, "default_teacher_path", lambda: tmp_path)
     assert resolve_dtype("default", "auto") == torch.float16
 
 

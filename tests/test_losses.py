@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import make_inputs
 from torch import nn
 
-from hf_recover.constants import IGNORE_INDEX
-from hf_recover.losses import (
+from hf_recover.base.constants import IGNORE_INDEX
+from hf_recover.base.losses import (
     DIVERGENCES,
     distillation_loss,
     forward_kl,
@@ -34,16 +34,6 @@ CASES = [
 ]
 CASE_IDS = [name for name, _ in CASES]
 DENSITIES = pytest.mark.parametrize("ignore", [0.3, 0.8], ids=["dense", "sparse"])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a shared machine waking the thread pool
-    # costs milliseconds per op.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def token_divergence(name: str, p: torch.Tensor, q: torch.Tensor, params: dict) -> torch.Tensor:
@@ -442,7 +432,7 @@ def test_registry_calls_like_the_trainer():
 
 def test_public_api_exports_losses():
     import hf_recover
-    from hf_recover.alignment import feature_dynamics_loss
+    from hf_recover.distill.alignment import feature_dynamics_loss
 
     assert hf_recover.forward_kl is forward_kl
     assert hf_recover.feature_dynamics_loss is feature_dynamics_loss
@@ -502,7 +492,7 @@ def make_fused_inputs(batch=3, seq=29, hidden=16, vocab=61, *, teacher_vocab=Non
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @DENSITIES
 def test_fused_equals_unfused(name, params, dtype, ignore):
-    from hf_recover.losses import fused_linear_divergence
+    from hf_recover.base.losses import fused_linear_divergence
 
     states, weight, lm_bias, teacher, labels = make_fused_inputs(teacher_vocab=63, dtype=dtype, bias=True)
     labels = make_inputs(*labels.shape, 61, ignore=ignore)[2]  # dense (sliced) and sparse (gathered) walks
@@ -528,7 +518,7 @@ def test_fused_equals_unfused(name, params, dtype, ignore):
 
 
 def test_fused_gradcheck_and_scaled_backward():
-    from hf_recover.losses import fused_linear_divergence
+    from hf_recover.base.losses import fused_linear_divergence
 
     states, weight, lm_bias, teacher, labels = make_fused_inputs(2, 4, 3, 5, dtype=torch.float64, bias=True)
 
@@ -548,7 +538,7 @@ def test_fused_never_builds_student_logits():
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from hf_recover.losses import fused_linear_divergence
+    from hf_recover.base.losses import fused_linear_divergence
 
     class LargestOutput(TorchDispatchMode):
         largest = 0
@@ -576,7 +566,7 @@ def test_fused_never_builds_student_logits():
 
 
 def test_fused_bad_inputs():
-    from hf_recover.losses import fused_linear_divergence
+    from hf_recover.base.losses import fused_linear_divergence
 
     states, weight, _, teacher, labels = make_fused_inputs()
     with pytest.raises(ValueError, match="hidden"):
@@ -618,8 +608,8 @@ def test_autocast_does_not_lower_precision(name, params):
 def test_dense_and_sparse_walks():
     """Mostly valid batches are walked in contiguous slices, mostly ignored ones by gathering (`DENSITIES`
     runs every equality test through both)."""
-    from hf_recover.losses.chunking import token_chunks as _token_chunks
-    from hf_recover.losses.reduction import next_token_mask as _valid_mask
+    from hf_recover.base.losses.chunking import token_chunks as _token_chunks
+    from hf_recover.base.losses.reduction import next_token_mask as _valid_mask
 
     for ignore, walk in ((0.3, slice), (0.8, torch.Tensor)):
         _, _, labels = make_inputs(3, 47, 11, ignore=ignore)
@@ -804,7 +794,7 @@ def capped(logits, softcap):
 
 def automatic_blocks_of_several_chunks(monkeypatch, vocab: int) -> None:
     """Automatic chunks of 5 positions and lm_head blocks of 17: blocks span several chunks, and rows."""
-    from hf_recover.losses import chunking
+    from hf_recover.base.losses import chunking
 
     monkeypatch.setattr(chunking, "CPU_CHUNK_ELEMENTS", 5 * vocab)
     monkeypatch.setattr(chunking, "HEAD_BLOCK_TOKENS", 17)
@@ -815,7 +805,7 @@ def automatic_blocks_of_several_chunks(monkeypatch, vocab: int) -> None:
 @pytest.mark.parametrize("blocks", [False, True], ids=["chunk-per-block", "blocks-of-chunks"])
 @DENSITIES
 def test_distillation_loss_from_lm_heads_equals_the_logits_path(name, params, softcap, blocks, ignore, monkeypatch):
-    from hf_recover.losses import LMHeadInputs
+    from hf_recover.base.losses import LMHeadInputs
 
     if blocks:
         automatic_blocks_of_several_chunks(monkeypatch, 61)
@@ -845,7 +835,7 @@ def test_distillation_loss_from_lm_heads_equals_the_logits_path(name, params, so
 
 def test_tied_lm_head_gets_both_gradients():
     """A tied lm_head is the embedding matrix: its gradient from the loss adds to the embedding's own."""
-    from hf_recover.losses import LMHeadInputs
+    from hf_recover.base.losses import LMHeadInputs
 
     embedding = nn.Embedding(61, 16)
     ids = torch.randint(0, 61, (2, 13))
@@ -868,7 +858,7 @@ def test_no_logits_sized_tensor_with_lm_heads_on_both_sides(blocks, monkeypatch)
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from hf_recover.losses import LMHeadInputs
+    from hf_recover.base.losses import LMHeadInputs
 
     states, weight, _, _, labels = make_fused_inputs(2, 64, 8, 50)
     teacher_states, teacher_weight = torch.randn(2, 64, 12), torch.randn(50, 12)
@@ -904,7 +894,7 @@ def test_no_logits_sized_tensor_with_lm_heads_on_both_sides(blocks, monkeypatch)
 
 
 def test_a_teacher_head_that_requires_grad_is_refused():
-    from hf_recover.losses import LMHeadInputs
+    from hf_recover.base.losses import LMHeadInputs
 
     states, weight, _, _, labels = make_fused_inputs(2, 5, 8, 11)
     with pytest.raises(ValueError, match="detached"):

@@ -13,8 +13,8 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from hf_recover import evaluate_perplexity, recovery_metrics
-from hf_recover.constants import IGNORE_INDEX
-from hf_recover.metrics import (
+from hf_recover.base.constants import IGNORE_INDEX
+from hf_recover.base.metrics import (
     next_token_nll,
     perplexity_compute_metrics,
     perplexity_metric_path,
@@ -100,7 +100,7 @@ def test_trainer_compute_metrics_reports_the_perplexity_of_evaluate_perplexity(t
 def test_the_metrics_load_offline_from_a_fresh_modules_cache(tmp_path):
     script = (
         "import evaluate\n"
-        "from hf_recover.metrics import perplexity_metric_path, recovery_metric_path\n"
+        "from hf_recover.base.metrics import perplexity_metric_path, recovery_metric_path\n"
         "print(evaluate.load(perplexity_metric_path()).compute(nll_sum=[3.0], tokens=[2])['nll'])\n"
         "print(evaluate.load(recovery_metric_path()).compute(teacher_perplexity=[2.0], pruned_perplexity=[4.0], "
         "recovered_perplexity=[3.0])['recovery'])\n"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import TINY_TEXTS, build_tiny_model
 
-from hf_recover.evaluation import count_parameters
-from hf_recover.pruning import prune_depth, prune_width
-from hf_recover.pruning.budget import parameters_at, width_spec_at_parameters
+from hf_recover.base.evaluation import count_parameters
+from hf_recover.prune import prune_depth, prune_width
+from hf_recover.prune.budget import parameters_at, width_spec_at_parameters
 
 
 def _rows():

@@ -6,9 +6,9 @@ import torch
 from conftest import build_tiny_model
 from transformers import AutoModelForCausalLM
 
-from hf_recover.evaluation import count_parameters
-from hf_recover.pruned_config import PrunedConfig
-from hf_recover.pruning import block_importance, prune_depth
+from hf_recover.base.evaluation import count_parameters
+from hf_recover.base.pruned_config import PrunedConfig
+from hf_recover.prune import block_importance, prune_depth
 
 
 def _rows(n_rows=3, length=20, seed=0):
@@ -139,7 +139,7 @@ def test_methods_choose_the_right_blocks(tiny_llama):
 
 
 def test_only_blocks_runs_the_pruned_model_and_restores_the_full_one(tiny_model):
-    from hf_recover.pruning.greedy import only_blocks
+    from hf_recover.prune.greedy import only_blocks
 
     ids = torch.randint(3, 320, (2, 20))  # longer than the sliding windows: the per-block masks matter
     kept = [2, 4, 5]
@@ -160,7 +160,7 @@ def test_only_blocks_runs_the_pruned_model_and_restores_the_full_one(tiny_model)
 def test_greedy_removal_equals_a_naive_search_over_pruned_copies(tiny_llama):
     """Each step removes the block whose removal gives the lowest KL to the full model: checked against building
     every candidate with prune_depth and scoring it with the evaluation loop's KL."""
-    from hf_recover.evaluation import score_models
+    from hf_recover.base.evaluation import score_models
 
     rows = _rows(n_rows=4, length=16)
     removed_naive, kl_naive = [], []
@@ -245,8 +245,8 @@ def test_unsupported_architecture_raises():
 def test_importance_beats_last_blocks_on_the_default_teacher():
     """Removing 6 of 30 blocks by block influence gives >= 100x lower perplexity than the last 6."""
     import hf_recover
-    from hf_recover.data import prepare_recovery_dataset
-    from hf_recover.evaluation import evaluate_perplexity
+    from hf_recover.base.data import prepare_recovery_dataset
+    from hf_recover.base.evaluation import evaluate_perplexity
 
     teacher, tokenizer = hf_recover.load_default_teacher()
     corpus = hf_recover.load_default_corpus()

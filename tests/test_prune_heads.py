@@ -8,10 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_recover import PrunedConfig
-from hf_recover.card import generate_model_card
-from hf_recover.evaluation import count_parameters
-from hf_recover.pruning import load_pruned, prune_depth, prune_width
-from hf_recover.pruning.heads import head_importance
+from hf_recover.base.evaluation import count_parameters
+from hf_recover.base.loading import load_pruned
+from hf_recover.prune import prune_depth, prune_width
+from hf_recover.prune.attention_heads import head_importance
+from hf_recover.publish.card import generate_model_card
 
 HEAD = 8  # every tiny model: hidden 32, 4 query heads of 8, 2 key/value heads
 

@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, make_args
 from transformers import AutoModelForCausalLM
 
-from hf_recover.card import generate_model_card
-from hf_recover.evaluation import count_parameters
-from hf_recover.pruning import load_pruned, prune_width
-from hf_recover.pruning.hidden import hidden_importance
+from hf_recover.base.evaluation import count_parameters
+from hf_recover.base.loading import load_pruned
+from hf_recover.prune import prune_width
+from hf_recover.prune.hidden import hidden_importance
+from hf_recover.publish.card import generate_model_card
 
 
 def _rows(n=4, length=12, pad_last=0):
@@ -160,22 +161,8 @@ def test_bad_input_raises_before_touching_the_model(tiny_llama, kwargs, match):
 # -- specs: the CLI shorthand, select_candidate, hf-recover prune ---------------------------------------------------
 
 
-def test_spec_shorthands_for_heads_and_hidden():
-    from hf_recover.scripts.arguments import parse_prune_spec
-
-    assert parse_prune_spec("heads:2") == {"width": {"heads": 2}}
-    assert parse_prune_spec("hidden:0.75") == {"width": {"hidden_size": 0.75}}
-    assert parse_prune_spec("importance:2+width:maw:0.25+heads:0.5+hidden:512") == {
-        "depth": {"method": "importance", "n": 2},
-        "width": {"method": "maw", "pruning_ratio": 0.25, "heads": 0.5, "hidden_size": 512},
-    }
-    for bad in ("heads:", "hidden:many", "heads:1:2"):
-        with pytest.raises(ValueError, match="Prune spec|Unknown prune spec"):
-            parse_prune_spec(bad)
-
-
 def test_select_candidate_builds_head_and_hidden_candidates(tiny_llama):
-    from hf_recover.pruning import select_candidate
+    from hf_recover.prune import select_candidate
 
     rows = [{**row, "labels": row["input_ids"]} for row in _rows(pad_last=0)]
     specs = {
@@ -226,8 +213,8 @@ def test_a_hidden_pruned_student_trains_through_projectors_and_resumes(tmp_path,
     from datasets import Dataset
     from torch import nn
 
-    from hf_recover import DistillationConfig, DistillationTrainer, prepare_recovery_dataset, prune_depth
-    from hf_recover.trainer import PROJECTORS_NAME
+    from hf_recover import DistillationTrainer, prepare_recovery_dataset, prune_depth
+    from hf_recover.distill.trainer import PROJECTORS_NAME
 
     texts = [text[: 12 + 7 * i] for i, text in enumerate(TINY_TEXTS * 2)]
     data = prepare_recovery_dataset(Dataset.from_dict({"text": texts}), tiny_tokenizer, max_length=24, packing=False)
@@ -238,11 +225,9 @@ def test_a_hidden_pruned_student_trains_through_projectors_and_resumes(tmp_path,
     pruned.save_pretrained(tmp_path / "student")
 
     def args(name):
-        return DistillationConfig(
-            output_dir=str(tmp_path / name), report_to="none", use_cpu=True, per_device_train_batch_size=4,
-            learning_rate=1e-3, max_steps=4, logging_steps=1, save_strategy="steps", save_steps=2,
-            disable_tqdm=True, seed=0, gamma=0.5, delta=0.2,
-        )  # fmt: skip
+        return make_args(
+            tmp_path, name, learning_rate=1e-3, max_steps=4, save_strategy="steps", save_steps=2, gamma=0.5, delta=0.2
+        )
 
     full = DistillationTrainer(str(tmp_path / "student"), teacher, args("full"), train_dataset=data)
     assert full.layer_map == [0, 2, 3, 5]  # the blocks depth pruning kept

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from hf_recover.evaluation import count_parameters
-from hf_recover.pruning import load_pruned, prune_depth, prune_width
+from hf_recover.base.evaluation import count_parameters
+from hf_recover.base.loading import load_pruned
+from hf_recover.prune import prune_depth, prune_width
 
 
 def _maw(mlp):
@@ -169,7 +170,7 @@ def test_non_glu_mlp_raises(tiny_llama):
 
 def test_expansion_rate_documented_rounding():
     # the rule in prune_width's docstring, on SmolLM2's sizes
-    from hf_recover.pruning.width import target_sizes
+    from hf_recover.prune.width import target_sizes
 
     assert target_sizes([1536], 576, pruning_ratio=0.2, expansion_rate=None) == [math.floor(1536 * 0.8)]
     assert target_sizes([1536], 576, pruning_ratio=None, expansion_rate=2.0, divisor=128) == [1152]

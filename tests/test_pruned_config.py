@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from hf_recover.constants import PRUNED_CONFIG_NAME
-from hf_recover.pruned_config import PrunedConfig
+from hf_recover.base.constants import PRUNED_CONFIG_NAME
+from hf_recover.base.pruned_config import PrunedConfig
 
 
 def _config(**overrides):

@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from hf_recover.recovery import RecoveryResult
-from hf_recover.reporting import (
+from hf_recover.base.reporting import (
     before_after_rows,
     before_after_table,
     format_parameters,
@@ -15,6 +14,7 @@ from hf_recover.reporting import (
     format_perplexity,
     markdown_table,
 )
+from hf_recover.recovery import RecoveryResult
 
 
 @pytest.mark.parametrize(

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_TEXTS, build_tiny_model
+from conftest import TINY_TEXTS, build_tiny_model, make_args
 
-from hf_recover.constants import IGNORE_INDEX
-from hf_recover.losses import DIVERGENCES, TopKTeacher, distillation_loss, forward_kl, teacher_top_k
-from hf_recover.losses.topk import sample_tail, tail_share
-from hf_recover.teacher_cache import (
+from hf_recover.base.constants import IGNORE_INDEX
+from hf_recover.base.losses import DIVERGENCES, TopKTeacher, distillation_loss, forward_kl, teacher_top_k
+from hf_recover.base.losses.topk import sample_tail, tail_share
+from hf_recover.distill.shards import SHARDS_DIR
+from hf_recover.distill.teacher_cache import (
     METADATA_NAME,
     SAMPLE_IDS_COLUMN,
     SAMPLE_LOGPROBS_COLUMN,
-    SHARDS_DIR,
     TOP_IDS_COLUMN,
     TOP_LOGPROBS_COLUMN,
     cache_teacher_outputs,
@@ -148,7 +148,7 @@ def test_fused_ce_and_cached_kd_equal_their_sum():
 def test_a_student_lm_head_in_blocks_of_chunks_against_a_cache(monkeypatch):
     """The fused lm_head's path with a cached teacher: the student's logits computed per block of 17 positions, the
     loss walked in chunks of 5, equal to the loss and gradients through the student's whole logits."""
-    from hf_recover.losses import LMHeadInputs, chunking
+    from hf_recover.base.losses import LMHeadInputs, chunking
 
     monkeypatch.setattr(chunking, "CPU_CHUNK_ELEMENTS", 5 * 13)
     monkeypatch.setattr(chunking, "HEAD_BLOCK_TOKENS", 17)
@@ -273,7 +273,7 @@ def test_cache_round_trip(tmp_path, prepared, tiny_tokenizer):
 def test_cache_with_tail_samples_round_trip_and_training(tmp_path, prepared, tiny_tokenizer):
     """Tail samples are stored with the top-k (ids outside it, counts summing to the draws, at the largest cached
     T), and a trainer reads them: its KD term is the one computed by hand from the stored columns."""
-    from hf_recover import DistillationConfig, DistillationTrainer
+    from hf_recover import DistillationTrainer
 
     teacher = build_tiny_model(seed=1)
     out = cache_teacher_outputs(
@@ -294,10 +294,7 @@ def test_cache_with_tail_samples_round_trip_and_training(tmp_path, prepared, tin
     expected = logp.gather(-1, rows[SAMPLE_IDS_COLUMN][:2].long())
     torch.testing.assert_close(rows[SAMPLE_LOGPROBS_COLUMN][:2].float(), expected, atol=4e-3, rtol=1e-3)
 
-    args = DistillationConfig(
-        output_dir=str(tmp_path / "train"), report_to="none", use_cpu=True, per_device_train_batch_size=4,
-        temperature=1.0, alpha=0.5, beta=0.5, max_steps=1, save_strategy="no", disable_tqdm=True,
-    )  # fmt: skip
+    args = make_args(tmp_path, "train", temperature=1.0, alpha=0.5, beta=0.5, max_steps=1)
     trainer = DistillationTrainer(_student(), None, args, teacher_cache=out)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert SAMPLE_IDS_COLUMN in batch
@@ -532,7 +529,7 @@ def test_trainer_refuses_what_a_cache_cannot_give(tmp_path, prepared, tiny_token
 
 def test_cli_cache_then_recover_from_it(tmp_path, tiny_tokenizer, capsys, monkeypatch):
     from hf_recover.cli import main as cli
-    from hf_recover.trainer import DistillationTrainer
+    from hf_recover.distill.trainer import DistillationTrainer
 
     trained = []
     train = DistillationTrainer.train

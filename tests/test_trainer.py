@@ -10,25 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ARCHITECTURES, TINY_TEXTS, build_tiny_model
+from conftest import make_args as shared_args
 from datasets import Dataset
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_recover import DistillationConfig, DistillationTrainer, PrunedConfig, prepare_recovery_dataset
-from hf_recover.constants import PRUNED_CONFIG_NAME
-from hf_recover.trainer import PROJECTORS_NAME
+from hf_recover.base.constants import PRUNED_CONFIG_NAME
+from hf_recover.distill.trainer import PROJECTORS_NAME
 
 NARROW = dict(num_hidden_layers=3, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models on a shared CPU: intra-op threads only add contention (a step drops from seconds to ~25 ms).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +38,7 @@ def padded_data():
 
 
 def make_args(tmp_path, name="out", cls=DistillationConfig, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / name),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        learning_rate=1e-3,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return cls(**kwargs)
+    return shared_args(tmp_path, name, cls, **{"per_device_eval_batch_size": 4, "learning_rate": 1e-3, **overrides})
 
 
 def narrow_student(seed=2):
@@ -68,7 +46,7 @@ def narrow_student(seed=2):
 
 
 def depth_prune(teacher, keep):
-    """Test-local depth pruning (independent of hf_recover.pruning): copy the kept blocks."""
+    """Test-local depth pruning (independent of hf_recover.prune): copy the kept blocks."""
     student = copy.deepcopy(teacher)
     student.model.layers = nn.ModuleList(student.model.layers[i] for i in keep)
     for index, layer in enumerate(student.model.layers):
@@ -288,7 +266,7 @@ def test_data_parallel_is_refused_with_how_to_launch(tmp_path, padded_data):
 
 
 def test_hidden_states_only_skip_the_teacher_logits(tmp_path, padded_data):
-    from hf_recover.alignment import hidden_alignment_loss
+    from hf_recover.distill.alignment import hidden_alignment_loss
 
     teacher, student = build_tiny_model(seed=1), narrow_student()
     shapes = []
@@ -313,7 +291,7 @@ def test_hidden_states_only_skip_the_teacher_logits(tmp_path, padded_data):
     [("skew_forward_kl", {"skew_lambda": 0.3}), ("generalized_jsd", {"jsd_beta": 0.2}), ("total_variation", {})],
 )
 def test_divergence_choice_and_its_parameter_reach_the_loss(tmp_path, padded_data, divergence, kwargs):
-    from hf_recover import losses
+    from hf_recover.base import losses
 
     teacher, student = build_tiny_model(seed=1), narrow_student()
     args = make_args(tmp_path, alpha=0.0, beta=1.0, temperature=1.0, divergence=divergence, **kwargs)

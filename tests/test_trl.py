@@ -18,7 +18,7 @@ pytest.importorskip("trl", minversion="1.16")
 from trl import SFTConfig  # noqa: E402
 
 from hf_recover import DistillationConfig, prune_depth  # noqa: E402
-from hf_recover.constants import IGNORE_INDEX  # noqa: E402
+from hf_recover.base.constants import IGNORE_INDEX  # noqa: E402
 from hf_recover.integrations.trl import DistillationSFTConfig, DistillationSFTTrainer  # noqa: E402
 
 # `{% generation %}` marks the assistant's tokens: SFT's assistant_only_loss trains on them only.

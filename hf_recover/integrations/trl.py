@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..config import DistillationConfig
-from ..trainer import DistillationTrainer
+from ..distill.config import DistillationConfig
+from ..distill.trainer import DistillationTrainer
 
 try:
     from trl import SFTConfig, SFTTrainer

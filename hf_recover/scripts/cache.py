@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..loading import load_model
+from ..base.loading import load_model
 from .arguments import DEFAULT, DataArguments, command_parser, load_text_splits
 
 
@@ -53,8 +53,8 @@ def make_parser(subparsers=None):
 
 
 def main(args: CacheArguments, data_args: DataArguments):
-    from ..data import prepare_recovery_dataset
-    from ..teacher_cache import cache_teacher_outputs, load_teacher_cache
+    from ..base.data import prepare_recovery_dataset
+    from ..distill.teacher_cache import cache_teacher_outputs, load_teacher_cache
 
     teacher, tokenizer = load_model(args.teacher, dtype=args.teacher_dtype)
     train = prepare_recovery_dataset(load_text_splits(data_args)["train"], tokenizer, max_length=data_args.max_length)

@@ -10,7 +10,7 @@ n blocks), `angular` (the n contiguous blocks of smallest angular distance), eac
 blocks (the default six), `width` (opt in: `--prunings importance width`): no block removed, but
 attention heads (`--width_heads`), the hidden size (`--width_hidden`) and the MLP neurons pruned by activations
 to the parameter count of those depth-pruned students (the MLP size takes up whatever heads and hidden size
-leave; see `hf_recover.pruning.budget`), or any prune spec `hf-recover prune` takes (`angular:6:heal=lstsq`
+leave; see `hf_recover.prune.budget`), or any prune spec `hf-recover prune` takes (`angular:6:heal=lstsq`
 heals the cut). Recovery strategies (`--strategies`): `ce_only`, `logits_kd` (0.5·CE + 0.5·T²·KL), `compound`
 (+ 0.1·cosine hidden alignment), `skew_fdd` (skew KL, λ = 0.1, + 0.1·FDD) and `recommended`
 (`DistillationConfig.for_depth_recovery()`); see `hf_recover.recovery.STRATEGIES`. Every run gets the same steps,
@@ -40,18 +40,18 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from ..config import DistillationConfig
-from ..evaluation import recovery_metrics
-from ..loading import load_model, resolve_dtype
+from ..base.evaluation import recovery_metrics
+from ..base.loading import load_model, resolve_dtype
+from ..base.reporting import format_percent, format_perplexity, markdown_row, markdown_table
+from ..distill.config import DistillationConfig
+from ..prune.spec import DepthSpec, PruneSpec, WidthSpec
 from ..recovery import tokens_to_reach
-from ..reporting import format_percent, format_perplexity, markdown_row, markdown_table
 from .arguments import (
     DEFAULT,
     DataArguments,
     check_output_dir,
     command_parser,
     load_text_splits,
-    parse_prune_spec,
     prepare_eval_splits,
 )
 from .recover import RECOVER_DEFAULTS
@@ -116,28 +116,32 @@ COMPARE_DEFAULTS = {
 
 def make_parser(subparsers=None):
     return command_parser(
-        subparsers, "compare", (CompareArguments, DataArguments, DistillationConfig), __doc__, **COMPARE_DEFAULTS
+        subparsers,
+        "compare",
+        (CompareArguments, DataArguments, DistillationConfig),
+        __doc__,
+        takes_prune_specs=True,
+        **COMPARE_DEFAULTS,
     )
 
 
-def _pruning_spec(pruning: str, args: CompareArguments) -> dict | None:
+def _pruning_spec(pruning: str, args: CompareArguments) -> PruneSpec | None:
     """The prune spec a `--prunings` entry names (None for `width`, which needs the teacher to size it)."""
     if pruning == "width":
         return None
     if pruning in DEPTH_PRUNINGS:
-        return {"depth": {"method": pruning, "n": args.n_remove}}
-    return parse_prune_spec(pruning)
+        return PruneSpec(depth=DepthSpec(method=pruning, n=args.n_remove))
+    return PruneSpec.parse(pruning)
 
 
 def main(args: CompareArguments, data_args: DataArguments, config: DistillationConfig):
     from dataclasses import replace
 
-    from ..data import prepare_recovery_dataset
-    from ..pruning import block_importance, plot_block_importance
+    from ..base.data import prepare_recovery_dataset
+    from ..prune import block_importance, plot_block_importance
     from ..recovery import (
         STRATEGIES,
         RecoveryCurve,
-        build_student,
         curve_steps,
         evaluate_splits,
         plot_loss_curves,
@@ -157,6 +161,9 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
     calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+    for spec in specs.values():
+        if spec is not None:
+            spec.check(teacher, calibration)
     # Every run trains on the same rows, the ones its budget consumes (so that one teacher cache covers them all).
     rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
     train = train.select(range(min(len(train), config.max_steps * rows_per_step)))
@@ -176,19 +183,17 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     teacher_cache = _build_teacher_cache(args, run_configs, distilling_teacher, tokenizer, train, output_dir)
 
     rows, curves, reference = [], {}, None
+    block_scores = {("block_influence", 1): scores}  # scored once above
     for pruning, spec in specs.items():
         if spec is None:
-            from ..pruning.budget import parameters_at, width_spec_at_parameters
+            from ..prune.budget import parameters_at, width_spec_at_parameters
 
             depth_size = parameters_at(teacher, num_layers=len(teacher.model.layers) - args.n_remove)
-            spec = {
-                "width": width_spec_at_parameters(
-                    teacher, depth_size, heads=args.width_heads, hidden_size=args.width_hidden
-                )
-            }
-        if pruning == "importance":
-            spec["depth"]["scores"] = scores  # scored once above
-        student, pruned_config = build_student(teacher, spec, data=calibration)
+            width = width_spec_at_parameters(
+                teacher, depth_size, heads=args.width_heads, hidden_size=args.width_hidden
+            )
+            spec = PruneSpec(width=WidthSpec(**width))
+        student, pruned_config = spec.build(teacher, calibration, block_scores=block_scores)
         pruned_ppl = evaluate_splits({"pruned": student}, eval_splits)
         if reference is None:  # every recovery % is measured against the first pruning's pruned student
             reference = {split: by_model["pruned"] for split, by_model in pruned_ppl.items()}
@@ -209,7 +214,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
             curves.setdefault(pruning, {})[strategy] = result.log_history
             row = {"pruning": pruning, "removed": pruned_config.removed_layer_indices, "strategy": strategy}
             row["teacher"] = "cache" if from_cache else ("online" if run_config.uses_teacher else "none")
-            row.update(parameters=pruned_config.student_num_parameters, spec=_plain(spec))
+            row.update(parameters=pruned_config.student_num_parameters, spec=spec.to_dict())
             points = {0: {s: by_model["pruned"] for s, by_model in pruned_ppl.items()}, **curve.points}
             points[result.train_steps] = {split: result.perplexity[split]["recovered"] for split in eval_splits}
             points = sorted(points.items())
@@ -245,7 +250,7 @@ def _logits_only(config: DistillationConfig) -> bool:
 def _build_teacher_cache(args, run_configs, teacher, tokenizer, train, output_dir):
     """One top-k cache of the teacher on the lab's training rows, at every temperature a logits-only strategy
     uses; `None` when caching is off or no strategy could read it."""
-    from ..teacher_cache import cache_teacher_outputs, load_teacher_cache
+    from ..distill.teacher_cache import cache_teacher_outputs, load_teacher_cache
 
     temperatures = sorted({c.temperature for c in run_configs.values() if _logits_only(c)})
     if not args.cache_teacher or not temperatures:
@@ -261,11 +266,6 @@ def _build_teacher_cache(args, run_configs, teacher, tokenizer, train, output_di
 def _recovery(before: dict[str, float], ppl: float) -> float:
     """Recovery % of a perplexity against `before`'s teacher and (reference) pruned perplexity."""
     return 100 * recovery_metrics(before["teacher"], before["pruned"], ppl)["recovery"]
-
-
-def _plain(spec: dict) -> dict:
-    """The spec without tensors (precomputed scores), for results.json."""
-    return {kind: {k: v for k, v in args.items() if k != "scores"} for kind, args in spec.items()}
 
 
 def _row_cells(row: dict, eval_splits) -> list[str]:

@@ -15,7 +15,7 @@ card) and `loss_curve.png` go to `outputs/demo`.
 
 from __future__ import annotations
 
-from ..config import DistillationConfig
+from ..distill.config import DistillationConfig
 from . import recover
 
 DEMO_DEFAULTS = {

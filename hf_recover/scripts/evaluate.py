@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..loading import load_model
+from ..base.loading import load_model
 from .arguments import DataArguments, command_parser, load_text_splits, prepare_eval_splits
 
 
@@ -42,7 +42,7 @@ def main(args: EvaluateArguments, data_args: DataArguments):
     if args.output_file and Path(args.output_file).exists():
         raise ValueError(f"--output_file {args.output_file} exists; choose another path or delete it.")
     if args.tasks:
-        from ..evaluation import evaluate_lm_eval  # noqa: F401  - fails early with the install hint
+        from ..base.evaluation import evaluate_lm_eval  # noqa: F401  - fails early with the install hint
 
     paths = {"recovered": args.model, "teacher": args.teacher, "pruned": args.pruned}
     models, tokenizer = {}, None
@@ -59,7 +59,7 @@ def main(args: EvaluateArguments, data_args: DataArguments):
     print(result.to_markdown())
 
     if args.tasks:
-        from ..evaluation import capability_retention, evaluate_lm_eval
+        from ..base.evaluation import capability_retention, evaluate_lm_eval
 
         scores = {
             name: evaluate_lm_eval(

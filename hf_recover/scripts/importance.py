@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..loading import load_model
+from ..base.loading import load_model
 from .arguments import (
     DEFAULT,
     DataArguments,
@@ -41,8 +41,8 @@ def make_parser(subparsers=None):
 
 
 def main(args: ImportanceArguments, data_args: DataArguments, out: OutputArguments):
-    from ..data import prepare_recovery_dataset
-    from ..pruning import block_importance, plot_block_importance
+    from ..base.data import prepare_recovery_dataset
+    from ..prune import block_importance, plot_block_importance
 
     if args.method not in ("block_influence", "angular"):
         raise ValueError(f"--method must be block_influence or angular, got {args.method!r}.")

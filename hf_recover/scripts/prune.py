@@ -5,55 +5,57 @@
     hf-recover prune --model default --prune "importance:4+width:maw:0.2" --output_dir out/student
     hf-recover prune --model default --prune '{"width": {"expansion_rate": 2.0, "divisor": 64}}' ...
 
-Spec shorthands: `importance:N` / `angular:N` / `last:N` (remove N blocks by that method),
-`remove:I,J,...` (those blocks), `width:METHOD:RATIO` (maw, vow, pon or activation; the fraction of
-MLP neurons removed per block), chained with `+` (depth first), or a JSON dict. The output folder gets
-the student's weights, tokenizer and `pruned_config.json`.
+The output folder gets the student's weights, tokenizer and `pruned_config.json`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..loading import load_model
+from ..base.loading import load_model
 from .arguments import (
     DEFAULT,
     DataArguments,
     OutputArguments,
     check_output_dir,
     command_parser,
-    parse_prune_spec,
 )
 
 
 @dataclass
 class PruneArguments:
     model: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
-    prune: str = field(default="importance:6", metadata={"help": "What to remove (see the shorthands above)."})
+    prune: str = field(default="importance:6", metadata={"help": "What to remove: a prune spec (see above)."})
 
 
 def make_parser(subparsers=None):
     return command_parser(
-        subparsers, "prune", (PruneArguments, DataArguments, OutputArguments), __doc__, output_dir="outputs/student"
+        subparsers,
+        "prune",
+        (PruneArguments, DataArguments, OutputArguments),
+        __doc__,
+        takes_prune_specs=True,
+        output_dir="outputs/student",
     )
 
 
 def main(args: PruneArguments, data_args: DataArguments, out: OutputArguments):
-    from ..data import prepare_recovery_dataset
-    from ..evaluation import count_parameters
-    from ..recovery import build_student, needs_calibration
+    from ..base.data import prepare_recovery_dataset
+    from ..base.evaluation import count_parameters
+    from ..prune.spec import PruneSpec
     from .arguments import load_text_splits
 
-    spec = parse_prune_spec(args.prune)
+    spec = PruneSpec.parse(args.prune)
     output_dir = check_output_dir(out.output_dir, out.overwrite)
     model, tokenizer = load_model(args.model)
     calibration = None
-    if needs_calibration(spec):
+    if spec.needs_calibration:
         train = prepare_recovery_dataset(
             load_text_splits(data_args)["train"], tokenizer, max_length=data_args.max_length
         )
         calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
-    student, pruned_config = build_student(model, spec, data=calibration)
+    spec.check(model, calibration)
+    student, pruned_config = spec.build(model, calibration)
     student.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     pruned_config.save_pretrained(output_dir)

@@ -29,7 +29,7 @@ def make_parser(subparsers=None):
 
 
 def main(args: PushArguments):
-    from ..hub import push_recovered
+    from ..publish.hub import push_recovered
 
     if not args.repo_id:
         raise ValueError("--repo_id is required, e.g. --repo_id you/smollm2-pruned-recovered.")

@@ -7,7 +7,7 @@
     hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache --gamma 0
 
 The student is a pruned model folder (`--student`, with its `pruned_config.json`) or is pruned from the
-teacher here (`--prune`, see `hf-recover prune --help` for the spec). Teacher, pruned and recovered
+teacher here (`--prune`, a prune spec: the grammar is below). Teacher, pruned and recovered
 perplexity are measured on `validation` (and `ood` when known) before and after. The output folder gets
 the recovered model, tokenizer, `pruned_config.json`, a model card, `results.json`, `results.md` and
 `loss_curve.png`. Training follows `DistillationConfig.for_depth_recovery()` unless flags say otherwise: every
@@ -24,15 +24,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DistillationConfig
-from ..loading import load_model, resolve_dtype
+from ..base.loading import load_model, resolve_dtype
+from ..distill.config import DistillationConfig
 from .arguments import (
     DEFAULT,
     DataArguments,
     check_output_dir,
     command_parser,
     load_text_splits,
-    parse_prune_spec,
     prepare_eval_splits,
 )
 
@@ -45,7 +44,7 @@ class RecoverArguments:
     student: str | None = field(default=None, metadata={"help": "A pruned student folder (else --prune is used)."})
     prune: str | None = field(
         default=None,
-        metadata={"help": "Prune the teacher here: importance:N, angular:N, last:N, remove:I,J, width:METHOD:RATIO."},
+        metadata={"help": "Prune the teacher here, by a prune spec (see above)."},
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Write into a non-empty --output_dir (files of the same name are replaced)."}
@@ -68,25 +67,27 @@ RECOVER_DEFAULTS = {
 
 def make_parser(subparsers=None, *, name: str = "recover", doc: str = __doc__, defaults: dict | None = None):
     types = (RecoverArguments, DataArguments, DistillationConfig)
-    return command_parser(subparsers, name, types, doc, **{**RECOVER_DEFAULTS, **(defaults or {})})
+    defaults = {**RECOVER_DEFAULTS, **(defaults or {})}
+    return command_parser(subparsers, name, types, doc, takes_prune_specs=True, **defaults)
 
 
 def main(recover_args: RecoverArguments, data_args: DataArguments, config: DistillationConfig):
-    from ..data import prepare_recovery_dataset
-    from ..pruned_config import PrunedConfig
-    from ..recovery import build_student, run_recovery
+    from ..base.data import prepare_recovery_dataset
+    from ..base.pruned_config import PrunedConfig
+    from ..prune.spec import PruneSpec
+    from ..recovery import run_recovery
 
     start = time.perf_counter()
     # Check everything that can be wrong before any model or data is loaded.
     output_dir = check_output_dir(config.output_dir, recover_args.overwrite)
     if (recover_args.student is None) == (recover_args.prune is None):
         raise ValueError("Give exactly one of --student (a pruned model folder) or --prune (a spec to prune with).")
-    spec = parse_prune_spec(recover_args.prune) if recover_args.prune else None
+    spec = PruneSpec.parse(recover_args.prune) if recover_args.prune else None
     if recover_args.student and not Path(recover_args.student).is_dir():
         raise FileNotFoundError(f"--student {recover_args.student} is not a folder.")
     temperature = config.temperature if config.beta > 0 else None
     if recover_args.teacher_cache:
-        from ..teacher_cache import check_cache_metadata, read_cache_metadata
+        from ..distill.teacher_cache import check_cache_metadata, read_cache_metadata
 
         metadata = read_cache_metadata(recover_args.teacher_cache)
         check_cache_metadata(
@@ -101,7 +102,8 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
 
     if spec is not None:
         calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
-        student, pruned_config = build_student(teacher, spec, data=calibration)
+        spec.check(teacher, calibration)
+        student, pruned_config = spec.build(teacher, calibration)
     else:
         student, _ = load_model(recover_args.student)
         pruned_config = PrunedConfig.find_for(student)
@@ -109,7 +111,7 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
     teacher.to(resolve_dtype(recover_args.teacher, config.teacher_dtype))
     teacher_cache = None
     if recover_args.teacher_cache:  # built by this teacher, in this dtype, on these rows
-        from ..teacher_cache import load_teacher_cache
+        from ..distill.teacher_cache import load_teacher_cache
 
         teacher_cache = load_teacher_cache(
             recover_args.teacher_cache, tokenizer=tokenizer, teacher=teacher, dataset=train, temperature=temperature
@@ -127,7 +129,8 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
         teacher_cache=teacher_cache,
     )
     result.wall_time = time.perf_counter() - start
-    write_results(output_dir, result, {"strategy": strategy_summary(config), "prune": spec or recover_args.student})
+    pruned = spec.to_dict() if spec is not None else recover_args.student
+    write_results(output_dir, result, {"strategy": strategy_summary(config), "prune": pruned})
     print(result.to_markdown())
     print(f"\nRecovered model, tokenizer, pruned_config.json and model card: {output_dir}")
     return result

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..loading import load_model
+from ..base.loading import load_model
 from .arguments import (
     DEFAULT,
     DataArguments,
     OutputArguments,
     check_output_dir,
     command_parser,
-    parse_prune_spec,
 )
 
 
@@ -40,17 +39,18 @@ def make_parser(subparsers=None):
         "select",
         (SelectArguments, DataArguments, OutputArguments),
         __doc__,
+        takes_prune_specs=True,
         output_dir="outputs/select",
         eval_blocks=16,
     )
 
 
 def main(args: SelectArguments, data_args: DataArguments, out: OutputArguments):
-    from ..data import prepare_recovery_dataset
-    from ..pruning import select_candidate
+    from ..base.data import prepare_recovery_dataset
+    from ..prune import PruneSpec, select_candidate
     from .arguments import load_text_splits
 
-    specs = {name: parse_prune_spec(name) for name in args.candidates}
+    specs = {name: PruneSpec.parse(name) for name in args.candidates}
     output_dir = check_output_dir(out.output_dir, out.overwrite)
     model, tokenizer = load_model(args.model)
     splits = load_text_splits(data_args)

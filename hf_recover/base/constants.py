@@ -1,0 +1,17 @@
+"""Names shared across hf_recover, defined once."""
+
+IGNORE_INDEX = -100
+"""Label value ignored by the losses and by perplexity (as in `torch.nn.CrossEntropyLoss`)."""
+
+PRUNED_CONFIG_NAME = "pruned_config.json"
+"""File written next to the weights of every pruned or recovered model."""
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3_text", "mistral")
+"""`config.model_type` values hf_recover supports and tests: depth and width pruning, and the trainer's cross-entropy
+fused with the KD pass (their causal-LM loss is transformers' plain shifted cross-entropy)."""
+
+MLP_SIZES_FIELD = "hf_recover_intermediate_sizes"
+"""Config field holding per-layer MLP sizes when they differ (transformers takes a single int)."""
+
+ATTENTION_HEADS_FIELD = "hf_recover_attention_heads"
+"""Config field holding per-layer query-head counts when they differ (transformers takes a single int)."""
