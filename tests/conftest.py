@@ -41,28 +41,52 @@ def _seed_and_threads(request):
     torch.set_num_threads(2 if request.node.get_closest_marker("slow") else 1)
 
 
-def build_tiny_tokenizer(texts: list[str] = TINY_TEXTS):
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a tiny helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""A ChatML template with a default system prompt, as SmolLM2-Instruct's."""
+
+
+def build_tiny_chat_tokenizer(texts: list[str] = TINY_TEXTS):
+    """The tiny tokenizer with ChatML's turn tokens and template; its end-of-turn token `<|im_end|>` is its eos."""
+    return build_tiny_tokenizer(texts, chat=True)
+
+
+def build_tiny_tokenizer(texts: list[str] = TINY_TEXTS, *, chat: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<unk>", *(["<|im_start|>", "<|im_end|>"] if chat else [])]
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>" if chat else "</s>",
+        unk_token="<unk>", additional_special_tokens=["<|im_start|>"] if chat else None,
     )
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer():
+    return build_tiny_chat_tokenizer()
 
 
 def tiny_config(model_type: str = "llama", *, vocab_size: int = 320, **overrides):

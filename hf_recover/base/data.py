@@ -288,3 +288,43 @@ def _stack_rows(rows: list[Mapping[str, Any]], columns: tuple[str, ...]) -> dict
             "hf_recover.prepare_recovery_dataset first."
         )
     return {k: torch.as_tensor([row[k] for row in rows]) for k in columns if k in rows[0]}
+
+
+def mix_recovery_datasets(datasets: Mapping[str, Dataset], rows: Mapping[str, int], *, seed: int = 0) -> Dataset:
+    """`rows[name]` rows of each prepared dataset (its first ones, after a seeded shuffle), shuffled together.
+
+    Every dataset is brought to the columns of a chat dataset (`hf_recover.base.chat.CHAT_COLUMNS`): a prose block
+    gets `prompt_length` 0 (nothing of it is a prompt). Rows of different lengths are batched with a padding
+    collator. Asking for more rows than a dataset has is an error.
+    """
+    from datasets import concatenate_datasets
+
+    from .chat import CHAT_COLUMNS
+
+    parts = []
+    for name, count in rows.items():
+        data = datasets[name]
+        if count > len(data):
+            raise ValueError(f"{name} has {len(data)} rows; the mixture asks for {count}.")
+        if count == 0:
+            continue
+        part = data.shuffle(seed=seed).select(range(count))
+        if "prompt_length" not in part.column_names:
+            part = part.add_column("prompt_length", [0] * count)
+        parts.append(part.select_columns(list(CHAT_COLUMNS)).cast(_chat_features()))
+    if not parts:
+        raise ValueError("The mixture has no rows: ask for at least one.")
+    return concatenate_datasets(parts).shuffle(seed=seed)
+
+
+def _chat_features():
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "input_ids": List(Value("int32")),
+            "attention_mask": List(Value("int8")),
+            "labels": List(Value("int32")),
+            "prompt_length": Value("int32"),
+        }
+    )

@@ -25,6 +25,8 @@ from .fingerprints import file_checksums
 BUILD_NAME = "build.json"
 """Written when a build starts and removed when it ends: a folder holding it is an interrupted build to resume."""
 SHARDS_DIR = "shards"
+EMPTY_NAME = "empty.json"
+"""Stands in a shard folder for a shard that holds no row."""
 
 
 def shard_name(index: int) -> str:
@@ -96,7 +98,7 @@ class ShardedBuild:
         return [i for i in shards if not (self.output_dir / SHARDS_DIR / shard_name(i)).is_dir()]
 
     def rows(self, index: int) -> range:
-        """The rows (of the `num_rows` the plan has) that shard `index` holds."""
+        """The rows (of the `num_rows` the plan has) that shard `index` is built from."""
         size = self.plan["shard_size"]
         return range(index * size, min((index + 1) * size, self.plan["num_rows"]))
 
@@ -105,23 +107,27 @@ class ShardedBuild:
         final = self.output_dir / SHARDS_DIR / shard_name(index)
         partial = final.with_name(final.name + f".partial-{self.state.process_index}")
         shutil.rmtree(partial, ignore_errors=True)
-        with quiet_datasets():  # the build's own progress bar, not one more per shard
-            shard.save_to_disk(str(partial))
+        if len(shard) == 0:  # `datasets` cannot read back an empty saved dataset: a marker stands for it
+            partial.mkdir(parents=True)
+            (partial / EMPTY_NAME).write_text("{}\n")
+        else:
+            with quiet_datasets():  # the build's own progress bar, not one more per shard
+                shard.save_to_disk(str(partial))
         os.replace(partial, final)
 
     def finish(self, complete: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
         """Once every process is done: on the main process, write `complete(shards)` (given each shard's name, rows
         and file checksums) as the metadata file, then remove the build marker."""
+        from datasets import load_from_disk
+
         self.state.wait_for_everyone()
         if self.state.is_main_process:
-            shards = [
-                {
-                    "name": shard_name(index),
-                    "num_rows": len(self.rows(index)),
-                    "files": file_checksums(self.output_dir / SHARDS_DIR / shard_name(index)),
-                }
-                for index in range(self.num_shards)
-            ]
+            shards = []
+            for index in range(self.num_shards):
+                folder = self.output_dir / SHARDS_DIR / shard_name(index)
+                # a shard may hold fewer rows than planned (filtered), or none
+                rows = 0 if (folder / EMPTY_NAME).is_file() else load_from_disk(str(folder)).num_rows
+                shards.append({"name": folder.name, "num_rows": rows, "files": file_checksums(folder)})
             metadata = complete(shards)
             (self.output_dir / self.metadata_name).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
             (self.output_dir / BUILD_NAME).unlink()
@@ -182,6 +188,8 @@ def load_shards(path: str | os.PathLike, metadata: dict[str, Any], *, what: str,
         if not folder.is_dir():
             raise FileNotFoundError(f"Shard {shard['name']} of the {what} {path} is missing ({folder}).")
         _check_shard_files(folder, shard["files"], verify_checksums, what)
+        if shard["num_rows"] == 0:
+            continue
         try:
             loaded = load_from_disk(str(folder))
         except Exception as err:  # Arrow raises several types for a damaged file
@@ -192,6 +200,8 @@ def load_shards(path: str | os.PathLike, metadata: dict[str, Any], *, what: str,
                 f"{shard['num_rows']}: it is truncated. Rebuild it with overwrite."
             )
         shards.append(loaded)
+    if not shards:
+        raise ValueError(f"The {what} at {path} holds no row: every shard came out empty.")
     return concatenate_datasets(shards) if len(shards) > 1 else shards[0]
 
 

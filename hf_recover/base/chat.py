@@ -1,0 +1,164 @@
+"""Chat conversations as token ids: prompts rendered through a model's chat template, the tokens that end a turn,
+and training examples whose labels keep the assistant's turns only.
+
+Messages follow TRL's conventions: a list of `{"role": ..., "content": ...}` dicts (`system`, `user`,
+`assistant`). A prompt is a user message as a string, or a list of messages ending with a user turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .constants import IGNORE_INDEX
+
+Messages = list[dict[str, str]]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def check_chat_template(tokenizer: Any, what: str) -> None:
+    """Refuse chat data for a tokenizer without a chat template, saying what to do instead."""
+    if not has_chat_template(tokenizer):
+        raise ValueError(
+            f"{what} needs a chat template, and this tokenizer has none (a base model). Use plain text instead: "
+            "unconditional samples (kind='samples') or prompts without chat formatting (chat=False)."
+        )
+
+
+def as_messages(prompt: str | Sequence[Mapping[str, str]]) -> Messages:
+    """A prompt as messages: a string is one user turn; messages are checked to end with a user turn."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("A prompt is empty: give each prompt some text.")
+        return [{"role": "user", "content": prompt}]
+    messages = [dict(m) for m in prompt]
+    if not messages or any(set(m) < {"role", "content"} for m in messages):
+        raise ValueError(f"A prompt's messages must be {{'role', 'content'}} dicts, got {prompt!r}.")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"A prompt's last message must be the user's, got {messages[-1]['role']!r}.")
+    return messages
+
+
+def render_prompt(tokenizer: Any, prompt: str | Sequence[Mapping[str, str]], *, chat: bool = True) -> list[int]:
+    """The token ids that ask the model for an answer: the chat template up to the assistant's turn (`chat`), or
+    the prompt's plain text (a base model)."""
+    if chat:
+        return list(tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, return_dict=False))
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends a turn, as the model and its tokenizer declare them: the generation config's
+    `eos_token_id` (an int or a list) and the tokenizer's `eos_token_id`."""
+    ids: list[int] = []
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (declared, getattr(tokenizer, "eos_token_id", None)):
+        for token in value if isinstance(value, Iterable) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    if not ids:
+        raise ValueError("Neither the model's generation config nor the tokenizer declares an end-of-turn token.")
+    return ids
+
+
+def chat_example(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> dict[str, list[int]]:
+    """`input_ids` of a whole conversation and `labels` that keep only the assistant's turns (their content and the
+    token that ends each of them); the system and user tokens, and the template's assistant header, are `-100`.
+
+    The assistant's tokens are found by rendering the conversation up to each assistant turn with and without it, so
+    the chat template must render a conversation's beginning the same way whatever follows (every ChatML-style
+    template does).
+    """
+    messages = [dict(m) for m in messages]
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("A chat example needs at least one assistant turn to train on.")
+    full = list(tokenizer.apply_chat_template(messages, return_dict=False))
+    labels = [IGNORE_INDEX] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=False))
+        through = tokenizer.apply_chat_template(messages[: i + 1], return_dict=False)
+        if list(through[:start]) != full[:start] or list(through) != full[: len(through)]:
+            raise ValueError(
+                "The chat template renders a conversation's beginning differently depending on what follows: the "
+                "assistant's tokens cannot be told apart from the prompt's."
+            )
+        end = _turn_end(tokenizer, through, start)
+        labels[start:end] = full[start:end]
+    return {"input_ids": full, "labels": labels}
+
+
+def _turn_end(tokenizer: Any, through: Sequence[int], start: int) -> int:
+    """Where an assistant turn's trained tokens end: after its end-of-turn token, before any separator the template
+    writes after it (a newline is not the model's to predict as part of the answer)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids = list(through)
+    for position in range(len(ids) - 1, start - 1, -1):
+        if ids[position] == eos:
+            return position + 1
+    return len(ids)
+
+
+def repeated_ngram_rate(answers: Iterable[Sequence[int]], n: int = 4) -> float:
+    """The share of n-grams that repeat an n-gram seen earlier in the same answer, over all answers' n-grams: 0 for
+    answers that never repeat themselves, near 1 for an answer stuck in a loop."""
+    repeated = total = 0
+    for answer in answers:
+        seen: set[tuple[int, ...]] = set()
+        for i in range(len(answer) - n + 1):
+            gram = tuple(answer[i : i + n])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeated / total if total else 0.0
+
+
+CHAT_COLUMNS = ("input_ids", "attention_mask", "labels", "prompt_length")
+"""The columns of a prepared chat dataset: a prose row has the first three and `prompt_length` 0."""
+
+
+def prepare_chat_dataset(dataset: Any, tokenizer: Any, *, max_length: int = 512, num_proc: int | None = None):
+    """Training rows from conversations: `input_ids`, `attention_mask`, `labels` (the assistant's tokens only: the
+    system and user turns are `-100`, for the cross-entropy and the distillation terms alike) and `prompt_length`
+    (the tokens before the first trained one, which on-policy distillation keeps as the prompt).
+
+    `dataset` holds a `messages` column (TRL's conversational format), or is teacher data
+    (`hf_recover.build_teacher_data`), whose exact token ids are used as they are. Rows longer than `max_length`
+    are cut there; rows with no assistant token left are dropped. One conversation per row, unpacked: batch them with
+    a padding collator (`transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)`).
+    """
+    columns = dataset.column_names
+    exact = {"input_ids", "labels"} <= set(columns)
+    if not exact:
+        if "messages" not in columns:
+            raise ValueError(f"A chat dataset needs a 'messages' column (TRL's format); its columns are {columns}.")
+        check_chat_template(tokenizer, "Chat training data")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}.")
+
+    def tokenize(row):
+        example = (
+            {"input_ids": row["input_ids"], "labels": row["labels"]}
+            if exact
+            else chat_example(tokenizer, row["messages"])
+        )
+        ids, labels = list(example["input_ids"])[:max_length], list(example["labels"])[:max_length]
+        trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        return {
+            "input_ids": ids,
+            "attention_mask": [1] * len(ids),
+            "labels": labels,
+            "prompt_length": trained[0] if trained else len(ids),
+            "keep": len(trained) > 1 or (len(trained) == 1 and trained[0] > 0),
+        }
+
+    prepared = dataset.map(tokenize, remove_columns=columns, num_proc=num_proc, desc="Chat examples")
+    prepared = prepared.filter(lambda keep: keep, input_columns="keep").remove_columns("keep")
+    if len(prepared) == 0:
+        raise ValueError("No conversation has an assistant token within max_length: nothing to train on.")
+    return prepared

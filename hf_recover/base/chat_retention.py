@@ -1,0 +1,203 @@
+"""Is the recovered model still the assistant? Chat retention against the teacher's own answers.
+
+Text perplexity overstates how much of a chat model a pruned student keeps (Minitron's depth-pruned 4B kept 34.6%
+of its teacher's GSM8K while its MMLU was close to the width variant's). These figures look at the assistant:
+
+- the teacher answers every prompt greedily through its chat template (`chat_reference`);
+- each model is scored teacher-forced on those answers: their perplexity given the prompt, and how often its most
+  likely next token is the teacher's (top-1 agreement);
+- each model answers the same prompts greedily itself, and the share of repeated 4-grams in its answers (a model
+  stuck in a loop repeats almost every 4-gram) is compared with the teacher's.
+
+Recovery of the answers' log-perplexity, `(log PPL_pruned − log PPL) / (log PPL_pruned − log PPL_teacher)`, is the
+share of the gap in nats per answer token that recovery closed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .chat import end_of_turn_ids, render_prompt, repeated_ngram_rate
+from .constants import IGNORE_INDEX
+from .generation import Sampling, generate_completions
+
+CHAT_PROMPTS_FILE = "chat_prompts.json"
+PROMPT_SETS = ("dev", "test")
+REPEAT_N = 4
+
+
+def load_chat_prompts(split: str = "test") -> list[str]:
+    """hf_recover's own evaluation prompts: everyday requests written by hand, in two disjoint sets, `"dev"` (for
+    choosing recipes) and `"test"` (for reporting them). Neither is ever trained on."""
+    if split not in PROMPT_SETS:
+        raise ValueError(f"split must be one of {list(PROMPT_SETS)}, got {split!r}.")
+    text = resources.files("hf_recover.base.defaults").joinpath(CHAT_PROMPTS_FILE).read_text(encoding="utf-8")
+    return list(json.loads(text)[split])
+
+
+@dataclass
+class ChatReference:
+    """The teacher's greedy answers to prompts, which chat retention is measured against."""
+
+    prompts: list[Any]
+    prompt_ids: list[list[int]]
+    answer_ids: list[list[int]]
+    repeated_ngram_rate: float
+    """The teacher's own share of repeated 4-grams in these answers."""
+    max_new_tokens: int
+
+
+@dataclass
+class ChatRetention:
+    """How close a model stays to the teacher as an assistant (see the module docstring)."""
+
+    perplexity: float
+    """Perplexity of the teacher's answers given their prompts (teacher-forced)."""
+    nll: float
+    """Mean negative log-likelihood of an answer token, in nats."""
+    top1_agreement: float
+    """Share of answer tokens where the model's most likely next token is the teacher's."""
+    repeated_ngram_rate: float | None
+    """Share of repeated 4-grams in the model's own greedy answers (None when it did not answer)."""
+    repetition_ratio: float | None
+    """`repeated_ngram_rate` over the teacher's own."""
+    tokens: int
+    answers: list[list[int]] = field(default_factory=list, repr=False)
+    """The model's own greedy answers (token ids), when it answered."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "answers"}
+
+
+def chat_reference(
+    teacher: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Any] | None = None,
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 48,
+) -> ChatReference:
+    """The teacher's greedy answers to `prompts` (hf_recover's `test` prompts by default), up to `max_new_tokens`."""
+    prompts = list(load_chat_prompts("test") if prompts is None else prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt to answer.")
+    prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
+    answers = _answer(teacher, tokenizer, prompt_ids, max_new_tokens, batch_size, "Teacher's answers")
+    if not any(answers):
+        raise ValueError("The teacher gave no answer to any prompt: nothing to measure retention against.")
+    return ChatReference(prompts, prompt_ids, answers, repeated_ngram_rate(answers, REPEAT_N), max_new_tokens)
+
+
+def evaluate_chat_retention(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None = None,
+    prompts: Sequence[Any] | None = None,
+    tokenizer: Any = None,
+    *,
+    reference: ChatReference | None = None,
+    answer: bool = True,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    generation_batch_size: int = 48,
+) -> ChatRetention:
+    """Chat retention of `model` against `teacher`'s greedy answers to `prompts` (see the module docstring).
+
+    Give `teacher`, `prompts` (strings or message lists; hf_recover's `test` prompts by default) and `tokenizer`, or a
+    `reference` from `chat_reference` (computed once, shared by every model measured against it). `answer=False`
+    skips the model's own greedy answers (no repetition figures): scoring alone is much cheaper than generating.
+    """
+    if tokenizer is None:
+        raise ValueError("evaluate_chat_retention needs the tokenizer (the prompts go through its chat template).")
+    if reference is None:
+        if teacher is None:
+            raise ValueError("Give the teacher (its greedy answers are the reference) or a reference=.")
+        reference = chat_reference(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    nll, agree, tokens = _teacher_forced(model, reference, tokenizer, batch_size)
+    answers, rate, ratio = [], None, None
+    if answer:
+        answers = _answer(
+            model, tokenizer, reference.prompt_ids, reference.max_new_tokens, generation_batch_size, "Own answers"
+        )
+        rate = repeated_ngram_rate(answers, REPEAT_N)
+        ratio = rate / reference.repeated_ngram_rate if reference.repeated_ngram_rate > 0 else None
+    mean_nll = nll / tokens
+    return ChatRetention(
+        perplexity=math.exp(mean_nll), nll=mean_nll, top1_agreement=agree / tokens, repeated_ngram_rate=rate,
+        repetition_ratio=ratio, tokens=tokens, answers=answers,
+    )  # fmt: skip
+
+
+def log_perplexity_recovery(teacher: ChatRetention, pruned: ChatRetention, recovered: ChatRetention) -> float:
+    """`(nll_pruned − nll_recovered) / (nll_pruned − nll_teacher)`: the share of the gap in nats per answer token
+    that recovery closed (NaN when pruning opened none)."""
+    gap = pruned.nll - teacher.nll
+    return (pruned.nll - recovered.nll) / gap if gap != 0 else float("nan")
+
+
+def _answer(model, tokenizer, prompt_ids, max_new_tokens, batch_size, desc) -> list[list[int]]:
+    with tqdm(total=len(prompt_ids), desc=desc, leave=False) as progress:
+        return generate_completions(
+            model, prompt_ids, stop_ids=end_of_turn_ids(model, tokenizer), pad_id=_pad_id(tokenizer),
+            sampling=Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size, on_batch=progress.update,
+        )  # fmt: skip
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token to pad batches with.")
+    return pad
+
+
+@torch.inference_mode()
+def _teacher_forced(model, reference: ChatReference, tokenizer, batch_size: int) -> tuple[float, int, int]:
+    """Summed NLL of the reference answers' tokens, how many of them are the model's top-1, and their number."""
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    rows = [(p, a) for p, a in zip(reference.prompt_ids, reference.answer_ids) if a]
+    nll = agree = tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(p) + len(a) for p, a in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, (p, a) in enumerate(chunk):
+                ids[r, : len(p) + len(a)] = torch.as_tensor([*p, *a])
+                labels[r, len(p) : len(p) + len(a)] = torch.as_tensor(a)
+                mask[r, : len(p) + len(a)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            targets = labels[:, 1:].to(device)  # (B, T-1): position t predicts token t + 1
+            valid = targets != IGNORE_INDEX
+            nll += torch.nn.functional.cross_entropy(
+                logits[valid], targets[valid], reduction="sum"
+            ).item()  # (N, V) against (N,)
+            agree += (logits[valid].argmax(-1) == targets[valid]).sum().item()
+            tokens += int(valid.sum())
+    finally:
+        model.train(was_training)
+    return nll, agree, tokens
+
+
+def chat_retention_table(scores: Mapping[str, ChatRetention]) -> dict[str, dict[str, float]]:
+    """Plain figures per model (`teacher`, `pruned`, `recovered`, ...), with the log-perplexity recovery of every
+    model but the teacher and the pruned one when both are there."""
+    table = {name: score.to_dict() for name, score in scores.items()}
+    if {"teacher", "pruned"} <= set(scores):
+        for name, score in scores.items():
+            if name not in ("teacher", "pruned"):
+                table[name]["log_perplexity_recovery"] = log_perplexity_recovery(
+                    scores["teacher"], scores["pruned"], score
+                )
+    return table

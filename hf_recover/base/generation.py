@@ -1,0 +1,103 @@
+"""Completions of many prompts at once with `model.generate` (batched, left-padded, with the KV cache), greedy or
+sampled, cut after the first end-of-turn token. The teacher data, on-policy distillation and the chat evaluation all
+generate through `generate_completions`; on a GPU fleet this is the seam where a vLLM engine would take over."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How completions are drawn: greedy (`temperature = 0`), or sampled at `temperature` with nucleus `top_p`."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature!r}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        tokens = self.max_new_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generation_config(self, stop_ids: Sequence[int], pad_id: int):
+        from transformers import GenerationConfig
+
+        sampled = {} if self.greedy else {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+        return GenerationConfig(
+            do_sample=not self.greedy, max_new_tokens=self.max_new_tokens, eos_token_id=list(stop_ids),
+            pad_token_id=pad_id, use_cache=True, **sampled,
+        )  # fmt: skip
+
+
+@torch.inference_mode()
+def generate_completions(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    sampling: Sampling = Sampling(),
+    batch_size: int = 16,
+    seed: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """The completion of every prompt (token ids after it, up to and including the first of `stop_ids`; a completion
+    that reached `max_new_tokens` first has no stop token).
+
+    Prompts of similar lengths share a batch (less padding). Sampled completions are reproducible with `seed`, which
+    seeds each batch from its position in the length order: the same prompts and seed give the same completions
+    whatever else runs in the process. `on_batch(n)` is called after each batch with its number of prompts. The
+    model's training mode is restored afterwards.
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("A prompt has no tokens: nothing to continue from.")
+    config = sampling.generation_config(stop_ids, pad_id)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    completions: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding: every prompt ends where generation starts
+                ids[r, width - len(prompts[i]) :] = torch.as_tensor(list(prompts[i]))
+                mask[r, width - len(prompts[i]) :] = 1
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+                if seed is not None:
+                    torch.manual_seed(seed + start)
+                output = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                )
+            for r, i in enumerate(rows):
+                completions[i] = _cut_after_stop(output[r, width:].tolist(), stop_ids)
+            if on_batch is not None:
+                on_batch(len(rows))
+    finally:
+        model.train(was_training)
+    return completions
+
+
+def _cut_after_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
+    stops = set(stop_ids)
+    for position, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: position + 1]
+    return tokens

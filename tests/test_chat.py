@@ -1,0 +1,173 @@
+"""Chat data and chat retention: assistant-only labels, batched generation against a token-by-token reference, the
+repeated n-gram rate and the retention figures against hand computations."""
+
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from datasets import Dataset
+
+from hf_recover.base.chat import (
+    chat_example,
+    end_of_turn_ids,
+    prepare_chat_dataset,
+    render_prompt,
+    repeated_ngram_rate,
+)
+from hf_recover.base.chat_retention import (
+    chat_reference,
+    chat_retention_table,
+    evaluate_chat_retention,
+    load_chat_prompts,
+    log_perplexity_recovery,
+)
+from hf_recover.base.constants import IGNORE_INDEX
+from hf_recover.base.generation import Sampling, generate_completions
+
+CONVERSATION = [
+    {"role": "user", "content": "The quick fox?"},
+    {"role": "assistant", "content": "It jumps over the dog."},
+    {"role": "user", "content": "And then?"},
+    {"role": "assistant", "content": "It sleeps in the sun."},
+]
+
+
+def test_only_the_assistants_turns_are_trained_on(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    example = chat_example(tok, CONVERSATION)
+    ids, labels = example["input_ids"], example["labels"]
+    assert ids == tok.apply_chat_template(CONVERSATION, return_dict=False)
+    kept = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert all(labels[i] == ids[i] for i in kept)
+    # by hand: the assistant's words and the end-of-turn token of each assistant turn, nothing else
+    trained_text = tok.decode([ids[i] for i in kept])
+    assert trained_text == "It jumps over the dog.<|im_end|>It sleeps in the sun.<|im_end|>"
+    first_turn = len(tok.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True, return_dict=False))
+    assert kept[0] == first_turn  # the assistant header and everything before it are masked
+
+
+def test_a_chat_example_needs_an_assistant_turn(tiny_chat_tokenizer):
+    with pytest.raises(ValueError, match="at least one assistant turn"):
+        chat_example(tiny_chat_tokenizer, CONVERSATION[:1])
+
+
+def test_chat_data_needs_a_chat_template(tiny_tokenizer):
+    with pytest.raises(ValueError, match="needs a chat template"):
+        prepare_chat_dataset(Dataset.from_dict({"messages": [CONVERSATION]}), tiny_tokenizer)
+
+
+def test_prepared_rows_keep_prompt_length_and_cut_at_max_length(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    data = Dataset.from_dict({"messages": [CONVERSATION, CONVERSATION[:2]]})
+    rows = prepare_chat_dataset(data, tok, max_length=512)
+    full = chat_example(tok, CONVERSATION)
+    assert rows[0]["input_ids"] == full["input_ids"] and rows[0]["labels"] == full["labels"]
+    assert rows[0]["attention_mask"] == [1] * len(full["input_ids"])
+    assert rows[0]["prompt_length"] == next(i for i, x in enumerate(full["labels"]) if x != IGNORE_INDEX)
+    short = prepare_chat_dataset(data, tok, max_length=rows[0]["prompt_length"] + 3)
+    assert [len(r) for r in short["input_ids"]] == [rows[0]["prompt_length"] + 3] * 2
+    with pytest.raises(ValueError, match="No conversation has an assistant token"):
+        prepare_chat_dataset(data, tok, max_length=rows[0]["prompt_length"])
+
+
+def test_repeated_ngram_rate_by_hand():
+    assert repeated_ngram_rate([[1, 2, 3, 4, 5]]) == 0.0
+    # 1 2 3 4 1 2 3 4: five 4-grams, (1 2 3 4) once more -> 1 repeated of 5
+    assert repeated_ngram_rate([[1, 2, 3, 4, 1, 2, 3, 4]]) == pytest.approx(1 / 5)
+    # a loop: 7 7 7 7 7 7 -> three 4-grams, two repeat the first
+    assert repeated_ngram_rate([[7] * 6, [1, 2]]) == pytest.approx(2 / 3)
+    assert repeated_ngram_rate([[1, 2], []]) == 0.0
+
+
+def _greedy_by_hand(model, prompt, stop_ids, max_new_tokens):
+    """One token at a time, the whole sequence re-run each step: no cache, no batch, no padding."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax())
+            tokens.append(token)
+            if token in stop_ids:
+                break
+    return tokens[len(prompt) :]
+
+
+def test_batched_greedy_generation_equals_token_by_token(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    model = build_tiny_model(vocab_size=len(tok))
+    prompts = [render_prompt(tok, p) for p in ("The quick fox?", "A river runs?", "Perplexity is the exponential?")]
+    stop = end_of_turn_ids(model, tok)
+    assert tok.eos_token_id in stop
+    got = generate_completions(
+        model, prompts, stop_ids=stop, pad_id=tok.pad_token_id, sampling=Sampling(max_new_tokens=9), batch_size=2
+    )
+    for prompt, completion in zip(prompts, got):
+        assert completion == _greedy_by_hand(model, prompt, stop, 9)
+
+
+def test_sampled_generation_is_reproducible_and_stops_at_the_end_of_turn(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    model = build_tiny_model(vocab_size=len(tok))
+    prompts = [render_prompt(tok, "The quick fox?")] * 4
+    sampling = Sampling(temperature=1.0, max_new_tokens=12)
+    kwargs = dict(stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, sampling=sampling)
+    first = generate_completions(model, prompts, seed=3, **kwargs)
+    assert generate_completions(model, prompts, seed=3, **kwargs) == first
+    assert len({tuple(c) for c in first}) > 1  # sampled, not four copies
+    for completion in first:
+        assert tok.eos_token_id not in completion[:-1]  # cut right after the first end of turn
+        assert len(completion) <= 12
+
+
+def test_chat_retention_equals_a_hand_computation(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    teacher = build_tiny_model(vocab_size=len(tok), seed=0)
+    student = build_tiny_model(vocab_size=len(tok), seed=1)
+    prompts = ["The quick fox?", "A river runs?"]
+    reference = chat_reference(teacher, tok, prompts, max_new_tokens=6)
+    for prompt, prompt_ids, answer in zip(prompts, reference.prompt_ids, reference.answer_ids):
+        assert prompt_ids == render_prompt(tok, prompt)
+        assert answer == _greedy_by_hand(teacher, prompt_ids, [tok.eos_token_id], 6)
+    score = evaluate_chat_retention(student, tokenizer=tok, reference=reference)
+
+    nll = agree = count = 0
+    with torch.no_grad():
+        for prompt_ids, answer in zip(reference.prompt_ids, reference.answer_ids):
+            logits = student(input_ids=torch.tensor([prompt_ids + answer])).logits[0].float()
+            for k, token in enumerate(answer):
+                row = logits[len(prompt_ids) + k - 1]  # the position that predicts answer token k
+                nll -= torch.log_softmax(row, -1)[token].item()
+                agree += int(row.argmax()) == token
+                count += 1
+    assert score.tokens == count
+    assert score.nll == pytest.approx(nll / count, rel=1e-5)
+    assert score.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert score.top1_agreement == pytest.approx(agree / count)
+    own = [_greedy_by_hand(student, p, [tok.eos_token_id], 6) for p in reference.prompt_ids]
+    assert score.answers == own
+    assert score.repeated_ngram_rate == pytest.approx(repeated_ngram_rate(own))
+
+    itself = evaluate_chat_retention(teacher, tokenizer=tok, reference=reference, answer=False)
+    assert itself.top1_agreement == 1.0  # greedy answers are the teacher's own argmax
+    assert itself.answers == [] and itself.repeated_ngram_rate is None
+
+
+def test_log_perplexity_recovery_and_the_table(tiny_chat_tokenizer):
+    from hf_recover.base.chat_retention import ChatRetention
+
+    def score(nll):
+        return ChatRetention(math.exp(nll), nll, 0.5, 0.1, 1.0, 10)
+
+    teacher, pruned, recovered = score(0.5), score(2.0), score(1.0)
+    assert log_perplexity_recovery(teacher, pruned, recovered) == pytest.approx(1.0 / 1.5)
+    table = chat_retention_table({"teacher": teacher, "pruned": pruned, "recovered": recovered})
+    assert table["recovered"]["log_perplexity_recovery"] == pytest.approx(2 / 3)
+    assert "log_perplexity_recovery" not in table["teacher"]
+
+
+def test_the_evaluation_prompts_are_two_disjoint_hand_written_sets():
+    dev, test = load_chat_prompts("dev"), load_chat_prompts("test")
+    assert len(dev) >= 32 and len(test) >= 48
+    assert not set(dev) & set(test)
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_chat_prompts("train")
