@@ -71,8 +71,12 @@ def build_tiny_tokenizer(texts: list[str] = TINY_TEXTS, *, chat: bool = False):
     )
     tok.train_from_iterator(texts * 4, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>" if chat else "</s>",
-        unk_token="<unk>", additional_special_tokens=["<|im_start|>"] if chat else None,
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>" if chat else "</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"] if chat else None,
     )
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
