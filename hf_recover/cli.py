@@ -5,6 +5,7 @@
     hf-recover prune --model default --prune importance:6 --output_dir out/student
     hf-recover select --model default --candidates importance:6 last:6 angular:6
     hf-recover recover --teacher default --student out/student --output_dir out/recovered
+    hf-recover generate --teacher default --output_dir out/teacher-data --num_prompts 256
     hf-recover cache --teacher default --output_dir out/teacher-cache --top_k 64
     hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache
     hf-recover evaluate --model out/recovered --teacher default --pruned out/student
@@ -21,7 +22,7 @@ import argparse
 import sys
 from importlib import import_module
 
-COMMANDS = ("demo", "importance", "prune", "select", "cache", "recover", "evaluate", "compare", "push")
+COMMANDS = ("demo", "importance", "prune", "select", "generate", "cache", "recover", "evaluate", "compare", "push")
 
 
 def make_root_parser() -> argparse.ArgumentParser:

@@ -702,3 +702,23 @@ def test_push_to_hub_passes_trainers_arguments_to_the_card(evaluated_trainer, mo
     assert meta["base_model"] == "me/other-base" and meta["language"] == ["fr"]
     assert {"pushed", "model-own-tag", "generated_from_trainer", "hf-recover"} <= set(meta["tags"])
     assert pushed["repo"] == "run"
+
+
+def test_the_card_shows_every_healing_step_as_the_pruned_config_records_it(tiny_llama):
+    """The card's "What was pruned" names each heal: method, spans, skipped runs, calibration tokens and the
+    calibration perplexity before and after, all read from the `PrunedConfig` the pruning wrote."""
+    rows = [{"input_ids": list(range(3 + i, 19 + i)), "attention_mask": [1] * 16} for i in range(6)]
+    student, pruned = prune_depth(tiny_llama, remove=[0, 2, 3], heal="lstsq", data=rows)
+    heal = pruned.steps[0]["heal"]
+    assert heal["spans"] == [[1, 3]] and heal["skipped"] == [[0, 0]]
+    body = generate_model_card(pruned_config=pruned).text
+    (line,) = [line for line in body.splitlines() if line.startswith("- Healing of the depth cut")]
+    assert "`lstsq`: a least-squares linear map" in line
+    assert "spans healed: teacher blocks 2–3 after block 1" in line
+    assert "left as cut (nothing before them): blocks 0–0" in line
+    assert f"fitted on {heal['calibration_tokens']:,} calibration tokens (the student's activations)" in line
+    before, after = heal["calibration_perplexity"]["before"], heal["calibration_perplexity"]["after"]
+    assert f"perplexity on the calibration tokens {before:g} → {after:g}" in line
+    assert before > 0 and after > 0
+    unhealed = generate_model_card(pruned_config=prune_depth(tiny_llama, remove=[2, 3])[1]).text
+    assert "Healing" not in unhealed

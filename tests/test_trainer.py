@@ -146,7 +146,7 @@ def test_cross_entropy_is_fused_with_kd_and_equals_trainers_own(tmp_path, padded
         loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(37))
         loss.backward()
         assert received == [not fused]
-        metrics = {name: torch.stack(values).sum() for name, values in trainer._distillation_metrics["train"].items()}
+        metrics = {name: torch.stack(values).sum() for name, values in trainer.loss_terms.recorded["train"].items()}
         results[fused] = loss, metrics, [p.grad for p in student.parameters()]
         # Evaluation gets the model's outputs, with the distillation loss.
         trainer.model.eval()
@@ -177,7 +177,7 @@ def test_batches_with_shift_labels_keep_the_models_loss(tmp_path, padded_data):
     assert received[0] is shift_labels
     expected = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), ignore_index=-100)
     torch.testing.assert_close(
-        trainer._distillation_metrics["train"]["ce"][0] / trainer._distillation_metrics["train"]["num_tokens"][0],
+        trainer.loss_terms.recorded["train"]["ce"][0] / trainer.loss_terms.recorded["train"]["num_tokens"][0],
         expected,
     )
 
@@ -221,7 +221,7 @@ def test_cross_entropy_stays_with_the_model_where_it_is_not_plain(tmp_path, padd
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     valid = batch["labels"][:, 1:] != -100
     smoothed = F.cross_entropy(logits[:, :-1][valid], batch["labels"][:, 1:][valid], label_smoothing=0.1)
-    metrics = trainer._distillation_metrics["train"]
+    metrics = trainer.loss_terms.recorded["train"]
     torch.testing.assert_close(metrics["ce"][0] / metrics["num_tokens"][0], smoothed, rtol=1e-5, atol=1e-6)
 
 
@@ -253,7 +253,7 @@ def test_a_model_with_its_own_unshifted_cross_entropy_keeps_it(tmp_path, padded_
         trainer.compute_loss(student, batch)
         logits = student(input_ids=ids).logits
     unshifted = F.cross_entropy(logits.flatten(0, 1), ids.flatten())  # what BartForCausalLM itself computes
-    metrics = trainer._distillation_metrics["eval"]
+    metrics = trainer.loss_terms.recorded["eval"]
     torch.testing.assert_close(metrics["ce"][0] / metrics["num_tokens"][0], unshifted)
 
 
@@ -488,7 +488,7 @@ def test_eval_and_test_loss_are_the_students_own_as_plain_trainer_reports(tmp_pa
     prediction = trainer.predict(eval_data)
     assert prediction.metrics["test_loss"] == pytest.approx(want, rel=1e-5)
     assert {"test_ce", "test_kd", "test_distillation_loss"} <= set(prediction.metrics)
-    assert not trainer._distillation_metrics["eval"]  # nothing left over for the next evaluation
+    assert not trainer.loss_terms.recorded["eval"]  # nothing left over for the next evaluation
 
 
 @pytest.mark.parametrize("metric", ["eval_ce", "kd", "eval_distillation_loss", "eval_loss"])

@@ -103,10 +103,7 @@ def _load_source(source: dict[str, Any], **load_kwargs: Any) -> Dataset:
 
         dataset = load_default_corpus()[source["split"]]
     elif _is_local(path):
-        files = _local_files(Path(path).expanduser())
-        builder = LOCAL_FORMATS[files[0].suffix]
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        dataset = load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs, **load_kwargs)
+        dataset = load_local_files(path, **load_kwargs)
     else:
         try:
             dataset = load_dataset(path, source["subset"], split=source["split"], **load_kwargs)
@@ -120,6 +117,20 @@ def _load_source(source: dict[str, Any], **load_kwargs: Any) -> Dataset:
     if column != "text":
         dataset = dataset.rename_column(column, "text")
     return dataset.add_column("source", [path] * len(dataset))
+
+
+def load_local_files(path: str | os.PathLike, **load_kwargs: Any) -> Dataset:
+    """A local `.txt` (one document per file), `.json`/`.jsonl` or `.parquet` file, or a folder of them, as a
+    `Dataset` with all its columns."""
+    from datasets import load_dataset
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"No such file or folder: {path}.")
+    files = _local_files(path)
+    builder = LOCAL_FORMATS[files[0].suffix]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    return load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs, **load_kwargs)
 
 
 def _local_files(path: Path) -> list[Path]:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..base.constants import IGNORE_INDEX
@@ -47,6 +46,7 @@ from .lm_head import (
     plain_loss_problem,
     text_config,
 )
+from .loss_terms import LossTerms
 from .teacher import (
     check_tokenizers,
     check_vocabularies,
@@ -102,6 +102,10 @@ class DistillationTrainer(Trainer):
     `eval_loss` instead). Every one of these names works as `metric_for_best_model`, lower being better.
     """
 
+    pads_labels_by_default = True
+    """Without a `data_collator`, batch rows of different lengths with `DataCollatorForSeq2Seq` (labels padded with
+    -100) rather than Trainer's `DataCollatorWithPadding`. Subclasses that build their own batches turn it off."""
+
     def __init__(
         self,
         model: PreTrainedModel | nn.Module | str | None = None,
@@ -114,6 +118,16 @@ class DistillationTrainer(Trainer):
     ):
         args = DistillationConfig.upgrade(args)
         self._cached_teacher_columns = training_cache_columns(teacher_cache, teacher_model, args, kwargs)
+        if (
+            self.pads_labels_by_default
+            and kwargs.get("data_collator") is None
+            and hasattr(kwargs.get("processing_class"), "pad")
+        ):
+            # Rows of different lengths (chat examples beside prose blocks) are padded, labels with -100: Trainer's
+            # default (DataCollatorWithPadding) would leave the labels unpadded.
+            kwargs["data_collator"] = DataCollatorForSeq2Seq(
+                kwargs["processing_class"], label_pad_token_id=IGNORE_INDEX
+            )
         if args.n_gpu > 1:
             # Trainer wraps the student in nn.DataParallel then: the distillation terms would be computed on the
             # gathered logits but scaled as per-replica losses.
@@ -133,7 +147,7 @@ class DistillationTrainer(Trainer):
         self.pruned_config = pruned_config if pruned_config is not None else PrunedConfig.find_for(self.model)
         self._model_card_metrics: dict[str, Any] | None = None
         self.model_card_datasets: list[str] | None = None
-        self._distillation_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.loss_terms = LossTerms()
         self._saving_checkpoint = False
         self._evaluating = False  # inside evaluation_loop: compute_loss returns the student's own LM loss
 
@@ -305,7 +319,7 @@ class DistillationTrainer(Trainer):
             terms[OBJECTIVE_NAME] = loss / scale
             if not args.eval_objective_as_loss:
                 loss = terms["ce"] * scale
-        self._record(terms, labels, num_items_in_batch, mode="train" if model.training else "eval")
+        self.loss_terms.record(terms, labels, num_items_in_batch, mode="train" if model.training else "eval")
         if not return_outputs:
             return loss
         if want_hidden:
@@ -373,33 +387,9 @@ class DistillationTrainer(Trainer):
 
     # -- metrics: recorded per micro-batch, reduced and averaged in `log` -------------------------------------
 
-    def _record(self, terms: dict[str, torch.Tensor], labels, num_items_in_batch, mode: str) -> None:
-        # Each term is (sum over this batch's valid tokens) / count: store the sum and the tokens, so that the
-        # logged value is the exact token-weighted mean since the last log, across micro-batches and processes.
-        num_tokens = labels[..., 1:].ne(IGNORE_INDEX).sum()
-        count = num_tokens if num_items_in_batch is None else num_items_in_batch
-        metrics = self._distillation_metrics[mode]
-        for name, value in terms.items():
-            metrics[name].append((value.detach().float() * count).reshape(()))
-        metrics["num_tokens"].append(num_tokens.detach().float().reshape(()))
-
-    def _averaged_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
-        """The recorded components since the last call, token-weighted over micro-batches and processes."""
-        metrics = self._distillation_metrics[mode]
-        if not metrics:
-            return {}
-        names = sorted(metrics)
-        totals = torch.stack([torch.stack(metrics[name]).sum() for name in names])
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
-        totals = dict(zip(names, totals.tolist()))
-        tokens = max(totals.pop("num_tokens"), 1.0)
-        metrics.clear()
-        return {f"{prefix}{name}": total / tokens for name, total in totals.items()}
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
-            logs.update(self._averaged_metrics("train"))
+            logs.update(self.loss_terms.averaged("train", self.accelerator))
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -407,7 +397,7 @@ class DistillationTrainer(Trainer):
     ):
         """Trainer's loop; its metrics gain the components and the objective (`eval_ce`, ...,
         `eval_distillation_loss`; `test_` ones for `predict`), so they also reach `metric_for_best_model`."""
-        self._distillation_metrics["eval"].clear()  # nothing recorded outside this loop belongs to it
+        self.loss_terms.clear("eval")  # nothing recorded outside this loop belongs to it
         self._evaluating = True
         try:
             output = super().evaluation_loop(
@@ -419,7 +409,7 @@ class DistillationTrainer(Trainer):
             )
         finally:
             self._evaluating = False
-        output.metrics.update(self._averaged_metrics("eval", prefix=f"{metric_key_prefix}_"))
+        output.metrics.update(self.loss_terms.averaged("eval", self.accelerator, prefix=f"{metric_key_prefix}_"))
         return output
 
     # -- projectors: optimised, synchronised, clipped and checkpointed with the student --------------------------

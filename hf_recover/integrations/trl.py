@@ -106,8 +106,10 @@ class DistillationSFTTrainer(DistillationTrainer, _SFTLossWithStudentOutputs):
 
     SFT's loss is the CE term (`alpha` weighs it): the combined CE+KD pass of `DistillationTrainer` is not used,
     whatever `fused_cross_entropy` says, so that `loss_type`, label smoothing and `compute_loss_func` keep working.
-    SFT's metrics stay in `SFTTrainer._metrics`, the teacher terms in `_distillation_metrics`: both are logged.
+    SFT's metrics stay in `SFTTrainer._metrics`, the teacher terms in `loss_terms`: both are logged.
     """
+
+    pads_labels_by_default = False  # SFT collates its own batches (packing, padding-free, completion masks)
 
     def __init__(self, model=None, teacher_model=None, args=None, **kwargs):
         super().__init__(model=model, teacher_model=teacher_model, args=DistillationSFTConfig.upgrade(args), **kwargs)

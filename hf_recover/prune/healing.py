@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base.anatomy import decoder_layers, has_norm_after_mlp, new_linear
+from ..base.evaluation import evaluate_perplexity
 from .calibration import StopCalibrationForward, calibration_pass
 
 HEAL_METHODS = ("lstsq", "cosine")
@@ -251,10 +252,12 @@ def heal_cuts(
 ) -> dict[str, Any]:
     """Fit and fold one map per removed run into `student` (the teacher's blocks `kept`, in order).
 
-    `targets` comes from `teacher_targets` on the same `data`. Returns the record for `PrunedConfig`:
-    method, where the maps were fitted, calibration tokens, the runs healed as `[kept block before it,
-    last removed block]` teacher indices, and the runs skipped (those starting at block 0).
+    `targets` comes from `teacher_targets` on the same `data`. Returns the record for `PrunedConfig`: method, where
+    the maps were fitted, calibration tokens, the runs healed as `[kept block before it, last removed block]` teacher
+    indices, the runs skipped (those starting at block 0), and the student's perplexity on the calibration data
+    before and after healing (in-sample: the tokens the maps were fitted on).
     """
+    before_healing = calibration_perplexity(student, data, batch_size, max_batches)
     sequential = targets["sequential"]
     student_layers = decoder_layers(student)
     for before, last in targets["spans"]:
@@ -276,7 +279,18 @@ def heal_cuts(
         "calibration_tokens": targets["tokens"],
         "spans": [[before, last] for before, last in targets["spans"]],
         "skipped": targets["skipped"],
+        "calibration_perplexity": {
+            "before": round(before_healing, 4),
+            "after": round(calibration_perplexity(student, data, batch_size, max_batches), 4),
+        },
     }
+
+
+def calibration_perplexity(model: nn.Module, data: Any, batch_size: int, max_batches: int | None) -> float:
+    """The model's perplexity on the calibration data (in-sample for what was fitted on it)."""
+    return evaluate_perplexity(
+        model, data, batch_size=batch_size, max_batches=max_batches, desc="Calibration perplexity"
+    )["perplexity"]
 
 
 def healable_spans(kept: list[int], n_layers: int) -> tuple[list[tuple[int, int]], list[list[int]]]:

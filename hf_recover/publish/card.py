@@ -51,7 +51,7 @@ CARD_METRICS = (
 
 # step keys the template words itself; any other short value a step records is listed by its name
 _WORDED_STEP_KEYS = {"type", "method", "scores", "score", "removed", "n_blocks", "pruning_ratio", "expansion_rate"}
-_WORDED_STEP_KEYS |= {"divisor", "layers"}
+_WORDED_STEP_KEYS |= {"divisor", "layers", "heal"}
 
 
 def generate_model_card(
@@ -362,12 +362,31 @@ def _step_facts(step: Mapping[str, Any]) -> dict[str, Any]:
         "divisor": step["divisor"] if _positive(step.get("divisor")) and step["divisor"] > 1 else None,
         # all blocks from 0 up: nothing worth saying
         "layers": layers if layers and layers != list(range(len(layers))) else None,
+        "heal": _heal_facts(step.get("heal")),
         # anything else a future step records, when it reads as one short value
         "other": [
             (key, value)
             for key, value in step.items()
             if key not in _WORDED_STEP_KEYS and isinstance(value, bool | int | float | str)
         ],
+    }
+
+
+def _heal_facts(heal: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A healing record's values (`hf_recover.prune.healing`), each None where the record does not have it."""
+    if not isinstance(heal, Mapping) or not heal.get("method"):
+        return None
+    perplexity = heal.get("calibration_perplexity") or {}
+    return {
+        "method": heal["method"],
+        "spans": [list(span) for span in heal.get("spans") or []],
+        "skipped": [list(span) for span in heal.get("skipped") or []],
+        "fit_on": heal.get("fit_on"),
+        "tokens": heal.get("calibration_tokens"),
+        "steps": heal.get("steps"),
+        "learning_rate": heal.get("learning_rate"),
+        "perplexity_before": perplexity.get("before"),
+        "perplexity_after": perplexity.get("after"),
     }
 
 
