@@ -21,7 +21,11 @@ SHORTHANDS = {
         "width": {"method": "maw", "pruning_ratio": 0.1},
     },
     "heads:2": {"width": {"heads": 2}},
+    "width:activation:0.2+heads:6:heal=lstsq": {
+        "width": {"method": "activation", "pruning_ratio": 0.2, "heads": 6, "heal": "lstsq"}
+    },
     "hidden:0.75": {"width": {"hidden_size": 0.75}},
+    "heads:6+hidden:540:rotate": {"width": {"heads": 6, "hidden_size": 540, "hidden_method": "rotate"}},
     "importance:2+width:maw:0.25+heads:0.5+hidden:512": {
         "depth": {"method": "importance", "n": 2},
         "width": {"method": "maw", "pruning_ratio": 0.25, "heads": 0.5, "hidden_size": 512},
@@ -71,6 +75,7 @@ def test_typed_parts_are_frozen_and_normalised():
         ("angular:2", True),
         ("greedy:2", True),
         ("width:maw:0.5", False),
+        ("width:maw:0.5:heal=lstsq", True),  # the refit reads calibration activations
         ("width:activation:0.5", True),
         ("heads:2", True),
         ("hidden:16", True),
@@ -86,7 +91,7 @@ def test_needs_calibration_is_decided_in_one_place(text, needs):
     [
         ("importance:six", "Unknown prune spec part"),
         ("importance:6:heal=svd", "heal takes one of"),
-        ("width:maw:0.1:heal=lstsq", "follows a depth part"),
+        ("width:maw:0.1:heal=cosine", "width heal takes one of"),
         ("heads:", "Unknown prune spec part"),
         ("hidden:many", "give a count or a fraction"),
         ("heads:1:2", "give a count or a fraction"),

@@ -25,10 +25,11 @@ from typing import Any
 from torch import nn
 
 from ..base.anatomy import attention_heads, decoder_layers, mlp_sizes
+from .compensation import WIDTH_HEAL_METHODS
 from .depth import DEPTH_METHODS, SCORE_FOR_METHOD, plan_removal, prune_depth
 from .healing import HealSpec, check_heal
 from .importance import check_layer_indices
-from .width import WIDTH_METHODS, check_mlp_target, plan_heads_and_hidden, prune_width, target_sizes
+from .width import HIDDEN_METHODS, WIDTH_METHODS, check_mlp_target, plan_heads_and_hidden, prune_width, target_sizes
 
 PRUNE_SPEC_GRAMMAR = """\
 Prune specs. Depth (remove N blocks, chosen by a method, or the blocks listed):
@@ -44,6 +45,8 @@ Width (the parts of one width step, combined):
                           (maw, vow, pon, or activation: weights times calibration activations)
   heads:N or heads:R      keep N query heads per block (a multiple of the KV heads), or the fraction R
   hidden:S or hidden:R    keep a hidden size of S channels, or the fraction R
+  hidden:S:rotate         the same size, by rotating the residual stream into its principal axes first (SliceGPT)
+  ...:heal=lstsq          after a width part: refit the remaining down_proj / o_proj columns by least squares
 Chain parts with '+', depth first (importance:4+width:maw:0.1), or give a JSON object of prune_depth /
 prune_width arguments: {"depth": {"method": "angular", "n": 6, "heal": "lstsq"}, "width": {"heads": 6}}."""
 """The one description of the grammar: every `--help` and the documentation take it from here."""
@@ -115,10 +118,18 @@ class WidthSpec:
     layers: tuple[int, ...] | None = None
     heads: int | float | None = None
     hidden_size: int | float | None = None
+    hidden_method: str = "slice"
+    """`"slice"` (channels ranked by activations) or `"rotate"` (principal axes; `hf_recover.prune.rotation`)."""
+    heal: str | None = None
+    """`"lstsq"`: refit the remaining `down_proj` / `o_proj` columns (`hf_recover.prune.compensation`)."""
 
     def __post_init__(self):
         if self.method not in WIDTH_METHODS:
             raise ValueError(f"width method must be one of {list(WIDTH_METHODS)}, got {self.method!r}.")
+        if self.hidden_method not in HIDDEN_METHODS:
+            raise ValueError(f"width hidden_method must be one of {list(HIDDEN_METHODS)}, got {self.hidden_method!r}.")
+        if self.heal is not None and self.heal not in WIDTH_HEAL_METHODS:
+            raise ValueError(f"width heal takes one of {list(WIDTH_HEAL_METHODS)}, got {self.heal!r}.")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
         if self.prunes_mlp:  # model-free range checks; sizes are checked against a model in `PruneSpec.check`
@@ -135,10 +146,10 @@ class WidthSpec:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether `prune_width` ranks by activations (neurons by `activation`, heads, hidden channels)."""
-        return (
-            (self.prunes_mlp and self.method == "activation") or self.heads is not None or self.hidden_size is not None
-        )
+        """Whether `prune_width` reads calibration activations: to rank neurons (`activation`), heads or hidden
+        channels, or to refit the remaining columns (`heal`)."""
+        scored = (self.prunes_mlp and self.method == "activation") or self.heads is not None
+        return scored or self.hidden_size is not None or self.heal is not None
 
     def prune_width_kwargs(self) -> dict[str, Any]:
         """The `prune_width` keyword arguments this spec stands for."""
@@ -152,8 +163,9 @@ class WidthSpec:
         out = self.prune_width_kwargs()
         if not self.prunes_mlp:
             out.pop("method")
-        if self.divisor == 1:
-            out.pop("divisor")
+        for name, default in (("divisor", 1), ("hidden_method", "slice")):
+            if out.get(name) == default:
+                out.pop(name)
         return out
 
     @property
@@ -164,8 +176,9 @@ class WidthSpec:
     def __str__(self) -> str:
         parts = [f"width:{self.method}:{self.pruning_ratio:g}"] if self.prunes_mlp else []
         parts += [f"heads:{self.heads}"] if self.heads is not None else []
-        parts += [f"hidden:{self.hidden_size}"] if self.hidden_size is not None else []
-        return "+".join(parts)
+        rotate = ":rotate" if self.hidden_method == "rotate" else ""
+        parts += [f"hidden:{self.hidden_size}{rotate}"] if self.hidden_size is not None else []
+        return "+".join(parts) + (f":heal={self.heal}" if self.heal is not None else "")
 
 
 SPEC_PARTS = {"depth": DepthSpec, "width": WidthSpec}
@@ -323,8 +336,6 @@ def _parse_shorthand(text: str) -> dict[str, Any]:
     for part in text.split("+"):
         part, _, heal = part.partition(":heal=")
         kind, _, rest = part.partition(":")
-        if heal and kind not in (*DEPTH_METHODS, "remove"):
-            raise ValueError(f"Prune spec {part!r}: ':heal=' follows a depth part (importance:6:heal=lstsq).")
         if kind in DEPTH_METHODS and rest.isdigit():
             result["depth"] = {"method": kind, "n": int(rest)}
         elif kind == "remove" and rest:
@@ -339,6 +350,9 @@ def _parse_shorthand(text: str) -> dict[str, Any]:
             except ValueError:
                 raise ValueError(f"Prune spec {part!r}: the width ratio must be a number.") from None
         elif kind in ("heads", "hidden") and rest:
+            if kind == "hidden" and rest.endswith(":rotate"):
+                rest = rest.removesuffix(":rotate")
+                result.setdefault("width", {})["hidden_method"] = "rotate"
             try:  # digits: a count or size; anything else: the fraction kept
                 value = int(rest) if rest.isdigit() else float(rest)
             except ValueError:
@@ -347,5 +361,5 @@ def _parse_shorthand(text: str) -> dict[str, Any]:
         else:
             raise ValueError(f"Unknown prune spec part {part!r}.\n\n{PRUNE_SPEC_GRAMMAR}")
         if heal:
-            result["depth"]["heal"] = heal
+            result["depth" if kind in (*DEPTH_METHODS, "remove") else "width"]["heal"] = heal
     return result

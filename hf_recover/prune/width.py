@@ -16,6 +16,7 @@ from ..base.anatomy import (
     check_supported,
     decoder_layers,
     head_dim,
+    head_rows,
     mlp_sizes,
     num_kv_heads,
     sliced_linear,
@@ -23,11 +24,15 @@ from ..base.anatomy import (
 from ..base.pruned_config import PrunedConfig
 from .attention_heads import HIDDEN_DIVISIBLE_BY_HEADS, head_scores, heads_to_keep, slice_heads, target_heads
 from .calibration import check_calibration_data
+from .compensation import WIDTH_HEAL_METHODS, input_grams, refit_columns
+from .healing import calibration_perplexity
 from .hidden import hidden_scores, slice_hidden, target_hidden_size
 from .importance import _check_neuron_args, _neuron_scores
 from .record import base_pruned_config, describe_data, finish_pruning
+from .rotation import check_rotatable, fold_norms, residual_principal_axes, rotate_and_slice
 
 WIDTH_METHODS = ("maw", "vow", "pon", "activation")
+HIDDEN_METHODS = ("slice", "rotate")
 
 
 def prune_width(
@@ -44,6 +49,8 @@ def prune_width(
     inplace: bool = False,
     batch_size: int = 8,
     max_batches: int | None = None,
+    heal: str | None = None,
+    hidden_method: str = "slice",
 ) -> tuple[nn.Module, PrunedConfig]:
     """Remove the least important GLU MLP neurons, attention heads and/or hidden channels; return the model and
     its `PrunedConfig`.
@@ -67,10 +74,17 @@ def prune_width(
     float in (0, 1)), for the whole model (embedding, every block, final norm, lm_head); channels are ranked by
     their activations at every norm on calibration `data` (see `hf_recover.prune.hidden`). `expansion_rate`
     stays relative to the hidden size before pruning. Llama and Gemma3 configs require the hidden size to be a
-    multiple of the number of heads.
+    multiple of the number of heads. `hidden_method="rotate"` rotates the residual stream into its principal axes
+    on calibration `data` before deleting the least used directions, instead of slicing channels (SliceGPT; see
+    `hf_recover.prune.rotation`: exact up to the deletion, it unties a tied lm_head, and refuses Gemma3).
 
     Every score is computed on the model before any of it is pruned (one calibration pass per axis), then the
     axes are pruned together. Give at least one of the MLP target, `heads`, `hidden_size`.
+
+    `heal="lstsq"` (the word depth pruning's heal uses) compensates the removed MLP neurons and heads without
+    training: the remaining columns of each pruned block's `down_proj` / `o_proj` are refitted by least squares to
+    reproduce the unpruned layer's output on calibration `data` (see `hf_recover.prune.compensation`). The step in
+    the `PrunedConfig` records it, with the perplexity on the calibration tokens before and after.
 
     Blocks may end with different MLP sizes (with `layers=`, or when the model was width-pruned
     before). Equal sizes are written to `config.intermediate_size`, so plain `from_pretrained` reloads
@@ -79,6 +93,14 @@ def prune_width(
     check_supported(model)
     blocks = decoder_layers(model)
     layer_indices = _check_neuron_args(model, method, data, layers)
+    if heal is not None and heal not in WIDTH_HEAL_METHODS:
+        raise ValueError(f"Width pruning's heal must be None or one of {list(WIDTH_HEAL_METHODS)}, got {heal!r}.")
+    if heal is not None and data is None:
+        raise ValueError(f"heal={heal!r} refits the remaining columns on calibration activations: pass data= as well.")
+    if hidden_method not in HIDDEN_METHODS:
+        raise ValueError(f"hidden_method must be one of {list(HIDDEN_METHODS)}, got {hidden_method!r}.")
+    if hidden_size is not None and hidden_method == "rotate":
+        check_rotatable(model)
     prune_mlp = pruning_ratio is not None or expansion_rate is not None or (heads is None and hidden_size is None)
     targets = (
         target_sizes(
@@ -98,15 +120,24 @@ def prune_width(
         scores, tokens, sequences = _neuron_scores(model, method, data, layer_indices, batch_size, max_batches)
     if heads is not None:
         scores_of_heads, tokens, sequences = head_scores(model, data, layer_indices, batch_size, max_batches)
-    if hidden_size is not None:
+    if hidden_size is not None and hidden_method == "slice":
         channel_scores, tokens, sequences = hidden_scores(model, data, batch_size, max_batches)
+    elif hidden_size is not None:
+        axes, variances, tokens, sequences = residual_principal_axes(
+            model, data, batch_size=batch_size, max_batches=max_batches
+        )
+    if heal is not None:  # the unpruned layers' inputs, for the refit
+        projections = {"down_proj": layer_indices if prune_mlp else [], "o_proj": layer_indices if heads else []}
+        grams, tokens, sequences = input_grams(
+            model, data, projections, batch_size=batch_size, max_batches=max_batches
+        )
 
     teacher = base_pruned_config(model)
     previous = PrunedConfig.find_for(model)
     if not inplace:
         model = copy.deepcopy(model)
         blocks = decoder_layers(model)
-    summary = []
+    summary, refits = [], []  # refits: (linear's owner, attribute, unpruned weight, gram, kept columns)
     for i, size in zip(layer_indices, targets):  # empty when the MLP is not pruned
         score = scores[i]
         keep = torch.argsort(score, descending=True, stable=True)[:size].sort().values
@@ -121,6 +152,8 @@ def prune_width(
                 "removed_score_mean": round(float(score[dropped].mean()), 6) if dropped.any() else None,
             }
         )
+        if heal is not None:
+            refits.append((blocks[i].mlp, "down_proj", blocks[i].mlp.down_proj.weight, grams["down_proj", i], keep))
         slice_mlp(blocks[i].mlp, keep)
     step = {"type": "width", "method": method if prune_mlp else None}
     if prune_mlp:
@@ -131,18 +164,49 @@ def prune_width(
         kept_heads = {}
         for i, kept in zip(layer_indices, head_targets):
             keep = heads_to_keep(scores_of_heads[i], kept, kv_heads)
+            if heal is not None:
+                attention = blocks[i].self_attn
+                refits.append(
+                    (attention, "o_proj", attention.o_proj.weight, grams["o_proj", i], head_rows(keep, size))
+                )
             slice_heads(blocks[i].self_attn, keep, size, kv_heads)
             kept_heads[i] = keep.tolist()
         step.update(heads=heads, kept_heads={str(i): k for i, k in kept_heads.items()})
-    if hidden_size is not None:
+    if hidden_size is not None and hidden_method == "slice":
         keep = torch.argsort(channel_scores, descending=True, stable=True)[:hidden_target].sort().values
         slice_hidden(model, keep)
         step.update(hidden_size=hidden_size)
-    uses_data = (prune_mlp and method == "activation") or heads is not None or hidden_size is not None
+    elif hidden_size is not None:
+        untied = fold_norms(model)
+        rotate_and_slice(model, axes, hidden_target)
+        kept_variance = float(variances[:hidden_target].sum() / variances.sum())
+        step.update(hidden_size=hidden_size, hidden_method="rotate", untied_lm_head=untied)
+        step["kept_variance"] = round(kept_variance, 6)
+    if heal is not None:
+        step["heal"] = compensate(model, refits, heal, data, tokens, batch_size, max_batches)
+    uses_data = (
+        (prune_mlp and method == "activation") or heads is not None or hidden_size is not None or heal is not None
+    )
     description = describe_data(data, tokens, sequences) if uses_data else None
     kept = list(range(len(blocks)))
     pruned_config = finish_pruning(model, teacher, previous, kept_layer_indices=kept, step=step, data=description)
     return model, pruned_config
+
+
+def compensate(model, refits, heal: str, data, tokens: int, batch_size: int, max_batches: int | None) -> dict:
+    """Refit the pruned columns (`refits` from `prune_width`); the record of the heal for `PrunedConfig`."""
+    before = calibration_perplexity(model, data, batch_size, max_batches)
+    with torch.no_grad():
+        for owner, name, unpruned, gram, kept in refits:
+            getattr(owner, name).weight.copy_(refit_columns(unpruned, gram, kept))
+    after = calibration_perplexity(model, data, batch_size, max_batches)
+    return {
+        "method": heal,
+        "refitted": sorted({name for _, name, *_ in refits}),
+        "calibration_tokens": tokens,
+        "fit_on": "teacher",
+        "calibration_perplexity": {"before": round(before, 4), "after": round(after, 4)},
+    }
 
 
 def plan_heads_and_hidden(
