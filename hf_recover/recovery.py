@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .base.chat_retention import chat_retention_table, evaluate_chat_retention
 from .base.evaluation import count_parameters, evaluate_perplexity, recovery_metrics
-from .base.reporting import before_after_table, format_parameters, format_percent
+from .base.reporting import assistant_table, before_after_table, format_parameters, format_percent
 from .distill.config import DistillationConfig
 
 _BATCH = "per_device_train_batch_size"
@@ -36,6 +37,11 @@ class RecoveryResult:
 
     perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
     """`{split: {"teacher": ..., "pruned": ..., "recovered": ...}}`."""
+    assistant: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """`{"teacher": ..., "pruned": ..., "recovered": ...}`: chat retention against the teacher's own answers
+    (`hf_recover.base.chat_retention`), when measured."""
+    answers: list[dict[str, str]] = field(default_factory=list)
+    """A few prompts answered by each model, `[{"prompt": ..., "teacher": ..., "pruned": ..., "recovered": ...}]`."""
     teacher_parameters: int | None = None
     student_parameters: int | None = None
     train_steps: int | None = None
@@ -46,8 +52,8 @@ class RecoveryResult:
 
     def card_metrics(self) -> dict[str, Any]:
         """The `metrics` dict `hf_recover.generate_model_card` takes."""
-        metrics = {k: v for k, v in asdict(self).items() if k not in ("log_history", "wall_time") and v is not None}
-        return metrics
+        skipped = ("log_history", "wall_time")
+        return {k: v for k, v in asdict(self).items() if k not in skipped and v not in (None, {}, [])}
 
     def recovery(self, split: str) -> dict[str, float] | None:
         ppl = self.perplexity.get(split, {})
@@ -70,7 +76,56 @@ class RecoveryResult:
             )
         if self.wall_time is not None:
             facts.append(f"wall time: {self.wall_time:.0f} s")
-        return before_after_table(self.perplexity) + ("\n\n" + "; ".join(facts) if facts else "")
+        tables = [before_after_table(self.perplexity)]
+        if self.assistant:
+            tables.append(assistant_table(self.assistant))
+        return "\n\n".join(tables) + ("\n\n" + "; ".join(facts) if facts else "")
+
+
+def teacher_mixture(
+    teacher: torch.nn.Module,
+    tokenizer,
+    text: Any,
+    *,
+    train_tokens: int,
+    teacher_data: str | Path = "auto",
+    chat_fraction: float = 0.5,
+    sample_fraction: float = 0.0,
+    num_prompts: int = 256,
+    num_samples: int = 0,
+    answer_tokens: int = 128,
+    max_length: int = 256,
+    seed: int = 0,
+):
+    """A training set of `train_tokens` tokens: `chat_fraction` of them the teacher's answers (one conversation per
+    row, the loss on the assistant's tokens only), `sample_fraction` its unconditional samples, the rest `text`
+    (prepared blocks). `teacher_data` is a folder of `hf_recover.build_teacher_data`, checked against this teacher and
+    tokenizer, or `"auto"`: written by the teacher once with `num_prompts`, `num_samples` and `answer_tokens`, then
+    read from hf_recover's cache. Returns `(mixture, teacher_data_folder)`."""
+    from .base.chat import prepare_chat_dataset
+    from .base.data import mix_recovery_datasets
+    from .base.generation import Sampling
+    from .distill.teacher_data import cached_teacher_data, load_teacher_data
+
+    if str(teacher_data) == "auto":
+        folder = cached_teacher_data(
+            teacher, tokenizer, num_prompts=num_prompts, num_samples=num_samples, seed=seed,
+            answer_sampling=Sampling(max_new_tokens=answer_tokens),
+            sample_sampling=Sampling(temperature=1.0, max_new_tokens=answer_tokens),
+        )  # fmt: skip
+    else:
+        folder = Path(teacher_data)
+    rows = load_teacher_data(folder, teacher=teacher, tokenizer=tokenizer)
+    parts, quotas = {"text": text}, {}
+    for kind, fraction in (("answer", chat_fraction), ("sample", sample_fraction)):
+        if fraction > 0:
+            chosen = rows.filter(lambda k, kind=kind: k == kind, input_columns="kind")
+            if len(chosen) == 0:
+                raise ValueError(f"The teacher data in {folder} holds no {kind}s; set the {kind} fraction to 0.")
+            parts[kind] = prepare_chat_dataset(chosen, tokenizer, max_length=max_length)
+            quotas[kind] = round(fraction * train_tokens)
+    quotas["text"] = train_tokens - sum(quotas.values())
+    return mix_recovery_datasets(parts, quotas, seed=seed), folder
 
 
 def evaluate_splits(
@@ -104,6 +159,8 @@ def run_recovery(
     callbacks: list | None = None,
     save: bool = True,
     teacher_cache=None,
+    chat=None,
+    examples: int = 3,
 ) -> tuple[Any, RecoveryResult]:
     """Evaluate teacher and pruned student, recover the student with `DistillationTrainer`, evaluate it.
 
@@ -111,11 +168,15 @@ def run_recovery(
     (`{split: {"teacher": ..., "pruned": ...}}`), so a lab comparing strategies pays for them once.
     With `save`, the recovered model, tokenizer, `pruned_config.json` and model card are written to
     `args.output_dir`. `teacher_cache` (a `TeacherCache` of `train_dataset`) replaces the teacher in training;
-    the teacher is then only evaluated. Returns `(trainer, result)`.
+    the teacher is then only evaluated. `chat` (a `ChatReference`: the teacher's answers to evaluation prompts)
+    measures the assistant too, before and after, and keeps `examples` prompts answered by every model. The training
+    tokens counted are the real ones (padding excluded). Returns `(trainer, result)`.
     """
     from .distill.trainer import DistillationTrainer
 
     start = time.perf_counter()
+    if not args.include_num_input_tokens_seen:  # the tokens trained on, for the results: padding excluded
+        args.include_num_input_tokens_seen = "non_padding"
     # The trainer validates the recipe (layer map, projectors, vocabularies) before any evaluation is spent.
     trainer = DistillationTrainer(
         model=student,
@@ -134,26 +195,53 @@ def run_recovery(
             batch_size=eval_batch_size,
             max_batches=eval_max_batches,
         )
+    assistant = evaluate_assistant({"teacher": teacher, "pruned": student}, chat, tokenizer) if chat else {}
     train_output = trainer.train()
     after = evaluate_splits(
         {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches
     )
-    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if chat:
+        assistant.update(evaluate_assistant({"recovered": trainer.model}, chat, tokenizer))
     result = RecoveryResult(
         perplexity={split: {**before[split], **after[split]} for split in eval_splits},
+        assistant={name: score.to_dict() for name, score in assistant.items()},
+        answers=answer_examples(chat, assistant, tokenizer, examples) if chat else [],
         teacher_parameters=count_parameters(teacher),
         student_parameters=count_parameters(trainer.model),
         train_steps=trainer.state.global_step,
-        train_tokens=trainer.state.global_step * tokens_per_step * len(train_dataset[0]["input_ids"]),
+        train_tokens=int(trainer.state.num_input_tokens_seen),
         train_runtime=train_output.metrics.get("train_runtime"),
         log_history=list(trainer.state.log_history),
     )
+    if chat:
+        for name, figures in chat_retention_table(assistant).items():
+            result.assistant[name].update(log_perplexity_recovery=figures.get("log_perplexity_recovery"))
     result.wall_time = time.perf_counter() - start
     trainer.model_card_metrics = result.card_metrics()
     trainer.model_card_datasets = datasets
     if save:
         trainer.save_model(args.output_dir)
     return trainer, result
+
+
+def evaluate_assistant(models: dict[str, torch.nn.Module], chat, tokenizer) -> dict[str, Any]:
+    """Chat retention of every model against the reference answers `chat` (a `ChatReference`)."""
+    return {
+        name: evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat) for name, model in models.items()
+    }
+
+
+def answer_examples(chat, assistant: dict[str, Any], tokenizer, count: int) -> list[dict[str, str]]:
+    """The first `count` prompts with the teacher's answer and each model's own, as text."""
+    examples = []
+    for i, prompt in enumerate(chat.prompts[:count]):
+        example = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"]}
+        example["teacher"] = tokenizer.decode(chat.answer_ids[i], skip_special_tokens=True).strip()
+        for name, score in assistant.items():
+            if name != "teacher" and score.answers:
+                example[name] = tokenizer.decode(score.answers[i], skip_special_tokens=True).strip()
+        examples.append(example)
+    return examples
 
 
 class RecoveryCurve(TrainerCallback):

@@ -305,7 +305,7 @@ def test_demo_and_recover_train_with_the_depth_recovery_preset(command):
     from hf_recover.scripts import demo, recover
 
     parser = (demo if command == "demo" else recover).make_parser()
-    recover_args, data_args, config = parser.parse_args_into_dataclasses([])
+    recover_args, data_args, _, config = parser.parse_args_into_dataclasses([])
     for name, value in DistillationConfig.DEPTH_RECOVERY_RECIPE.items():
         assert getattr(config, name) == value, name
     assert data_args.calibration_blocks == 64  # enough tokens for the healing maps
@@ -315,7 +315,7 @@ def test_demo_and_recover_train_with_the_depth_recovery_preset(command):
         }
         assert (config.max_steps, config.per_device_train_batch_size, data_args.max_length) == (120, 2, 256)
     # a flag still overrides the preset
-    _, _, changed = parser.parse_args_into_dataclasses(["--learning_rate", "3e-5", "--gamma", "0"])
+    *_, changed = parser.parse_args_into_dataclasses(["--learning_rate", "3e-5", "--gamma", "0"])
     assert (changed.learning_rate, changed.gamma) == (3e-5, 0.0)
 
 

@@ -301,30 +301,36 @@ def _stack_rows(rows: list[Mapping[str, Any]], columns: tuple[str, ...]) -> dict
     return {k: torch.as_tensor([row[k] for row in rows]) for k in columns if k in rows[0]}
 
 
-def mix_recovery_datasets(datasets: Mapping[str, Dataset], rows: Mapping[str, int], *, seed: int = 0) -> Dataset:
-    """`rows[name]` rows of each prepared dataset (its first ones, after a seeded shuffle), shuffled together.
+def mix_recovery_datasets(datasets: Mapping[str, Dataset], tokens: Mapping[str, int], *, seed: int = 0) -> Dataset:
+    """About `tokens[name]` tokens of each prepared dataset (its first rows after a seeded shuffle, until the count is
+    reached), shuffled together: a training mixture measured in the tokens it trains on.
 
     Every dataset is brought to the columns of a chat dataset (`hf_recover.base.chat.CHAT_COLUMNS`): a prose block
     gets `prompt_length` 0 (nothing of it is a prompt). Rows of different lengths are batched with a padding
-    collator. Asking for more rows than a dataset has is an error.
+    collator. Asking a dataset for more tokens than it holds is an error.
     """
     from datasets import concatenate_datasets
 
     from .chat import CHAT_COLUMNS
 
     parts = []
-    for name, count in rows.items():
-        data = datasets[name]
-        if count > len(data):
-            raise ValueError(f"{name} has {len(data)} rows; the mixture asks for {count}.")
-        if count == 0:
+    for name, wanted in tokens.items():
+        if wanted <= 0:
             continue
-        part = data.shuffle(seed=seed).select(range(count))
+        data = datasets[name].shuffle(seed=seed)
+        lengths = [sum(mask) for mask in data["attention_mask"]]
+        if sum(lengths) < wanted:
+            raise ValueError(f"{name} holds {sum(lengths):,} tokens; the mixture asks for {wanted:,}.")
+        count, total = 0, 0
+        while total < wanted:
+            total += lengths[count]
+            count += 1
+        part = data.select(range(count))
         if "prompt_length" not in part.column_names:
             part = part.add_column("prompt_length", [0] * count)
         parts.append(part.select_columns(list(CHAT_COLUMNS)).cast(_chat_features()))
     if not parts:
-        raise ValueError("The mixture has no rows: ask for at least one.")
+        raise ValueError("The mixture has no rows: ask for some tokens of at least one dataset.")
     return concatenate_datasets(parts).shuffle(seed=seed)
 
 

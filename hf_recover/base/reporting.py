@@ -97,3 +97,39 @@ def before_after_rows(perplexity: Mapping[str, Any] | None) -> list[list[str]]:
 def before_after_table(perplexity: Mapping[str, Any] | None) -> str:
     """The before/after table: perplexity of teacher, pruned and recovered model per split, recovery, retention."""
     return markdown_table(BEFORE_AFTER_HEADER, before_after_rows(perplexity), numeric_columns=5)
+
+
+ASSISTANT_HEADER = (
+    "model",
+    "teacher's answers PPL",
+    "log-PPL recovery",
+    "top-1 = teacher's",
+    "repeated 4-grams",
+)
+
+
+def assistant_rows(assistant: Mapping[str, Mapping[str, Any]] | None) -> list[list[str]]:
+    """One row per model of `{model: chat retention figures}` (`hf_recover.base.chat_retention`): the perplexity of
+    the teacher's answers, the share of the log-perplexity gap closed, top-1 agreement, and the repeated 4-gram rate
+    of the model's own answers with its multiple of the teacher's."""
+    if not isinstance(assistant, Mapping):
+        return []
+    rows = []
+    for model, figures in assistant.items():
+        rate, ratio = figures.get("repeated_ngram_rate"), figures.get("repetition_ratio")
+        repeats = MISSING if rate is None else format_percent(rate) + (f" ({ratio:.1f}×)" if ratio is not None else "")
+        rows.append(
+            [
+                str(model),
+                format_perplexity(figures.get("perplexity")),
+                format_percent(figures.get("log_perplexity_recovery")),
+                format_percent(figures.get("top1_agreement")),
+                repeats,
+            ]
+        )
+    return rows
+
+
+def assistant_table(assistant: Mapping[str, Mapping[str, Any]] | None) -> str:
+    """The assistant table: how close each model stays to the teacher's own answers (see `assistant_rows`)."""
+    return markdown_table(ASSISTANT_HEADER, assistant_rows(assistant), numeric_columns=4)

@@ -37,7 +37,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from torch import nn
 
 from ..base.chat import as_messages, check_chat_template, end_of_turn_ids, has_chat_template, render_prompt
 from ..base.constants import IGNORE_INDEX
+from ..base.defaults.cache import cache_root
 from ..base.generation import Sampling, generate_completions
 from ..base.version import __version__
 from .fingerprints import tokenizer_fingerprint, weights_fingerprint
@@ -185,6 +186,31 @@ def build_teacher_data(
             progress.update(unit["count"])
     build.finish(lambda shards: {**plan, "hf_recover_version": __version__, "shards": shards})
     return Path(output_dir)
+
+
+def cached_teacher_data(
+    teacher: nn.Module, tokenizer: Any, *, cache_dir: str | os.PathLike | None = None, **settings: Any
+) -> Path:
+    """`build_teacher_data(teacher, tokenizer, folder, **settings)` into hf_recover's cache (`cache_root`): written
+    on the first call, finished on the next one if it was interrupted, read as it is afterwards. The folder is named
+    by a fingerprint of the teacher's weights, the tokenizer and every setting: other weights or settings get their
+    own data, never another's."""
+    prompts = settings.get("prompts")
+    key = {
+        "teacher": weights_fingerprint(teacher),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        **{
+            name: asdict(value) if is_dataclass(value) else value
+            for name, value in settings.items()
+            if name != "prompts"
+        },
+        "prompts": None if prompts is None else _fingerprint(_given_prompts(prompts)),
+        "format_version": FORMAT_VERSION,
+    }
+    folder = cache_root(cache_dir) / "teacher-data" / _fingerprint(key)[:20]
+    if not (folder / METADATA_NAME).is_file():
+        build_teacher_data(teacher, tokenizer, folder, **settings)
+    return folder
 
 
 # -- what to generate ---------------------------------------------------------------------------------------------

@@ -23,10 +23,18 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..base.pruned_config import PrunedConfig
-from ..base.reporting import MODELS, before_after_rows, before_after_table, format_parameters, format_percent
+from ..base.reporting import (
+    MODELS,
+    assistant_rows,
+    assistant_table,
+    before_after_rows,
+    before_after_table,
+    format_parameters,
+    format_percent,
+)
 from ..base.version import __version__
 from .card_merge import as_list as _as_list
 from .card_merge import merge_into_existing, merge_metadata
@@ -41,6 +49,8 @@ BASE_TAGS = ("hf-recover",)
 
 CARD_METRICS = (
     "perplexity",
+    "assistant",
+    "answers",
     "train_steps",
     "train_tokens",
     "train_runtime",
@@ -135,6 +145,10 @@ def generate_model_card(
         ours = merge_metadata(ours, run["metadata"])
         model_name = model_name or run["model_name"]
     card_data = ModelCardData(ignore_metadata_errors=True, **ours)
+    results = _eval_results(metrics)
+    if results:  # the card's own figures in its model-index, beside Trainer's
+        card_data.eval_results = [*(card_data.eval_results or []), *results]
+        card_data.model_name = card_data.model_name or model_name or (hub_model_id or "recovered-model").split("/")[-1]
     context = {
         "card_data": card_data.to_yaml(),
         "model_name": model_name or (hub_model_id.split("/")[-1] if hub_model_id else None),
@@ -150,6 +164,8 @@ def generate_model_card(
         "results_table": before_after_table(metrics["perplexity"])
         if before_after_rows(metrics["perplexity"])
         else None,
+        "assistant_table": assistant_table(metrics["assistant"]) if assistant_rows(metrics["assistant"]) else None,
+        "answers": list(metrics["answers"] or []),
         "usage": {
             "model_id": hub_model_id or "path/to/this/model",
             # blocks of different MLP sizes do not fit one `intermediate_size`: plain from_pretrained cannot build them
@@ -241,6 +257,7 @@ def _template():
         percent=format_percent,
         duration=_duration,
         python_string=json.dumps,
+        blockquote=lambda text: "\n".join("> " + line for line in (str(text).strip() or "(no answer)").splitlines()),
     )
     return env.from_string(source)
 
@@ -276,6 +293,8 @@ def checked_card_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
             f"metrics has keys the model card does not know: {unknown}. Known keys: {list(CARD_METRICS)} "
             "(e.g. {'perplexity': {'validation': {'teacher': 22.5, 'pruned': 46.5, 'recovered': 25.6}}})."
         )
+    metrics.setdefault("assistant", None)
+    metrics.setdefault("answers", None)
     perplexity = metrics.setdefault("perplexity", None)
     splits = perplexity.items() if isinstance(perplexity, Mapping) else ()
     for split, values in splits:
@@ -286,6 +305,35 @@ def checked_card_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
                 f"Known models: {list(MODELS)}."
             )
     return metrics
+
+
+EVAL_DATASETS = {"perplexity": "hf-recover/recovery-text", "assistant": "hf-recover/chat-prompts"}
+"""The dataset types the model-index names for hf_recover's figures (its evaluation sets have no Hub id)."""
+
+
+def _eval_results(metrics: Mapping[str, Any]) -> list[EvalResult]:
+    """The recovered model's figures as `model-index` entries: its perplexity on every split, and on the teacher's
+    answers with its top-1 agreement."""
+    results = []
+    for split, values in (metrics["perplexity"] or {}).items():
+        if isinstance(values, Mapping) and values.get("recovered") is not None:
+            results.append(
+                EvalResult(
+                    task_type="text-generation", dataset_type=EVAL_DATASETS["perplexity"], dataset_name=str(split),
+                    dataset_split=str(split), metric_type="perplexity", metric_value=float(values["recovered"]),
+                    metric_name="Perplexity",
+                )
+            )  # fmt: skip
+    recovered = (metrics["assistant"] or {}).get("recovered") or {}
+    for key, name in (("perplexity", "Perplexity of the teacher's answers"), ("top1_agreement", "Top-1 agreement")):
+        if recovered.get(key) is not None:
+            results.append(
+                EvalResult(
+                    task_type="text-generation", dataset_type=EVAL_DATASETS["assistant"], dataset_name="chat prompts",
+                    metric_type=key, metric_value=float(recovered[key]), metric_name=name,
+                )
+            )  # fmt: skip
+    return results
 
 
 def _uses_teacher(config: Any) -> bool:

@@ -41,6 +41,62 @@ class DataArguments:
         default=None, metadata={"help": "Use only this many training documents (after a seeded shuffle)."}
     )
     data_seed_value: int = field(default=0, metadata={"help": "Seed for shuffling and splitting documents."})
+    held_out: bool = field(
+        default=True,
+        metadata={
+            "help": "With the default corpus, also measure perplexity on the held-out domains (git's documentation, "
+            "the Jargon File): never trained on, never used to choose a recipe."
+        },
+    )
+
+
+@dataclass
+class MixtureArguments:
+    """What recovery trains on beside the text: the teacher's own answers and samples (`hf-recover generate`)."""
+
+    teacher_data: str = field(
+        default="auto",
+        metadata={
+            "help": "The teacher's answers and samples to train on beside the text: 'auto' (written by the teacher "
+            "once and cached, see --num_prompts), a folder from `hf-recover generate`, or 'none' (text only)."
+        },
+    )
+    chat_fraction: float = field(
+        default=0.5, metadata={"help": "Share of the training tokens taken from the teacher's answers (0 to 1)."}
+    )
+    sample_fraction: float = field(
+        default=0.0, metadata={"help": "Share of the training tokens taken from the teacher's unconditional samples."}
+    )
+    num_prompts: int = field(
+        default=256, metadata={"help": "With --teacher_data auto: prompts the teacher writes itself and answers."}
+    )
+    num_samples: int = field(default=0, metadata={"help": "With --teacher_data auto: unconditional samples."})
+    answer_tokens: int = field(default=128, metadata={"help": "With --teacher_data auto: longest answer, in tokens."})
+    train_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train on this many tokens of the mixture, once (max_steps follows). Default: max_steps x batch x "
+            "max_length, what text alone would have used."
+        },
+    )
+    chat_prompts: str = field(
+        default="test",
+        metadata={
+            "help": "Prompts to measure the assistant on: 'test' or 'dev' (hf_recover's own, never trained on), or "
+            "'none'."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("chat_fraction", "sample_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.chat_fraction + self.sample_fraction > 1:
+            raise ValueError("--chat_fraction and --sample_fraction together exceed 1: leave some room for text.")
+
+    @property
+    def uses_teacher_data(self) -> bool:
+        return self.teacher_data != "none" and self.chat_fraction + self.sample_fraction > 0
 
 
 @dataclass
@@ -109,6 +165,10 @@ def load_text_splits(args: DataArguments) -> dict[str, Any]:
         splits = {"train": held_out["train"], "validation": held_out["test"]}
     if args.ood_dataset:
         splits["ood"] = load_recovery_data(args.ood_dataset, text_column=args.text_column)
+    if args.held_out and args.dataset == [DEFAULT]:
+        from ..base.defaults import load_held_out_corpus
+
+        splits.update(load_held_out_corpus())
     if args.max_train_documents is not None:
         train = splits["train"].shuffle(seed=args.data_seed_value)
         splits["train"] = train.select(range(min(args.max_train_documents, len(train))))
@@ -116,12 +176,13 @@ def load_text_splits(args: DataArguments) -> dict[str, Any]:
 
 
 def prepare_eval_splits(splits: dict[str, Any], tokenizer, args: DataArguments) -> dict[str, Any]:
-    """The first `eval_blocks` packed blocks of `validation` and `ood` (when present), for perplexity."""
+    """The first `eval_blocks` packed blocks of every split but `train` (`validation`, `ood`, the held-out domains),
+    for perplexity."""
     from ..base.data import prepare_recovery_dataset
 
     prepared = {}
-    for name in ("validation", "ood"):
-        if name in splits:
-            data = prepare_recovery_dataset(splits[name], tokenizer, max_length=args.eval_max_length)
+    for name, split in splits.items():
+        if name != "train":
+            data = prepare_recovery_dataset(split, tokenizer, max_length=args.eval_max_length)
             prepared[name] = data.select(range(min(args.eval_blocks, len(data))))
     return prepared

@@ -20,6 +20,7 @@ distributions and the teacher runs only for the before/after perplexities.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,14 @@ from ..distill.config import DistillationConfig
 from .arguments import (
     DEFAULT,
     DataArguments,
+    MixtureArguments,
     check_output_dir,
     command_parser,
     load_text_splits,
     prepare_eval_splits,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,16 +70,20 @@ RECOVER_DEFAULTS = {
 
 
 def make_parser(subparsers=None, *, name: str = "recover", doc: str = __doc__, defaults: dict | None = None):
-    types = (RecoverArguments, DataArguments, DistillationConfig)
+    types = (RecoverArguments, DataArguments, MixtureArguments, DistillationConfig)
     defaults = {**RECOVER_DEFAULTS, **(defaults or {})}
     return command_parser(subparsers, name, types, doc, takes_prune_specs=True, **defaults)
 
 
-def main(recover_args: RecoverArguments, data_args: DataArguments, config: DistillationConfig):
+def main(
+    recover_args: RecoverArguments, data_args: DataArguments, mix_args: MixtureArguments, config: DistillationConfig
+):
+    from ..base.chat import has_chat_template
+    from ..base.chat_retention import chat_reference, load_chat_prompts
     from ..base.data import prepare_recovery_dataset
     from ..base.pruned_config import PrunedConfig
     from ..prune.spec import PruneSpec
-    from ..recovery import run_recovery
+    from ..recovery import run_recovery, teacher_mixture
 
     start = time.perf_counter()
     # Check everything that can be wrong before any model or data is loaded.
@@ -94,11 +102,37 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
             metadata, recover_args.teacher_cache, max_length=data_args.max_length, temperature=temperature
         )
 
+    if mix_args.uses_teacher_data and recover_args.teacher_cache:
+        raise ValueError("A teacher cache holds the text's rows only: pass --teacher_data none with --teacher_cache.")
+
     # float32 first: a student pruned from the teacher is trained in float32, whatever the teacher's dtype
     teacher, tokenizer = load_model(recover_args.teacher)
+    chat = has_chat_template(tokenizer) and mix_args.chat_prompts != "none"
+    if mix_args.uses_teacher_data and mix_args.chat_fraction > 0 and not has_chat_template(tokenizer):
+        if mix_args.teacher_data != "auto":
+            raise ValueError(
+                f"{recover_args.teacher} has no chat template, so it cannot answer prompts: set --chat_fraction 0 "
+                "(and --sample_fraction for its unconditional samples), or --teacher_data none."
+            )
+        logger.info("The teacher has no chat template (a base model): recovery trains on its samples and the text.")
+        mix_args.chat_fraction = 0.0
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
     eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
+    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    data_folder = None
+    if mix_args.uses_teacher_data:  # the teacher's answers beside the text, once through, as many tokens as text alone
+        budget = mix_args.train_tokens or config.max_steps * rows_per_step * data_args.max_length
+        train, data_folder = teacher_mixture(
+            teacher, tokenizer, train, train_tokens=budget, teacher_data=mix_args.teacher_data,
+            chat_fraction=mix_args.chat_fraction, sample_fraction=mix_args.sample_fraction,
+            num_prompts=mix_args.num_prompts, num_samples=mix_args.num_samples, answer_tokens=mix_args.answer_tokens,
+            max_length=data_args.max_length, seed=data_args.data_seed_value,
+        )  # fmt: skip
+        config.max_steps = -(-len(train) // rows_per_step)
+    elif mix_args.train_tokens:
+        config.max_steps = -(-mix_args.train_tokens // (rows_per_step * data_args.max_length))
+    reference = chat_reference(teacher, tokenizer, load_chat_prompts(mix_args.chat_prompts)) if chat else None
 
     if spec is not None:
         calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
@@ -125,8 +159,9 @@ def main(recover_args: RecoverArguments, data_args: DataArguments, config: Disti
         train_dataset=train,
         eval_splits=eval_splits,
         pruned_config=pruned_config,
-        datasets=list(data_args.dataset),
+        datasets=list(data_args.dataset) + ([f"teacher data ({data_folder.name})"] if data_folder else []),
         teacher_cache=teacher_cache,
+        chat=reference,
     )
     result.wall_time = time.perf_counter() - start
     pruned = spec.to_dict() if spec is not None else recover_args.student
