@@ -301,6 +301,25 @@ def _stack_rows(rows: list[Mapping[str, Any]], columns: tuple[str, ...]) -> dict
     return {k: torch.as_tensor([row[k] for row in rows]) for k in columns if k in rows[0]}
 
 
+def pad_rows(dataset: Dataset, pad_id: int) -> Dataset:
+    """Rows of different lengths padded on the right to the longest: `input_ids` with `pad_id`, `attention_mask`
+    with 0, `labels` with `IGNORE_INDEX` (nothing padded is trained on). Rows of one length come back as they are."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    width = max(lengths)
+    if min(lengths) == width:
+        return dataset
+
+    def pad(row):
+        extra = width - len(row["input_ids"])
+        return {
+            "input_ids": row["input_ids"] + [pad_id] * extra,
+            "attention_mask": row["attention_mask"] + [0] * extra,
+            "labels": row["labels"] + [IGNORE_INDEX] * extra,
+        }
+
+    return dataset.map(pad, desc="Padding rows")
+
+
 def mix_recovery_datasets(datasets: Mapping[str, Dataset], tokens: Mapping[str, int], *, seed: int = 0) -> Dataset:
     """About `tokens[name]` tokens of each prepared dataset (its first rows after a seeded shuffle, until the count is
     reached), shuffled together: a training mixture measured in the tokens it trains on.

@@ -47,7 +47,12 @@ def dataset_fingerprint(dataset) -> str:
     for start in range(0, len(dataset), 1024):
         batch = view[start : start + 1024]
         for column in columns:
-            digest.update(np.ascontiguousarray(batch[column], dtype=np.int64).tobytes())
+            values = batch[column]
+            if values.dtype == object:  # rows of different lengths (chat examples): each row with its length
+                for row in values:
+                    digest.update(np.int64(len(row)).tobytes() + np.ascontiguousarray(row, dtype=np.int64).tobytes())
+            else:
+                digest.update(np.ascontiguousarray(values, dtype=np.int64).tobytes())
     return digest.hexdigest()
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base.data import MODEL_INPUT_COLUMNS
+from ..base.data import MODEL_INPUT_COLUMNS, pad_rows
 from ..base.losses import teacher_top_k
 from ..base.losses.topk import sample_tail
 from ..base.version import __version__
@@ -267,6 +267,10 @@ def cache_teacher_outputs(
     from tqdm.auto import tqdm
 
     temperatures = tuple(float(t) for t in temperatures)
+    fingerprint = dataset_fingerprint(dataset)  # of the rows as given: what training passes back to be checked
+    if set(MODEL_INPUT_COLUMNS) <= set(dataset.column_names) and len(dataset):  # chat rows: one length for the arrays
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        dataset = pad_rows(dataset, pad_id if pad_id is not None else getattr(tokenizer, "eos_token_id", None) or 0)
     vocab, max_length, tail_samples = _check_build_args(
         teacher, dataset, top_k, temperatures, batch_size, shard_size, dtype, tail_samples
     )
@@ -280,7 +284,7 @@ def cache_teacher_outputs(
         "teacher_revision": getattr(config, "_commit_hash", None),
         "teacher_fingerprint": weights_fingerprint(teacher),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "dataset_fingerprint": fingerprint,
         "num_rows": len(dataset),
         "max_length": max_length,
         "packing": packing,

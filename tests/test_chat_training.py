@@ -1,0 +1,94 @@
+"""Training on chat examples beside text: the loss (CE and KD alike) is taken on the assistant's tokens only, rows of
+different lengths batch together, and a teacher cache of chat rows trains the same way."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tiny_model, make_args
+from datasets import Dataset
+
+from hf_recover import DistillationTrainer
+from hf_recover.base.chat import prepare_chat_dataset
+from hf_recover.base.constants import IGNORE_INDEX
+from hf_recover.base.data import mix_recovery_datasets, prepare_recovery_dataset
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "The quick fox?"}, {"role": "assistant", "content": "It jumps over the dog."}],
+    [{"role": "user", "content": "A river runs?"}, {"role": "assistant", "content": "Through the valley."}],
+    [{"role": "user", "content": "Tell me a rhyme."}, {"role": "assistant", "content": "She sells sea shells."}],
+]
+
+
+@pytest.fixture
+def mixture(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    chat = prepare_chat_dataset(Dataset.from_dict({"messages": CONVERSATIONS}), tok, max_length=64)
+    text = prepare_recovery_dataset(
+        Dataset.from_dict({"text": ["The quick brown fox jumps over the lazy dog." * 3]}), tok, max_length=24
+    )
+    tokens = {"chat": sum(len(r) for r in chat["input_ids"]), "text": sum(len(r) for r in text["input_ids"])}
+    return mix_recovery_datasets({"chat": chat, "text": text}, tokens, seed=0)
+
+
+def _by_hand(student, teacher, batch, alpha, beta, temperature):
+    """α·CE + β·T²·KL(teacher ‖ student) averaged over the positions whose next label is trained, nothing else."""
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ce = kd = count = 0
+    for row in range(batch["input_ids"].shape[0]):
+        for t in range(batch["input_ids"].shape[1] - 1):
+            target = int(batch["labels"][row, t + 1])
+            if target == IGNORE_INDEX:
+                continue
+            ce = ce - F.log_softmax(s_logits[row, t], -1)[target]
+            p = F.softmax(t_logits[row, t] / temperature, -1)
+            kd = kd + (p * (p.log() - F.log_softmax(s_logits[row, t] / temperature, -1))).sum()
+            count += 1
+    return alpha * ce / count + beta * temperature**2 * kd / count, count
+
+
+def test_chat_rows_train_on_the_assistants_tokens_only(tmp_path, tiny_chat_tokenizer, mixture):
+    tok = tiny_chat_tokenizer
+    teacher, student = build_tiny_model(vocab_size=len(tok), seed=0), build_tiny_model(vocab_size=len(tok), seed=1)
+    args = make_args(tmp_path, alpha=0.4, beta=0.6, temperature=2.0, fused_lm_head=False)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=mixture, processing_class=tok)
+    rows = [mixture[i] for i in range(len(mixture))]
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # chat rows and text blocks of other lengths
+    batch = trainer.data_collator([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()  # padding is never trained on
+    loss = trainer.compute_loss(student, dict(batch))
+    expected, count = _by_hand(student, teacher, batch, 0.4, 0.6, 2.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    chat_tokens = sum(sum(label != IGNORE_INDEX for label in r["labels"]) for r in rows if r["prompt_length"] > 0)
+    prompt_tokens = sum(r["prompt_length"] for r in rows if r["prompt_length"] > 0)
+    assert chat_tokens > 0 and prompt_tokens > chat_tokens / 2  # the prompts were there, and were left out
+    # the prompt positions get no gradient: changing what a masked label says changes nothing
+    changed = dict(batch)
+    changed["labels"] = batch["labels"].clone()
+    assert torch.equal(trainer.compute_loss(student, changed), loss)
+
+
+def test_a_teacher_cache_of_chat_rows_trains_on_the_assistants_tokens(tmp_path, tiny_chat_tokenizer, mixture):
+    from hf_recover import cache_teacher_outputs
+    from hf_recover.base.losses import TopKTeacher, distillation_loss
+
+    tok = tiny_chat_tokenizer
+    teacher, student = build_tiny_model(vocab_size=len(tok), seed=0), build_tiny_model(vocab_size=len(tok), seed=1)
+    rows = mixture.remove_columns("prompt_length")
+    folder = cache_teacher_outputs(teacher, rows, tmp_path / "cache", top_k=len(tok), tail_samples=0, tokenizer=tok)
+    args = make_args(tmp_path, alpha=0.5, beta=0.5, temperature=2.0, per_device_train_batch_size=len(rows))
+    trainer = DistillationTrainer(student, None, args, teacher_cache=folder, processing_class=tok)
+    cached = trainer.train_dataset
+    assert len({len(ids) for ids in cached["input_ids"]}) == 1  # padded to one length for the cached arrays
+    batch = trainer.data_collator([cached[i] for i in range(len(cached))])
+    labels = batch["labels"]
+    assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    loss = trainer.compute_loss(student, dict(batch))
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    top = TopKTeacher(batch["teacher_top_ids"].long(), batch["teacher_top_logprobs"], batch["teacher_tail_logmass_T2"])
+    expected = distillation_loss(logits, top, labels, ce_weight=0.5, kd_weight=0.5 * 4, temperature=2.0).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    # with the whole vocabulary cached, the cache is the teacher itself: the loss is the online one
+    online, _ = _by_hand(student, teacher, batch, 0.5, 0.5, 2.0)
+    torch.testing.assert_close(loss, online, rtol=1e-3, atol=1e-4)
