@@ -102,8 +102,13 @@ def main(
             metadata, recover_args.teacher_cache, max_length=data_args.max_length, temperature=temperature
         )
 
-    if mix_args.uses_teacher_data and recover_args.teacher_cache:
-        raise ValueError("A teacher cache holds the text's rows only: pass --teacher_data none with --teacher_cache.")
+    if recover_args.teacher_cache and mix_args.uses_teacher_data:
+        if mix_args.teacher_data != "auto":
+            raise ValueError(
+                "--teacher_cache holds the teacher on the text's rows: train from it with --teacher_data none, or "
+                "cache the mixture itself with hf_recover.cache_teacher_outputs."
+            )
+        mix_args.teacher_data = "none"  # the cache stands for the teacher on the text alone
 
     # float32 first: a student pruned from the teacher is trained in float32, whatever the teacher's dtype
     teacher, tokenizer = load_model(recover_args.teacher)
