@@ -244,3 +244,85 @@ def test_select_candidate_builds_healed_candidates_without_touching_the_teacher(
     assert report.best.pruned_config.steps[-1]["heal"]["spans"] == [[1, 3]]
     with pytest.raises(ValueError, match="pass data="):
         select_candidate(tiny_llama, [{"depth": {"remove": [2], "heal": "lstsq"}}], None)
+
+
+# -- block-local distillation after the map (heal=local) ------------------------------------------------------------
+
+
+def _calibration(n=8, length=24, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": ids, "attention_mask": [1] * length}
+        for ids in torch.randint(3, 320, (n, length), generator=g).tolist()
+    ]
+
+
+def test_local_healing_trains_the_block_before_each_cut_and_nothing_else(tiny_llama):
+    data = _calibration()
+    mapped, _ = prune_depth(tiny_llama, remove=[2, 3], heal="lstsq", data=data)
+    local, config = prune_depth(
+        tiny_llama, remove=[2, 3], heal={"method": "local", "steps": 60, "learning_rate": 1e-3}, data=data
+    )
+    heal = config.steps[0]["heal"]
+    assert heal["method"] == "local" and heal["steps"] == 60 and heal["objective"] == "nmse"
+    ((first, last),) = heal["loss_first_last"]
+    assert last < first  # the local objective fell
+    # only block 1 (the block before the cut, student index 1) changed from the least-squares heal
+    changed = {
+        name.split(".")[2]
+        for name, tensor in local.state_dict().items()
+        if not torch.equal(tensor, mapped.state_dict()[name])
+    }
+    assert changed == {"1"}
+    for name, tensor in local.named_parameters():
+        assert tensor.requires_grad, name  # a student ready to train
+
+
+def test_local_healing_lowers_the_local_objective_against_a_hand_computation(tiny_llama):
+    """The recorded loss is the RMS-normalised MSE between block 1's output and the teacher's after the cut."""
+    from hf_recover.prune.local_healing import normalised_mse
+
+    data = _calibration(n=4)
+    student, config = prune_depth(
+        tiny_llama, remove=[2, 3], heal={"method": "local", "steps": 40, "learning_rate": 1e-3}, data=data
+    )
+    ids = torch.tensor([row["input_ids"] for row in data])
+    with torch.no_grad():
+        wanted = tiny_llama(input_ids=ids, output_hidden_states=True).hidden_states[4]  # after teacher block 3
+        got = student(input_ids=ids, output_hidden_states=True).hidden_states[2]  # after student block 1
+        mapped, _ = prune_depth(tiny_llama, remove=[2, 3], heal="lstsq", data=data)
+        before = mapped(input_ids=ids, output_hidden_states=True).hidden_states[2]
+    assert normalised_mse(got.flatten(0, 1), wanted.flatten(0, 1)) < normalised_mse(
+        before.flatten(0, 1), wanted.flatten(0, 1)
+    )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+def test_a_locally_healed_student_saves_reloads_and_generates(model_type, tmp_path):
+    from conftest import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    teacher = build_tiny_model(model_type)
+    student, config = prune_depth(teacher, remove=[3, 4], heal={"method": "local", "steps": 5}, data=_calibration())
+    student.save_pretrained(tmp_path)
+    config.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # a plain model of its class
+    ids = torch.tensor([_calibration()[0]["input_ids"][:8]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, student(input_ids=ids).logits)
+    assert reloaded.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
+
+
+@pytest.mark.parametrize(
+    "heal, match",
+    [
+        ({"method": "local", "steps": 0}, "steps must be an int >= 1"),
+        ({"method": "local", "learning_rate": -1.0}, "learning_rate must be > 0"),
+        ({"method": "local", "objective": "cosine"}, "objective must be one of"),
+        ({"method": "lstsq", "steps": 50}, "are for method 'local'"),
+        ({"method": "local", "epochs": 2}, "unknown key"),
+    ],
+)
+def test_bad_local_settings_are_refused_before_any_work(tiny_llama, heal, match):
+    with pytest.raises(ValueError, match=match):
+        prune_depth(tiny_llama, remove=[2], heal=heal, data=_calibration())

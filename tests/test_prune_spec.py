@@ -16,6 +16,7 @@ SHORTHANDS = {
         "width": {"method": "vow", "pruning_ratio": 0.25},
     },
     "importance:6:heal=cosine": {"depth": {"method": "importance", "n": 6, "heal": "cosine"}},
+    "angular:6:heal=local": {"depth": {"method": "angular", "n": 6, "heal": "local"}},
     "remove:3,12:heal=lstsq+width:maw:0.1": {
         "depth": {"remove": [3, 12], "heal": "lstsq"},
         "width": {"method": "maw", "pruning_ratio": 0.1},
@@ -53,6 +54,13 @@ def test_settings_without_a_shorthand_print_as_json_that_parses_back():
     assert json.loads(text) == spec.to_dict()
     assert PruneSpec.parse(text) == spec
     assert spec.to_dict()["depth"]["heal"] == {"method": "lstsq", "sequential": False}
+
+
+def test_local_heal_options_travel_as_json():
+    spec = PruneSpec.parse('{"depth": {"method": "angular", "n": 6, "heal": {"method": "local", "steps": 50}}}')
+    assert spec.depth.heal == HealSpec("local", steps=50)
+    assert spec.to_dict()["depth"]["heal"] == {"method": "local", "steps": 50}
+    assert PruneSpec.parse(str(spec)) == spec
 
 
 def test_typed_parts_are_frozen_and_normalised():

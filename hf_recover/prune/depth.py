@@ -92,8 +92,9 @@ def prune_depth(
     kept = [i for i in range(n_layers) if i not in set(removed)]
     if heal is not None:  # the teacher's activations, before `inplace=True` removes its blocks
         targets = teacher_targets(
-            model, kept, data, sequential=heal.sequential, batch_size=batch_size, max_batches=max_batches
-        )
+            model, kept, data, sequential=heal.sequential, local=heal.method == "local", batch_size=batch_size,
+            max_batches=max_batches,
+        )  # fmt: skip
     if not inplace:
         model = copy.deepcopy(model)
     remove_blocks(model, kept)
@@ -104,9 +105,7 @@ def prune_depth(
     if greedy_kl is not None:
         step.update(score="forward_kl", kl_after_each_removal=[round(kl, 6) for kl in greedy_kl])
     if heal is not None:
-        step["heal"] = heal_cuts(
-            model, kept, targets, data, method=heal.method, batch_size=batch_size, max_batches=max_batches
-        )
+        step["heal"] = heal_cuts(model, kept, targets, data, heal=heal, batch_size=batch_size, max_batches=max_batches)
         if description is None:
             description = describe_data(data, targets["tokens"], targets["sequences"])
     pruned_config = finish_pruning(model, teacher, previous, kept_layer_indices=kept, step=step, data=description)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -41,43 +41,68 @@ from torch import nn
 from ..base.anatomy import decoder_layers, has_norm_after_mlp, new_linear
 from ..base.evaluation import evaluate_perplexity
 from .calibration import StopCalibrationForward, calibration_pass
+from .local_healing import LOCAL_OBJECTIVES, block_inputs, block_outputs, train_block
 
-HEAL_METHODS = ("lstsq", "cosine")
-HEAL_FIELDS = ("method", "sequential")
+HEAL_METHODS = ("lstsq", "cosine", "local")
+"""`lstsq` and `cosine`: a linear map folded into the block before each removed span; `local`: the least-squares
+map, then that block trained alone against the teacher's hidden state after the span
+(`hf_recover.prune.local_healing`)."""
 
 
 @dataclass(frozen=True)
 class HealSpec:
-    """How the cuts of a depth pruning are healed without training (see `hf_recover.prune.healing`)."""
+    """How the cuts of a depth pruning are healed before any global training (see `hf_recover.prune.healing`)."""
 
     method: str = "lstsq"
     """One of `HEAL_METHODS`."""
     sequential: bool = True
     """Fit the maps one cut after another on the healed student's own activations (False: on the teacher's)."""
+    steps: int = 200
+    """`local` only: AdamW steps of each bordering block, one calibration batch each."""
+    learning_rate: float = 3e-4
+    """`local` only: the steps' learning rate."""
+    objective: str = "nmse"
+    """`local` only: one of `LOCAL_OBJECTIVES` (`nmse`: mean squared difference of RMS-normalised hidden states)."""
 
     def __post_init__(self):
         if self.method not in HEAL_METHODS:
             raise ValueError(f"heal takes one of {list(HEAL_METHODS)}, got {self.method!r}.")
         if not isinstance(self.sequential, bool):
             raise ValueError(f"heal sequential must be True or False, got {self.sequential!r}.")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"heal steps must be an int >= 1, got {self.steps!r}.")
+        if not (isinstance(self.learning_rate, int | float) and self.learning_rate > 0):
+            raise ValueError(f"heal learning_rate must be > 0, got {self.learning_rate!r}.")
+        if self.objective not in LOCAL_OBJECTIVES:
+            raise ValueError(f"heal objective must be one of {list(LOCAL_OBJECTIVES)}, got {self.objective!r}.")
+        if self.method != "local" and (self.steps, self.learning_rate, self.objective) != _LOCAL_DEFAULTS:
+            raise ValueError(f"heal steps, learning_rate and objective are for method 'local', not {self.method!r}.")
 
     @classmethod
     def parse(cls, value: str | Mapping[str, Any] | HealSpec | None) -> HealSpec | None:
-        """`"lstsq"`, `{"method": "lstsq", "sequential": False}`, a `HealSpec` or None."""
+        """`"lstsq"`, `{"method": "local", "steps": 100}`, a `HealSpec` or None."""
         if value is None or isinstance(value, HealSpec):
             return value
         if isinstance(value, str):
             return cls(method=value)
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(HEAL_FIELDS))
+            known = [f.name for f in fields(cls)]
+            unknown = sorted(set(value) - set(known))
             if unknown:
-                raise ValueError(f"heal has unknown key(s) {unknown}; its keys are {list(HEAL_FIELDS)}.")
+                raise ValueError(f"heal has unknown key(s) {unknown}; its keys are {known}.")
             return cls(**value)
-        raise ValueError(f"heal must be a method name or a dict with keys {list(HEAL_FIELDS)}, got {value!r}.")
+        raise ValueError(f"heal must be a method name or a dict of HealSpec fields, got {value!r}.")
 
     def to_dict(self) -> str | dict[str, Any]:
         """The method alone when every other setting is the default (the form specs are written in)."""
-        return self.method if self.has_shorthand else {"method": self.method, "sequential": self.sequential}
+        if self.has_shorthand:
+            return self.method
+        defaults = HealSpec(self.method)
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name == "method" or getattr(self, f.name) != getattr(defaults, f.name)
+        }
 
     @property
     def has_shorthand(self) -> bool:
@@ -85,6 +110,9 @@ class HealSpec:
 
     def __str__(self) -> str:
         return self.method if self.has_shorthand else json.dumps(self.to_dict())
+
+
+_LOCAL_DEFAULTS = (HealSpec.steps, HealSpec.learning_rate, HealSpec.objective)
 
 
 def removed_spans(removed: list[int]) -> list[tuple[int, int]]:
@@ -219,6 +247,7 @@ def teacher_targets(
     data: Any,
     *,
     sequential: bool = True,
+    local: bool = False,
     batch_size: int = 8,
     max_batches: int | None = None,
 ) -> dict[str, Any]:
@@ -229,7 +258,12 @@ def teacher_targets(
     before = [] if sequential else sorted({b for b, _ in spans})
     outputs = sorted({last for _, last in spans} | set(before))
     mlp, out, tokens, sequences = _collect(teacher, data, before, outputs, batch_size, max_batches)
+    states = {  # whole sequences of the hidden state after each span, for block-local distillation
+        last: block_outputs(teacher, last, data, batch_size=batch_size, max_batches=max_batches)
+        for _, last in (spans if local else [])
+    }
     return {
+        "states": states,
         "spans": spans,
         "skipped": skipped,
         "mlp": mlp,
@@ -246,11 +280,12 @@ def heal_cuts(
     targets: dict[str, Any],
     data: Any,
     *,
-    method: str = "lstsq",
+    heal: HealSpec = HealSpec(),
     batch_size: int = 8,
     max_batches: int | None = None,
 ) -> dict[str, Any]:
-    """Fit and fold one map per removed run into `student` (the teacher's blocks `kept`, in order).
+    """Fit and fold one map per removed run into `student` (the teacher's blocks `kept`, in order); with
+    `heal.method == "local"`, then train each block that took a map alone (`hf_recover.prune.local_healing`).
 
     `targets` comes from `teacher_targets` on the same `data`. Returns the record for `PrunedConfig`: method, where
     the maps were fitted, calibration tokens, the runs healed as `[kept block before it, last removed block]` teacher
@@ -270,11 +305,25 @@ def heal_cuts(
             mlp_out, output = targets["mlp"][before], targets["out"][before]
         rest = output - mlp_out
         transform = fit_lstsq(mlp_out, wanted - rest)
-        if method == "cosine":
+        if heal.method == "cosine":
             transform = fit_cosine(mlp_out, rest, wanted, transform)
         fold_into_down_proj(student_layers[block].mlp, transform)
+    record = {}
+    if heal.method == "local":  # after every map: each block's inputs are those of the student as healed
+        losses = []
+        for before, last in targets["spans"]:
+            block = kept.index(before)
+            inputs = block_inputs(student, block, data, batch_size=batch_size, max_batches=max_batches)
+            trace = train_block(
+                student_layers[block], inputs, targets["states"][last], steps=heal.steps,
+                learning_rate=heal.learning_rate, objective=heal.objective,
+            )  # fmt: skip
+            losses.append([round(trace[0], 6), round(sum(trace[-10:]) / len(trace[-10:]), 6)])
+        record = {"steps": heal.steps, "learning_rate": heal.learning_rate, "objective": heal.objective}
+        record["loss_first_last"] = losses
     return {
-        "method": method,
+        "method": heal.method,
+        **record,
         "fit_on": "student" if sequential else "teacher",
         "calibration_tokens": targets["tokens"],
         "spans": [[before, last] for before, last in targets["spans"]],

@@ -40,6 +40,9 @@ Prune specs. Depth (remove N blocks, chosen by a method, or the blocks listed):
   remove:I,J,...          exactly these blocks
   ...:heal=lstsq          heal each cut without training: a least-squares map folded into the block before it
   ...:heal=cosine         the same map, fitted to the cosine distance
+  ...:heal=local          the least-squares map, then the block before each cut trained alone against the teacher's
+                          hidden state after the cut (block-local distillation; options as JSON: {"method": "local",
+                          "steps": 200, "learning_rate": 3e-4})
 Width (the parts of one width step, combined):
   width:METHOD:RATIO      remove the fraction RATIO of every block's MLP neurons, ranked by METHOD
                           (maw, vow, pon, or activation: weights times calibration activations)
