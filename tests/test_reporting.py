@@ -7,6 +7,7 @@ import math
 import pytest
 
 from hf_recover.base.reporting import (
+    assistant_table,
     before_after_rows,
     before_after_table,
     format_parameters,
@@ -79,6 +80,22 @@ def a_recovery_result() -> RecoveryResult:
     """A recovery run's figures, every field set (the README's demo: teacher 134.5M, pruned to 113.3M)."""
     return RecoveryResult(
         perplexity={"validation": {"teacher": 16.08, "pruned": 41.4, "recovered": 18.8}},
+        assistant={
+            "teacher": {
+                "perplexity": 1.78,
+                "top1_agreement": 1.0,
+                "repeated_ngram_rate": 0.1,
+                "repetition_ratio": 1.0,
+            },
+            "recovered": {
+                "perplexity": 3.0,
+                "top1_agreement": 0.7,
+                "repeated_ngram_rate": 0.2,
+                "repetition_ratio": 2.0,
+                "log_perplexity_recovery": 0.6,
+            },
+        },
+        answers=[{"prompt": "How do I reverse a list?", "teacher": "Use slicing.", "recovered": "Use reversed()."}],
         teacher_parameters=134515008,
         student_parameters=113300000,
         train_steps=60,
@@ -92,7 +109,8 @@ def test_recovery_result_writes_the_same_table():
     result = a_recovery_result()
     table = before_after_table(result.perplexity)
     assert result.to_markdown() == (
-        table + "\n\nparameters: 134.5M -> 113.3M (15.8% fewer); training: 60 steps, 61,440 tokens, 424 s; "
-        "wall time: 647 s"
+        table + "\n\n" + assistant_table(result.assistant) + "\n\nparameters: 134.5M -> 113.3M (15.8% fewer); "
+        "training: 60 steps, 61,440 tokens, 424 s; wall time: 647 s"
     )
+    assert "| recovered | 3.00 | 60.0% | 70.0% | 20.0% (2.0×) |" in assistant_table(result.assistant)
     assert "| validation | 16.08 | 41.40 | 18.80 | 89.3% | 85.5% |" in table
