@@ -161,6 +161,7 @@ def run_recovery(
     teacher_cache=None,
     chat=None,
     examples: int = 3,
+    cut: torch.nn.Module | None = None,
 ) -> tuple[Any, RecoveryResult]:
     """Evaluate teacher and pruned student, recover the student with `DistillationTrainer`, evaluate it.
 
@@ -169,8 +170,10 @@ def run_recovery(
     With `save`, the recovered model, tokenizer, `pruned_config.json` and model card are written to
     `args.output_dir`. `teacher_cache` (a `TeacherCache` of `train_dataset`) replaces the teacher in training;
     the teacher is then only evaluated. `chat` (a `ChatReference`: the teacher's answers to evaluation prompts)
-    measures the assistant too, before and after, and keeps `examples` prompts answered by every model. The training
-    tokens counted are the real ones (padding excluded). Returns `(trainer, result)`.
+    measures the assistant too, before and after, and keeps `examples` prompts answered by every model. `cut` is the
+    student as pruned before healing, when it was healed: it is measured as `pruned` and the student as `healed`, so
+    that recovery % counts what healing closed too. The training tokens counted are the real ones (padding
+    excluded). Returns `(trainer, result)`.
     """
     from .distill.trainer import DistillationTrainer
 
@@ -188,14 +191,10 @@ def run_recovery(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    starts = {"teacher": teacher, **({"pruned": cut, "healed": student} if cut is not None else {"pruned": student})}
     if before is None:
-        before = evaluate_splits(
-            {"teacher": teacher, "pruned": student},
-            eval_splits,
-            batch_size=eval_batch_size,
-            max_batches=eval_max_batches,
-        )
-    assistant = evaluate_assistant({"teacher": teacher, "pruned": student}, chat, tokenizer) if chat else {}
+        before = evaluate_splits(starts, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches)
+    assistant = evaluate_assistant(starts, chat, tokenizer) if chat else {}
     train_output = trainer.train()
     after = evaluate_splits(
         {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches

@@ -114,3 +114,18 @@ def test_recovery_result_writes_the_same_table():
     )
     assert "| recovered | 3.00 | 60.0% | 70.0% | 20.0% (2.0×) |" in assistant_table(result.assistant)
     assert "| validation | 16.08 | 41.40 | 18.80 | 89.3% | 85.5% |" in table
+
+
+def test_a_healed_column_when_the_cut_was_healed_and_recovery_counts_the_heal():
+    perplexity = {
+        "validation": {"teacher": 16.0, "pruned": 40.0, "healed": 28.0, "recovered": 19.0},
+        "ood": {"teacher": 38.0, "pruned": 80.0, "healed": 60.0, "recovered": 50.0},
+    }
+    table = before_after_table(perplexity)
+    assert table.splitlines()[0] == (
+        "| split | teacher PPL | pruned PPL | healed PPL | recovered PPL | recovery | retention |"
+    )
+    # recovery against the cut as made: (40 - 19) / (40 - 16) = 87.5%, healing included
+    assert "| validation | 16.00 | 40.00 | 28.00 | 19.00 | 87.5% | 84.2% |" in table
+    unhealed = before_after_table({"validation": {"teacher": 16.0, "pruned": 40.0, "recovered": 19.0}})
+    assert "healed" not in unhealed and "| validation | 16.00 | 40.00 | 19.00 | 87.5% | 84.2% |" in unhealed

@@ -15,9 +15,11 @@ from .evaluation import recovery_metrics
 MISSING = "—"
 """An unknown value inside a table that has other values (never an empty cell)."""
 
-BEFORE_AFTER_HEADER = ("split", "teacher PPL", "pruned PPL", "recovered PPL", "recovery", "retention")
-MODELS = ("teacher", "pruned", "recovered")
-"""The models a before/after perplexity table compares, in its column order."""
+BEFORE_AFTER_HEADER = ("split", "teacher PPL", "pruned PPL", "healed PPL", "recovered PPL", "recovery", "retention")
+MODELS = ("teacher", "pruned", "healed", "recovered")
+"""The models a before/after perplexity table compares, in its column order. `pruned` is the cut as made; `healed`
+(when the cut was healed before training) the student recovery started from. Recovery % is always measured against
+`pruned`: healing and training both count."""
 
 
 def format_perplexity(value: float | None) -> str:
@@ -61,10 +63,11 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, nume
 
 
 def before_after_rows(perplexity: Mapping[str, Any] | None) -> list[list[str]]:
-    """One row per split of `{split: {"teacher": ppl, "pruned": ppl, "recovered": ppl}}` (each value optional).
+    """One row per split of `{split: {"teacher": ppl, "pruned": ppl, "healed": ppl, "recovered": ppl}}` (each value
+    optional; the `healed` column is there when some split has it).
 
-    Recovery and retention come from `recovery_metrics` when the three perplexities are known; retention alone
-    (`PPL_teacher / PPL_recovered`) needs no pruned perplexity. A split without any of the three is left out.
+    Recovery and retention come from `recovery_metrics` when teacher, pruned and recovered perplexities are known;
+    retention alone (`PPL_teacher / PPL_recovered`) needs no pruned perplexity. A split without any is left out.
     """
     if not isinstance(perplexity, Mapping):
         return []
@@ -72,8 +75,8 @@ def before_after_rows(perplexity: Mapping[str, Any] | None) -> list[list[str]]:
     for split, values in perplexity.items():
         if not isinstance(values, Mapping):
             continue
-        teacher, pruned, recovered = (values.get(model) for model in MODELS)
-        if teacher is None and pruned is None and recovered is None:
+        teacher, pruned, healed, recovered = (values.get(model) for model in MODELS)
+        if teacher is None and pruned is None and healed is None and recovered is None:
             continue
         scores: dict[str, float] = {}
         if None not in (teacher, pruned, recovered):
@@ -86,17 +89,25 @@ def before_after_rows(perplexity: Mapping[str, Any] | None) -> list[list[str]]:
         rows.append(
             [
                 str(split),
-                *(format_perplexity(value) for value in (teacher, pruned, recovered)),
+                *(format_perplexity(value) for value in (teacher, pruned, healed, recovered)),
                 format_percent(scores.get("recovery")),
                 format_percent(scores.get("retention")),
             ]
         )
+    if not any(isinstance(v, Mapping) and v.get("healed") is not None for v in perplexity.values()):
+        rows = [row[:3] + row[4:] for row in rows]  # no split was healed: no column for it
     return rows
 
 
 def before_after_table(perplexity: Mapping[str, Any] | None) -> str:
-    """The before/after table: perplexity of teacher, pruned and recovered model per split, recovery, retention."""
-    return markdown_table(BEFORE_AFTER_HEADER, before_after_rows(perplexity), numeric_columns=5)
+    """The before/after table: perplexity of teacher, pruned (healed) and recovered model per split, recovery against
+    the pruned one, retention."""
+    rows = before_after_rows(perplexity)
+    header = BEFORE_AFTER_HEADER if rows and len(rows[0]) == len(BEFORE_AFTER_HEADER) else _WITHOUT_HEALED
+    return markdown_table(header, rows, numeric_columns=len(header) - 1)
+
+
+_WITHOUT_HEALED = tuple(name for name in BEFORE_AFTER_HEADER if name != "healed PPL")
 
 
 ASSISTANT_HEADER = (

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from torch import nn
@@ -229,6 +229,20 @@ class PruneSpec:
                 raise ValueError(f"Prune spec {kind!r} takes a dict of arguments; got {options!r}.")
             parts[kind] = part(**_known_keys(options, [f.name for f in fields(part)], kind))
         return cls(**parts)
+
+    @property
+    def heals(self) -> bool:
+        """Whether the spec heals its cuts (depth or width) before any training."""
+        return (self.depth is not None and self.depth.heal is not None) or (
+            self.width is not None and self.width.heal is not None
+        )
+
+    def without_healing(self) -> PruneSpec:
+        """The same cut, left as it is made: what healing is measured against."""
+        return PruneSpec(
+            depth=replace(self.depth, heal=None) if self.depth is not None else None,
+            width=replace(self.width, heal=None) if self.width is not None else None,
+        )
 
     @property
     def needs_calibration(self) -> bool:

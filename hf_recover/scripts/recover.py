@@ -142,8 +142,11 @@ def main(
     if spec is not None:
         calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
         spec.check(teacher, calibration)
-        student, pruned_config = spec.build(teacher, calibration)
+        block_scores = {}  # scored once for the cut as made and the healed one
+        cut = spec.without_healing().build(teacher, calibration, block_scores=block_scores)[0] if spec.heals else None
+        student, pruned_config = spec.build(teacher, calibration, block_scores=block_scores)
     else:
+        cut = None
         student, _ = load_model(recover_args.student)
         pruned_config = PrunedConfig.find_for(student)
     # The trainer applies teacher_dtype only to a teacher it loads itself; this one was loaded here.
@@ -167,6 +170,7 @@ def main(
         datasets=list(data_args.dataset) + ([f"teacher data ({data_folder.name})"] if data_folder else []),
         teacher_cache=teacher_cache,
         chat=reference,
+        cut=cut,
     )
     result.wall_time = time.perf_counter() - start
     pruned = spec.to_dict() if spec is not None else recover_args.student
