@@ -92,3 +92,80 @@ def test_a_teacher_cache_of_chat_rows_trains_on_the_assistants_tokens(tmp_path, 
     # with the whole vocabulary cached, the cache is the teacher itself: the loss is the online one
     online, _ = _by_hand(student, teacher, batch, 0.5, 0.5, 2.0)
     torch.testing.assert_close(loss, online, rtol=1e-3, atol=1e-4)
+
+
+# -- on-policy distillation (lmbda) ---------------------------------------------------------------------------------
+
+
+def test_an_on_policy_batch_is_the_students_own_answers_with_labels_on_them(tiny_chat_tokenizer, mixture):
+    from transformers import DataCollatorForSeq2Seq
+
+    from hf_recover.base.chat import end_of_turn_ids
+    from hf_recover.base.generation import Sampling, generate_completions
+    from hf_recover.distill.on_policy import on_policy_batch
+
+    tok = tiny_chat_tokenizer
+    student = build_tiny_model(vocab_size=len(tok), seed=1)
+    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=IGNORE_INDEX)([mixture[i] for i in range(len(mixture))])
+    sampling = Sampling(max_new_tokens=5)
+    answered = on_policy_batch(student, batch, tok, sampling, seed=0)
+    chat_rows = [r for r in range(len(mixture)) if mixture[r]["prompt_length"] > 0]
+    assert answered["input_ids"].shape[0] == len(chat_rows)  # the text rows left the batch
+    for i, r in enumerate(chat_rows):
+        prompt = mixture[r]["input_ids"][: mixture[r]["prompt_length"]]
+        answer = generate_completions(
+            student, [prompt], stop_ids=end_of_turn_ids(student, tok), pad_id=0, sampling=sampling
+        )[0]
+        length = len(prompt) + len(answer)
+        assert answered["input_ids"][i, :length].tolist() == prompt + answer
+        assert answered["labels"][i, : len(prompt)].eq(IGNORE_INDEX).all()
+        assert answered["labels"][i, len(prompt) : length].tolist() == answer
+        assert answered["attention_mask"][i].sum() == length
+    text_only = {k: v[[r for r in range(len(mixture)) if r not in chat_rows]] for k, v in batch.items()}
+    assert on_policy_batch(student, text_only, tok, sampling, seed=0) is None
+
+
+def test_on_policy_steps_train_on_the_divergence_alone(tmp_path, tiny_chat_tokenizer, mixture, monkeypatch):
+    import hf_recover.distill.trainer as trainer_module
+
+    tok = tiny_chat_tokenizer
+    teacher, student = build_tiny_model(vocab_size=len(tok), seed=0), build_tiny_model(vocab_size=len(tok), seed=1)
+    args = make_args(
+        tmp_path, alpha=0.5, beta=0.5, temperature=2.0, lmbda=1.0, on_policy_max_new_tokens=6, fused_lm_head=False
+    )
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=mixture, processing_class=tok)
+    assert "prompt_length" in trainer.get_train_dataloader().dataset.column_names  # kept for on-policy
+    seen = []
+    original = trainer_module.on_policy_batch
+    monkeypatch.setattr(trainer_module, "on_policy_batch", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # as train() sets it
+    loss = trainer.training_step(trainer.model, batch)
+    (answered,) = seen
+    expected, _ = _by_hand(student, teacher, answered, 0.0, 0.5, 2.0)  # no cross-entropy on its own answers
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(lmbda=1.5), r"lmbda is the share of on-policy batches"),
+        (dict(lmbda=0.5, beta=0.0, alpha=1.0), "set beta > 0"),
+        (dict(lmbda=0.5, on_policy_temperature=0.0), "on_policy_temperature > 0"),
+    ],
+)
+def test_bad_on_policy_settings_are_refused(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, **overrides)
+
+
+def test_on_policy_needs_a_teacher_not_a_cache(tmp_path, tiny_chat_tokenizer, mixture):
+    from hf_recover import cache_teacher_outputs
+
+    tok = tiny_chat_tokenizer
+    teacher, student = build_tiny_model(vocab_size=len(tok), seed=0), build_tiny_model(vocab_size=len(tok), seed=1)
+    folder = cache_teacher_outputs(
+        teacher, mixture.remove_columns("prompt_length"), tmp_path / "c", top_k=8, tokenizer=tok
+    )
+    with pytest.raises(ValueError, match="a teacher cache cannot"):
+        DistillationTrainer(student, None, make_args(tmp_path, lmbda=0.5), teacher_cache=folder, processing_class=tok)

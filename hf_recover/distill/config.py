@@ -189,6 +189,23 @@ class DistillationConfig(TrainingArguments):
             "and the objective is eval_distillation_loss."
         },
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy distillation (GKD's λ): the share of training batches in which the student answers the "
+            "chat rows' prompts itself and the teacher scores its answers; the loss of those batches is the "
+            "distillation term alone (no cross-entropy on the student's own samples). Needs chat rows (a "
+            "`prompt_length` column, as hf_recover's chat datasets have) and a teacher model, not a cache. Default 0 "
+            "(off)."
+        },
+    )
+    on_policy_max_new_tokens: int = field(
+        default=128, metadata={"help": "Longest answer the student writes on an on-policy batch. Default 128."}
+    )
+    on_policy_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of the student's on-policy answers (> 0). Default 1.0 (GKD's)."},
+    )
     merge_adapters: bool = field(
         default=False,
         metadata={
@@ -226,6 +243,12 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"projector must be one of {PROJECTOR_KINDS}, got {self.projector!r}.")
         if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
             raise ValueError(f"kd_chunk_size must be >= 1 or None (automatic chunks), got {self.kd_chunk_size}.")
+        if not 0 <= self.lmbda <= 1:
+            raise ValueError(f"lmbda is the share of on-policy batches and must lie in [0, 1], got {self.lmbda}.")
+        if self.lmbda > 0 and self.beta == 0:
+            raise ValueError("lmbda > 0 trains on the teacher's scores of the student's answers: set beta > 0 too.")
+        if self.on_policy_max_new_tokens < 1 or not self.on_policy_temperature > 0:
+            raise ValueError("on_policy_max_new_tokens must be >= 1 and on_policy_temperature > 0.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         self.layer_map = parse_layer_map(self.layer_map)

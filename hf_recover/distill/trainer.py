@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Trainer, Train
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..base.constants import IGNORE_INDEX
+from ..base.generation import Sampling
 from ..base.losses import DIVERGENCES, distillation_loss
 from ..base.pruned_config import PrunedConfig
 from .alignment import (
@@ -47,6 +49,8 @@ from .lm_head import (
     text_config,
 )
 from .loss_terms import LossTerms
+from .on_policy import PROMPT_LENGTH_COLUMN, on_policy_batch
+from .saving import PROJECTORS_NAME, SavesRecoveredModels
 from .teacher import (
     check_tokenizers,
     check_vocabularies,
@@ -57,11 +61,8 @@ from .teacher import (
 
 logger = logging.getLogger(__name__)
 
-PROJECTORS_NAME = "projectors.safetensors"
-"""Where the learnable projectors are written: every checkpoint, and the exported model with `save_projectors`."""
 
-
-class DistillationTrainer(Trainer):
+class DistillationTrainer(SavesRecoveredModels, Trainer):
     """`Trainer` whose loss is `alpha·CE + beta·T²·KD + gamma·align + delta·FDD` against a frozen teacher.
 
     Args:
@@ -150,6 +151,16 @@ class DistillationTrainer(Trainer):
         self.loss_terms = LossTerms()
         self._saving_checkpoint = False
         self._evaluating = False  # inside evaluation_loop: compute_loss returns the student's own LM loss
+        self._ce_weight = self.args.alpha  # 0 on an on-policy batch (the student's own answers are no targets)
+        self._on_policy_draws = random.Random(self.args.seed)  # which batches are on-policy: reproducible
+        self._on_policy_sampling = Sampling(
+            temperature=self.args.on_policy_temperature, max_new_tokens=self.args.on_policy_max_new_tokens
+        )
+        if self.args.lmbda > 0 and self._cached_teacher_columns:
+            raise ValueError(
+                "lmbda > 0 needs the teacher to score the student's own answers, which a teacher cache cannot: pass "
+                "teacher_model= (or set lmbda=0)."
+            )
 
         if self.args.uses_teacher and teacher_model is not None:
             if teacher_tokenizer is None and isinstance(teacher_model, (str, os.PathLike)):
@@ -250,6 +261,7 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError("DistillationTrainer needs `labels` in every batch (use a causal-LM collator).")
+        inputs = {name: value for name, value in inputs.items() if name != PROMPT_LENGTH_COLUMN}
         want_hidden = args.wants_hidden_states
         inputs, cached_teacher = split_cached_teacher(inputs, self._cached_teacher_columns)
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
@@ -279,7 +291,7 @@ class DistillationTrainer(Trainer):
                 ce_scaled, outputs = super().compute_loss(
                     model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
                 )
-                terms, loss = {"ce": ce_scaled / scale}, args.alpha * ce_scaled
+                terms, loss = {"ce": ce_scaled / scale}, self._ce_weight * ce_scaled
 
         if self.teacher_model is not None:
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -345,7 +357,7 @@ class DistillationTrainer(Trainer):
                     teacher_side,
                     labels,
                     divergence=args.divergence,
-                    ce_weight=args.alpha * scale,
+                    ce_weight=self._ce_weight * scale,
                     kd_weight=kd_weight * scale,
                     **common,
                     **own,
@@ -372,8 +384,9 @@ class DistillationTrainer(Trainer):
         return terms, loss
 
     def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()  # the model's forward arguments, and the cached teacher's columns
-        self._signature_columns += [c for c in self._cached_teacher_columns if c not in self._signature_columns]
+        super()._set_signature_columns_if_needed()  # the model's forward arguments, the cached teacher's columns
+        kept = [*self._cached_teacher_columns, *([PROMPT_LENGTH_COLUMN] if self.args.lmbda > 0 else [])]
+        self._signature_columns += [c for c in kept if c not in self._signature_columns]  # and on-policy's prompts
 
     def _loss_scale(self, num_items_in_batch) -> int:
         """The factor `Trainer.compute_loss` multiplies its loss by when tokens are averaged across devices."""
@@ -432,6 +445,14 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        self._ce_weight = self.args.alpha
+        if self.args.lmbda > 0 and self._on_policy_draws.random() < self.args.lmbda:
+            answered = on_policy_batch(
+                self.accelerator.unwrap_model(model), inputs, self.processing_class, self._on_policy_sampling,
+                seed=self._on_policy_draws.randrange(2**31),
+            )  # fmt: skip
+            if answered is not None:  # the student's own answers: the distillation term alone, on their tokens
+                inputs, num_items_in_batch, self._ce_weight = answered, None, 0.0
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.projectors is not None and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
             # The projectors live outside the DDP-wrapped student: average their gradients as DDP does.
@@ -466,99 +487,6 @@ class DistillationTrainer(Trainer):
         from safetensors.torch import load_file
 
         self.projectors.load_state_dict(load_file(path, device=str(self.args.device)))
-
-    # -- saving: weights + pruned_config.json + model card, on the main process ----------------------------------
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
-        if not self.args.should_save:
-            return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.pruned_config is not None:
-            self.pruned_config.save_pretrained(output_dir)
-        if self.projectors is not None and (self._saving_checkpoint or self.args.save_projectors):
-            from safetensors.torch import save_file
-
-            state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.projectors.state_dict().items()}
-            save_file(state, os.path.join(output_dir, PROJECTORS_NAME), metadata={"format": "pt"})
-        self._write_model_card(output_dir)
-
-    def _write_model_card(self, output_dir: str, **card_args) -> None:
-        from ..publish.trainer_card import save_trainer_model_card  # hf_recover's sections and Trainer's
-
-        save_trainer_model_card(self, output_dir, **card_args)
-
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-    ) -> None:
-        """Write the model card (`README.md`) into `args.output_dir`, merged into an existing one.
-
-        The card has everything `Trainer.create_model_card` writes for the same run (its metadata with every
-        argument here, the hyperparameters, the training-results table, the evaluation results, the framework
-        versions) and hf_recover's sections (what was pruned, how it was recovered, before/after perplexity).
-        `finetuned_from` (the card's `base_model`) and `license` default to the teacher's for a pruned student.
-        """
-        if not self.is_world_process_zero():
-            return
-        self._write_model_card(
-            self.args.output_dir,
-            language=language,
-            license=license,
-            tags=tags,
-            model_name=model_name,
-            finetuned_from=finetuned_from,
-            tasks=tasks,
-            dataset_tags=dataset_tags,
-            dataset=dataset,
-            dataset_args=dataset_args,
-        )
-
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        **kwargs,
-    ):
-        """Save the student (weights, tokenizer, `pruned_config.json`, model card) into `args.output_dir` and push
-        that folder to `args.hub_model_id` in one commit with `hf_recover.push_recovered`.
-
-        The push is always blocking. `kwargs` are `create_model_card`'s arguments (`model_name`, `finetuned_from`,
-        `language`, `license`, `tags`, `tasks`, `dataset`, ...), as for `Trainer.push_to_hub`; the model's own
-        `model_tags` join `tags`.
-        """
-        from ..publish.hub import push_recovered
-
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        self.save_model(self.args.output_dir, _internal_call=True)
-        if not self.is_world_process_zero():
-            return None
-        model_tags = getattr(self.model, "model_tags", None)
-        if model_tags:  # as Trainer.push_to_hub: the model's own tags join the card's
-            tags = kwargs.get("tags")
-            tags = [tags] if isinstance(tags, str) else list(tags or [])
-            kwargs["tags"] = list(dict.fromkeys([*tags, *model_tags]))
-        self.create_model_card(**kwargs)
-        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        return push_recovered(
-            self.args.output_dir,
-            repo_id,
-            private=private if private is not None else self.args.hub_private_repo,
-            token=token if token is not None else self.args.hub_token,
-            commit_message=commit_message,
-            revision=revision if revision is not None else self.args.hub_revision,
-        )
 
     # -- PEFT ----------------------------------------------------------------------------------------------
 
