@@ -178,7 +178,7 @@ def run_recovery(
     from .distill.trainer import DistillationTrainer
 
     start = time.perf_counter()
-    if not args.include_num_input_tokens_seen:  # the tokens trained on, for the results: padding excluded
+    if args.include_num_input_tokens_seen in (False, "no"):  # the tokens trained on, for the results: no padding
         args.include_num_input_tokens_seen = "non_padding"
     # The trainer validates the recipe (layer map, projectors, vocabularies) before any evaluation is spent.
     trainer = DistillationTrainer(
@@ -243,14 +243,29 @@ def answer_examples(chat, assistant: dict[str, Any], tokenizer, count: int) -> l
     return examples
 
 
+ASSISTANT_POINT = "assistant"
+"""The key of a curve point's perplexity of the teacher's answers (`RecoveryCurve` with `chat`)."""
+
+
 class RecoveryCurve(TrainerCallback):
     """Perplexity of the model in training on every split at chosen optimizer steps: the points of a curve of
     recovery against training tokens (`points[step] = {split: perplexity}`; `seconds`: the time they took, which
-    the Trainer's `train_runtime` includes)."""
+    the Trainer's `train_runtime` includes). With `chat` (a `ChatReference`) and its `tokenizer`, each point also
+    holds the perplexity of the teacher's answers under `ASSISTANT_POINT` (teacher-forced, no generation)."""
 
-    def __init__(self, steps, eval_splits: dict[str, Any], *, batch_size: int = 8, max_batches: int | None = None):
+    def __init__(
+        self,
+        steps,
+        eval_splits: dict[str, Any],
+        *,
+        batch_size: int = 8,
+        max_batches: int | None = None,
+        chat=None,
+        tokenizer=None,
+    ):
         self.steps, self.eval_splits = set(steps), eval_splits
         self.batch_size, self.max_batches = batch_size, max_batches
+        self.chat, self.tokenizer = chat, tokenizer
         self.points: dict[int, dict[str, float]] = {}
         self.seconds = 0.0
 
@@ -260,7 +275,11 @@ class RecoveryCurve(TrainerCallback):
             scores = evaluate_splits(
                 {"model": model}, self.eval_splits, batch_size=self.batch_size, max_batches=self.max_batches
             )
-            self.points[state.global_step] = {split: by_model["model"] for split, by_model in scores.items()}
+            point = {split: by_model["model"] for split, by_model in scores.items()}
+            if self.chat is not None:
+                score = evaluate_chat_retention(model, tokenizer=self.tokenizer, reference=self.chat, answer=False)
+                point[ASSISTANT_POINT] = score.perplexity
+            self.points[state.global_step] = point
             self.seconds += time.perf_counter() - start
 
 

@@ -722,3 +722,15 @@ def test_the_card_shows_every_healing_step_as_the_pruned_config_records_it(tiny_
     assert before > 0 and after > 0
     unhealed = generate_model_card(pruned_config=prune_depth(tiny_llama, remove=[2, 3])[1]).text
     assert "Healing" not in unhealed
+
+
+def test_the_card_says_where_a_width_heal_was_measured(tiny_llama):
+    """A width heal before a hidden-size cut is measured there, and the card says so."""
+    from hf_recover.prune import prune_width
+
+    rows = [{"input_ids": list(range(3 + i, 19 + i)), "attention_mask": [1] * 16} for i in range(6)]
+    _, pruned = prune_width(tiny_llama, pruning_ratio=0.5, hidden_size=28, heal="lstsq", data=rows)
+    (line,) = [line for line in generate_model_card(pruned_config=pruned).text.splitlines() if "Healing" in line]
+    assert line.startswith("- Healing of the width cut") and "(before the hidden-size cut)" in line
+    _, pruned = prune_width(tiny_llama, pruning_ratio=0.5, heal="lstsq", data=rows)
+    assert "hidden-size cut" not in generate_model_card(pruned_config=pruned).text

@@ -91,6 +91,28 @@ def _kept_columns(full: torch.Tensor, sliced: torch.Tensor) -> torch.Tensor:
     return torch.tensor([int((full - sliced[:, [j]]).abs().sum(0).argmin()) for j in range(sliced.shape[1])])
 
 
+@pytest.mark.parametrize("hidden_method", ["slice", "rotate"])
+def test_a_heal_with_a_hidden_cut_refits_before_it(hidden_method):
+    """The refit solves for the unpruned output rows, so it runs before the hidden size is cut: sliced, the healed
+    student's rows are those of the same heal without the hidden cut, at the channels kept."""
+    teacher, rows = build_tiny_model(), _rows()
+    kwargs = dict(pruning_ratio=0.5, heads=2, data=rows, heal="lstsq")
+    both, config = prune_width(teacher, hidden_size=28, hidden_method=hidden_method, **kwargs)
+    healed, _ = prune_width(teacher, **kwargs)
+    heal = config.steps[-1]["heal"]
+    assert heal["measured"] == "before the hidden-size cut" and heal["refitted"] == ["down_proj", "o_proj"]
+    assert both.config.hidden_size == 28
+    ids = torch.tensor([rows[0]["input_ids"]])
+    assert torch.isfinite(both(input_ids=ids).logits).all()
+    if hidden_method == "slice":
+        for block, full in zip(both.model.layers, healed.model.layers):
+            for name in ("mlp.down_proj", "self_attn.o_proj"):
+                cut, whole = block.get_submodule(name).weight, full.get_submodule(name).weight
+                # every row of the cut student is a row of the healed one (28 of its 32 channels)
+                distance = torch.cdist(cut.double(), whole.double()).min(dim=1).values
+                assert distance.max() < 1e-6, name
+
+
 def test_a_healed_width_student_saves_reloads_and_generates(tmp_path):
     teacher = build_tiny_model()
     rows = _rows()

@@ -29,6 +29,9 @@ NEW_FIELDS = {
     "merge_adapters",
     "eval_objective_as_loss",
     "fused_lm_head",
+    "lmbda",
+    "on_policy_max_new_tokens",
+    "on_policy_temperature",
 }
 
 

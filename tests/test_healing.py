@@ -168,6 +168,16 @@ def test_run_from_block_zero_is_skipped_and_recorded(tiny_llama):
     assert not torch.equal(healed.model.layers[1].mlp.down_proj.weight, plain.model.layers[1].mlp.down_proj.weight)
 
 
+@pytest.mark.parametrize("method", ["lstsq", "local"])
+def test_a_cut_with_only_a_run_from_block_zero_heals_nothing(tiny_llama, method):
+    healed, config = prune_depth(tiny_llama, remove=[0, 1], data=_rows(), heal=method)
+    plain, _ = prune_depth(tiny_llama, remove=[0, 1])
+    record = config.steps[-1]["heal"]
+    assert record["spans"] == [] and record["skipped"] == [[0, 1]] and record["calibration_tokens"] == 0
+    for a, b in zip(healed.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_scored_method_with_healing_records_both(tiny_llama):
     healed, config = prune_depth(tiny_llama, n=2, method="importance", data=_rows(), heal="cosine")
     step = config.steps[-1]

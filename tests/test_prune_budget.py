@@ -47,6 +47,40 @@ def test_unreachable_targets_raise(tiny_llama):
         width_spec_at_parameters(tiny_llama, 30000, heads=3)
 
 
+def test_strategy_lab_families_share_the_depth_cuts_size(tmp_path):
+    """`depth`, `width` and `mix`: healed students of one parameter count, each with the assistant's columns."""
+    from conftest import build_tiny_chat_tokenizer
+
+    from hf_recover.cli import main as cli
+
+    teacher = build_tiny_model("llama")
+    teacher.save_pretrained(tmp_path / "teacher")
+    build_tiny_chat_tokenizer().save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    for i in range(30):
+        (tmp_path / "data" / f"doc{i}.txt").write_text(" ".join(TINY_TEXTS[(i + j) % 10] for j in range(3)))
+    cli(["compare", "--teacher", str(tmp_path / "teacher"), "--prunings", "depth", "width", "mix", "--strategies",
+         "ce_only", "--n_remove", "2", "--width_heads", "0.5", "--chat_prompts", "dev",
+         "--output_dir", str(tmp_path / "lab"), "--max_steps", "2", "--curve_points", "2", "--dataset",
+         str(tmp_path / "data"), "--max_length", "32", "--eval_max_length", "32", "--eval_blocks", "3",
+         "--calibration_blocks", "3", "--use_cpu"])  # fmt: skip
+    rows = {row["pruning"]: row for row in json.loads((tmp_path / "lab" / "results.json").read_text())}
+    depth, width, mix = rows["depth"], rows["width"], rows["mix"]
+    target = parameters_at(teacher, num_layers=4)
+    assert depth["parameters"] == target and len(depth["removed"]) == 2 and depth["spec"]["depth"]["heal"] == "lstsq"
+    assert width["removed"] == [] and width["spec"]["width"]["heal"] == "lstsq"
+    assert len(mix["removed"]) == 1 and mix["spec"]["width"]["heads"] == 0.5
+    for row in (width, mix):  # sized to the depth cut: at most its count, within one MLP step of it
+        assert target - 6 * 3 * 32 < row["parameters"] <= target
+    for row in rows.values():
+        assistant = row["assistant"]
+        assert [tokens for tokens, _ in assistant["curve"]] == [0, 64, 128]
+        assert assistant["curve"][-1][1] == pytest.approx(assistant["recovery"])
+        assert 0 <= assistant["top1_agreement"] <= 1
+    assert depth["assistant"]["curve"][0][1] == pytest.approx(0.0)  # the reference: the first pruning listed
+    assert "assistant: teacher's answers PPL" in (tmp_path / "lab" / "results.md").read_text()
+
+
 def test_strategy_lab_width_rows_match_the_depth_size(tmp_path, tiny_tokenizer):
     from hf_recover.cli import main as cli
 

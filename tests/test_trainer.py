@@ -655,6 +655,20 @@ def test_run_recovery_validates_the_recipe_before_evaluating(tmp_path, padded_da
         )  # fmt: skip
 
 
+def test_run_recovery_counts_the_real_tokens_trained_on(tmp_path, padded_data, tiny_tokenizer):
+    import hf_recover.recovery as recovery
+
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2, num_hidden_layers=3)
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=len(padded_data))  # one batch: every row
+    _, result = recovery.run_recovery(
+        teacher=teacher, student=student, tokenizer=tiny_tokenizer, args=args, train_dataset=padded_data,
+        eval_splits={"validation": padded_data.select(range(2))}, save=False,
+    )  # fmt: skip
+    real = [sum(mask) for mask in padded_data["attention_mask"]]
+    assert len(set(real)) > 1  # padded rows: counting every position would give more
+    assert result.train_tokens == sum(real)
+
+
 @pytest.mark.parametrize("metric", ["eval_ce", "eval_kd", "eval_align", "eval_distillation_loss"])
 def test_load_best_model_at_end_keeps_the_lowest(tmp_path, padded_data, metric):
     args = make_args(

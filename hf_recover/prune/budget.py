@@ -54,13 +54,15 @@ def width_spec_at_parameters(
     hidden_size: int | float | None = None,
     divisor: int = 1,
     method: str = "activation",
+    num_layers: int | None = None,
 ) -> dict[str, Any]:
     """A `prune_width` spec (`{"heads", "hidden_size", "expansion_rate", "divisor", "method"}`) whose student has
     at most `target_parameters` parameters, as close to it as the MLP size (a multiple of `divisor`) allows.
 
     `heads` and `hidden_size` are fixed as given (see `prune_width`); the MLP size then takes up the rest. Needs a
-    model whose blocks are uniform (as a teacher is). Raises `ValueError` when even the smallest MLP is too big or
-    the MLP would have to grow.
+    model whose blocks are uniform (as a teacher is). `num_layers` counts the model as it will be after a depth
+    pruning of it (a depth + width mix), its own block count by default. Raises `ValueError` when even the smallest
+    MLP is too big or the MLP would have to grow.
     """
     check_supported(model)
     sizes, counts = mlp_sizes(model), attention_heads(model)
@@ -72,10 +74,9 @@ def width_spec_at_parameters(
     kept_hidden = target_hidden_size(hidden_size, hidden) if hidden_size is not None else hidden
     kept_heads = target_heads(heads, counts[:1], num_kv_heads(model))[0] if heads is not None else counts[0]
     # the count is linear in the MLP size: two meta models give the slope and the intercept
-    smallest = parameters_at(model, hidden_size=kept_hidden, heads=kept_heads, intermediate_size=divisor)
-    per_step = (
-        parameters_at(model, hidden_size=kept_hidden, heads=kept_heads, intermediate_size=2 * divisor) - smallest
-    )
+    shape = {"num_layers": num_layers, "hidden_size": kept_hidden, "heads": kept_heads}
+    smallest = parameters_at(model, **shape, intermediate_size=divisor)
+    per_step = parameters_at(model, **shape, intermediate_size=2 * divisor) - smallest
     neurons = divisor + math.floor((target_parameters - smallest) / per_step + 1e-9) * divisor
     if neurons < divisor:
         raise ValueError(

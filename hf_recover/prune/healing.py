@@ -186,7 +186,9 @@ def _collect(
     max_batches: int | None,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], int, int]:
     """MLP outputs of `mlp_blocks` and outputs of `output_blocks` over the real calibration tokens,
-    and how many tokens and sequences that was."""
+    and how many tokens and sequences that was (none, with no pass, when no block is asked for)."""
+    if not mlp_blocks and not output_blocks:  # every run starts at block 0: nothing to heal
+        return {}, {}, 0, 0
     taps = _Taps(decoder_layers(model), mlp_blocks, output_blocks)
     tokens, sequences = calibration_pass(
         model, data, taps.register, batch_size=batch_size, max_batches=max_batches, desc="Healing calibration"

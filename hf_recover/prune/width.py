@@ -172,6 +172,10 @@ def prune_width(
             slice_heads(blocks[i].self_attn, keep, size, kv_heads)
             kept_heads[i] = keep.tolist()
         step.update(heads=heads, kept_heads={str(i): k for i, k in kept_heads.items()})
+    if heal is not None:  # before any hidden-size cut: the refit solves for the unpruned weights' output rows
+        step["heal"] = compensate(model, refits, heal, data, tokens, batch_size, max_batches)
+        if hidden_size is not None:
+            step["heal"]["measured"] = "before the hidden-size cut"
     if hidden_size is not None and hidden_method == "slice":
         keep = torch.argsort(channel_scores, descending=True, stable=True)[:hidden_target].sort().values
         slice_hidden(model, keep)
@@ -182,8 +186,6 @@ def prune_width(
         kept_variance = float(variances[:hidden_target].sum() / variances.sum())
         step.update(hidden_size=hidden_size, hidden_method="rotate", untied_lm_head=untied)
         step["kept_variance"] = round(kept_variance, 6)
-    if heal is not None:
-        step["heal"] = compensate(model, refits, heal, data, tokens, batch_size, max_batches)
     uses_data = (
         (prune_mlp and method == "activation") or heads is not None or hidden_size is not None or heal is not None
     )

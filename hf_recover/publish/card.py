@@ -38,6 +38,7 @@ from ..base.reporting import (
 from ..base.version import __version__
 from .card_merge import as_list as _as_list
 from .card_merge import merge_into_existing, merge_metadata
+from .card_pruning import positive_number, pruning_facts
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,6 @@ CARD_METRICS = (
     "student_parameters",
 )
 """The keys `generate_model_card(metrics=...)` reads (`RecoveryResult.card_metrics()` gives them)."""
-
-# step keys the template words itself; any other short value a step records is listed by its name
-_WORDED_STEP_KEYS = {"type", "method", "scores", "score", "removed", "n_blocks", "pruning_ratio", "expansion_rate"}
-_WORDED_STEP_KEYS |= {"divisor", "layers", "heal"}
 
 
 def generate_model_card(
@@ -157,7 +154,7 @@ def generate_model_card(
         "trainer": run,
         "pruning_kinds": list(pruned.pruning_types) if pruned else [],
         "distillation": distillation,
-        "pruning": _pruning_facts(pruned, metrics) if pruned else None,
+        "pruning": pruning_facts(pruned, metrics) if pruned else None,
         "loss": _loss_facts(config, pruned),
         "datasets": [{"name": name, "on_hub": _is_hub_id(name)} for name in dataset_names],
         "training": _training_facts(config, metrics, pruned, bool(run and run["hyperparameters"])),
@@ -348,7 +345,7 @@ def _uses_teacher(config: Any) -> bool:
     weights = [_get(config, name) for name in ("beta", "gamma", "delta")]
     if config is None or all(w is None for w in weights):
         return True
-    return any(_positive(w) for w in weights)
+    return any(positive_number(w) for w in weights)
 
 
 def _teacher_facts(teacher: str | None, revision: str | None) -> dict[str, Any] | None:
@@ -361,120 +358,20 @@ def _short_name(name: str) -> str:
     return name.rstrip("/").split("/")[-1]
 
 
-def _pruning_facts(pruned: PrunedConfig, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    teacher_params = metrics.get("teacher_parameters") or pruned.teacher_num_parameters
-    student_params = metrics.get("student_parameters") or pruned.student_num_parameters
-    return {
-        "steps": [_step_facts(step) for step in pruned.steps],
-        "teacher_blocks": pruned.teacher_num_layers,
-        "kept": list(pruned.kept_layer_indices or []),
-        "removed": list(pruned.removed_layer_indices or []),
-        "teacher_hidden_size": pruned.teacher_hidden_size,
-        "student_hidden_size": pruned.student_hidden_size,
-        "teacher_parameters": teacher_params,
-        "student_parameters": student_params,
-        "parameter_change": (
-            (student_params - teacher_params) / teacher_params if teacher_params and student_params else None
-        ),
-        "data": pruned.data,
-        "license": pruned.license,
-        "mlp_rows": _mlp_rows(pruned),
-        "attention_heads": _attention_heads_phrase(pruned),
-    }
-
-
-def _attention_heads_phrase(pruned: PrunedConfig) -> str | None:
-    """`"4 → 2"` (or the per-block lists when blocks differ) when head pruning changed some block; else None."""
-    student, teacher = pruned.student_attention_heads, pruned.teacher_attention_heads
-    if not student or len(teacher) != pruned.teacher_num_layers:
-        return None
-    before = [teacher[t] for t in pruned.kept_layer_indices]
-    if before == student:
-        return None
-    if len(set(before)) == 1 and len(set(student)) == 1:
-        return f"{before[0]} → {student[0]} query heads in every block"
-    return f"{before} → {student} query heads (per student block)"
-
-
-def _step_facts(step: Mapping[str, Any]) -> dict[str, Any]:
-    """A pruning step's values, each None where it says nothing worth a word."""
-    layers = list(step.get("layers") or [])
-    return {
-        "type": step.get("type", "unknown"),
-        "method": step.get("method") or None,
-        "score": step.get("score") or None,
-        "removed": step.get("removed") or None,
-        "n_blocks": step["n_blocks"] if _positive(step.get("n_blocks")) and step["n_blocks"] > 1 else None,
-        "pruning_ratio": step.get("pruning_ratio"),
-        "expansion_rate": step.get("expansion_rate"),
-        "divisor": step["divisor"] if _positive(step.get("divisor")) and step["divisor"] > 1 else None,
-        # all blocks from 0 up: nothing worth saying
-        "layers": layers if layers and layers != list(range(len(layers))) else None,
-        "heal": _heal_facts(step.get("heal")),
-        # anything else a future step records, when it reads as one short value
-        "other": [
-            (key, value)
-            for key, value in step.items()
-            if key not in _WORDED_STEP_KEYS and isinstance(value, bool | int | float | str)
-        ],
-    }
-
-
-def _heal_facts(heal: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A healing record's values (`hf_recover.prune.healing`), each None where the record does not have it."""
-    if not isinstance(heal, Mapping) or not heal.get("method"):
-        return None
-    perplexity = heal.get("calibration_perplexity") or {}
-    return {
-        "method": heal["method"],
-        "spans": [list(span) for span in heal.get("spans") or []],
-        "skipped": [list(span) for span in heal.get("skipped") or []],
-        "fit_on": heal.get("fit_on"),
-        "tokens": heal.get("calibration_tokens"),
-        "steps": heal.get("steps"),
-        "learning_rate": heal.get("learning_rate"),
-        "perplexity_before": perplexity.get("before"),
-        "perplexity_after": perplexity.get("after"),
-    }
-
-
-def _mlp_rows(pruned: PrunedConfig) -> list[dict[str, Any]]:
-    """One row per student block when width pruning changed some MLP size; else none."""
-    student_sizes, teacher_sizes = pruned.student_intermediate_sizes, pruned.teacher_intermediate_sizes
-    kept = pruned.kept_layer_indices
-    if not student_sizes or len(student_sizes) != len(kept):
-        return []
-    teacher_for = [teacher_sizes[t] if len(teacher_sizes) == pruned.teacher_num_layers else None for t in kept]
-    # a width step that pruned only heads or the hidden size records no MLP method
-    mlp_pruned = any(step.get("type") == "width" and step.get("method") for step in pruned.steps)
-    if not mlp_pruned and all(t is None or t == s for t, s in zip(teacher_for, student_sizes)):
-        return []
-    return [
-        {
-            "student": i,
-            "teacher": t,
-            "teacher_size": t_size,
-            "student_size": s_size,
-            "kept": s_size / t_size if t_size else None,
-        }
-        for i, (t, t_size, s_size) in enumerate(zip(kept, teacher_for, student_sizes))
-    ]
-
-
 def _loss_facts(config: Any, pruned: PrunedConfig | None) -> dict[str, Any] | None:
     """The active loss terms with their weights and settings; None without a config or any active term."""
     if config is None:
         return None
     alpha, beta, gamma, delta = (_get(config, name) for name in ("alpha", "beta", "gamma", "delta"))
     facts = {
-        "ce": {"alpha": alpha} if _positive(alpha) else None,
-        "kd": _divergence_facts(config, beta) if _positive(beta) else None,
+        "ce": {"alpha": alpha} if positive_number(alpha) else None,
+        "kd": _divergence_facts(config, beta) if positive_number(beta) else None,
         "align": (
             {"gamma": gamma, "alignment": _get(config, "alignment"), "projector": _get(config, "projector")}
-            if _positive(gamma)
+            if positive_number(gamma)
             else None
         ),
-        "fdd": {"delta": delta} if _positive(delta) else None,
+        "fdd": {"delta": delta} if positive_number(delta) else None,
     }
     if not any(facts.values()):
         return None
@@ -588,10 +485,6 @@ def _get(config: Any, name: str) -> Any:
         return None
     value = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
     return value.value if isinstance(value, Enum) else value
-
-
-def _positive(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 _DATA_FILE = re.compile(r"\.(txt|json|jsonl|csv|tsv|parquet|arrow|md|rst|gz|zip)$", re.IGNORECASE)

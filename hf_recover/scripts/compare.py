@@ -1,35 +1,30 @@
-"""`hf-recover compare`: the strategy lab. Which blocks to remove, and how to recover, at equal budgets.
+"""`hf-recover compare`: the strategy lab. What to prune, and how to recover, at equal budgets.
 
-    hf-recover compare                                       # about 50 minutes on 2 CPU cores
     hf-recover compare --prunings importance angular:6:heal=lstsq --strategies logits_kd recommended
+    hf-recover compare --prunings depth width mix --strategies recommended --curve_points 4
     hf-recover compare --prunings importance last --strategies ce_only compound --max_steps 10
     hf-recover compare --max_steps 500 --per_device_train_batch_size 16 --eval_blocks 128   # on a GPU
 
-Pruning choices (`--prunings`): `importance` (the n blocks of lowest block influence), `last` (the last
-n blocks), `angular` (the n contiguous blocks of smallest angular distance), each removing `--n_remove`
-blocks (the default six), `width` (opt in: `--prunings importance width`): no block removed, but
-attention heads (`--width_heads`), the hidden size (`--width_hidden`) and the MLP neurons pruned by activations
-to the parameter count of those depth-pruned students (the MLP size takes up whatever heads and hidden size
-leave; see `hf_recover.prune.budget`), or any prune spec `hf-recover prune` takes (`angular:6:heal=lstsq`
-heals the cut). Recovery strategies (`--strategies`): `ce_only`, `logits_kd` (0.5·CE + 0.5·T²·KL), `compound`
+Prunings (`--prunings`): the named cuts `importance` (the n blocks of lowest block influence), `last` (the last n
+blocks) and `angular` (the n contiguous blocks of smallest angular distance), each removing `--n_remove` blocks as
+they are; the healed families of one parameter count, the angular cut's: `depth` (that cut healed with
+`--depth_heal`), `width` (no block removed: attention heads `--width_heads`, the hidden size `--width_hidden` and the
+MLP neurons pruned by activations to the same parameter count, healed with `--width_heal`; see
+`hf_recover.prune.budget`) and `mix` (half the blocks, then width pruning to the same count); or any prune spec
+(`angular:6:heal=local`). Strategies (`--strategies`): `ce_only`, `logits_kd` (0.5·CE + 0.5·T²·KL), `compound`
 (+ 0.1·cosine hidden alignment), `skew_fdd` (skew KL, λ = 0.1, + 0.1·FDD) and `recommended`
-(`DistillationConfig.for_depth_recovery()`); see `hf_recover.recovery.STRATEGIES`. Every run gets the same steps,
-batch and sequence length, so the same tokens.
+(`DistillationConfig.for_depth_recovery()`); see `hf_recover.recovery.STRATEGIES`. Every run trains on the same rows
+(the first `max_steps × batch` packed blocks, in the Trainer's seeded order), so on the same tokens.
 
-`--cache_teacher` runs the teacher once: its top-k distributions on the lab's training rows are cached
-(`hf_recover.cache_teacher_outputs`) and every logits-only strategy (`logits_kd`; γ = δ = 0) distils from the cache;
-strategies that compare hidden states run the teacher online (the `teacher` column says which). It is off by
-default: with the tail as one bucket (`--cache_tail_samples 0`) a top-64 cache at T = 2 recovered 1.7 (validation)
-and 5.4 (`ood`) points less than online KD in 20k tokens, enough to change the ranking of strategies; with the
-default 16 tail samples the teacher-cache benchmark measured it within 0.1 point of online KD.
-Every run trains on the same rows, the first `max_steps × batch` packed blocks, in the Trainer's seeded order.
-
-Recovery % is measured against one reference for every row, the pruned perplexity of the first pruning listed,
-so a better block choice or healing counts fully. Each run is evaluated at `--curve_points` evenly spaced budgets
-(and before training), and the table gives the tokens each run needed to reach `--reach` % recovery. Writes
-`results.md`, `results.json`, `recovery_vs_tokens.png` (recovery % against training tokens, every run),
-`recovery_curves_PRUNING.png` (the student's training CE per strategy; a spec's `:` and `=` become `_`) and
-`block_importance.png` into `--output_dir`.
+Recovery % is measured against one reference for every row, the pruned perplexity of the first pruning listed, so a
+better choice of what to prune, or healing, counts fully; each run is evaluated before training and at
+`--curve_points` evenly spaced budgets, on every evaluation split and, with a chat teacher, on the teacher's answers
+to `--chat_prompts` (the assistant columns: log-perplexity recovery, top-1 agreement, repeated 4-grams of the
+recovered student's own answers). `--cache_teacher` distils every logits-only strategy from one top-k cache of the
+teacher on the lab's rows (`hf_recover.cache_teacher_outputs`; `results.json` says which runs did). Writes
+`results.md`, `results.json` (with the tokens each run needed to reach `--reach` % recovery),
+`recovery_vs_tokens.png`, `recovery_curves_PRUNING.png` (the training CE per strategy) and `block_importance.png`
+into `--output_dir`.
 """
 
 from __future__ import annotations
@@ -45,7 +40,7 @@ from ..base.loading import load_model, resolve_dtype
 from ..base.reporting import format_percent, format_perplexity, markdown_row, markdown_table
 from ..distill.config import DistillationConfig
 from ..prune.spec import DepthSpec, PruneSpec, WidthSpec
-from ..recovery import tokens_to_reach
+from ..recovery import ASSISTANT_POINT, tokens_to_reach
 from .arguments import (
     DEFAULT,
     DataArguments,
@@ -57,6 +52,11 @@ from .arguments import (
 from .recover import RECOVER_DEFAULTS
 
 DEPTH_PRUNINGS = ("importance", "last", "angular")
+"""Named depth cuts of `--n_remove` blocks, as made (unhealed)."""
+FAMILIES = ("depth", "width", "mix")
+"""Healed students of one parameter count, the depth cut's: the angular span (`--depth_heal`), width pruning sized to
+its parameters (`--width_heads`, `--width_hidden`, the MLP taking up the rest; `--width_heal`), and half the blocks
+with width pruning sized to the same count."""
 
 
 @dataclass
@@ -78,8 +78,7 @@ class CompareArguments:
         default=False,
         metadata={
             "help": "Run the teacher once: cache its top-k on the lab's training rows and train every logits-only "
-            "strategy (gamma = delta = 0) from the cache (faster; with the tail as one bucket it recovered 1.7 / 5.4 "
-            "points less than online KD in 20k tokens, with 16 tail samples within 0.1 point in the benchmark)."
+            "strategy (gamma = delta = 0) from the cache."
         },
     )
     cache_top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position in the cache."})
@@ -94,9 +93,19 @@ class CompareArguments:
         default=0.67,
         metadata={"help": "`width` pruning: the fraction of query heads kept per block (0.67: 6 of SmolLM2's 9)."},
     )
-    width_hidden: float = field(
+    width_hidden: float | None = field(
         default=0.9375,
         metadata={"help": "`width` pruning: the fraction of the hidden size kept (0.9375: 540 of 576)."},
+    )
+    depth_heal: str = field(
+        default="lstsq", metadata={"help": "The heal of the `depth` and `mix` families: lstsq, cosine, local or none."}
+    )
+    width_heal: str = field(
+        default="lstsq", metadata={"help": "The heal of the `width` and `mix` families: lstsq or none."}
+    )
+    chat_prompts: str = field(
+        default="test",
+        metadata={"help": "Prompts the assistant columns are measured on: test, dev (hf_recover's own) or none."},
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Write into a non-empty --output_dir (files of the same name are replaced)."}
@@ -125,24 +134,43 @@ def make_parser(subparsers=None):
     )
 
 
-def _pruning_spec(pruning: str, args: CompareArguments) -> PruneSpec | None:
-    """The prune spec a `--prunings` entry names (None for `width`, which needs the teacher to size it)."""
-    if pruning == "width":
-        return None
+def _pruning_spec(pruning: str, args: CompareArguments, teacher=None) -> PruneSpec | None:
+    """The prune spec a `--prunings` entry names: a named cut, a family (sized on `teacher`; None without it), or
+    a spec of its own."""
     if pruning in DEPTH_PRUNINGS:
         return PruneSpec(depth=DepthSpec(method=pruning, n=args.n_remove))
-    return PruneSpec.parse(pruning)
+    if pruning not in FAMILIES:
+        return PruneSpec.parse(pruning)
+    depth_heal = None if args.depth_heal == "none" else args.depth_heal
+    width_heal = None if args.width_heal == "none" else args.width_heal
+    if pruning == "depth":
+        return PruneSpec(depth=DepthSpec(method="angular", n=args.n_remove, heal=depth_heal))
+    if teacher is None:
+        return None
+    from ..prune.budget import parameters_at, width_spec_at_parameters
+
+    n_layers = len(teacher.model.layers)
+    target = parameters_at(teacher, num_layers=n_layers - args.n_remove)  # the depth cut's parameter count
+    blocks = args.n_remove // 2 if pruning == "mix" else 0
+    width = width_spec_at_parameters(
+        teacher, target, heads=args.width_heads, hidden_size=args.width_hidden, num_layers=n_layers - blocks
+    )
+    depth = DepthSpec(method="angular", n=blocks, heal=depth_heal) if blocks else None
+    return PruneSpec(depth=depth, width=WidthSpec(**width, heal=width_heal))
 
 
 def main(args: CompareArguments, data_args: DataArguments, config: DistillationConfig):
     from dataclasses import replace
 
+    from ..base.chat import has_chat_template
+    from ..base.chat_retention import chat_reference, load_chat_prompts
     from ..base.data import prepare_recovery_dataset
     from ..prune import block_importance, plot_block_importance
     from ..recovery import (
         STRATEGIES,
         RecoveryCurve,
         curve_steps,
+        evaluate_assistant,
         evaluate_splits,
         plot_loss_curves,
         plot_recovery_curves,
@@ -153,17 +181,19 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     if unknown:
         raise ValueError(f"Unknown strategy {unknown}; strategies: {list(STRATEGIES)}.")
     specs = {pruning: _pruning_spec(pruning, args) for pruning in args.prunings}  # bad specs fail here
+    if args.chat_prompts not in ("test", "dev", "none"):
+        raise ValueError(f"--chat_prompts must be test, dev or none, got {args.chat_prompts!r}.")
     steps = curve_steps(config.max_steps, args.curve_points)
     output_dir = check_output_dir(config.output_dir, args.overwrite)
     start = time.perf_counter()
 
     teacher, tokenizer = load_model(args.teacher)
+    specs = {pruning: spec or _pruning_spec(pruning, args, teacher) for pruning, spec in specs.items()}
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
     calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
     for spec in specs.values():
-        if spec is not None:
-            spec.check(teacher, calibration)
+        spec.check(teacher, calibration)
     # Every run trains on the same rows, the ones its budget consumes (so that one teacher cache covers them all).
     rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
     train = train.select(range(min(len(train), config.max_steps * rows_per_step)))
@@ -175,6 +205,10 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     teacher_dtype = resolve_dtype(args.teacher, config.teacher_dtype)
     distilling_teacher = teacher if teacher.dtype == teacher_dtype else copy.deepcopy(teacher).to(teacher_dtype)
     teacher_ppl = evaluate_splits({"teacher": distilling_teacher}, eval_splits)
+    chat = None
+    if args.chat_prompts != "none" and has_chat_template(tokenizer):
+        chat = chat_reference(distilling_teacher, tokenizer, load_chat_prompts(args.chat_prompts))
+        teacher_chat = evaluate_assistant({"teacher": distilling_teacher}, chat, tokenizer)["teacher"]
     tokens_per_step = rows_per_step * data_args.max_length
     run_configs = {
         strategy: replace(config, **STRATEGIES[strategy], output_dir=str(output_dir / "runs" / strategy))
@@ -185,18 +219,12 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     rows, curves, reference = [], {}, None
     block_scores = {("block_influence", 1): scores}  # scored once above
     for pruning, spec in specs.items():
-        if spec is None:
-            from ..prune.budget import parameters_at, width_spec_at_parameters
-
-            depth_size = parameters_at(teacher, num_layers=len(teacher.model.layers) - args.n_remove)
-            width = width_spec_at_parameters(
-                teacher, depth_size, heads=args.width_heads, hidden_size=args.width_hidden
-            )
-            spec = PruneSpec(width=WidthSpec(**width))
         student, pruned_config = spec.build(teacher, calibration, block_scores=block_scores)
         pruned_ppl = evaluate_splits({"pruned": student}, eval_splits)
+        pruned_chat = evaluate_assistant({"pruned": student}, chat, tokenizer)["pruned"] if chat else None
         if reference is None:  # every recovery % is measured against the first pruning's pruned student
             reference = {split: by_model["pruned"] for split, by_model in pruned_ppl.items()}
+            reference_chat = pruned_chat
         before = {
             split: {"teacher": teacher_ppl[split]["teacher"], "pruned": reference[split]} for split in eval_splits
         }
@@ -205,7 +233,8 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
             student.load_state_dict(pruned_state)  # every strategy starts from the same pruned student
             run_config = replace(run_configs[strategy], output_dir=str(output_dir / "runs" / f"{pruning}-{strategy}"))
             from_cache = teacher_cache is not None and _logits_only(run_config)
-            curve = RecoveryCurve(steps[:-1], eval_splits)  # the last point is run_recovery's own evaluation
+            # the last point is run_recovery's own evaluation
+            curve = RecoveryCurve(steps[:-1], eval_splits, chat=chat, tokenizer=tokenizer)
             _, result = run_recovery(
                 teacher=distilling_teacher, student=student, tokenizer=tokenizer, args=run_config, train_dataset=train,
                 eval_splits=eval_splits, pruned_config=pruned_config, before=before, save=False, callbacks=[curve],
@@ -224,6 +253,12 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
                 figures["pruned_retention"] = figures["teacher"] / figures["pruned"]
                 figures["curve"] = [(step * tokens_per_step, _recovery(before[split], p[split])) for step, p in points]
                 figures["tokens_to_reach"] = tokens_to_reach(figures["curve"], args.reach)
+            if chat is not None:
+                recovered_chat = evaluate_assistant({"recovered": student}, chat, tokenizer)["recovered"]
+                row["assistant"] = _assistant_figures(
+                    teacher_chat, reference_chat, pruned_chat, recovered_chat, curve.points, tokens_per_step
+                )
+                row["assistant"]["curve"].append((result.train_tokens, row["assistant"]["recovery"]))
             row.update(train_tokens=result.train_tokens, train_runtime=result.train_runtime - curve.seconds)
             rows.append(row)
             print(markdown_row(_row_cells(row, eval_splits)), flush=True)
@@ -240,6 +275,28 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     )
     print("\n" + markdown)
     return rows
+
+
+def _assistant_figures(teacher, reference, pruned, recovered, points: dict, tokens_per_step: int) -> dict:
+    """The assistant's figures of one lab run: the perplexity of the teacher's answers before and after, their
+    log-perplexity recovery against the reference pruning (at every curve point too), top-1 agreement and the
+    repeated 4-gram rate of the recovered student's own answers."""
+    import math
+
+    def recovery(nll: float) -> float:
+        return 100 * (reference.nll - nll) / (reference.nll - teacher.nll)
+
+    curve = [(0, recovery(pruned.nll))]
+    curve += [(step * tokens_per_step, recovery(math.log(p[ASSISTANT_POINT]))) for step, p in sorted(points.items())]
+    return {
+        "pruned": pruned.perplexity,
+        "recovered": recovered.perplexity,
+        "recovery": recovery(recovered.nll),
+        "top1_agreement": recovered.top1_agreement,
+        "repeated_ngram_rate": recovered.repeated_ngram_rate,
+        "teacher_repeated_ngram_rate": teacher.repeated_ngram_rate,
+        "curve": curve,
+    }
 
 
 def _logits_only(config: DistillationConfig) -> bool:
@@ -268,40 +325,46 @@ def _recovery(before: dict[str, float], ppl: float) -> float:
     return 100 * recovery_metrics(before["teacher"], before["pruned"], ppl)["recovery"]
 
 
+def _curve_cell(pruned: float, recovered: float, curve: list[tuple[int, float]]) -> str:
+    """`pruned → recovered PPL (recovery at each budget)`, e.g. `30.76 → 23.88 (61.5 / 76.6 / 85.6%)`."""
+    recoveries = " / ".join(f"{value:.1f}" for _, value in curve)
+    return f"{format_perplexity(pruned)} → {format_perplexity(recovered)} ({recoveries}%)"
+
+
 def _row_cells(row: dict, eval_splits) -> list[str]:
-    cells = [row["pruning"], row["strategy"], row["teacher"]]
+    cells = [row["pruning"], row["strategy"], row["teacher"], f"{row['parameters'] / 1e6:.1f}M"]
     for split in eval_splits:
         r = row[split]
-        reach = r.get("tokens_to_reach")
+        cells.append(_curve_cell(r["pruned"], r["recovered"], r["curve"]))
+    if "assistant" in row:
+        a = row["assistant"]
+        ratio = (
+            a["repeated_ngram_rate"] / a["teacher_repeated_ngram_rate"] if a["teacher_repeated_ngram_rate"] else None
+        )
         cells += [
-            format_perplexity(r["pruned"]),
-            format_perplexity(r["recovered"]),
-            format_percent(r.get("recovery")),
-            "-" if reach is None else f"{reach:,}",
+            _curve_cell(a["pruned"], a["recovered"], a["curve"]),
+            format_percent(a["top1_agreement"]),
+            format_percent(a["repeated_ngram_rate"]) + (f" ({ratio:.1f}×)" if ratio is not None else ""),
         ]
-    cells.append(f"{row['train_runtime']:.0f}")
+    reach = row[next(iter(eval_splits))].get("tokens_to_reach")
+    cells += ["-" if reach is None else f"{reach:,}", f"{row['train_runtime']:.0f}"]
     return cells
 
 
 def _table(rows: list[dict], eval_splits, config, data_args, args, wall_time: float) -> str:
-    header = ["pruning", "strategy", "teacher"]
-    for split in eval_splits:
-        header += [
-            f"{split} pruned PPL",
-            f"{split} recovered PPL",
-            f"{split} recovery",
-            f"{split} tokens to {args.reach:g}%",
-        ]
-    header.append("train s")
+    header = ["pruning", "strategy", "teacher", "parameters", *(f"{split} PPL (recovery %)" for split in eval_splits)]
+    if rows and "assistant" in rows[0]:
+        header += ["assistant: teacher's answers PPL (log-PPL recovery %)", "top-1", "repeated 4-grams"]
+    header += [f"{next(iter(eval_splits))} tokens to {args.reach:g}%", "train s"]
     teacher_ppl = {split: rows[0][split]["teacher"] for split in eval_splits} if rows else {}
     teacher = ", ".join(f"{split} {format_perplexity(ppl)}" for split, ppl in teacher_ppl.items())
     table = markdown_table(header, [_row_cells(row, eval_splits) for row in rows], numeric_columns=len(header) - 3)
     tokens = rows[0]["train_tokens"] if rows else 0
     reference = f"the pruned perplexity of `{rows[0]['pruning']}`" if rows else "the first pruning"
+    budgets = " / ".join(f"{t:,}" for t, _ in rows[0][list(eval_splits)[0]]["curve"]) if rows else ""
     return (
         f"Teacher perplexity: {teacher}. Each run: {config.max_steps} steps of {config.per_device_train_batch_size} x "
         f"{data_args.max_length} tokens ({tokens:,} tokens), learning rate {config.learning_rate} unless the "
-        f"strategy sets its own. Recovery % is measured against {reference}, for every row.\n\n"
-        + table
-        + f"\n\nWall time: {wall_time / 60:.1f} min.\n"
+        f"strategy sets its own. Recovery % is measured against {reference}, for every row, at {budgets} training "
+        "tokens.\n\n" + table + f"\n\nWall time: {wall_time / 60:.1f} min.\n"
     )
