@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .base.chat_retention import chat_retention_table, evaluate_chat_retention
+from .base.chat_retention import answer_prompts, chat_retention_table, evaluate_chat_retention
 from .base.evaluation import count_parameters, evaluate_perplexity, recovery_metrics
 from .base.reporting import assistant_table, before_after_table, format_parameters, format_percent
 from .distill.config import DistillationConfig
@@ -194,7 +194,8 @@ def run_recovery(
     starts = {"teacher": teacher, **({"pruned": cut, "healed": student} if cut is not None else {"pruned": student})}
     if before is None:
         before = evaluate_splits(starts, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches)
-    assistant = evaluate_assistant(starts, chat, tokenizer) if chat else {}
+    # the starts answer only the examples shown side by side; the recovered student answers every prompt
+    assistant = evaluate_assistant(starts, chat, tokenizer, answer=examples) if chat else {}
     train_output = trainer.train()
     after = evaluate_splits(
         {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches
@@ -203,7 +204,7 @@ def run_recovery(
         assistant.update(evaluate_assistant({"recovered": trainer.model}, chat, tokenizer))
     result = RecoveryResult(
         perplexity={split: {**before[split], **after[split]} for split in eval_splits},
-        assistant={name: score.to_dict() for name, score in assistant.items()},
+        assistant=chat_retention_table(assistant),
         answers=answer_examples(chat, assistant, tokenizer, examples) if chat else [],
         teacher_parameters=count_parameters(teacher),
         student_parameters=count_parameters(trainer.model),
@@ -212,9 +213,6 @@ def run_recovery(
         train_runtime=train_output.metrics.get("train_runtime"),
         log_history=list(trainer.state.log_history),
     )
-    if chat:
-        for name, figures in chat_retention_table(assistant).items():
-            result.assistant[name].update(log_perplexity_recovery=figures.get("log_perplexity_recovery"))
     result.wall_time = time.perf_counter() - start
     trainer.model_card_metrics = result.card_metrics()
     trainer.model_card_datasets = datasets
@@ -223,11 +221,22 @@ def run_recovery(
     return trainer, result
 
 
-def evaluate_assistant(models: dict[str, torch.nn.Module], chat, tokenizer) -> dict[str, Any]:
-    """Chat retention of every model against the reference answers `chat` (a `ChatReference`)."""
-    return {
-        name: evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat) for name, model in models.items()
-    }
+def evaluate_assistant(
+    models: dict[str, torch.nn.Module], chat, tokenizer, *, answer: bool | int = True
+) -> dict[str, Any]:
+    """Chat retention of every model against the reference answers `chat` (a `ChatReference`); the model named
+    `teacher` is the reference's own, whose figures it carries. `answer`: each model answers every prompt itself
+    (True: the repetition rate), only the first `answer` prompts (the examples shown side by side), or none (0)."""
+    scores = {}
+    for name, model in models.items():
+        if name == "teacher" and chat.teacher is not None:
+            scores[name] = chat.teacher
+            continue
+        score = evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat, answer=answer is True)
+        if answer is not True and answer:
+            score.answers = answer_prompts(model, tokenizer, chat, count=answer)
+        scores[name] = score
+    return scores
 
 
 def answer_examples(chat, assistant: dict[str, Any], tokenizer, count: int) -> list[dict[str, str]]:

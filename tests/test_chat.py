@@ -152,6 +152,34 @@ def test_chat_retention_equals_a_hand_computation(tiny_chat_tokenizer):
     assert itself.answers == [] and itself.repeated_ngram_rate is None
 
 
+def test_the_reference_carries_the_teachers_own_figures_and_is_cached(tiny_chat_tokenizer, tmp_path, monkeypatch):
+    import hf_recover.distill.teacher_data as teacher_data
+    from hf_recover.recovery import evaluate_assistant
+
+    tok = tiny_chat_tokenizer
+    teacher = build_tiny_model(vocab_size=len(tok), seed=0)
+    prompts = ["The quick fox?", "A river runs?", "Why?"]
+    reference = teacher_data.cached_chat_reference(teacher, tok, prompts, max_new_tokens=6, cache_dir=tmp_path)
+    itself = evaluate_chat_retention(teacher, tokenizer=tok, reference=reference)
+    assert reference.teacher.top1_agreement == 1.0 and reference.teacher.repetition_ratio in (None, 1.0)
+    assert reference.teacher.nll == pytest.approx(itself.nll) and itself.answers == reference.answer_ids
+    # read back, not generated again: the very same answers and figures
+    monkeypatch.setattr(teacher_data, "chat_reference", lambda *a, **k: pytest.fail("generated again"))
+    again = teacher_data.cached_chat_reference(teacher, tok, prompts, max_new_tokens=6, cache_dir=tmp_path)
+    assert again.answer_ids == reference.answer_ids and again.prompt_ids == reference.prompt_ids
+    assert again.teacher.to_dict() == reference.teacher.to_dict()
+    for changed in ({"max_new_tokens": 5}, {"prompts": prompts[:2]}):  # another key: computed, not read
+        with pytest.raises(pytest.fail.Exception, match="generated again"):
+            kwargs = {"prompts": prompts, "max_new_tokens": 6, **changed}
+            teacher_data.cached_chat_reference(teacher, tok, cache_dir=tmp_path, **kwargs)
+    # the teacher's figures come with the reference; the others answer as asked
+    student = build_tiny_model(vocab_size=len(tok), seed=1)
+    scores = evaluate_assistant({"teacher": teacher, "pruned": student}, reference, tok, answer=1)
+    assert scores["teacher"] is reference.teacher
+    assert len(scores["pruned"].answers) == 1 and scores["pruned"].repeated_ngram_rate is None
+    assert evaluate_assistant({"pruned": student}, reference, tok)["pruned"].repeated_ngram_rate is not None
+
+
 def test_log_perplexity_recovery_and_the_table(tiny_chat_tokenizer):
     from hf_recover.base.chat_retention import ChatRetention
 

@@ -161,6 +161,23 @@ def test_compare_lab_measures_every_row_against_the_first_pruning(workspace):
     assert (ws / "lab" / "recovery_curves_remove_3_4_heal_lstsq.png").is_file()  # the spec, as a file name
 
 
+def test_evaluate_measures_the_assistant_with_a_chat_teacher(workspace, tiny_chat_tokenizer):
+    ws = workspace
+    build_tiny_model("llama").save_pretrained(ws / "chat-teacher")
+    tiny_chat_tokenizer.save_pretrained(ws / "chat-teacher")
+    cli(["prune", "--model", str(ws / "chat-teacher"), "--prune", "last:2", "--output_dir", str(ws / "student"),
+         *data_flags(ws)])  # fmt: skip
+    # the teacher evaluated as the "recovered" model: it closes the whole gap, by definition
+    cli(["evaluate", "--model", str(ws / "chat-teacher"), "--teacher", str(ws / "chat-teacher"), "--pruned",
+         str(ws / "student"), "--chat_prompts", "dev", "--output_file", str(ws / "eval.json"),
+         *data_flags(ws)])  # fmt: skip
+    assistant = json.loads((ws / "eval.json").read_text())["assistant"]
+    assert set(assistant) == {"teacher", "pruned", "recovered"}
+    assert assistant["teacher"]["top1_agreement"] == assistant["recovered"]["top1_agreement"] == 1.0
+    assert assistant["recovered"]["log_perplexity_recovery"] == pytest.approx(1.0)
+    assert assistant["pruned"]["top1_agreement"] < 1.0  # another model: not the teacher's every token
+
+
 def test_output_folder_is_never_overwritten_without_asking(workspace):
     ws = workspace
     (ws / "taken").mkdir()

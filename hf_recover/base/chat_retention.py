@@ -44,18 +44,6 @@ def load_chat_prompts(split: str = "test") -> list[str]:
 
 
 @dataclass
-class ChatReference:
-    """The teacher's greedy answers to prompts, which chat retention is measured against."""
-
-    prompts: list[Any]
-    prompt_ids: list[list[int]]
-    answer_ids: list[list[int]]
-    repeated_ngram_rate: float
-    """The teacher's own share of repeated 4-grams in these answers."""
-    max_new_tokens: int
-
-
-@dataclass
 class ChatRetention:
     """How close a model stays to the teacher as an assistant (see the module docstring)."""
 
@@ -76,6 +64,38 @@ class ChatRetention:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "answers"}
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ChatRetention:
+        return cls(**{name: values[name] for name in cls.__dataclass_fields__ if name in values})
+
+
+@dataclass
+class ChatReference:
+    """The teacher's greedy answers to prompts, which chat retention is measured against."""
+
+    prompts: list[Any]
+    prompt_ids: list[list[int]]
+    answer_ids: list[list[int]]
+    repeated_ngram_rate: float
+    """The teacher's own share of repeated 4-grams in these answers."""
+    max_new_tokens: int
+    teacher: ChatRetention | None = None
+    """The teacher's own figures on these answers (teacher-forced; its greedy answers are these)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["teacher"] = self.teacher.to_dict() if self.teacher is not None else None
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ChatReference:
+        teacher = values.get("teacher")
+        reference = cls(**{name: values[name] for name in cls.__dataclass_fields__ if name != "teacher"})
+        if teacher is not None:
+            reference.teacher = ChatRetention.from_dict(teacher)
+            reference.teacher.answers = reference.answer_ids
+        return reference
+
 
 def chat_reference(
     teacher: torch.nn.Module,
@@ -93,7 +113,9 @@ def chat_reference(
     answers = _answer(teacher, tokenizer, prompt_ids, max_new_tokens, batch_size, "Teacher's answers")
     if not any(answers):
         raise ValueError("The teacher gave no answer to any prompt: nothing to measure retention against.")
-    return ChatReference(prompts, prompt_ids, answers, repeated_ngram_rate(answers, REPEAT_N), max_new_tokens)
+    reference = ChatReference(prompts, prompt_ids, answers, repeated_ngram_rate(answers, REPEAT_N), max_new_tokens)
+    reference.teacher = _retention(teacher, reference, tokenizer, answers, batch_size=8)
+    return reference
 
 
 def evaluate_chat_retention(
@@ -120,12 +142,24 @@ def evaluate_chat_retention(
         if teacher is None:
             raise ValueError("Give the teacher (its greedy answers are the reference) or a reference=.")
         reference = chat_reference(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    answers = answer_prompts(model, tokenizer, reference, batch_size=generation_batch_size) if answer else []
+    return _retention(model, reference, tokenizer, answers, batch_size=batch_size)
+
+
+def answer_prompts(
+    model: torch.nn.Module, tokenizer: Any, reference: ChatReference, *, count: int | None = None, batch_size: int = 48
+) -> list[list[int]]:
+    """`model`'s own greedy answers (token ids) to the first `count` of the reference's prompts (all by default),
+    as long as the teacher's could be."""
+    prompt_ids = reference.prompt_ids[:count]
+    return _answer(model, tokenizer, prompt_ids, reference.max_new_tokens, batch_size, "Own answers")
+
+
+def _retention(model, reference: ChatReference, tokenizer, answers: list[list[int]], *, batch_size: int):
+    """The figures of `model` on the reference, its own `answers` (to every prompt) giving the repetition rate."""
     nll, agree, tokens = _teacher_forced(model, reference, tokenizer, batch_size)
-    answers, rate, ratio = [], None, None
-    if answer:
-        answers = _answer(
-            model, tokenizer, reference.prompt_ids, reference.max_new_tokens, generation_batch_size, "Own answers"
-        )
+    rate = ratio = None
+    if answers and len(answers) == len(reference.prompt_ids):
         rate = repeated_ngram_rate(answers, REPEAT_N)
         ratio = rate / reference.repeated_ngram_rate if reference.repeated_ngram_rate > 0 else None
     mean_nll = nll / tokens

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..base.chat import as_messages, check_chat_template, end_of_turn_ids, has_chat_template, render_prompt
+from ..base.chat_retention import ChatReference, chat_reference
 from ..base.constants import IGNORE_INDEX
 from ..base.defaults.cache import cache_root
 from ..base.generation import Sampling, generate_completions
@@ -211,6 +212,36 @@ def cached_teacher_data(
     if not (folder / METADATA_NAME).is_file():
         build_teacher_data(teacher, tokenizer, folder, **settings)
     return folder
+
+
+def cached_chat_reference(
+    teacher: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    *,
+    max_new_tokens: int = 128,
+    cache_dir: str | os.PathLike | None = None,
+) -> ChatReference:
+    """`chat_reference(teacher, tokenizer, prompts)` (the teacher's greedy answers that chat retention is measured
+    against, with its own figures), computed once per teacher, tokenizer, prompts and answer length and then read
+    from hf_recover's cache (`cache_root`): every later run measures against the very same answers."""
+    key = {
+        "teacher": weights_fingerprint(teacher),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "prompts": _fingerprint(list(prompts)),
+        "max_new_tokens": max_new_tokens,
+        "format_version": FORMAT_VERSION,
+        "version": __version__,
+    }
+    path = cache_root(cache_dir) / "chat-reference" / f"{_fingerprint(key)[:20]}.json"
+    if path.is_file():
+        return ChatReference.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    reference = chat_reference(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(reference.to_dict()), encoding="utf-8")
+    partial.replace(path)  # whole or absent: a reader never sees half a file
+    return reference
 
 
 # -- what to generate ---------------------------------------------------------------------------------------------

@@ -163,8 +163,9 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     from dataclasses import replace
 
     from ..base.chat import has_chat_template
-    from ..base.chat_retention import chat_reference, load_chat_prompts
+    from ..base.chat_retention import load_chat_prompts
     from ..base.data import prepare_recovery_dataset
+    from ..distill.teacher_data import cached_chat_reference
     from ..prune import block_importance, plot_block_importance
     from ..recovery import (
         STRATEGIES,
@@ -207,7 +208,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     teacher_ppl = evaluate_splits({"teacher": distilling_teacher}, eval_splits)
     chat = None
     if args.chat_prompts != "none" and has_chat_template(tokenizer):
-        chat = chat_reference(distilling_teacher, tokenizer, load_chat_prompts(args.chat_prompts))
+        chat = cached_chat_reference(distilling_teacher, tokenizer, load_chat_prompts(args.chat_prompts))
         teacher_chat = evaluate_assistant({"teacher": distilling_teacher}, chat, tokenizer)["teacher"]
     tokens_per_step = rows_per_step * data_args.max_length
     run_configs = {
@@ -221,7 +222,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     for pruning, spec in specs.items():
         student, pruned_config = spec.build(teacher, calibration, block_scores=block_scores)
         pruned_ppl = evaluate_splits({"pruned": student}, eval_splits)
-        pruned_chat = evaluate_assistant({"pruned": student}, chat, tokenizer)["pruned"] if chat else None
+        pruned_chat = evaluate_assistant({"pruned": student}, chat, tokenizer, answer=0)["pruned"] if chat else None
         if reference is None:  # every recovery % is measured against the first pruning's pruned student
             reference = {split: by_model["pruned"] for split, by_model in pruned_ppl.items()}
             reference_chat = pruned_chat

@@ -4,7 +4,10 @@
     hf-recover evaluate --model outputs/demo --tasks my_task --include_path examples/lm_eval_tasks
 
 Perplexity is measured on `validation` and `ood` (the default corpus, or --dataset/--ood_dataset).
-With `--teacher` and `--pruned`, recovery % and retention follow. `--tasks` runs lm-eval tasks
+With `--teacher` and `--pruned`, recovery % and retention follow. With `--teacher` and a chat template, the
+assistant is measured too: every model against the teacher's greedy answers to `--chat_prompts` (perplexity of
+those answers, top-1 agreement, repeated 4-grams of its own answers; log-perplexity recovery with `--pruned`).
+`--tasks` runs lm-eval tasks
 (needs `pip install lm-eval`), including local task files from `--include_path` that work offline;
 with `--teacher`, capability retention (mean accuracy of the model over the teacher's) is reported.
 """
@@ -29,6 +32,10 @@ class EvaluateArguments:
     tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval task names (needs lm-eval)."})
     include_path: str | None = field(default=None, metadata={"help": "Folder of local lm-eval task YAML files."})
     limit: int | None = field(default=None, metadata={"help": "lm-eval: examples per task."})
+    chat_prompts: str = field(
+        default="test",
+        metadata={"help": "The assistant's prompts (with --teacher): test, dev (hf_recover's own) or none."},
+    )
     output_file: str | None = field(default=None, metadata={"help": "Write the figures as JSON here."})
 
 
@@ -37,8 +44,13 @@ def make_parser(subparsers=None):
 
 
 def main(args: EvaluateArguments, data_args: DataArguments):
-    from ..recovery import RecoveryResult, evaluate_splits
+    from ..base.chat import has_chat_template
+    from ..base.chat_retention import chat_retention_table, load_chat_prompts
+    from ..distill.teacher_data import cached_chat_reference
+    from ..recovery import RecoveryResult, evaluate_assistant, evaluate_splits
 
+    if args.chat_prompts not in ("test", "dev", "none"):
+        raise ValueError(f"--chat_prompts must be test, dev or none, got {args.chat_prompts!r}.")
     if args.output_file and Path(args.output_file).exists():
         raise ValueError(f"--output_file {args.output_file} exists; choose another path or delete it.")
     if args.tasks:
@@ -52,7 +64,13 @@ def main(args: EvaluateArguments, data_args: DataArguments):
             tokenizer = tokenizer or tok
     eval_splits = prepare_eval_splits(load_text_splits(data_args), tokenizer, data_args)
     result = RecoveryResult(perplexity=evaluate_splits(models, eval_splits))
+    if "teacher" in models and args.chat_prompts != "none" and has_chat_template(tokenizer):
+        reference = cached_chat_reference(models["teacher"], tokenizer, load_chat_prompts(args.chat_prompts))
+        scores = evaluate_assistant(models, reference, tokenizer)
+        result.assistant = chat_retention_table(scores)
     figures = {"perplexity": result.perplexity}
+    if result.assistant:
+        figures["assistant"] = result.assistant
     for split in eval_splits:
         if (rec := result.recovery(split)) is not None:
             figures[f"recovery_{split}"] = rec
