@@ -1,33 +1,43 @@
-"""Recovery quality: hf_recover's recommended recipe against the naive one, at equal token budgets.
+"""Recovery quality: three recipes side by side on prose, held-out prose and the assistant, at equal token budgets.
 
-    python benchmarks/recovery_quality.py                 # the demo's protocol; about 25 minutes on 2 CPU cores
-    python benchmarks/recovery_quality.py --quick         # a smoke run: 2,048 and 4,096 tokens, 4 evaluation blocks
-    python benchmarks/recovery_quality.py --only recommended --budgets 30720 --set learning_rate=2e-4
+    python benchmarks/recovery_quality.py                  # the demo's protocol; about 45 minutes on 2 CPU cores
+    python benchmarks/recovery_quality.py --quick          # a smoke run: 2,048 tokens, 4 evaluation blocks, 8 prompts
+    python benchmarks/recovery_quality.py --only mixture --set learning_rate=2e-4 --chat_fraction 0.3
 
-The protocol is `hf-recover demo`'s: SmolLM2-135M-Instruct (30 blocks) and the default offline corpus
-(400 training documents packed into 256-token blocks), 6 blocks removed, AdamW, batches of 4 × 256
-tokens in the Trainer's seeded order, perplexity on the first 32 packed 512-token blocks of
-`validation` and `ood` (a domain never trained on). Two students train side by side:
+The protocol is `hf-recover demo`'s: SmolLM2-135M-Instruct (30 blocks) and the default offline corpus (400 training
+documents packed into 256-token blocks), 6 blocks removed, 61,440 training tokens for every recipe:
 
-1. naive: what a user writes by hand, a plain `transformers.Trainer` subclass with
-   `0.5·CE + 0.5·T²·KL(teacher ‖ student)`, T = 2, lr 1e-4 constant, batches of 4 × 256 tokens, on the student
-   pruned by block influence (16 calibration blocks) without healing;
-2. recommended: the demo's student (pruned and healed as `DEMO_DEFAULTS["prune"]` says, on the default 64
-   calibration blocks) trained with `DistillationConfig.for_depth_recovery()` (its own batch size).
+1. `naive`: what a user writes by hand, a plain `transformers.Trainer` subclass with `0.5·CE + 0.5·T²·KL(teacher ‖
+   student)`, T = 2, lr 1e-4 constant, batches of 4 × 256 tokens of the corpus, on the student pruned by block
+   influence (16 calibration blocks) without healing;
+2. `text`: hf_recover's cut and recipe on the corpus alone: the demo's prune spec (`DEMO_DEFAULTS["prune"]`, healed)
+   and `DistillationConfig.for_depth_recovery()`;
+3. `mixture`: what `hf-recover demo` runs: the same cut and recipe on the demo's mixture of the corpus and the
+   teacher's own answers to prompts it wrote itself (`hf_recover.recovery.teacher_mixture`; the teacher data is
+   built once and cached, its build time printed when it happens).
 
-Both are evaluated at 15,360, 30,720 and 61,440 training tokens and once before training.
-Recovery % = (PPL_pruned − PPL) / (PPL_pruned − PPL_teacher) against the naive pruned student's
-perplexity, so a better block choice or healing counts fully. It prints the table and the budget at
-which (2) first reaches (1)'s recovery at the largest budget. Nothing is downloaded from the Hub.
+Every recipe is measured on `validation` and `ood` (the splits recipes were chosen on), on the held-out domains
+`git_docs` and `jargon` (never trained on, never looked at while choosing), and as an assistant on hf_recover's 48
+`test` prompts (never trained on, never used to choose): the perplexity of the teacher's greedy answers (up to 128
+tokens) and its log-perplexity recovery, top-1 agreement with the teacher's tokens, and the repeated 4-grams of the
+model's own greedy answers against the teacher's. Prose recovery % is measured against the naive pruned student
+(block influence), the assistant's against the demo's cut as made (before healing), so that a better cut or healing
+counts fully. Validation and ood are also measured at a quarter and half of each budget, and the script prints the
+tokens each recipe needed to reach the naive recipe's final recovery. It also prints the teacher's generation
+throughput (its greedy answers, new tokens per second) beside its forward throughput on the same sequences.
+Nothing is downloaded from the Hub.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,18 +50,33 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_recover import DistillationConfig, DistillationTrainer, evaluate_perplexity  # noqa: E402
+from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_recover.base.chat_retention import (  # noqa: E402
+    answer_prompts,
+    chat_reference,
+    evaluate_chat_retention,
+    load_chat_prompts,
+)
 from hf_recover.base.data import prepare_recovery_dataset  # noqa: E402
 from hf_recover.base.defaults import load_default_teacher  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
-from hf_recover.recovery import RecoveryCurve, tokens_to_reach  # noqa: E402
+from hf_recover.recovery import (  # noqa: E402
+    RecoveryCurve,
+    evaluate_assistant,
+    evaluate_splits,
+    teacher_mixture,
+    tokens_to_reach,
+)
 from hf_recover.scripts.arguments import (  # noqa: E402
     DataArguments,
+    MixtureArguments,
     load_text_splits,
     prepare_eval_splits,
 )
 from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
 
+RECIPES = ("naive", "text", "mixture")
+TUNING_SPLITS = ("validation", "ood")
 NAIVE_BATCH = 4
 NAIVE_ALPHA, NAIVE_TEMPERATURE, NAIVE_LR = 0.5, 2.0, 1e-4
 NAIVE_CALIBRATION_BLOCKS = 16
@@ -59,28 +84,18 @@ NAIVE_CALIBRATION_BLOCKS = 16
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Smoke run: 2,048 and 4,096 tokens, 4 evaluation blocks.")
-    parser.add_argument(
-        "--budgets", default=None, help="Comma-separated training-token budgets to evaluate at (15360,30720,61440)."
-    )
+    parser.add_argument("--quick", action="store_true", help="Smoke run: 2,048 tokens, 4 blocks, 8 prompts.")
+    parser.add_argument("--tokens", type=int, default=None, help="Training tokens of every recipe (61,440).")
     parser.add_argument("--eval_blocks", type=int, default=None, help="512-token blocks per split (32).")
-    parser.add_argument("--only", choices=("naive", "recommended"), default=None, help="Run one leg only.")
-    parser.add_argument("--prune", default=None, help="The recommended leg's prune spec (the demo's by default).")
+    parser.add_argument("--only", nargs="+", choices=RECIPES, default=list(RECIPES), help="Recipes to run.")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", help="Override a recipe field (repeatable)."
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="Override a field of the hf_recover recipes."
     )
-    parser.add_argument(
-        "--reference",
-        default=None,
-        help="Skip measuring teacher and pruned perplexity (for exploration runs): TEACHER_VAL,TEACHER_OOD,"
-        "PRUNED_VAL,PRUNED_OOD as measured before by this protocol (16.08,38.50,41.36,83.31).",
-    )
+    parser.add_argument("--chat_fraction", type=float, default=None, help="The mixture's share of teacher answers.")
     parser.add_argument("--output", default=None, help="Write the results as JSON here.")
     args = parser.parse_args(argv)
-    budgets = args.budgets or ("2048,4096" if args.quick else "15360,30720,61440")
-    args.budgets = sorted(int(b) for b in budgets.split(","))
-    if args.eval_blocks is None:
-        args.eval_blocks = 4 if args.quick else 32
+    args.tokens = args.tokens or (2048 if args.quick else 61_440)
+    args.eval_blocks = args.eval_blocks or (4 if args.quick else 32)
     args.overrides = {}
     for item in args.set:
         name, _, value = item.partition("=")
@@ -109,9 +124,8 @@ class NaiveDistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         with torch.no_grad():
-            teacher_logits = self.teacher(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            ).logits
+            teacher_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            teacher_logits = self.teacher(**teacher_inputs).logits
         valid = inputs["labels"][:, 1:] != -100
         t = NAIVE_TEMPERATURE
         student = F.log_softmax(outputs.logits[:, :-1][valid] / t, dim=-1)
@@ -119,6 +133,16 @@ class NaiveDistillationTrainer(Trainer):
         kl = F.kl_div(student, teacher, log_target=True, reduction="sum") / valid.sum()
         loss = NAIVE_ALPHA * outputs.loss + (1 - NAIVE_ALPHA) * t * t * kl
         return (loss, outputs) if return_outputs else loss
+
+
+def mixture_arguments(args) -> MixtureArguments:
+    """The demo's mixture: `MixtureArguments` with the demo's own values, and this run's `--chat_fraction`."""
+    values = {f.name: DEMO_DEFAULTS[f.name] for f in fields(MixtureArguments) if f.name in DEMO_DEFAULTS}
+    if args.chat_fraction is not None:
+        values["chat_fraction"] = args.chat_fraction
+    if args.quick:  # a small teacher data of its own
+        values.update(num_prompts=16, answer_tokens=32)
+    return MixtureArguments(**values)
 
 
 def main(argv=None) -> dict:
@@ -134,79 +158,54 @@ def main(argv=None) -> dict:
     teacher, tokenizer = load_default_teacher()
     teacher.eval().requires_grad_(False)
     splits = load_text_splits(data_args)
-    train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
-    calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+    text = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
+    calibration = text.select(range(min(data_args.calibration_blocks, len(text))))
     eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
+    tuning = {split: eval_splits[split] for split in TUNING_SPLITS}
+    prompts = load_chat_prompts("test")[: 8 if args.quick else None]
 
-    def evaluate(model) -> dict[str, float]:
-        was_training = model.training
-        scores = {name: evaluate_perplexity(model, data)["perplexity"] for name, data in eval_splits.items()}
-        model.train(was_training)
-        return scores
+    results = {"tokens": args.tokens, "recipes": {}}
+    chat, results["throughput"] = _reference_and_throughput(teacher, tokenizer, prompts)
+    print(_throughput_line(results["throughput"]), flush=True)
 
-    results = {"budgets": args.budgets}
-    # The naive student: the 6 blocks of lowest block influence on 16 calibration blocks (the reference protocol).
-    naive_calibration = train.select(range(NAIVE_CALIBRATION_BLOCKS))
-    naive_student, naive_config = PruneSpec.parse("importance:6").build(teacher, naive_calibration)
-    if args.reference:
-        values = [float(v) for v in args.reference.split(",")]
-        results["teacher"] = dict(zip(eval_splits, values[:2], strict=True))
-        results["pruned"] = dict(zip(eval_splits, values[2:], strict=True))
-    else:
-        results["teacher"], results["pruned"] = evaluate(teacher), evaluate(naive_student)
+    naive_student, naive_config = PruneSpec.parse("importance:6").build(
+        teacher, text.select(range(NAIVE_CALIBRATION_BLOCKS))
+    )
+    spec = PruneSpec.parse(DEMO_DEFAULTS["prune"])
+    block_scores = {}
+    cut = spec.without_healing().build(teacher, calibration, block_scores=block_scores)[0]
+    healed, healed_config = spec.build(teacher, calibration, block_scores=block_scores)
+    starts = {"teacher": teacher, "pruned": naive_student, "cut": cut, "healed": healed}
+    results["before"] = evaluate_splits(starts, eval_splits)
+    results["assistant_before"] = {
+        name: score.to_dict() for name, score in evaluate_assistant(starts, chat, tokenizer, answer=0).items()
+    }
     results["naive_removed"] = naive_config.removed_layer_indices
-    print(f"teacher {_fmt(results['teacher'])}; pruned {_fmt(results['pruned'])}", flush=True)
+    results["removed"] = healed_config.removed_layer_indices
+    results["prune"] = str(spec)
 
-    legs = ("naive", "recommended") if args.only is None else (args.only,)
-    for leg in legs:
-        leg_start = time.perf_counter()
-        if leg == "naive":
-            student, config = naive_student, None
-            tokens_per_step = NAIVE_BATCH * data_args.max_length
-            steps = _steps(args.budgets, tokens_per_step)
-            training = TrainingArguments(
-                output_dir="/tmp/recovery_quality/naive", learning_rate=NAIVE_LR, lr_scheduler_type="constant",
-                per_device_train_batch_size=NAIVE_BATCH, **_common_args(steps),
-            )  # fmt: skip
-            callback = RecoveryCurve(steps, eval_splits)
-            trainer = NaiveDistillationTrainer(
-                model=student, args=training, train_dataset=train, teacher=teacher, callbacks=[callback]
-            )
-            student_before = results["pruned"]
-        else:
-            spec = PruneSpec.parse(args.prune or DEMO_DEFAULTS["prune"])
-            student, config = spec.build(teacher, calibration)
-            student_before = evaluate(student)
-            batch = args.overrides.get(
-                "per_device_train_batch_size", DistillationConfig.DEPTH_RECOVERY_RECIPE["per_device_train_batch_size"]
-            )
-            tokens_per_step = batch * data_args.max_length
-            steps = _steps(args.budgets, tokens_per_step)
-            recipe = DistillationConfig.for_depth_recovery(
-                output_dir="/tmp/recovery_quality/recommended", **{**_common_args(steps), **args.overrides}
-            )
-            callback = RecoveryCurve(steps, eval_splits)
-            trainer = DistillationTrainer(
-                model=student, teacher_model=teacher, args=recipe, pruned_config=config, train_dataset=train,
-                callbacks=[callback],
-            )  # fmt: skip
-            results["recommended_prune"] = str(spec)
-            results["recommended_removed"] = config.removed_layer_indices
-            results["recommended_recipe"] = {
-                k: getattr(recipe, k)
-                for k in ("alpha", "beta", "gamma", "delta", "temperature", "divergence", "skew_lambda",
-                          "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size")
-            }  # fmt: skip
-            results["overrides"] = args.overrides
-        print(f"{leg}: before training {_fmt(student_before)}", flush=True)
-        train_output = trainer.train()
-        results[leg] = {0: student_before, **{s * tokens_per_step: ppl for s, ppl in callback.points.items()}}
-        results[f"{leg}_seconds"] = time.perf_counter() - leg_start
-        results[f"{leg}_train_runtime"] = train_output.metrics["train_runtime"] - callback.seconds  # no evaluations
-        for tokens, ppl in results[leg].items():
-            print(f"{leg}: {tokens:,} tokens {_fmt(ppl)} {_fmt(_recovery(results, ppl), '%')}", flush=True)
+    for recipe in args.only:
+        recipe_start = time.perf_counter()
+        # each hf_recover recipe starts from its own copy of the same healed cut
+        student = naive_student if recipe == "naive" else copy.deepcopy(healed)
+        trainer, curve, extra = _trainer(recipe, args, data_args, teacher, tokenizer, student, healed_config, text)
+        curve.eval_splits = tuning
+        output = trainer.train()
+        model = trainer.model
+        after = evaluate_splits({"recovered": model}, eval_splits)
+        assistant = evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat)
+        results["recipes"][recipe] = {
+            "perplexity": {split: by_model["recovered"] for split, by_model in after.items()},
+            "assistant": assistant.to_dict(),
+            "curve": {curve.tokens[step]: point for step, point in sorted(curve.points.items())},
+            "train_tokens": int(trainer.state.num_input_tokens_seen),
+            "train_runtime": output.metrics["train_runtime"] - curve.seconds,  # evaluations excluded
+            "seconds": time.perf_counter() - recipe_start,
+            **extra,
+        }
+        print(f"{recipe}: {_summary(results, recipe)}", flush=True)
 
-    report = _report(results, legs)
+    report = _report(results, chat)
     print("\n" + report)
     results["wall_time"] = time.perf_counter() - start
     if args.output:
@@ -214,58 +213,159 @@ def main(argv=None) -> dict:
     return results
 
 
-def _steps(budgets: list[int], tokens_per_step: int) -> list[int]:
-    """The optimizer steps at which each token budget is reached."""
-    if any(budget % tokens_per_step for budget in budgets):
-        raise ValueError(f"Every budget must be a multiple of {tokens_per_step} tokens (one step), got {budgets}.")
-    return [budget // tokens_per_step for budget in budgets]
+def _reference_and_throughput(teacher, tokenizer, prompts):
+    """The teacher's greedy answers, and the teacher timed on them: generating them again (new tokens per second),
+    and one teacher-forced forward over the same sequences (tokens per second)."""
+    chat = chat_reference(teacher, tokenizer, prompts)
+    began = time.perf_counter()
+    answers = answer_prompts(teacher, tokenizer, chat)
+    generation_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    evaluate_chat_retention(teacher, tokenizer=tokenizer, reference=chat, answer=False)
+    forward_seconds = time.perf_counter() - began
+    generated = sum(len(answer) for answer in answers)
+    forwarded = sum(len(p) + len(a) for p, a in zip(chat.prompt_ids, chat.answer_ids) if a)
+    return chat, {
+        "generated_tokens": generated,
+        "generation_tokens_per_second": generated / generation_seconds,
+        "forward_tokens": forwarded,
+        "forward_tokens_per_second": forwarded / forward_seconds,
+    }
 
 
-def _common_args(steps: list[int]) -> dict:
-    return dict(
-        max_steps=max(steps),
-        logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        seed=42,
-        use_cpu=not torch.cuda.is_available(),
+def _throughput_line(figures: dict) -> str:
+    ratio = figures["forward_tokens_per_second"] / figures["generation_tokens_per_second"]
+    return (
+        f"teacher generation: {figures['generation_tokens_per_second']:.0f} new tokens/s "
+        f"({figures['generated_tokens']:,} tokens, greedy, batched, KV cache); teacher forward on the same sequences: "
+        f"{figures['forward_tokens_per_second']:.0f} tokens/s ({ratio:.0f}x)"
     )
 
 
-def _recovery(results: dict, ppl: dict[str, float]) -> dict[str, float]:
-    teacher, pruned = results["teacher"], results["pruned"]
-    return {s: 100 * (pruned[s] - ppl[s]) / (pruned[s] - teacher[s]) for s in ppl}
+def _trainer(recipe, args, data_args, teacher, tokenizer, student, pruned_config, text):
+    """The trainer of one recipe, its recovery curve (at a quarter and half of its steps; the caller sets its
+    splits), and what the results should record about it. Text-only recipes draw their steps from the whole corpus in
+    the Trainer's seeded order, as the demo did; the mixture is `args.tokens` tokens, once through."""
+    if recipe == "naive":
+        steps = math.ceil(args.tokens / (NAIVE_BATCH * data_args.max_length))
+        curve = RecoveryCurve([steps // 4, steps // 2], {})
+        training = TrainingArguments(
+            output_dir="/tmp/recovery_quality/naive", learning_rate=NAIVE_LR, lr_scheduler_type="constant",
+            per_device_train_batch_size=NAIVE_BATCH, max_steps=steps, include_num_input_tokens_seen="non_padding",
+            **_common_args(),
+        )  # fmt: skip
+        trainer = NaiveDistillationTrainer(
+            model=student, args=training, train_dataset=text, teacher=teacher, callbacks=[curve]
+        )
+        return trainer, curve, {}
+    config = DistillationConfig.for_depth_recovery(
+        output_dir=f"/tmp/recovery_quality/{recipe}", include_num_input_tokens_seen="non_padding",
+        **{**_common_args(), **args.overrides},
+    )  # fmt: skip
+    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    extra = {"recipe": {k: getattr(config, k) for k in ("alpha", "beta", "gamma", "delta", "learning_rate")}}
+    train = text
+    config.max_steps = math.ceil(args.tokens / (rows_per_step * data_args.max_length))
+    if recipe == "mixture":
+        mix = mixture_arguments(args)
+        began = time.perf_counter()
+        train, folder = teacher_mixture(
+            teacher, tokenizer, text, train_tokens=args.tokens, teacher_data=mix.teacher_data,
+            chat_fraction=mix.chat_fraction, sample_fraction=mix.sample_fraction, num_prompts=mix.num_prompts,
+            num_samples=mix.num_samples, answer_tokens=mix.answer_tokens, max_length=data_args.max_length,
+        )  # fmt: skip
+        extra.update(mixture=vars(mix), teacher_data=str(folder), mixture_seconds=time.perf_counter() - began)
+        config.max_steps = math.ceil(len(train) / rows_per_step)
+    curve = RecoveryCurve([config.max_steps // 4, config.max_steps // 2], {})
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, pruned_config=pruned_config, train_dataset=train,
+        processing_class=tokenizer, callbacks=[curve],
+    )  # fmt: skip
+    return trainer, curve, extra
 
 
-def _fmt(values: dict[str, float], unit: str = "") -> str:
-    return ", ".join(f"{k} {v:.2f}{unit}" for k, v in values.items())
+def _common_args() -> dict:
+    return dict(
+        logging_steps=5, save_strategy="no", report_to="none", seed=42, disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )  # fmt: skip
 
 
-def _report(results: dict, legs) -> str:
-    splits = list(results["teacher"])
-    header = ["recipe", "tokens"] + [f"{s} {c}" for s in splits for c in ("PPL", "recovery")]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for leg in legs:
-        for tokens, ppl in results[leg].items():
-            rec = _recovery(results, ppl)
-            cells = [leg, f"{tokens:,}"] + [f"{ppl[s]:.2f} | {rec[s]:.1f}%" for s in splits]
-            lines.append("| " + " | ".join(cells) + " |")
-    pruned = f"pruned (blocks {results['naive_removed']}) {_fmt(results['pruned'])}"
-    text = f"Teacher {_fmt(results['teacher'])}; {pruned}.\n\n" + "\n".join(lines)
-    for leg in legs:
-        text += f"\n{leg}: training {results[f'{leg}_train_runtime']:.0f} s (evaluations excluded)."
-    if set(legs) == {"naive", "recommended"}:
-        last = max(results["budgets"])
-        goal = _recovery(results, results["naive"][last])
+def _prose_recovery(results: dict, split: str, ppl: float) -> float:
+    """Recovery % against the naive pruned student (block influence)."""
+    teacher, pruned = results["before"][split]["teacher"], results["before"][split]["pruned"]
+    return 100 * (pruned - ppl) / (pruned - teacher)
+
+
+def _assistant_recovery(results: dict, nll: float) -> float:
+    """Log-perplexity recovery % of the teacher's answers against the demo's cut as made."""
+    teacher, cut = results["assistant_before"]["teacher"]["nll"], results["assistant_before"]["cut"]["nll"]
+    return 100 * (cut - nll) / (cut - teacher)
+
+
+def _summary(results: dict, recipe: str) -> str:
+    figures = results["recipes"][recipe]
+    prose = ", ".join(f"{split} {ppl:.2f}" for split, ppl in figures["perplexity"].items())
+    a = figures["assistant"]
+    return (
+        f"{prose}; assistant {a['perplexity']:.3f} ({_assistant_recovery(results, a['nll']):.1f}%), top-1 "
+        f"{a['top1_agreement']:.3f}; {figures['train_tokens']:,} tokens in {figures['train_runtime']:.0f} s"
+    )
+
+
+def _report(results: dict, chat) -> str:
+    splits = list(results["before"])
+    teacher_rate = chat.repeated_ngram_rate
+    header = ["model", *(f"{s} PPL" for s in splits), "assistant PPL", "top-1", "repeated 4-grams", "train s"]
+    rows = []
+
+    def row(name, ppl: dict, assistant: dict, seconds=None):
+        cells = [name]
         for split in splits:
-            curve = [(tokens, _recovery(results, ppl)[split]) for tokens, ppl in results["recommended"].items()]
-            reached = tokens_to_reach(curve, goal[split])
-            where = "not within the budgets measured" if reached is None else f"by {reached:,} tokens"
-            goal_text = f"{last:,}-token {split} recovery ({goal[split]:.1f}%)"
-            text += f"\nRecommended reaches the naive recipe's {goal_text} {where}."
-        ratio = results["recommended_train_runtime"] / results["naive_train_runtime"]
-        text += f"\nrecommended/naive training time: {ratio:.2f}"
-    return text
+            cell = f"{ppl[split]:.2f}"
+            if split in TUNING_SPLITS and name != "teacher":
+                cell += f" ({_prose_recovery(results, split, ppl[split]):.1f}%)"
+            cells.append(cell)
+        recovery = "" if name == "teacher" else f" ({_assistant_recovery(results, assistant['nll']):.1f}%)"
+        rate = assistant.get("repeated_ngram_rate")
+        cells += [
+            f"{assistant['perplexity']:.3f}{recovery}",
+            f"{assistant['top1_agreement']:.1%}",
+            "-" if rate is None else f"{rate:.3f} ({rate / teacher_rate:.1f}x)" if teacher_rate else f"{rate:.3f}",
+            "" if seconds is None else f"{seconds:.0f}",
+        ]
+        rows.append(cells)
+
+    before = results["before"]
+    for name in ("teacher", "pruned", "cut", "healed"):
+        row(name, {s: before[s][name] for s in splits}, results["assistant_before"][name])
+    for recipe, figures in results["recipes"].items():
+        row(recipe, figures["perplexity"], figures["assistant"], figures["train_runtime"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    text = (
+        f"{results['tokens']:,} training tokens per recipe. pruned: block influence's blocks "
+        f"{results['naive_removed']} (prose recovery % is against it); cut: `{results['prune']}` before healing, "
+        f"blocks {results['removed']} (the assistant's log-perplexity recovery % is against it); healed: that cut "
+        "healed, where `text` and "
+        f"`mixture` start. Assistant: {len(chat.prompts)} test prompts, the teacher's greedy answers.\n\n"
+        + "\n".join(lines)
+    )
+    naive = results["recipes"].get("naive")
+    for split in TUNING_SPLITS if naive else ():
+        goal = _prose_recovery(results, split, naive["perplexity"][split])
+        for recipe, figures in results["recipes"].items():
+            if recipe == "naive":
+                continue
+            curve = [(0, _prose_recovery(results, split, results["before"][split]["healed"]))]
+            curve += [(t, _prose_recovery(results, split, p[split])) for t, p in figures["curve"].items()]
+            curve.append((figures["train_tokens"], _prose_recovery(results, split, figures["perplexity"][split])))
+            reached = tokens_to_reach(curve, goal)
+            where = "not within its budget" if reached is None else f"by {reached:,} tokens"
+            text += f"\n{recipe} reaches the naive recipe's final {split} recovery ({goal:.1f}%) {where}."
+    if "mixture" in results["recipes"] and results["recipes"]["mixture"].get("mixture_seconds", 0) > 60:
+        text += f"\nThe teacher data was built in this run: {results['recipes']['mixture']['mixture_seconds']:.0f} s."
+    return text + "\n" + _throughput_line(results["throughput"])
 
 
 if __name__ == "__main__":

@@ -259,8 +259,9 @@ ASSISTANT_POINT = "assistant"
 class RecoveryCurve(TrainerCallback):
     """Perplexity of the model in training on every split at chosen optimizer steps: the points of a curve of
     recovery against training tokens (`points[step] = {split: perplexity}`; `seconds`: the time they took, which
-    the Trainer's `train_runtime` includes). With `chat` (a `ChatReference`) and its `tokenizer`, each point also
-    holds the perplexity of the teacher's answers under `ASSISTANT_POINT` (teacher-forced, no generation)."""
+    the Trainer's `train_runtime` includes; `tokens[step]`: the real tokens trained on by then, when the Trainer counts
+    them). With `chat` (a `ChatReference`) and its `tokenizer`, each point also holds the perplexity of the teacher's
+    answers under `ASSISTANT_POINT` (teacher-forced, no generation)."""
 
     def __init__(
         self,
@@ -276,6 +277,7 @@ class RecoveryCurve(TrainerCallback):
         self.batch_size, self.max_batches = batch_size, max_batches
         self.chat, self.tokenizer = chat, tokenizer
         self.points: dict[int, dict[str, float]] = {}
+        self.tokens: dict[int, int] = {}
         self.seconds = 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -289,6 +291,7 @@ class RecoveryCurve(TrainerCallback):
                 score = evaluate_chat_retention(model, tokenizer=self.tokenizer, reference=self.chat, answer=False)
                 point[ASSISTANT_POINT] = score.perplexity
             self.points[state.global_step] = point
+            self.tokens[state.global_step] = int(state.num_input_tokens_seen)
             self.seconds += time.perf_counter() - start
 
 

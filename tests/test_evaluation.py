@@ -89,6 +89,7 @@ def test_recovery_curve_callback_evaluates_at_its_steps_only(tiny_llama):
                               "labels": [[1, 2, 3, 4]] * 2})  # fmt: skip
     curve = RecoveryCurve([2], {"validation": data})
     for step in (1, 2, 3):
-        curve.on_step_end(None, SimpleNamespace(global_step=step), None, model=tiny_llama)
-    assert list(curve.points) == [2]
+        state = SimpleNamespace(global_step=step, num_input_tokens_seen=100 * step)
+        curve.on_step_end(None, state, None, model=tiny_llama)
+    assert list(curve.points) == [2] and curve.tokens == {2: 200}
     assert curve.points[2]["validation"] == pytest.approx(evaluate_perplexity(tiny_llama, data)["perplexity"])

@@ -168,10 +168,9 @@ class DistillationConfig(TrainingArguments):
             "loss, block by block of positions, so that neither model's (tokens × vocab) logits nor their gradient "
             "ever exist whole: the memory of a plain fine-tuning step at long contexts and large vocabularies. Used "
             "with the fused cross-entropy, for the tested model types whose logits are norm → linear lm_head (→ "
-            "Gemma's soft-capping); others keep their logits. Measured on 2 CPU cores: peak memory 0.88× a plain CE "
-            "step at 4 × 1024 tokens and 0.68× at a 151,936-token vocabulary, step time 0.93-0.94× the logits path "
-            "(0.72× at the large vocabulary). Set False to keep the logits path (e.g. for a compute_loss override "
-            "that reads the training outputs' logits). Default True."
+            "Gemma's soft-capping); others keep their logits. It saves the most at long contexts and large "
+            "vocabularies (see benchmarks/step_memory.py). Set False to keep the logits path (e.g. for a "
+            "compute_loss override that reads the training outputs' logits). Default True."
         },
     )
     teacher_dtype: str = field(
@@ -310,12 +309,9 @@ class DistillationConfig(TrainingArguments):
         """The recipe for recovering a depth-pruned (and healed) student at small budgets.
 
         `0.5·CE + 0.5·T²·forward KL + 0.1·(1 − cos)` hidden alignment (`kept` layer map), T = 2, AdamW at lr 1e-4
-        constant, in batches of 2 sequences: at a fixed token budget, twice the optimizer steps of batches of 4.
-        Measured on SmolLM2-135M-Instruct with the angular span [13-18] removed and healed (least squares, 64 x 256
-        calibration tokens; recovery against block influence's unhealed student): validation 90.3% / ood 69.3%
-        at 30,720 tokens and 95.0% / 74.2% at 61,440 (batches of 4: 89.0% / 70.2% and 94.3% / 73.7%). Tried and
-        measured worse at this budget: lr 2e-4 constant or with cosine decay (+1 point in-domain, -1 to -4 points
-        ood), KD alone at T = 1, 0.3·CE + 0.7·T²·KL, a frozen embedding; gamma = 1 changed nothing. Any field can
-        be overridden: `DistillationConfig.for_depth_recovery(output_dir="out", max_steps=200)`.
+        constant, in batches of 2 sequences: at a fixed token budget of tens of thousands of tokens, more optimizer
+        steps pay more than larger batches, and a larger learning rate trades text outside the training domain for
+        a little in-domain. The measurements behind it are in docs/recovery.md. Any field can be overridden:
+        `DistillationConfig.for_depth_recovery(output_dir="out", max_steps=200)`.
         """
         return cls(**{**cls.DEPTH_RECOVERY_RECIPE, **overrides})

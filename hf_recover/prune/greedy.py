@@ -3,8 +3,8 @@ distribution least (forward KL to the unpruned model on calibration data), re-sc
 
 One-shot scores (block influence, angular distance) rank every block against the full model, so they miss how
 removals interact: two neighbouring blocks may each be harmless alone and costly together. Re-scoring after each
-removal sees the interaction, at the price of `n × blocks` calibration forwards instead of one (on SmolLM2-135M with
-6 blocks to remove and 16 × 256 calibration tokens: about 18 minutes on 2 CPU cores).
+removal sees the interaction, at the price of `n × blocks` calibration forwards instead of one: give it a few
+calibration batches (`max_batches`).
 """
 
 from __future__ import annotations

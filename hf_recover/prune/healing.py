@@ -13,13 +13,11 @@ contiguous spans).
   `1 - cos(Y + M·T, L_j)` over the calibration tokens with L-BFGS (ReplaceMe reports that the cosine
   fit transfers better than least squares).
 
-Measured on SmolLM2-135M-Instruct with 6 of 30 blocks removed (validation / ood perplexity 41.36 /
-83.31 unhealed, teacher 16.08 / 38.50), 64 × 256 calibration tokens: least squares fitted on the
-student's own activations 27.73 / 61.89, on the teacher's 28.97 / 62.40. The cosine fit lowers the
-cosine distance it is asked to but leaves the norm of the residual stream free, which costs perplexity
-(28.81 / 64.01 with 64 × 256 tokens; 54.33 / 86.87 with 16 × 256, where least squares gave 36.52 /
-67.63): prefer `"lstsq"` for
-language modelling, and give the fit many more tokens than `hidden_size`.
+How to choose: prefer `"lstsq"` for language modelling. The cosine fit lowers the cosine distance it is asked to
+but leaves the norm of the residual stream free, which costs perplexity. Give the fit many more calibration tokens
+than `hidden_size`, and calibrate on what the model is valued for (a chat model's answers as well as text): the map
+fits the activations it sees. `"local"` then trains the block that carries each map (`hf_recover.prune.
+local_healing`). The measurements are in the documentation (docs/pruning.md).
 
 Maps are fitted one cut after another on the student's own activations (`sequential=True`, the
 default), so a later fit sees, and can make up for, what the earlier healed cuts still miss; with

@@ -6,13 +6,13 @@ when the folder was built. Each load checks the folder against that record, unde
 that guards the build, and rebuilds a damaged folder (a file missing, cut short by a full disk or a
 killed copy, or rewritten) instead of failing later with a raw safetensors or Arrow error.
 
-How much to hash. Sizes are always compared (a `stat`, free). A file is hashed again only when its
-modification time differs from the recorded one, as git's index does for the work tree: the damage
-this guards against (truncation, an interrupted copy, a rewrite) changes the size or the modification
-time, while hashing the teacher's 538 MB `model.safetensors` on every load would cost 0.4 to 0.8 s
-(measured on a 2-core machine; the check by sizes and times takes under a millisecond), added to every
-CLI command for a file that has not changed. A file whose time changed but whose hash still matches (a cache copied
-without `cp -p`) is accepted and its new time recorded, so only the first load after a copy pays.
+How much to hash. Sizes are always compared (a `stat`, free). A file is hashed again only when its modification
+time differs from the recorded one, as git's index does for the work tree: the damage this guards against
+(truncation, an interrupted copy, a rewrite) changes the size or the modification time, while hashing the teacher's
+538 MB `model.safetensors` on every load would add most of a second to every CLI command for a file that has not
+changed (the check by sizes and times takes under a millisecond). A file whose time changed but whose hash still
+matches (a cache copied without `cp -p`) is accepted and its new time recorded, so only the first load after a copy
+pays.
 """
 
 from __future__ import annotations

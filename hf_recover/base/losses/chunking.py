@@ -40,10 +40,9 @@ temporary): enough work per kernel launch that the chunk loop costs nothing next
 
 CPU_CHUNK_ELEMENTS = 2**21
 """With `chunk_size=None` on CPU, chunks hold at least this many logits (8 MiB per float32 temporary). On
-Linux, glibc serves blocks above 32 MiB with a fresh `mmap` and unmaps them when freed, so every 32 MiB
-temporary of every chunk costs 8k page faults: measured on 1024 × 49152 logits (CE + forward KL, forward
-and backward, 2 cores), 2^23-logit chunks took 0.62-0.80 s and 350k page faults, 2^20-2^22 took 0.34-0.44 s
-and only the 49k faults of the gradient tensor. Smaller blocks are recycled from the heap."""
+Linux, glibc serves blocks above 32 MiB with a fresh `mmap` and unmaps them when freed, so a larger temporary
+costs thousands of page faults in every chunk, forward and backward; smaller blocks are recycled from the heap.
+Chunks of 8 MiB stay well below that threshold and are large enough for the loop to cost nothing."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,10 +62,9 @@ def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
 
 HEAD_BLOCK_TOKENS = 128
 """With automatic chunks, an lm_head source computes the logits of at least this many positions at once (the
-divergence still walks them in chunks). Measured on 2 CPU cores, vocabularies 49,152 and 151,936: the head's three
-matrix products (logits, hidden-state and weight gradients) at 32-64 rows ran at 50-120 GFLOP/s against 130-190 at
-1024 rows, and every block reads and rewrites the `(vocab, hidden)` weight gradient once; from 128 rows they come
-within a few percent of the whole-batch products."""
+divergence still walks them in chunks). The head's three matrix products (logits, hidden-state and weight
+gradients) run far below the machine's peak on a few dozen rows, and every block reads and rewrites the
+`(vocab, hidden)` weight gradient once; from 128 rows they come close to the whole-batch products."""
 
 
 def default_chunk_size(vocab: int, device: torch.device) -> int:
