@@ -10,7 +10,8 @@ blocks) and `angular` (the n contiguous blocks of smallest angular distance), ea
 they are; the healed families of one parameter count, the angular cut's: `depth` (that cut healed with
 `--depth_heal`), `width` (no block removed: attention heads `--width_heads`, the hidden size `--width_hidden` and the
 MLP neurons pruned by activations to the same parameter count, healed with `--width_heal`; see
-`hf_recover.prune.budget`) and `mix` (half the blocks, then width pruning to the same count); or any prune spec
+`hf_recover.prune.budget`) and `mix` (half the blocks, then width pruning to the same count on the same axes where
+the count leaves room for them: else the hidden size, then the heads, are kept whole); or any prune spec
 (`angular:6:heal=local`). Strategies (`--strategies`): `ce_only`, `logits_kd` (0.5·CE + 0.5·T²·KL), `compound`
 (+ 0.1·cosine hidden alignment), `skew_fdd` (skew KL, λ = 0.1, + 0.1·FDD) and `recommended`
 (`DistillationConfig.for_depth_recovery()`); see `hf_recover.recovery.STRATEGIES`. Every run trains on the same rows
@@ -56,7 +57,8 @@ DEPTH_PRUNINGS = ("importance", "last", "angular")
 FAMILIES = ("depth", "width", "mix")
 """Healed students of one parameter count, the depth cut's: the angular span (`--depth_heal`), width pruning sized to
 its parameters (`--width_heads`, `--width_hidden`, the MLP taking up the rest; `--width_heal`), and half the blocks
-with width pruning sized to the same count."""
+with width pruning sized to the same count (keeping the hidden size, then the heads, whole when the count leaves no
+room for cutting them)."""
 
 
 @dataclass
@@ -152,9 +154,16 @@ def _pruning_spec(pruning: str, args: CompareArguments, teacher=None) -> PruneSp
     n_layers = len(teacher.model.layers)
     target = parameters_at(teacher, num_layers=n_layers - args.n_remove)  # the depth cut's parameter count
     blocks = args.n_remove // 2 if pruning == "mix" else 0
-    width = width_spec_at_parameters(
-        teacher, target, heads=args.width_heads, hidden_size=args.width_hidden, num_layers=n_layers - blocks
-    )
+    axes = [{"heads": args.width_heads, "hidden_size": args.width_hidden}]
+    if pruning == "mix":  # fewer blocks removed leave less to take: keep the hidden size, then the heads, whole
+        axes += [{"heads": args.width_heads, "hidden_size": None}, {"heads": None, "hidden_size": None}]
+    for tried, fixed in enumerate(axes):
+        try:
+            width = width_spec_at_parameters(teacher, target, num_layers=n_layers - blocks, **fixed)
+            break
+        except ValueError:
+            if tried == len(axes) - 1:
+                raise
     depth = DepthSpec(method="angular", n=blocks, heal=depth_heal) if blocks else None
     return PruneSpec(depth=depth, width=WidthSpec(**width, heal=width_heal))
 
