@@ -154,3 +154,23 @@ def test_iter_batches_from_dataset_rows_and_dataloader(docs, tiny_tokenizer):
     assert len(list(iter_batches(packed, batch_size=1, max_batches=2))) == 2
     loader = torch.utils.data.DataLoader(packed.with_format("torch"), batch_size=2)
     assert torch.equal(next(iter(iter_batches(loader)))["input_ids"], torch.tensor(packed["input_ids"][:2]))
+
+
+def test_rows_of_different_lengths_are_padded_and_masked_per_batch(tiny_llama):
+    """Chat examples in calibration or evaluation data: every batch is padded to its longest row, the padding masked,
+    so a batched pass gives what the rows give one at a time."""
+    import torch
+
+    from hf_recover.base.evaluation import evaluate_perplexity
+    from hf_recover.prune import prune_depth
+
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 9, 7, 12)]
+    batch = next(iter_batches(rows, batch_size=4))
+    assert batch["input_ids"].shape == (4, 12) and batch["attention_mask"].sum(1).tolist() == [5, 9, 7, 12]
+    assert (batch["labels"][0, 5:] == IGNORE_INDEX).all() and (batch["attention_mask"][0, 5:] == 0).all()
+    batched = evaluate_perplexity(tiny_llama, rows, batch_size=4)["perplexity"]
+    alone = evaluate_perplexity(tiny_llama, rows, batch_size=1)["perplexity"]
+    assert batched == pytest.approx(alone, rel=1e-4)
+    a, _ = prune_depth(tiny_llama, remove=[2, 3], data=rows, heal="lstsq", batch_size=4)
+    b, _ = prune_depth(tiny_llama, remove=[2, 3], data=rows, heal="lstsq", batch_size=1)
+    torch.testing.assert_close(a.model.layers[1].mlp.down_proj.weight, b.model.layers[1].mlp.down_proj.weight)

@@ -253,7 +253,9 @@ def iter_batches(
     """Yield batches of tensors from a prepared `Dataset`, a list of rows, or a `DataLoader`.
 
     A `DataLoader` (any iterable of dict batches) is used as it is; rows are stacked `batch_size` at
-    a time. Only `columns` present in the data are kept; tensors are moved to `device`.
+    a time, rows of different lengths (chat examples) padded on the right to the batch's longest, the padding
+    masked (`attention_mask` 0, `labels` `IGNORE_INDEX`). Only `columns` present in the data are kept; tensors are
+    moved to `device`.
     """
     import torch
 
@@ -298,7 +300,17 @@ def _stack_rows(rows: list[Mapping[str, Any]], columns: tuple[str, ...]) -> dict
             f"Rows have columns {sorted(rows[0])} but no 'input_ids': prepare the data with "
             "hf_recover.prepare_recovery_dataset first."
         )
-    return {k: torch.as_tensor([row[k] for row in rows]) for k in columns if k in rows[0]}
+    lengths = [len(row["input_ids"]) for row in rows]
+    width = max(lengths)
+    if min(lengths) == width:
+        return {k: torch.as_tensor([row[k] for row in rows]) for k in columns if k in rows[0]}
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}  # masked: the id padded in never counts
+    masks = [row.get("attention_mask", [1] * n) for row, n in zip(rows, lengths)]
+    padded = {"attention_mask": [list(m) + [0] * (width - n) for m, n in zip(masks, lengths)]}
+    for k in columns:
+        if k in rows[0] and k != "attention_mask":
+            padded[k] = [list(row[k]) + [fill.get(k, 0)] * (width - n) for row, n in zip(rows, lengths)]
+    return {k: torch.as_tensor(v) for k, v in padded.items() if k in columns}
 
 
 def pad_rows(dataset: Dataset, pad_id: int) -> Dataset:

@@ -140,7 +140,7 @@ def main(
         config.max_steps = -(-mix_args.train_tokens // (rows_per_step * data_args.max_length))
     reference = cached_chat_reference(teacher, tokenizer, load_chat_prompts(mix_args.chat_prompts)) if chat else None
 
-    if spec is not None:
+    if spec is not None:  # calibrated on what recovery trains on: the teacher's answers too, with a mixture
         calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
         spec.check(teacher, calibration)
         block_scores = {}  # scored once for the cut as made and the healed one
