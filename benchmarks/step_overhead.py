@@ -19,7 +19,7 @@ models for a smoke test in seconds.
 
 Usage:
     python benchmarks/step_overhead.py                 # the default pair, about 5 minutes on 2 CPU cores
-    python benchmarks/step_overhead.py --rounds 4      # the README's figures (20 timed steps per variant)
+    python benchmarks/step_overhead.py --rounds 4      # benchmarks/README.md's figures (20 steps per variant)
     python benchmarks/step_overhead.py --tiny
     python benchmarks/step_overhead.py --steps 4 --rounds 3    # interleaved rounds on a busy machine
 """

@@ -1,6 +1,6 @@
 """hf_recover: heal structurally pruned language models by knowledge distillation.
 
-The public API. The package is arranged in parts (see the README's "Architecture"): `base` (losses, data, pruned
+The public API. The package is arranged in parts (see docs/architecture.md): `base` (losses, data, pruned
 config, loading, model anatomy, evaluation, reporting, metrics, the embedded defaults), `distill` (the trainer and
 its teacher), `prune` (what to prune, and pruning it), `publish` (model card, Hub) and this face (the public names,
 `recovery`, `cli`, `scripts`, `integrations`). Names are imported lazily so that `import hf_recover` stays fast

@@ -1,6 +1,6 @@
 """`hf-recover`: prune language models and recover them by distillation, from the command line.
 
-    hf-recover demo                                   # the README main job on the embedded default
+    hf-recover demo                                   # prune and recover the embedded default, print the table
     hf-recover importance --model default --output_dir out/importance
     hf-recover prune --model default --prune importance:6 --output_dir out/student
     hf-recover select --model default --candidates importance:6 last:6 angular:6

@@ -1,5 +1,5 @@
 """Every benchmark still starts: its imports, arguments and `--help` (the measurements themselves are run by hand,
-on a quiet machine; see the README)."""
+on a quiet machine; see benchmarks/README.md)."""
 
 import subprocess
 import sys
