@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import chat_reference, load_chat_prompts  # noqa: E402
+from hf_recover.base.constants import CHAT_FRACTION  # noqa: E402
 from hf_recover.base.data import prepare_recovery_dataset  # noqa: E402
 from hf_recover.base.defaults import load_default_teacher  # noqa: E402
 from hf_recover.base.evaluation import count_parameters  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
     calibration = text.select(range(min(data_args.calibration_blocks, len(text))))
     eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
     chat = chat_reference(teacher, tokenizer, load_chat_prompts("test")[: 8 if args.quick else None])
-    chat_fraction = DEMO_DEFAULTS.get("chat_fraction", 0.5) if args.chat_fraction is None else args.chat_fraction
+    chat_fraction = CHAT_FRACTION if args.chat_fraction is None else args.chat_fraction
     train, _ = teacher_mixture(
         teacher, tokenizer, text, train_tokens=args.tokens, chat_fraction=chat_fraction,
         max_length=data_args.max_length, **({"num_prompts": 16, "answer_tokens": 32} if args.quick else {}),

@@ -2,7 +2,8 @@
 
     python benchmarks/recovery_quality.py                  # the demo's protocol; about 45 minutes on 2 CPU cores
     python benchmarks/recovery_quality.py --quick          # a smoke run: 2,048 tokens, 4 evaluation blocks, 8 prompts
-    python benchmarks/recovery_quality.py --only mixture --set learning_rate=2e-4 --chat_fraction 0.3
+    python benchmarks/recovery_quality.py --only mixture --set learning_rate=2e-4 --chat_fraction 0.5
+    python benchmarks/recovery_quality.py --only text mixture --prune angular:6:heal=local   # another heal
 
 The protocol is `hf-recover demo`'s: SmolLM2-135M-Instruct (30 blocks) and the default offline corpus (400 training
 documents packed into 256-token blocks), 6 blocks removed, 61,440 training tokens for every recipe:
@@ -92,6 +93,11 @@ def parse_args(argv=None):
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="Override a field of the hf_recover recipes."
     )
     parser.add_argument("--chat_fraction", type=float, default=None, help="The mixture's share of teacher answers.")
+    parser.add_argument(
+        "--prune",
+        default=DEMO_DEFAULTS["prune"],
+        help="The hf_recover recipes' cut, e.g. angular:6:heal=local.",
+    )
     parser.add_argument("--output", default=None, help="Write the results as JSON here.")
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (2048 if args.quick else 61_440)
@@ -171,10 +177,12 @@ def main(argv=None) -> dict:
     naive_student, naive_config = PruneSpec.parse("importance:6").build(
         teacher, text.select(range(NAIVE_CALIBRATION_BLOCKS))
     )
-    spec = PruneSpec.parse(DEMO_DEFAULTS["prune"])
+    spec = PruneSpec.parse(args.prune)
     block_scores = {}
     cut = spec.without_healing().build(teacher, calibration, block_scores=block_scores)[0]
+    began = time.perf_counter()
     healed, healed_config = spec.build(teacher, calibration, block_scores=block_scores)
+    results["heal_seconds"] = time.perf_counter() - began
     starts = {"teacher": teacher, "pruned": naive_student, "cut": cut, "healed": healed}
     results["before"] = evaluate_splits(starts, eval_splits)
     results["assistant_before"] = {
@@ -347,9 +355,8 @@ def _report(results: dict, chat) -> str:
         f"{results['tokens']:,} training tokens per recipe. pruned: block influence's blocks "
         f"{results['naive_removed']} (prose recovery % is against it); cut: `{results['prune']}` before healing, "
         f"blocks {results['removed']} (the assistant's log-perplexity recovery % is against it); healed: that cut "
-        "healed, where `text` and "
-        f"`mixture` start. Assistant: {len(chat.prompts)} test prompts, the teacher's greedy answers.\n\n"
-        + "\n".join(lines)
+        f"healed ({results['heal_seconds']:.0f} s, scoring included), where `text` and `mixture` start. "
+        f"Assistant: {len(chat.prompts)} test prompts, the teacher's greedy answers.\n\n" + "\n".join(lines)
     )
     naive = results["recipes"].get("naive")
     for split in TUNING_SPLITS if naive else ():

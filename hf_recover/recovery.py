@@ -12,6 +12,7 @@ import torch
 from transformers import TrainerCallback
 
 from .base.chat_retention import answer_prompts, chat_retention_table, evaluate_chat_retention
+from .base.constants import CHAT_FRACTION
 from .base.evaluation import count_parameters, evaluate_perplexity, recovery_metrics
 from .base.reporting import assistant_table, before_after_table, format_parameters, format_percent
 from .distill.config import DistillationConfig
@@ -89,7 +90,7 @@ def teacher_mixture(
     *,
     train_tokens: int,
     teacher_data: str | Path = "auto",
-    chat_fraction: float = 0.5,
+    chat_fraction: float = CHAT_FRACTION,
     sample_fraction: float = 0.0,
     num_prompts: int = 256,
     num_samples: int = 0,

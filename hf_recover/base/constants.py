@@ -15,3 +15,7 @@ MLP_SIZES_FIELD = "hf_recover_intermediate_sizes"
 
 ATTENTION_HEADS_FIELD = "hf_recover_attention_heads"
 """Config field holding per-layer query-head counts when they differ (transformers takes a single int)."""
+
+CHAT_FRACTION = 0.3
+"""Default share of a recovery mixture's tokens taken from the teacher's answers (the rest is text): the share that
+measured best on prose and the assistant together (docs/recovery.md)."""

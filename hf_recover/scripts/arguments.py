@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..base.constants import CHAT_FRACTION
+
 DEFAULT = "default"
 
 
@@ -62,7 +64,8 @@ class MixtureArguments:
         },
     )
     chat_fraction: float = field(
-        default=0.5, metadata={"help": "Share of the training tokens taken from the teacher's answers (0 to 1)."}
+        default=CHAT_FRACTION,
+        metadata={"help": "Share of the training tokens taken from the teacher's answers (0 to 1)."},
     )
     sample_fraction: float = field(
         default=0.0, metadata={"help": "Share of the training tokens taken from the teacher's unconditional samples."}

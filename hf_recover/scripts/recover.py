@@ -124,6 +124,8 @@ def main(
         mix_args.chat_fraction = 0.0
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
+    # the cut is scored and healed on the text's first blocks, with or without a mixture: the same cut either way
+    calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
     eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
     rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
     data_folder = None
@@ -140,8 +142,7 @@ def main(
         config.max_steps = -(-mix_args.train_tokens // (rows_per_step * data_args.max_length))
     reference = cached_chat_reference(teacher, tokenizer, load_chat_prompts(mix_args.chat_prompts)) if chat else None
 
-    if spec is not None:  # calibrated on what recovery trains on: the teacher's answers too, with a mixture
-        calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+    if spec is not None:
         spec.check(teacher, calibration)
         block_scores = {}  # scored once for the cut as made and the healed one
         cut = spec.without_healing().build(teacher, calibration, block_scores=block_scores)[0] if spec.heals else None
