@@ -1,6 +1,6 @@
 """Recovery quality: three recipes side by side on prose, held-out prose and the assistant, at equal token budgets.
 
-    python benchmarks/recovery_quality.py                  # the demo's protocol; about 45 minutes on 2 CPU cores
+    python benchmarks/recovery_quality.py                  # the demo's protocol; about 40 minutes on 2 CPU cores
     python benchmarks/recovery_quality.py --quick          # a smoke run: 2,048 tokens, 4 evaluation blocks, 8 prompts
     python benchmarks/recovery_quality.py --only mixture --set learning_rate=2e-4 --chat_fraction 0.5
     python benchmarks/recovery_quality.py --only text mixture --prune angular:6:heal=local   # another heal
