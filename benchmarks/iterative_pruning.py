@@ -38,16 +38,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from protocol import QUICK_TEACHER_DATA, demo_protocol  # noqa: E402
+
 from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import chat_reference, load_chat_prompts  # noqa: E402
 from hf_recover.base.constants import CHAT_FRACTION  # noqa: E402
-from hf_recover.base.data import prepare_recovery_dataset  # noqa: E402
-from hf_recover.base.defaults import load_default_teacher  # noqa: E402
 from hf_recover.base.evaluation import count_parameters  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
 from hf_recover.recovery import evaluate_assistant, evaluate_splits, teacher_mixture  # noqa: E402
-from hf_recover.scripts.arguments import DataArguments, load_text_splits, prepare_eval_splits  # noqa: E402
-from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -71,21 +69,14 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    data_args = DataArguments(
-        max_length=DEMO_DEFAULTS["max_length"], max_train_documents=DEMO_DEFAULTS["max_train_documents"],
-        eval_blocks=args.eval_blocks,
-    )  # fmt: skip
-    teacher, tokenizer = load_default_teacher()
-    teacher.eval().requires_grad_(False)
-    splits = load_text_splits(data_args)
-    text = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
-    calibration = text.select(range(min(data_args.calibration_blocks, len(text))))
-    eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
+    protocol = demo_protocol(eval_blocks=args.eval_blocks)
+    teacher, tokenizer, text, calibration = protocol.teacher, protocol.tokenizer, protocol.text, protocol.calibration
+    data_args, eval_splits = protocol.data_args, protocol.eval_splits
     chat = chat_reference(teacher, tokenizer, load_chat_prompts("test")[: 8 if args.quick else None])
     chat_fraction = CHAT_FRACTION if args.chat_fraction is None else args.chat_fraction
     train, _ = teacher_mixture(
         teacher, tokenizer, text, train_tokens=args.tokens, chat_fraction=chat_fraction,
-        max_length=data_args.max_length, **({"num_prompts": 16, "answer_tokens": 32} if args.quick else {}),
+        max_length=data_args.max_length, **(QUICK_TEACHER_DATA if args.quick else {}),
     )  # fmt: skip
 
     results = {"blocks": args.blocks, "stages": args.stages, "tokens": args.tokens, "runs": {}}

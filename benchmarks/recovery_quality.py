@@ -51,6 +51,8 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from protocol import QUICK_TEACHER_DATA, demo_protocol  # noqa: E402
+
 from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import (  # noqa: E402
     answer_prompts,
@@ -58,8 +60,6 @@ from hf_recover.base.chat_retention import (  # noqa: E402
     evaluate_chat_retention,
     load_chat_prompts,
 )
-from hf_recover.base.data import prepare_recovery_dataset  # noqa: E402
-from hf_recover.base.defaults import load_default_teacher  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
 from hf_recover.recovery import (  # noqa: E402
     RecoveryCurve,
@@ -69,10 +69,7 @@ from hf_recover.recovery import (  # noqa: E402
     tokens_to_reach,
 )
 from hf_recover.scripts.arguments import (  # noqa: E402
-    DataArguments,
     MixtureArguments,
-    load_text_splits,
-    prepare_eval_splits,
 )
 from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
 
@@ -147,7 +144,7 @@ def mixture_arguments(args) -> MixtureArguments:
     if args.chat_fraction is not None:
         values["chat_fraction"] = args.chat_fraction
     if args.quick:  # a small teacher data of its own
-        values.update(num_prompts=16, answer_tokens=32)
+        values.update(QUICK_TEACHER_DATA)
     return MixtureArguments(**values)
 
 
@@ -155,18 +152,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
-    data_args = DataArguments(
-        max_length=DEMO_DEFAULTS["max_length"],
-        max_train_documents=DEMO_DEFAULTS["max_train_documents"],
-        eval_blocks=args.eval_blocks,
-        calibration_blocks=DEMO_DEFAULTS.get("calibration_blocks", DataArguments.calibration_blocks),
-    )
-    teacher, tokenizer = load_default_teacher()
-    teacher.eval().requires_grad_(False)
-    splits = load_text_splits(data_args)
-    text = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
-    calibration = text.select(range(min(data_args.calibration_blocks, len(text))))
-    eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
+    protocol = demo_protocol(eval_blocks=args.eval_blocks)
+    teacher, tokenizer, text, calibration = protocol.teacher, protocol.tokenizer, protocol.text, protocol.calibration
+    data_args, eval_splits = protocol.data_args, protocol.eval_splits
     tuning = {split: eval_splits[split] for split in TUNING_SPLITS}
     prompts = load_chat_prompts("test")[: 8 if args.quick else None]
 

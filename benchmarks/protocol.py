@@ -1,0 +1,43 @@
+"""The demo's protocol, shared by the recovery benchmarks: the embedded teacher, the corpus prepared as
+`hf-recover demo` prepares it, its calibration blocks and evaluation splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hf_recover.base.data import prepare_recovery_dataset
+from hf_recover.base.defaults import load_default_teacher
+from hf_recover.scripts.arguments import DataArguments, load_text_splits, prepare_eval_splits
+from hf_recover.scripts.demo import DEMO_DEFAULTS
+
+QUICK_TEACHER_DATA = {"num_prompts": 16, "answer_tokens": 32}
+"""A smoke run's own small teacher data (`teacher_mixture` keywords)."""
+
+
+@dataclass
+class DemoProtocol:
+    teacher: Any
+    tokenizer: Any
+    data_args: DataArguments
+    text: Any
+    """The training text, packed into the demo's blocks."""
+    calibration: Any
+    """The text's first `calibration_blocks` blocks: where cuts are scored and healed."""
+    eval_splits: dict[str, Any]
+
+
+def demo_protocol(*, eval_blocks: int, held_out: bool = True) -> DemoProtocol:
+    """The teacher (frozen), the demo's text, calibration blocks and `eval_blocks` evaluation blocks per split
+    (`held_out`: with the held-out domains)."""
+    data_args = DataArguments(
+        max_length=DEMO_DEFAULTS["max_length"], max_train_documents=DEMO_DEFAULTS["max_train_documents"],
+        eval_blocks=eval_blocks, held_out=held_out,
+    )  # fmt: skip
+    teacher, tokenizer = load_default_teacher()
+    teacher.eval().requires_grad_(False)
+    splits = load_text_splits(data_args)
+    text = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
+    calibration = text.select(range(min(data_args.calibration_blocks, len(text))))
+    eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
+    return DemoProtocol(teacher, tokenizer, data_args, text, calibration, eval_splits)
