@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol import QUICK_TEACHER_DATA, demo_protocol  # noqa: E402
+from protocol import QUICK_TEACHER_DATA, demo_protocol, use_cores  # noqa: E402
 
 from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import chat_reference, load_chat_prompts  # noqa: E402
@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    use_cores()
     protocol = demo_protocol(eval_blocks=4 if args.quick else 32, held_out=False)
     teacher, tokenizer, text, calibration = protocol.teacher, protocol.tokenizer, protocol.text, protocol.calibration
     data_args, eval_splits = protocol.data_args, protocol.eval_splits

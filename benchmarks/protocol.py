@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,15 @@ from hf_recover.scripts.demo import DEMO_DEFAULTS
 
 QUICK_TEACHER_DATA = {"num_prompts": 16, "answer_tokens": 32}
 """A smoke run's own small teacher data (`teacher_mixture` keywords)."""
+
+
+def use_cores() -> int:
+    """Run torch on every core, or on `OMP_NUM_THREADS` of them where it is set (a run beside another job)."""
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
 
 
 @dataclass

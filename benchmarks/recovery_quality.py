@@ -51,7 +51,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol import QUICK_TEACHER_DATA, demo_protocol  # noqa: E402
+from protocol import QUICK_TEACHER_DATA, demo_protocol, use_cores  # noqa: E402
 
 from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import (  # noqa: E402
@@ -150,7 +150,7 @@ def mixture_arguments(args) -> MixtureArguments:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    use_cores()
     start = time.perf_counter()
     protocol = demo_protocol(eval_blocks=args.eval_blocks)
     teacher, tokenizer, text, calibration = protocol.teacher, protocol.tokenizer, protocol.text, protocol.calibration
