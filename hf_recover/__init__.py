@@ -27,6 +27,9 @@ _EXPORTS = {
     "recovery_metrics": "base.evaluation",
     "evaluate_lm_eval": "base.evaluation",
     "capability_retention": "base.evaluation",
+    "evaluate_chat_retention": "base.chat_retention",
+    "chat_reference": "base.chat_retention",
+    "load_chat_prompts": "base.chat_retention",
     "forward_kl": "base.losses",
     "reverse_kl": "base.losses",
     "skew_forward_kl": "base.losses",
@@ -56,6 +59,8 @@ _EXPORTS = {
     "cache_teacher_outputs": "distill.teacher_cache",
     "load_teacher_cache": "distill.teacher_cache",
     "TeacherCache": "distill.teacher_cache",
+    "build_teacher_data": "distill.teacher_data",
+    "load_teacher_data": "distill.teacher_data",
     "TopKTeacher": "base.losses",
 }
 
@@ -75,6 +80,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .base.chat_retention import chat_reference, evaluate_chat_retention, load_chat_prompts
     from .base.data import load_recovery_data, prepare_recovery_dataset
     from .base.defaults import load_default_corpus, load_default_teacher
     from .base.evaluation import capability_retention, evaluate_lm_eval, evaluate_perplexity, recovery_metrics
@@ -94,6 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .distill.alignment import build_layer_map, feature_dynamics_loss, hidden_alignment_loss
     from .distill.config import DistillationConfig
     from .distill.teacher_cache import TeacherCache, cache_teacher_outputs, load_teacher_cache
+    from .distill.teacher_data import build_teacher_data, load_teacher_data
     from .distill.trainer import DistillationTrainer
     from .prune import (
         CandidateReport,

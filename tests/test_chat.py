@@ -147,6 +147,11 @@ def test_chat_retention_equals_a_hand_computation(tiny_chat_tokenizer):
     assert score.answers == own
     assert score.repeated_ngram_rate == pytest.approx(repeated_ngram_rate(own))
 
+    import hf_recover
+
+    public = hf_recover.evaluate_chat_retention(student, teacher, prompts, tok, max_new_tokens=6, answer=False)
+    assert public.nll == pytest.approx(nll / count, rel=1e-5)  # the public form builds the same reference itself
+
     itself = evaluate_chat_retention(teacher, tokenizer=tok, reference=reference, answer=False)
     assert itself.top1_agreement == 1.0  # greedy answers are the teacher's own argmax
     assert itself.answers == [] and itself.repeated_ngram_rate is None
