@@ -3,8 +3,8 @@
 The public API. The package is arranged in parts (see docs/architecture.md): `base` (losses, data, pruned
 config, loading, model anatomy, evaluation, reporting, metrics, the embedded defaults), `distill` (the trainer and
 its teacher), `prune` (what to prune, and pruning it), `publish` (model card, Hub) and this face (the public names,
-`recovery`, `cli`, `scripts`, `integrations`). Names are imported lazily so that `import hf_recover` stays fast
-and a CLI `--help` does not pay for importing torch and transformers.
+`recovery`, `cli`, `scripts`, `integrations`). Names are imported lazily, so that `import hf_recover` imports
+neither torch nor transformers (the CLI imports them to build its parsers).
 """
 
 from importlib import import_module

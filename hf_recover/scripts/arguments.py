@@ -27,10 +27,11 @@ class DataArguments:
         default=None,
         metadata={"help": "A held-out domain to measure generalisation (the default corpus has its own 'ood')."},
     )
-    max_length: int = field(default=512, metadata={"help": "Tokens per packed training/evaluation block."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per packed training (and calibration) block."})
     eval_max_length: int = field(default=512, metadata={"help": "Tokens per perplexity block."})
     eval_blocks: int = field(
-        default=32, metadata={"help": "Packed blocks per split used for perplexity (32 x 512 = 16k tokens)."}
+        default=32,
+        metadata={"help": "Packed blocks per split used for perplexity (each of --eval_max_length tokens)."},
     )
     calibration_blocks: int = field(
         default=64,

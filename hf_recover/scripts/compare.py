@@ -66,7 +66,10 @@ class CompareArguments:
     teacher: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
     prunings: list[str] = field(
         default_factory=lambda: list(DEPTH_PRUNINGS),
-        metadata={"help": "importance, last, angular, width, or prune specs (angular:6:heal=lstsq)."},
+        metadata={
+            "help": "importance, last, angular (cuts as made); depth, width, mix (healed families of one parameter "
+            "count); or prune specs (angular:6:heal=lstsq)."
+        },
     )
     strategies: list[str] = field(
         default_factory=lambda: ["ce_only", "logits_kd", "compound", "skew_fdd"],

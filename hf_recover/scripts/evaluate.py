@@ -3,7 +3,8 @@
     hf-recover evaluate --model outputs/demo --teacher default --pruned outputs/student
     hf-recover evaluate --model outputs/demo --tasks my_task --include_path examples/lm_eval_tasks
 
-Perplexity is measured on `validation` and `ood` (the default corpus, or --dataset/--ood_dataset).
+Perplexity is measured on `validation`, `ood` (the default corpus, or --dataset/--ood_dataset) and, with the
+default corpus, the held-out domains (--held_out).
 With `--teacher` and `--pruned`, recovery % and retention follow. With `--teacher` and a chat template, the
 assistant is measured too: every model against the teacher's greedy answers to `--chat_prompts` (perplexity of
 those answers, top-1 agreement, repeated 4-grams of its own answers; log-perplexity recovery with `--pruned`).

@@ -7,8 +7,10 @@
     hf-recover recover --teacher default --student out/student --teacher_cache out/teacher-cache --gamma 0
 
 The student is a pruned model folder (`--student`, with its `pruned_config.json`) or is pruned from the
-teacher here (`--prune`, a prune spec: the grammar is below). Teacher, pruned and recovered
-perplexity are measured on `validation` (and `ood` when known) before and after. The output folder gets
+teacher here (`--prune`, a prune spec: the grammar is below). The teacher, the cut as made, the healed start (when
+healed) and the recovered student are measured on `validation`, `ood` and, with the default corpus, the held-out
+domains; with a chat teacher, the assistant too (`--chat_prompts`). The training text is mixed with the teacher's
+own answers (`--teacher_data`, `--chat_fraction`). The output folder gets
 the recovered model, tokenizer, `pruned_config.json`, a model card, `results.json`, `results.md` and
 `loss_curve.png`. Training follows `DistillationConfig.for_depth_recovery()` unless flags say otherwise: every
 `DistillationConfig` / `TrainingArguments` flag works (`--learning_rate`, `--alpha`, ...).
