@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -38,9 +37,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol import QUICK_TEACHER_DATA, demo_protocol, use_cores  # noqa: E402
+from protocol import QUICK_TEACHER_DATA, demo_protocol, recovery_trainer, use_cores  # noqa: E402
 
-from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import chat_reference, load_chat_prompts  # noqa: E402
 from hf_recover.base.constants import CHAT_FRACTION  # noqa: E402
 from hf_recover.base.evaluation import count_parameters  # noqa: E402
@@ -120,16 +118,7 @@ def _shares(total: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _recover(teacher, tokenizer, student, pruned_config, train, name) -> tuple[torch.nn.Module, float]:
-    config = DistillationConfig.for_depth_recovery(
-        output_dir=f"/tmp/iterative_pruning/{name}", logging_steps=5, save_strategy="no", report_to="none", seed=42,
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-    )  # fmt: skip
-    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    config.max_steps = math.ceil(len(train) / rows_per_step)
-    trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config, pruned_config=pruned_config, train_dataset=train,
-        processing_class=tokenizer,
-    )  # fmt: skip
+    trainer = recovery_trainer(teacher, tokenizer, student, pruned_config, train, f"/tmp/iterative_pruning/{name}")
     output = trainer.train()
     return trainer.model, output.metrics["train_runtime"]
 

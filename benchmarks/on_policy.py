@@ -40,9 +40,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol import QUICK_TEACHER_DATA, demo_protocol, use_cores  # noqa: E402
+from protocol import QUICK_TEACHER_DATA, demo_protocol, recovery_trainer, use_cores  # noqa: E402
 
-from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_recover import DistillationConfig  # noqa: E402
 from hf_recover.base.chat_retention import chat_reference, load_chat_prompts  # noqa: E402
 from hf_recover.base.constants import CHAT_FRACTION  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
@@ -109,16 +109,9 @@ def main(argv=None) -> dict:
 
 
 def _ours(teacher, tokenizer, student, pruned_config, train, lmbda: float, name: str):
-    config = DistillationConfig.for_depth_recovery(
-        output_dir=f"/tmp/on_policy/{name}", logging_steps=5, save_strategy="no", report_to="none", seed=42,
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), lmbda=lmbda,
-    )  # fmt: skip
-    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    config.max_steps = math.ceil(len(train) / rows_per_step)
-    trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config, pruned_config=pruned_config, train_dataset=train,
-        processing_class=tokenizer,
-    )  # fmt: skip
+    trainer = recovery_trainer(
+        teacher, tokenizer, student, pruned_config, train, f"/tmp/on_policy/{name}", lmbda=lmbda
+    )
     trainer.train()
     return trainer.model
 

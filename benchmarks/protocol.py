@@ -51,3 +51,29 @@ def demo_protocol(*, eval_blocks: int, held_out: bool = True) -> DemoProtocol:
     calibration = text.select(range(min(data_args.calibration_blocks, len(text))))
     eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
     return DemoProtocol(teacher, tokenizer, data_args, text, calibration, eval_splits)
+
+
+def quiet_run_args() -> dict:
+    """`TrainingArguments` of a measured run: seeded, no saves, no reports, no progress bar."""
+    import torch
+
+    return dict(
+        logging_steps=5, save_strategy="no", report_to="none", seed=42, disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+    )  # fmt: skip
+
+
+def recovery_trainer(teacher, tokenizer, student, pruned_config, train, output_dir: str, **overrides):
+    """A `DistillationTrainer` with `DistillationConfig.for_depth_recovery()` (and `overrides`) that goes through
+    `train` once."""
+    import math
+
+    from hf_recover import DistillationConfig, DistillationTrainer
+
+    config = DistillationConfig.for_depth_recovery(output_dir=output_dir, **{**quiet_run_args(), **overrides})
+    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    config.max_steps = math.ceil(len(train) / rows_per_step)
+    return DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, pruned_config=pruned_config, train_dataset=train,
+        processing_class=tokenizer,
+    )  # fmt: skip

@@ -51,7 +51,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol import QUICK_TEACHER_DATA, demo_protocol, use_cores  # noqa: E402
+from protocol import QUICK_TEACHER_DATA, demo_protocol, quiet_run_args, use_cores  # noqa: E402
 
 from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import (  # noqa: E402
@@ -248,7 +248,7 @@ def _trainer(recipe, args, data_args, teacher, tokenizer, student, pruned_config
         training = TrainingArguments(
             output_dir="/tmp/recovery_quality/naive", learning_rate=NAIVE_LR, lr_scheduler_type="constant",
             per_device_train_batch_size=NAIVE_BATCH, max_steps=steps, include_num_input_tokens_seen="non_padding",
-            **_common_args(),
+            **quiet_run_args(),
         )  # fmt: skip
         trainer = NaiveDistillationTrainer(
             model=student, args=training, train_dataset=text, teacher=teacher, callbacks=[curve]
@@ -256,7 +256,7 @@ def _trainer(recipe, args, data_args, teacher, tokenizer, student, pruned_config
         return trainer, curve, {}
     config = DistillationConfig.for_depth_recovery(
         output_dir=f"/tmp/recovery_quality/{recipe}", include_num_input_tokens_seen="non_padding",
-        **{**_common_args(), **args.overrides},
+        **{**quiet_run_args(), **args.overrides},
     )  # fmt: skip
     rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
     extra = {"recipe": {k: getattr(config, k) for k in ("alpha", "beta", "gamma", "delta", "learning_rate")}}
@@ -278,13 +278,6 @@ def _trainer(recipe, args, data_args, teacher, tokenizer, student, pruned_config
         processing_class=tokenizer, callbacks=[curve],
     )  # fmt: skip
     return trainer, curve, extra
-
-
-def _common_args() -> dict:
-    return dict(
-        logging_steps=5, save_strategy="no", report_to="none", seed=42, disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-    )  # fmt: skip
 
 
 def _prose_recovery(results: dict, split: str, ppl: float) -> float:
