@@ -14,6 +14,7 @@ from hf_recover.base.reporting import (
     format_percent,
     format_perplexity,
     markdown_table,
+    own_answer_rows,
 )
 from hf_recover.recovery import RecoveryResult
 
@@ -86,6 +87,12 @@ def a_recovery_result() -> RecoveryResult:
                 "top1_agreement": 1.0,
                 "repeated_ngram_rate": 0.1,
                 "repetition_ratio": 1.0,
+                "finish_rate": 0.8,
+                "refusal_rate": 0.05,
+                "mean_length": 90.0,
+                "teacher_logprob": -0.6,
+                "instruction_prompt_accuracy": 0.2,
+                "instruction_accuracy": 0.32,
             },
             "recovered": {
                 "perplexity": 3.0,
@@ -93,6 +100,16 @@ def a_recovery_result() -> RecoveryResult:
                 "repeated_ngram_rate": 0.2,
                 "repetition_ratio": 2.0,
                 "log_perplexity_recovery": 0.6,
+                "finish_rate": 0.6,
+                "finish_ratio": 0.75,
+                "refusal_rate": 0.5,
+                "mean_length": 120.0,
+                "length_ratio": 4 / 3,
+                "teacher_logprob": -1.25,
+                "instruction_prompt_accuracy": 0.1,
+                "instruction_prompt_ratio": 0.5,
+                "instruction_accuracy": 0.16,
+                "instruction_ratio": 0.5,
             },
         },
         answers=[{"prompt": "How do I reverse a list?", "teacher": "Use slicing.", "recovered": "Use reversed()."}],
@@ -112,7 +129,14 @@ def test_recovery_result_writes_the_same_table():
         table + "\n\n" + assistant_table(result.assistant) + "\n\nparameters: 134.5M -> 113.3M (15.8% fewer); "
         "training: 60 steps, 61,440 tokens, 424 s; wall time: 647 s"
     )
-    assert "| recovered | 3.00 | 60.0% | 70.0% | 20.0% (2.0×) |" in assistant_table(result.assistant)
+    assert "| recovered | 3.00 | 60.0% | 70.0% |" in assistant_table(result.assistant)
+    own = "| recovered | 60.0% (0.75×) | 50.0% | 20.0% (2.00×) | 120 (1.33×) | -1.25 | 10.0% (0.50×) | 16.0% (0.50×) |"
+    assert own in assistant_table(result.assistant)
+    assert "| teacher | 80.0% | 5.0% | 10.0% (1.00×) | 90 | -0.60 | 20.0% | 32.0% |" in assistant_table(
+        result.assistant
+    )
+    # a model that did not answer every prompt has no own-answer row
+    assert own_answer_rows({"pruned": {"perplexity": 5.0}}) == []
     assert "| validation | 16.08 | 41.40 | 18.80 | 89.3% | 85.5% |" in table
 
 

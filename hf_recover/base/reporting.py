@@ -110,37 +110,75 @@ def before_after_table(perplexity: Mapping[str, Any] | None) -> str:
 _WITHOUT_HEALED = tuple(name for name in BEFORE_AFTER_HEADER if name != "healed PPL")
 
 
-ASSISTANT_HEADER = (
+ASSISTANT_HEADER = ("model", "teacher's answers PPL", "log-PPL recovery", "top-1 = teacher's")
+OWN_ANSWERS_HEADER = (
     "model",
-    "teacher's answers PPL",
-    "log-PPL recovery",
-    "top-1 = teacher's",
+    "finished",
+    "refusals",
     "repeated 4-grams",
+    "tokens per answer",
+    "teacher log-prob",
+    "instructions: prompts",
+    "instructions: each",
 )
 
 
 def assistant_rows(assistant: Mapping[str, Mapping[str, Any]] | None) -> list[list[str]]:
-    """One row per model of `{model: chat retention figures}` (`hf_recover.base.chat_retention`): the perplexity of
-    the teacher's answers, the share of the log-perplexity gap closed, top-1 agreement, and the repeated 4-gram rate
-    of the model's own answers with its multiple of the teacher's."""
+    """One row per model of `{model: chat retention figures}` (`hf_recover.base.chat_retention`), teacher-forced on
+    the teacher's answers: their perplexity, the share of the log-perplexity gap closed, top-1 agreement."""
+    if not isinstance(assistant, Mapping):
+        return []
+    return [
+        [
+            str(model),
+            format_perplexity(figures.get("perplexity")),
+            format_percent(figures.get("log_perplexity_recovery")),
+            format_percent(figures.get("top1_agreement")),
+        ]
+        for model, figures in assistant.items()
+    ]
+
+
+def own_answer_rows(assistant: Mapping[str, Mapping[str, Any]] | None) -> list[list[str]]:
+    """One row per model that answered the prompts itself: the share of its answers that finish and that refuse, its
+    repeated 4-gram rate, tokens per answer, the teacher's mean log-probability of its answer tokens, and IFEval's
+    strict prompt- and instruction-level accuracy; each with its multiple of the teacher's where known."""
     if not isinstance(assistant, Mapping):
         return []
     rows = []
     for model, figures in assistant.items():
-        rate, ratio = figures.get("repeated_ngram_rate"), figures.get("repetition_ratio")
-        repeats = MISSING if rate is None else format_percent(rate) + (f" ({ratio:.1f}×)" if ratio is not None else "")
+        if figures.get("repeated_ngram_rate") is None:
+            continue  # it did not answer them all
+        logprob = figures.get("teacher_logprob")
+        length = figures.get("mean_length")
         rows.append(
             [
                 str(model),
-                format_perplexity(figures.get("perplexity")),
-                format_percent(figures.get("log_perplexity_recovery")),
-                format_percent(figures.get("top1_agreement")),
-                repeats,
+                _share(figures, "finish_rate", "finish_ratio"),
+                _share(figures, "refusal_rate"),
+                _share(figures, "repeated_ngram_rate", "repetition_ratio"),
+                _with_ratio(MISSING if length is None else f"{length:.0f}", figures.get("length_ratio")),
+                MISSING if logprob is None else f"{logprob:.2f}",
+                _share(figures, "instruction_prompt_accuracy", "instruction_prompt_ratio"),
+                _share(figures, "instruction_accuracy", "instruction_ratio"),
             ]
         )
     return rows
 
 
+def _share(figures: Mapping[str, Any], name: str, ratio: str | None = None) -> str:
+    return _with_ratio(format_percent(figures.get(name)), figures.get(ratio) if ratio else None)
+
+
+def _with_ratio(value: str, ratio: float | None) -> str:
+    return value if ratio is None or value == MISSING else f"{value} ({ratio:.2f}×)"
+
+
 def assistant_table(assistant: Mapping[str, Mapping[str, Any]] | None) -> str:
-    """The assistant table: how close each model stays to the teacher's own answers (see `assistant_rows`)."""
-    return markdown_table(ASSISTANT_HEADER, assistant_rows(assistant), numeric_columns=4)
+    """The assistant's tables: how close each model stays to the teacher's own answers (`assistant_rows`), then,
+    when some model answered the prompts itself, what its own answers are like (`own_answer_rows`)."""
+    table = markdown_table(ASSISTANT_HEADER, assistant_rows(assistant), numeric_columns=len(ASSISTANT_HEADER) - 1)
+    own = own_answer_rows(assistant)
+    if own:
+        table += "\n\n" + markdown_table(OWN_ANSWERS_HEADER, own, numeric_columns=len(OWN_ANSWERS_HEADER) - 1)
+    return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 from ..base.constants import CHAT_FRACTION
 
 DEFAULT = "default"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,3 +192,17 @@ def prepare_eval_splits(splits: dict[str, Any], tokenizer, args: DataArguments) 
             data = prepare_recovery_dataset(split, tokenizer, max_length=args.eval_max_length)
             prepared[name] = data.select(range(min(args.eval_blocks, len(data))))
     return prepared
+
+
+def assistant_reference(teacher, tokenizer, split: str):
+    """The teacher's cached answers to hf_recover's `split` prompts (`dev` or `test`): its chat prompts and, when
+    IFEval's verifiers are installed (`hf-recover[eval]`), its instruction prompts, which the assistant is measured
+    on."""
+    from ..base.chat_retention import load_chat_prompts
+    from ..base.instruction_following import EXTRA_HINT, load_instruction_prompts, verifiers_available
+    from ..distill.teacher_data import cached_chat_reference
+
+    instructions = load_instruction_prompts(split) if verifiers_available() else []
+    if not instructions:
+        logger.warning("Instruction following is not measured: IFEval's verifiers are missing (%s).", EXTRA_HINT)
+    return cached_chat_reference(teacher, tokenizer, load_chat_prompts(split), instructions=instructions)

@@ -45,6 +45,7 @@ from ..recovery import ASSISTANT_POINT, tokens_to_reach
 from .arguments import (
     DEFAULT,
     DataArguments,
+    assistant_reference,
     check_output_dir,
     command_parser,
     load_text_splits,
@@ -175,9 +176,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     from dataclasses import replace
 
     from ..base.chat import has_chat_template
-    from ..base.chat_retention import load_chat_prompts
     from ..base.data import prepare_recovery_dataset
-    from ..distill.teacher_data import cached_chat_reference
     from ..prune import block_importance, plot_block_importance
     from ..recovery import (
         STRATEGIES,
@@ -220,7 +219,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     teacher_ppl = evaluate_splits({"teacher": distilling_teacher}, eval_splits)
     chat = None
     if args.chat_prompts != "none" and has_chat_template(tokenizer):
-        chat = cached_chat_reference(distilling_teacher, tokenizer, load_chat_prompts(args.chat_prompts))
+        chat = assistant_reference(distilling_teacher, tokenizer, args.chat_prompts)
         teacher_chat = evaluate_assistant({"teacher": distilling_teacher}, chat, tokenizer)["teacher"]
     tokens_per_step = rows_per_step * data_args.max_length
     run_configs = {

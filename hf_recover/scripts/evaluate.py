@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..base.loading import load_model
-from .arguments import DataArguments, command_parser, load_text_splits, prepare_eval_splits
+from .arguments import DataArguments, assistant_reference, command_parser, load_text_splits, prepare_eval_splits
 
 
 @dataclass
@@ -46,8 +46,7 @@ def make_parser(subparsers=None):
 
 def main(args: EvaluateArguments, data_args: DataArguments):
     from ..base.chat import has_chat_template
-    from ..base.chat_retention import chat_retention_table, load_chat_prompts
-    from ..distill.teacher_data import cached_chat_reference
+    from ..base.chat_retention import chat_retention_table
     from ..recovery import RecoveryResult, evaluate_assistant, evaluate_splits
 
     if args.chat_prompts not in ("test", "dev", "none"):
@@ -66,7 +65,7 @@ def main(args: EvaluateArguments, data_args: DataArguments):
     eval_splits = prepare_eval_splits(load_text_splits(data_args), tokenizer, data_args)
     result = RecoveryResult(perplexity=evaluate_splits(models, eval_splits))
     if "teacher" in models and args.chat_prompts != "none" and has_chat_template(tokenizer):
-        reference = cached_chat_reference(models["teacher"], tokenizer, load_chat_prompts(args.chat_prompts))
+        reference = assistant_reference(models["teacher"], tokenizer, args.chat_prompts)
         scores = evaluate_assistant(models, reference, tokenizer)
         result.assistant = chat_retention_table(scores)
     figures = {"perplexity": result.perplexity}

@@ -33,6 +33,7 @@ from .arguments import (
     DEFAULT,
     DataArguments,
     MixtureArguments,
+    assistant_reference,
     check_output_dir,
     command_parser,
     load_text_splits,
@@ -81,10 +82,8 @@ def main(
     recover_args: RecoverArguments, data_args: DataArguments, mix_args: MixtureArguments, config: DistillationConfig
 ):
     from ..base.chat import has_chat_template
-    from ..base.chat_retention import load_chat_prompts
     from ..base.data import prepare_recovery_dataset
     from ..base.pruned_config import PrunedConfig
-    from ..distill.teacher_data import cached_chat_reference
     from ..prune.spec import PruneSpec
     from ..recovery import run_recovery, teacher_mixture
 
@@ -142,7 +141,7 @@ def main(
         config.max_steps = -(-len(train) // rows_per_step)
     elif mix_args.train_tokens:
         config.max_steps = -(-mix_args.train_tokens // (rows_per_step * data_args.max_length))
-    reference = cached_chat_reference(teacher, tokenizer, load_chat_prompts(mix_args.chat_prompts)) if chat else None
+    reference = assistant_reference(teacher, tokenizer, mix_args.chat_prompts) if chat else None
 
     if spec is not None:
         spec.check(teacher, calibration)

@@ -1,0 +1,87 @@
+"""What a model's own answers look like: do they end, refuse, loop, and how long are they.
+
+Teacher-forced figures score a model on the teacher's text; these read what the model writes itself, which is what
+its users see (and what on-policy distillation trains on). The same tests choose the teacher data worth training on
+(`hf_recover.distill.teacher_data`) and judge the recovered assistant (`hf_recover.base.chat_retention`):
+
+- **finished**: the answer ends with an end-of-turn token within its token budget (an answer cut at the budget
+  never stopped on its own);
+- **refusal**: the answer declines or apologises instead of answering ("I'm sorry, but as an AI I can't ...").
+  Small chat models write these for requests they could answer, and greedy decoding turns a habit learned from a
+  fifth of the training answers into the default answer;
+- **repeated 4-grams**: the share of an answer's token 4-grams that repeat an earlier one of the same answer
+  (`hf_recover.base.chat.repeated_ngram_rate`); a model stuck in a loop repeats nearly all of them. Repetitive
+  training targets teach loops (Xu et al., "Learning to Break the Loop", NeurIPS 2022; Li et al., "Repetition In
+  Repetition Out", NeurIPS 2023).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from .chat import repeated_ngram_rate
+
+REPEAT_N = 4
+"""The n of the repeated n-gram rate every answer figure uses."""
+
+REFUSAL_PATTERNS = (
+    r"\bI(?:'m| am) sorry\b(?! to hear)",
+    r"\bI apologi[sz]e\b",
+    r"\bmy apologies\b",
+    r"\bas an? (?:AI|artificial intelligence|language model|chatbot|text-based|virtual assistant|digital assistant)",
+    r"\bI(?:'m| am) (?:unable|not able|not capable) to\b",
+    r"\bI (?:can ?not|can't|could not|couldn't) (?:help|assist|provide|fulfil|fulfill|comply|create|generate|write)",
+    r"\bI don't have (?:the )?(?:ability|capability|capacity|access|personal)",
+    r"\bI do not have (?:the )?(?:ability|capability|capacity|access|personal)",
+)
+"""How a declining or apologising answer begins, in the phrasings instruction-tuned models use (a refusal is judged
+on the answer's opening, where a model declines: an answer that apologises in passing later on still answered)."""
+
+REFUSAL_WINDOW = 200
+"""Characters from an answer's start that the refusal patterns look at."""
+
+_REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
+
+
+def is_refusal(text: str) -> bool:
+    """Whether an answer declines or apologises instead of answering (`REFUSAL_PATTERNS` in its opening)."""
+    return bool(_REFUSAL.search(text.replace("’", "'")[:REFUSAL_WINDOW]))
+
+
+def is_finished(completion: Sequence[int], stop_ids: Sequence[int]) -> bool:
+    """Whether a completion (token ids, as `generate_completions` returns them) ended with an end-of-turn token."""
+    return bool(completion) and completion[-1] in set(stop_ids)
+
+
+@dataclass(frozen=True)
+class AnswerQuality:
+    """Figures of a set of answers (see the module docstring). Rates are shares of answers, except the repeated
+    4-gram rate, which pools the answers' 4-grams."""
+
+    answers: int
+    finish_rate: float
+    refusal_rate: float
+    repeated_ngram_rate: float
+    mean_length: float
+    """Mean tokens per answer, its end-of-turn token included."""
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def answer_quality(completions: Sequence[Sequence[int]], texts: Sequence[str], stop_ids: Sequence[int]):
+    """The `AnswerQuality` of answers given as token ids (`completions`) and as decoded `texts` (same order)."""
+    if len(completions) != len(texts):
+        raise ValueError(f"Got {len(completions)} completions but {len(texts)} texts: give one text per completion.")
+    if not completions:
+        raise ValueError("No answers to measure: give at least one.")
+    count = len(completions)
+    return AnswerQuality(
+        answers=count,
+        finish_rate=sum(is_finished(c, stop_ids) for c in completions) / count,
+        refusal_rate=sum(map(is_refusal, texts)) / count,
+        repeated_ngram_rate=repeated_ngram_rate(completions, REPEAT_N),
+        mean_length=sum(map(len, completions)) / count,
+    )
