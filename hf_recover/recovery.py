@@ -12,10 +12,12 @@ import torch
 from transformers import TrainerCallback
 
 from .base.chat_retention import answer_prompts, chat_retention_table, evaluate_chat_retention
-from .base.constants import CHAT_FRACTION
+from .base.constants import ANSWER_TEMPERATURE, ANSWER_TOKENS, ANSWER_TOP_P, ANSWERS_PER_PROMPT, CHAT_FRACTION
 from .base.evaluation import count_parameters, evaluate_perplexity, recovery_metrics
+from .base.generation import Sampling
 from .base.reporting import assistant_table, before_after_table, format_parameters, format_percent
 from .distill.config import DistillationConfig
+from .distill.teacher_data import GOOD_ANSWERS, AnswerFilter
 
 _BATCH = "per_device_train_batch_size"
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -94,29 +96,36 @@ def teacher_mixture(
     sample_fraction: float = 0.0,
     num_prompts: int = 256,
     num_samples: int = 0,
-    answer_tokens: int = 128,
+    answer_tokens: int = ANSWER_TOKENS,
+    answer_sampling: Sampling | None = None,
+    answers_per_prompt: int = ANSWERS_PER_PROMPT,
+    answer_filter: AnswerFilter = GOOD_ANSWERS,
     max_length: int = 256,
     seed: int = 0,
 ):
     """A training set of `train_tokens` tokens: `chat_fraction` of them the teacher's answers (one conversation per
     row, the loss on the assistant's tokens only), `sample_fraction` its unconditional samples, the rest `text`
     (prepared blocks). `teacher_data` is a folder of `hf_recover.build_teacher_data`, checked against this teacher and
-    tokenizer, or `"auto"`: written by the teacher once with `num_prompts`, `num_samples` and `answer_tokens`, then
-    read from hf_recover's cache. Returns `(mixture, teacher_data_folder)`."""
+    tokenizer, or `"auto"`: written by the teacher once with `num_prompts`, `num_samples`, `answers_per_prompt`
+    answers to each prompt drawn by `answer_sampling` (by default sampled at `ANSWER_TEMPERATURE`, top-p
+    `ANSWER_TOP_P`, up to `answer_tokens`), then read from hf_recover's cache. Training reads the answers
+    `answer_filter` keeps (by default those that finish, do not refuse and do not loop). Returns
+    `(mixture, teacher_data_folder)`."""
     from .base.chat import prepare_chat_dataset
     from .base.data import mix_recovery_datasets
-    from .base.generation import Sampling
     from .distill.teacher_data import cached_teacher_data, load_teacher_data
 
     if str(teacher_data) == "auto":
+        if answer_sampling is None:
+            answer_sampling = Sampling(ANSWER_TEMPERATURE, ANSWER_TOP_P, max_new_tokens=answer_tokens)
         folder = cached_teacher_data(
             teacher, tokenizer, num_prompts=num_prompts, num_samples=num_samples, seed=seed,
-            answer_sampling=Sampling(max_new_tokens=answer_tokens),
+            answers_per_prompt=answers_per_prompt, answer_sampling=answer_sampling,
             sample_sampling=Sampling(temperature=1.0, max_new_tokens=answer_tokens),
         )  # fmt: skip
     else:
         folder = Path(teacher_data)
-    rows = load_teacher_data(folder, teacher=teacher, tokenizer=tokenizer)
+    rows = load_teacher_data(folder, teacher=teacher, tokenizer=tokenizer, answer_filter=answer_filter)
     parts, quotas = {"text": text}, {}
     for kind, fraction in (("answer", chat_fraction), ("sample", sample_fraction)):
         if fraction > 0:
@@ -223,17 +232,20 @@ def run_recovery(
 
 
 def evaluate_assistant(
-    models: dict[str, torch.nn.Module], chat, tokenizer, *, answer: bool | int = True
+    models: dict[str, torch.nn.Module], chat, tokenizer, *, answer: bool | int = True, scorer=None
 ) -> dict[str, Any]:
     """Chat retention of every model against the reference answers `chat` (a `ChatReference`); the model named
     `teacher` is the reference's own, whose figures it carries. `answer`: each model answers every prompt itself
-    (True: the repetition rate), only the first `answer` prompts (the examples shown side by side), or none (0)."""
+    (True: the own-answer and instruction figures), only the first `answer` prompts (the examples shown side by
+    side), or none (0). `scorer` (the teacher, or the model named `teacher`) scores the models' own answers."""
     scores = {}
     for name, model in models.items():
         if name == "teacher" and chat.teacher is not None:
             scores[name] = chat.teacher
             continue
-        score = evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat, answer=answer is True)
+        score = evaluate_chat_retention(
+            model, tokenizer=tokenizer, reference=chat, answer=answer is True, scorer=scorer or models.get("teacher")
+        )
         if answer is not True and answer:
             score.answers = answer_prompts(model, tokenizer, chat, count=answer)
         scores[name] = score

@@ -32,6 +32,7 @@ NEW_FIELDS = {
     "lmbda",
     "on_policy_max_new_tokens",
     "on_policy_temperature",
+    "on_policy_kl_clip",
 }
 
 

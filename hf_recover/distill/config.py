@@ -205,6 +205,14 @@ class DistillationConfig(TrainingArguments):
         default=1.0,
         metadata={"help": "Sampling temperature of the student's on-policy answers (> 0). Default 1.0 (GKD's)."},
     )
+    on_policy_kl_clip: float | None = field(
+        default=None,
+        metadata={
+            "help": "Clip each token's divergence on on-policy batches at this value (a token above it gives no "
+            "gradient), the guard that keeps a weak student's own answers from dominating the update. Default None "
+            "(no clipping); 1.0 is the value used for on-policy phases."
+        },
+    )
     merge_adapters: bool = field(
         default=False,
         metadata={
@@ -248,6 +256,8 @@ class DistillationConfig(TrainingArguments):
             raise ValueError("lmbda > 0 trains on the teacher's scores of the student's answers: set beta > 0 too.")
         if self.on_policy_max_new_tokens < 1 or not self.on_policy_temperature > 0:
             raise ValueError("on_policy_max_new_tokens must be >= 1 and on_policy_temperature > 0.")
+        if self.on_policy_kl_clip is not None and not self.on_policy_kl_clip > 0:
+            raise ValueError(f"on_policy_kl_clip must be > 0 or None (no clipping), got {self.on_policy_kl_clip!r}.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         self.layer_map = parse_layer_map(self.layer_map)

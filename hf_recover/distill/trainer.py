@@ -152,6 +152,7 @@ class DistillationTrainer(SavesRecoveredModels, Trainer):
         self._saving_checkpoint = False
         self._evaluating = False  # inside evaluation_loop: compute_loss returns the student's own LM loss
         self._ce_weight = self.args.alpha  # 0 on an on-policy batch (the student's own answers are no targets)
+        self._token_clip: float | None = None  # set for on-policy batches with args.on_policy_kl_clip
         self._on_policy_draws = random.Random(self.args.seed)  # which batches are on-policy: reproducible
         self._on_policy_sampling = Sampling(
             temperature=self.args.on_policy_temperature, max_new_tokens=self.args.on_policy_max_new_tokens
@@ -351,7 +352,10 @@ class DistillationTrainer(SavesRecoveredModels, Trainer):
                 temperature=args.temperature, num_items_in_batch=num_items_in_batch, chunk_size=args.kd_chunk_size
             )
             kd_weight = args.beta * args.temperature**2
-            if fused:
+            clip = self._token_clip
+            if clip is not None:  # an on-policy batch with clipped per-token divergences (no CE: its weight is 0)
+                own = {**own, "max_token_divergence": clip}
+            if fused or clip is not None:
                 result = distillation_loss(
                     student_side,
                     teacher_side,
@@ -445,7 +449,7 @@ class DistillationTrainer(SavesRecoveredModels, Trainer):
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        self._ce_weight = self.args.alpha
+        self._ce_weight, self._token_clip = self.args.alpha, None
         if self.args.lmbda > 0 and self._on_policy_draws.random() < self.args.lmbda:
             answered = on_policy_batch(
                 self.accelerator.unwrap_model(model), inputs, self.processing_class, self._on_policy_sampling,
@@ -453,6 +457,7 @@ class DistillationTrainer(SavesRecoveredModels, Trainer):
             )  # fmt: skip
             if answered is not None:  # the student's own answers: the distillation term alone, on their tokens
                 inputs, num_items_in_batch, self._ce_weight = answered, None, 0.0
+                self._token_clip = self.args.on_policy_kl_clip
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.projectors is not None and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
             # The projectors live outside the DDP-wrapped student: average their gradients as DDP does.

@@ -12,6 +12,7 @@ import torch
 
 from .divergences import kernel_for
 from .inputs import LMHeadInputs, loss_sources, run_chunked
+from .kernels import clipped_kernel
 
 
 class DistillationLoss(NamedTuple):
@@ -36,6 +37,7 @@ def distillation_loss(
     temperature: float = 1.0,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    max_token_divergence: float | None = None,
     **divergence_params: float,
 ) -> DistillationLoss:
     """`ce_weight · CE(student, labels) + kd_weight · divergence(teacher ‖ student)` in one pass over the logits.
@@ -58,9 +60,15 @@ def distillation_loss(
         divergence: a key of `DIVERGENCES`.
         ce_weight, kd_weight: finite weights >= 0. With `ce_weight = 0` the cross-entropy is still reported, but
             its gradient is not computed.
+        max_token_divergence: clip each token's divergence at this value (a token above it gives no gradient), as
+            on-policy distillation of a weak student does; None: no clipping.
         **divergence_params: `skew_lambda=` for the skew divergences, `beta=` for `generalized_jsd`.
     """
     kernel = kernel_for(divergence, divergence_params)
+    if max_token_divergence is not None:
+        if not max_token_divergence > 0:
+            raise ValueError(f"max_token_divergence must be > 0 or None, got {max_token_divergence!r}.")
+        kernel = clipped_kernel(kernel, float(max_token_divergence))
     for name, weight in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
         if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"`{name}` must be a finite number >= 0, got {weight!r}.")

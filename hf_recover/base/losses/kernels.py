@@ -126,3 +126,18 @@ def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, with_grad: 
         return per_token, None
     softmax = torch.sub(logits, log_normaliser).exp_()
     return per_token, softmax.scatter_add_(1, targets, torch.full_like(log_normaliser, -1))
+
+
+def clipped_kernel(kernel: Kernel, ceiling: float) -> Kernel:
+    """`kernel` with each token's divergence clipped at `ceiling`: a token above it counts `ceiling` and gives no
+    gradient (the gradient of `min(d, ceiling)`). On-policy distillation clips the per-token divergence so that the
+    few tokens of a weak student's own answer that the teacher finds absurd do not dominate the update."""
+
+    def clipped(student_logp: torch.Tensor, teacher_logp: torch.Tensor, with_grad: bool):
+        per_token, grad = kernel(student_logp, teacher_logp, with_grad)
+        over = per_token > ceiling
+        if grad is not None:
+            grad[over] = 0
+        return per_token.clamp(max=ceiling), grad
+
+    return clipped
