@@ -246,3 +246,75 @@ def test_the_prompts_of_a_messages_dataset_stop_at_the_last_user_turn(tmp_path, 
     assert row["messages"][:3] == conversation[:3] and row["messages"][3]["role"] == "assistant"
     assert row["input_ids"][: row["prompt_length"]] == render_prompt(tok, conversation[:3])
     assert torch.tensor(row["labels"][: row["prompt_length"]]).eq(IGNORE_INDEX).all()
+
+
+def test_several_answers_per_prompt_are_kept_with_their_figures_and_filtered_on_reading(tmp_path, teacher, tok):
+    from hf_recover.base.chat import repeated_ngram_rate
+    from hf_recover.distill.teacher_data import GOOD_ANSWERS, AnswerFilter
+
+    loop = "the dog and the cat " * 6
+    scripted = {  # (prompt, candidate) -> answer text, and whether it ends its turn
+        "How do rivers form?": [("Rain runs downhill into them.", True), ("Rain runs downhill and", False)],
+        "Can you send my email?": [("I'm sorry, but I cannot send emails.", True), (loop, True)],
+        "Why is the sun warm?": [("It burns hydrogen.", True), ("Fusion heats it.", True)],
+    }
+    prompts = list(scripted)
+
+    def generate(model, prompt_ids, sampling, seed):
+        assert sampling.temperature > 0  # several answers to a prompt are sampled
+        rendered = {tuple(render_prompt(tok, p)): p for p in prompts}
+        seen: dict[str, int] = {}
+        out = []
+        for ids in prompt_ids:
+            prompt = rendered[tuple(ids)]
+            text, ends = scripted[prompt][seen.setdefault(prompt, 0)]
+            seen[prompt] += 1
+            out.append(tok(text, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if ends else []))
+        return out
+
+    sampled = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=64)
+    out = build_teacher_data(
+        teacher, tok, tmp_path / "d", prompts=prompts, num_prompts=0, answers_per_prompt=2, answer_sampling=sampled,
+        generate=generate,
+    )  # fmt: skip
+    every = load_teacher_data(out)  # by default every answer, with its figures
+    assert len(every) == 6 and every["candidate"] == [0, 1] * 3
+    assert every["finished"] == [True, False, True, True, True, True]
+    assert every["refusal"] == [False, False, True, False, False, False]
+    loop_ids = tok(loop, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert every[3]["repeated_ngram_rate"] == pytest.approx(repeated_ngram_rate([loop_ids]), rel=1e-6)
+    assert every[3]["repeated_ngram_rate"] > GOOD_ANSWERS.max_repeated_ngram_rate > every[0]["repeated_ngram_rate"]
+
+    good = load_teacher_data(out, answer_filter=GOOD_ANSWERS)  # finished, no refusal, no loop
+    assert [m[-1]["content"] for m in good["messages"]] == [
+        "Rain runs downhill into them.", "It burns hydrogen.", "Fusion heats it."
+    ]  # fmt: skip
+    first = load_teacher_data(out, answer_filter=AnswerFilter(max_answers_per_prompt=1))
+    assert [m[-1]["content"] for m in first["messages"]] == ["Rain runs downhill into them.", "It burns hydrogen."]
+    unfiltered = AnswerFilter(finished_only=False, drop_refusals=False, max_repeated_ngram_rate=None)
+    assert len(load_teacher_data(out, answer_filter=unfiltered)) == 6
+
+    report = read_teacher_data_metadata(out)["answers"]  # what the card reports, by hand
+    assert (report["answers"], report["prompts"]) == (6, 3)
+    assert report["finished"] == pytest.approx(5 / 6) and report["refusals"] == pytest.approx(1 / 6)
+    assert report["repetitive"] == pytest.approx(1 / 6)
+    assert (report["kept_answers"], report["kept_prompts"]) == (3, 2)
+    card = (out / "README.md").read_text()
+    assert "83.3% end" in card and "16.7% refuse" in card and "3 answers to 2 prompts" in card
+
+
+def test_several_greedy_answers_per_prompt_and_bad_filters_are_refused(tmp_path, teacher, tok):
+    from hf_recover.distill.teacher_data import AnswerFilter
+
+    with pytest.raises(ValueError, match="answers_per_prompt=3 with greedy answers"):
+        build_teacher_data(
+            teacher, tok, tmp_path / "d", prompts=["Hi there you"], num_prompts=0, answers_per_prompt=3,
+            generate=lambda *a: pytest.fail("generated"),
+        )  # fmt: skip
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(ValueError, match="answers_per_prompt must be an int >= 1"):
+        build_teacher_data(teacher, tok, tmp_path / "d", prompts=["Hi there you"], answers_per_prompt=0)
+    with pytest.raises(ValueError, match="max_repeated_ngram_rate is a share"):
+        AnswerFilter(max_repeated_ngram_rate=1.5)
+    with pytest.raises(ValueError, match="max_answers_per_prompt must be a positive int"):
+        AnswerFilter(max_answers_per_prompt=0)

@@ -45,9 +45,7 @@ def test_a_ceiling_above_every_token_changes_nothing_and_one_below_stops_every_g
     plain = distillation_loss(student, teacher, labels, **kwargs)
     high = distillation_loss(student, teacher, labels, max_token_divergence=1e6, **kwargs)
     assert high.kd.item() == pytest.approx(plain.kd.item())
-    torch.testing.assert_close(
-        torch.autograd.grad(high.loss, student)[0], torch.autograd.grad(plain.loss, student)[0]
-    )
+    torch.testing.assert_close(torch.autograd.grad(high.loss, student)[0], torch.autograd.grad(plain.loss, student)[0])
     tiny = distillation_loss(student, teacher, labels, max_token_divergence=1e-9, **kwargs)
     assert tiny.kd.item() == pytest.approx(1e-9)
     assert torch.autograd.grad(tiny.loss, student)[0].abs().max() == 0

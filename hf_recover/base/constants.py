@@ -19,3 +19,16 @@ ATTENTION_HEADS_FIELD = "hf_recover_attention_heads"
 CHAT_FRACTION = 0.3
 """Default share of a recovery mixture's tokens taken from the teacher's answers (the rest is text): the share that
 measured best on prose and the assistant together (docs/recovery.md)."""
+
+ANSWER_TOKENS = 384
+"""Longest teacher answer written for recovery (`--answer_tokens`): a budget most of the teacher's answers finish
+within (the share is reported in the teacher data's card)."""
+
+ANSWER_TEMPERATURE = 0.7
+ANSWER_TOP_P = 0.9
+"""How the teacher's answers for recovery are sampled: greedy answers of a small model loop and never end; sampled
+ones end more often and differ between a prompt's candidates."""
+
+ANSWERS_PER_PROMPT = 2
+"""Candidate answers the teacher writes to each prompt for recovery; the answer filter keeps those that finish, do
+not refuse and do not loop."""

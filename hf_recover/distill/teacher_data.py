@@ -20,7 +20,18 @@ beats real text for data-free distillation (Liu et al., "LLM-QAT", 2023).
 Columns: `kind` ("answer" or "sample"), `prompt_source` ("magpie", "dataset" or ""), `messages` (the conversation,
 TRL's format; empty for samples), `text` (a sample's text; empty for answers), `input_ids` (the exact tokens: the
 rendered prompt and the teacher's completion), `labels` (the completion only; the prompt is `-100`),
-`prompt_length` and `finished` (the completion ended with an end-of-turn token rather than at the length limit).
+`prompt_length`, `candidate` (which of a prompt's `answers_per_prompt` answers the row is), and what the answer is
+like (`hf_recover.base.answer_quality`): `finished` (it ended with an end-of-turn token rather than at the length
+limit), `refusal` (it declines or apologises) and `repeated_ngram_rate`.
+
+Not every answer is worth training on. A small teacher's greedy answers loop and never stop (71% of SmolLM2-135M-
+Instruct's answers to its own prompts ran to a 128-token limit, repeating 4-grams three times as often as the
+finished ones), and it declines some of the requests it wrote itself (21%): a student trained on them learns to
+loop, never to stop, and to refuse. Every answer is written and kept with its figures; `AnswerFilter` decides which
+ones training reads (`load_teacher_data(answer_filter=...)`): by default finished answers that neither refuse nor
+repeat themselves. Several sampled answers per prompt (`answers_per_prompt`, at the teacher's `answer_sampling`
+temperature) let a prompt whose first answer fails keep another. The folder's `README.md` (its data card) and
+`teacher_data.json` report the shares of each kind of answer.
 
 Generation is batched (`model.generate` with the KV cache) through `hf_recover.base.generation`, the seam where a
 vLLM engine would take over on a GPU fleet. The build is resumable and split among `torchrun` / `accelerate launch`
@@ -44,7 +55,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base.chat import as_messages, check_chat_template, end_of_turn_ids, has_chat_template, render_prompt
+from ..base.answer_quality import REPEAT_N, is_finished, is_refusal
+from ..base.chat import (
+    as_messages,
+    check_chat_template,
+    end_of_turn_ids,
+    has_chat_template,
+    render_prompt,
+    repeated_ngram_rate,
+)
 from ..base.chat_retention import ChatReference, chat_reference
 from ..base.constants import IGNORE_INDEX
 from ..base.defaults.cache import cache_root
@@ -54,7 +73,8 @@ from .fingerprints import tokenizer_fingerprint, weights_fingerprint
 from .shards import ShardedBuild, load_shards, read_metadata
 
 METADATA_NAME = "teacher_data.json"
-FORMAT_VERSION = 1
+CARD_NAME = "README.md"
+FORMAT_VERSION = 2
 WHAT = "teacher data"
 BUILD_HINT = "hf_recover.build_teacher_data or `hf-recover generate`"
 MAGPIE_SENTINEL = "\x00hf_recover_user_turn\x00"
@@ -84,10 +104,46 @@ class PromptFilter:
             raise ValueError(f"max_perplexity must be > 1 (a perplexity) or None, got {self.max_perplexity!r}.")
 
 
+@dataclass(frozen=True)
+class AnswerFilter:
+    """Which of the teacher's answers training reads (see the module docstring); samples are always kept."""
+
+    finished_only: bool = True
+    """Drop answers cut at the length limit (they teach the student never to stop)."""
+    drop_refusals: bool = True
+    """Drop answers that decline or apologise (`hf_recover.base.answer_quality.is_refusal`)."""
+    max_repeated_ngram_rate: float | None = 0.2
+    """Drop answers whose share of repeated 4-grams exceeds this (None: keep all)."""
+    max_answers_per_prompt: int | None = None
+    """Keep at most this many of a prompt's answers that pass, the first ones written (None: all)."""
+
+    def __post_init__(self):
+        rate = self.max_repeated_ngram_rate
+        if rate is not None and not 0 <= rate <= 1:
+            raise ValueError(f"max_repeated_ngram_rate is a share in [0, 1] or None, got {rate!r}.")
+        most = self.max_answers_per_prompt
+        if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+            raise ValueError(f"max_answers_per_prompt must be a positive int or None, got {most!r}.")
+
+    def keeps(self, row: dict[str, Any]) -> bool:
+        """Whether one row passes (`max_answers_per_prompt` aside, which counts rows)."""
+        if row["kind"] != "answer":
+            return True
+        too_repetitive = self.max_repeated_ngram_rate is not None and (
+            row["repeated_ngram_rate"] > self.max_repeated_ngram_rate
+        )
+        return not (
+            (self.finished_only and not row["finished"]) or (self.drop_refusals and row["refusal"]) or too_repetitive
+        )
+
+
 GREEDY_ANSWERS = Sampling(max_new_tokens=256)
 MAGPIE_PROMPTS = Sampling(temperature=1.0, max_new_tokens=64)
 UNCONDITIONAL_SAMPLES = Sampling(temperature=1.0, max_new_tokens=256)
 KEEP_PROMPTS = PromptFilter()
+KEEP_ALL_ANSWERS = AnswerFilter(finished_only=False, drop_refusals=False, max_repeated_ngram_rate=None)
+GOOD_ANSWERS = AnswerFilter()
+"""The answers recovery trains on by default: finished, no refusal, at most 20% repeated 4-grams."""
 
 
 def build_teacher_data(
@@ -98,6 +154,7 @@ def build_teacher_data(
     prompts: Any = None,
     num_prompts: int = 256,
     num_samples: int = 0,
+    answers_per_prompt: int = 1,
     answer_sampling: Sampling = GREEDY_ANSWERS,
     prompt_sampling: Sampling = MAGPIE_PROMPTS,
     sample_sampling: Sampling = UNCONDITIONAL_SAMPLES,
@@ -118,6 +175,8 @@ def build_teacher_data(
         prompts: user prompts (strings or message lists ending with a user turn, or a dataset with a `prompt` or
             `messages` column); None synthesises `num_prompts` of them (Magpie). 0 prompts and no `prompts` writes
             samples only.
+        answers_per_prompt: answers written to each prompt (several need sampled answers); `load_teacher_data`'s
+            `answer_filter` chooses among them.
         answer_sampling, prompt_sampling, sample_sampling: how answers (greedy, up to 256 tokens), synthesised
             prompts and samples are drawn.
         seed: every sampled token follows from it (shard `i` draws with `seed + i`): the same call writes the same
@@ -139,9 +198,15 @@ def build_teacher_data(
         ("num_prompts", num_prompts, 0),
         ("num_samples", num_samples, 0),
         ("shard_size", shard_size, 1),
+        ("answers_per_prompt", answers_per_prompt, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}.")
+    if answers_per_prompt > 1 and answer_sampling.greedy:
+        raise ValueError(
+            f"answers_per_prompt={answers_per_prompt} with greedy answers writes the same answer {answers_per_prompt} "
+            "times: sample them (answer_sampling=Sampling(temperature=...)) or write one per prompt."
+        )
     if given is None and not num_prompts and not num_samples:
         raise ValueError("Nothing to generate: give prompts=, num_prompts > 0 or num_samples > 0.")
     units = _work_units(given, 0 if given is not None else num_prompts, num_samples, shard_size)
@@ -156,6 +221,7 @@ def build_teacher_data(
         "prompts_fingerprint": _fingerprint(given) if given is not None else None,
         "num_prompts": len(given) if given is not None else num_prompts,
         "num_samples": num_samples,
+        "answers_per_prompt": answers_per_prompt,
         "answer_sampling": asdict(answer_sampling),
         "prompt_sampling": asdict(prompt_sampling),
         "sample_sampling": asdict(sample_sampling),
@@ -170,7 +236,7 @@ def build_teacher_data(
     device = build.device if build.num_processes > 1 else next(teacher.parameters()).device
     if build.num_processes > 1:
         teacher.to(device)
-    writer = _Writer(teacher, tokenizer, generate, batch_size, prompt_filter)
+    writer = _Writer(teacher, tokenizer, generate, batch_size, prompt_filter, answers_per_prompt)
     todo = build.pending()
     total = sum(units[i]["count"] for i in todo)
     with tqdm(total=total, desc="Teacher data", unit="row", disable=not show_progress) as progress:
@@ -185,8 +251,108 @@ def build_teacher_data(
                 rows = writer.samples(unit["count"], sample_sampling, unit_seed)
             build.save(index, _as_dataset(rows))
             progress.update(unit["count"])
-    build.finish(lambda shards: {**plan, "hf_recover_version": __version__, "shards": shards})
+    build.finish(lambda shards: _finished_metadata(output_dir, plan, shards))
     return Path(output_dir)
+
+
+def _finished_metadata(output_dir, plan: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metadata of a finished build, with its answers' report; the data card is written beside it."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    parts = [load_from_disk(str(Path(output_dir) / "shards" / s["name"])) for s in shards if s["num_rows"]]
+    report = answer_report(concatenate_datasets(parts)) if parts else {}
+    metadata = {**plan, "hf_recover_version": __version__, "shards": shards, "answers": report}
+    _data_card(metadata).save(Path(output_dir) / CARD_NAME)
+    return metadata
+
+
+CARD_TEMPLATE = """
+# Teacher data of {teacher}
+
+Recovery data written by `{teacher}` itself with hf_recover's `build_teacher_data`: {what}. Train on it with
+`hf-recover recover --teacher_data FOLDER` or `hf_recover.load_teacher_data`.
+
+{answers}
+Seed {seed}; teacher weights sha256 `{fingerprint}`.
+"""
+
+ANSWERS_TEMPLATE = """## The answers
+
+{answers} answers ({per_prompt} per prompt, {sampling}) to {prompts} prompts. Of all answers, {finished:.1%} end
+with the end-of-turn token within {max_new_tokens} tokens, {refusals:.1%} refuse or apologise and {repetitive:.1%}
+repeat more than {max_rate} of their 4-grams. Training reads the answers that are finished, do not refuse and do not
+repeat themselves (`GOOD_ANSWERS`): {kept_answers} answers to {kept_prompts} prompts, {kept_mean_tokens:.0f} tokens
+each on average.
+"""
+
+
+def _share(value: float | None) -> str:
+    return "all" if value is None else f"{value:.0%}"
+
+
+def _data_card(metadata: dict):
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    sampling, report = metadata["answer_sampling"], metadata["answers"]
+    drawn = "greedy" if sampling["temperature"] == 0 else f"sampled at T = {sampling['temperature']:g}"
+    if sampling["temperature"] and sampling["top_p"] < 1:
+        drawn += f", top-p {sampling['top_p']:g}"
+    answers = ""
+    if report:
+        answers = ANSWERS_TEMPLATE.format(
+            **report, per_prompt=metadata["answers_per_prompt"], sampling=drawn,
+            max_new_tokens=sampling["max_new_tokens"], max_rate=_share(report["filter"]["max_repeated_ngram_rate"]),
+        )  # fmt: skip
+    what = [f"answers to {metadata['prompts']} prompts"] if metadata["num_prompts"] else []
+    what += [f"{metadata['num_samples']} unconditional samples"] if metadata["num_samples"] else []
+    body = CARD_TEMPLATE.format(
+        teacher=metadata["teacher"], what=" and ".join(what), answers=answers, seed=metadata["seed"],
+        fingerprint=metadata["teacher_fingerprint"],
+    )  # fmt: skip
+    data = DatasetCardData(tags=["hf-recover", "knowledge-distillation", "teacher-data"])
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def answer_report(rows, answer_filter: AnswerFilter = GOOD_ANSWERS) -> dict[str, Any]:
+    """What the teacher's answers in `rows` are like: how many there are, the shares that finish, refuse and repeat
+    more 4-grams than `answer_filter` allows, how many prompts and answers the filter keeps, and the kept answers'
+    mean length."""
+    answers = [row for row in rows.select_columns(list(REPORT_COLUMNS)) if row["kind"] == "answer"]
+    if not answers:
+        return {}
+    kept = _filtered_indices(answers, answer_filter)
+    count = len(answers)
+    most = answer_filter.max_repeated_ngram_rate
+    return {
+        "answers": count,
+        "prompts": len({row["prompt_key"] for row in answers}),
+        "finished": sum(row["finished"] for row in answers) / count,
+        "refusals": sum(row["refusal"] for row in answers) / count,
+        "repetitive": sum(most is not None and row["repeated_ngram_rate"] > most for row in answers) / count,
+        "kept_answers": len(kept),
+        "kept_prompts": len({answers[i]["prompt_key"] for i in kept}),
+        "kept_mean_tokens": sum(answers[i]["answer_tokens"] for i in kept) / len(kept) if kept else 0.0,
+        "filter": asdict(answer_filter),
+    }
+
+
+REPORT_COLUMNS = ("kind", "prompt_key", "finished", "refusal", "repeated_ngram_rate", "answer_tokens")
+
+
+def _filtered_indices(rows: Sequence[dict[str, Any]], answer_filter: AnswerFilter) -> list[int]:
+    """The indices of the rows `answer_filter` keeps, at most `max_answers_per_prompt` per prompt, first ones first."""
+    per_prompt: dict[str, int] = {}
+    keep = []
+    for index, row in enumerate(rows):
+        if not answer_filter.keeps(row):
+            continue
+        if row["kind"] == "answer" and answer_filter.max_answers_per_prompt is not None:
+            seen = per_prompt.get(row["prompt_key"], 0)
+            if seen >= answer_filter.max_answers_per_prompt:
+                continue
+            per_prompt[row["prompt_key"]] = seen + 1
+        keep.append(index)
+    return keep
 
 
 def cached_teacher_data(
@@ -219,16 +385,19 @@ def cached_chat_reference(
     tokenizer: Any,
     prompts: Sequence[Any],
     *,
+    instructions: Sequence[dict[str, Any]] = (),
     max_new_tokens: int = 128,
     cache_dir: str | os.PathLike | None = None,
 ) -> ChatReference:
-    """`chat_reference(teacher, tokenizer, prompts)` (the teacher's greedy answers that chat retention is measured
-    against, with its own figures), computed once per teacher, tokenizer, prompts and answer length and then read
-    from hf_recover's cache (`cache_root`): every later run measures against the very same answers."""
+    """`chat_reference(teacher, tokenizer, prompts, instructions=...)` (the teacher's greedy answers that chat
+    retention is measured against, with its own figures), computed once per teacher, tokenizer, prompts and answer
+    length and then read from hf_recover's cache (`cache_root`): every later run measures against the very same
+    answers."""
     key = {
         "teacher": weights_fingerprint(teacher),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "prompts": _fingerprint(list(prompts)),
+        "instructions": _fingerprint(list(instructions)),
         "max_new_tokens": max_new_tokens,
         "format_version": FORMAT_VERSION,
         "version": __version__,
@@ -236,7 +405,7 @@ def cached_chat_reference(
     path = cache_root(cache_dir) / "chat-reference" / f"{_fingerprint(key)[:20]}.json"
     if path.is_file():
         return ChatReference.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    reference = chat_reference(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    reference = chat_reference(teacher, tokenizer, prompts, instructions=instructions, max_new_tokens=max_new_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     partial.write_text(json.dumps(reference.to_dict()), encoding="utf-8")
@@ -293,8 +462,10 @@ def _fingerprint(values: Any) -> str:
 class _Writer:
     """Generates the rows of one work unit at a time."""
 
-    def __init__(self, teacher, tokenizer, generate: Generate | None, batch_size: int, prompt_filter: PromptFilter):
-        self.teacher, self.tokenizer, self.filter = teacher, tokenizer, prompt_filter
+    def __init__(
+        self, teacher, tokenizer, generate: Generate | None, batch_size: int, prompt_filter: PromptFilter, per_prompt=1
+    ):
+        self.teacher, self.tokenizer, self.filter, self.per_prompt = teacher, tokenizer, prompt_filter, per_prompt
         self.stop_ids = end_of_turn_ids(teacher, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.generate = generate or (
@@ -311,16 +482,22 @@ class _Writer:
         if not prompts:
             return []
         prompt_ids = [render_prompt(self.tokenizer, p) for p in prompts]
+        # each prompt `per_prompt` times over: its answers are the prompt's candidates, in the order written
+        asked = [(prompt, ids, k) for prompt, ids in zip(prompts, prompt_ids) for k in range(self.per_prompt)]
+        completions = self._complete([ids for _, ids, _ in asked], sampling, seed)
         rows = []
-        for prompt, ids, completion in zip(prompts, prompt_ids, self._complete(prompt_ids, sampling, seed)):
-            finished = bool(completion) and completion[-1] in self.stop_ids
+        for (prompt, ids, candidate), completion in zip(asked, completions):
             answer = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
+            messages = as_messages(prompt)
             rows.append(
                 {
                     "kind": "answer", "prompt_source": source, "text": "",
-                    "messages": [*as_messages(prompt), {"role": "assistant", "content": answer}],
+                    "messages": [*messages, {"role": "assistant", "content": answer}],
                     "input_ids": [*ids, *completion], "labels": [IGNORE_INDEX] * len(ids) + completion,
-                    "prompt_length": len(ids), "finished": finished,
+                    "prompt_length": len(ids), "candidate": candidate, "answer_tokens": len(completion),
+                    "prompt_key": _normalised(messages[-1]["content"]),
+                    "finished": is_finished(completion, self.stop_ids), "refusal": is_refusal(answer),
+                    "repeated_ngram_rate": repeated_ngram_rate([completion], REPEAT_N),
                 }
             )  # fmt: skip
         return rows
@@ -371,7 +548,9 @@ class _Writer:
                     "kind": "sample", "prompt_source": "", "messages": [],
                     "text": self.tokenizer.decode(completion, skip_special_tokens=True).strip(),
                     "input_ids": [start, *completion], "labels": [IGNORE_INDEX, *completion], "prompt_length": 1,
-                    "finished": bool(completion) and completion[-1] in self.stop_ids,
+                    "candidate": 0, "answer_tokens": len(completion), "prompt_key": "",
+                    "finished": is_finished(completion, self.stop_ids), "refusal": False,
+                    "repeated_ngram_rate": repeated_ngram_rate([completion], REPEAT_N),
                 }
             )  # fmt: skip
         return rows
@@ -405,7 +584,12 @@ def _as_dataset(rows: list[dict[str, Any]]):
             "input_ids": List(Value("int32")),
             "labels": List(Value("int32")),
             "prompt_length": Value("int32"),
+            "candidate": Value("int32"),
+            "answer_tokens": Value("int32"),
+            "prompt_key": Value("string"),
             "finished": Value("bool"),
+            "refusal": Value("bool"),
+            "repeated_ngram_rate": Value("float32"),
         }
     )
     return Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
@@ -415,21 +599,29 @@ def _as_dataset(rows: list[dict[str, Any]]):
 
 
 def load_teacher_data(
-    path: str | os.PathLike, *, teacher: nn.Module | None = None, tokenizer: Any = None, verify_checksums: bool = True
+    path: str | os.PathLike,
+    *,
+    teacher: nn.Module | None = None,
+    tokenizer: Any = None,
+    answer_filter: AnswerFilter = KEEP_ALL_ANSWERS,
+    verify_checksums: bool = True,
 ):
-    """The rows `build_teacher_data` wrote (prompts synthesised twice by different shards kept once), checked against
-    the `teacher` and `tokenizer` training will use: data written by other weights or another tokenizer is a
-    `ValueError`; an interrupted build a `FileNotFoundError` (run the same build again to finish it)."""
+    """The rows `build_teacher_data` wrote (a prompt synthesised twice by different shards kept once) that
+    `answer_filter` keeps (all by default; `GOOD_ANSWERS` is what recovery trains on), checked against the `teacher`
+    and `tokenizer` training will use: data written by other weights or another tokenizer is a `ValueError`; an
+    interrupted build a `FileNotFoundError` (run the same build again to finish it)."""
     metadata = read_teacher_data_metadata(path)
     check_teacher_data(metadata, path, teacher=teacher, tokenizer=tokenizer)
     data = load_shards(path, metadata, what=WHAT, verify_checksums=verify_checksums)
-    seen, keep = set(), []
-    for index, (kind, messages) in enumerate(zip(data["kind"], data["messages"])):
-        key = _normalised(messages[0]["content"]) if kind == "answer" and messages else None
+    rows = list(data.select_columns(["kind", "candidate", *REPORT_COLUMNS[1:]]))
+    seen, unique = set(), []
+    for index, row in enumerate(rows):
+        key = (row["prompt_key"], row["candidate"]) if row["kind"] == "answer" else None
         if key is None or key not in seen:
-            keep.append(index)
+            unique.append(index)
             seen.add(key)
-    return data.select(keep) if len(keep) < len(data) else data
+    keep = [unique[i] for i in _filtered_indices([rows[i] for i in unique], answer_filter)]
+    return data.select(keep, keep_in_memory=True) if len(keep) < len(data) else data
 
 
 def read_teacher_data_metadata(path: str | os.PathLike) -> dict:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..base.constants import CHAT_FRACTION
+from ..base.constants import ANSWER_TEMPERATURE, ANSWER_TOKENS, ANSWER_TOP_P, ANSWERS_PER_PROMPT, CHAT_FRACTION
 
 DEFAULT = "default"
 logger = logging.getLogger(__name__)
@@ -77,7 +77,27 @@ class MixtureArguments:
         default=256, metadata={"help": "With --teacher_data auto: prompts the teacher writes itself and answers."}
     )
     num_samples: int = field(default=0, metadata={"help": "With --teacher_data auto: unconditional samples."})
-    answer_tokens: int = field(default=128, metadata={"help": "With --teacher_data auto: longest answer, in tokens."})
+    answer_tokens: int = field(
+        default=ANSWER_TOKENS, metadata={"help": "With --teacher_data auto: longest answer, in tokens."}
+    )
+    answer_temperature: float = field(
+        default=ANSWER_TEMPERATURE,
+        metadata={
+            "help": "With --teacher_data auto: the teacher's answers are sampled at this temperature (0: greedy)."
+        },
+    )
+    answer_top_p: float = field(default=ANSWER_TOP_P, metadata={"help": "With --teacher_data auto: nucleus top-p."})
+    answers_per_prompt: int = field(
+        default=ANSWERS_PER_PROMPT,
+        metadata={"help": "With --teacher_data auto: candidate answers to each prompt (several need sampling)."},
+    )
+    filter_answers: bool = field(
+        default=True,
+        metadata={
+            "help": "Train only on the teacher's answers that finish within --answer_tokens, do not refuse and do not "
+            "loop (--no_filter_answers: on every answer)."
+        },
+    )
     train_tokens: int | None = field(
         default=None,
         metadata={
@@ -99,6 +119,19 @@ class MixtureArguments:
                 raise ValueError(f"--{name} must lie in [0, 1], got {getattr(self, name)}.")
         if self.chat_fraction + self.sample_fraction > 1:
             raise ValueError("--chat_fraction and --sample_fraction together exceed 1: leave some room for text.")
+
+    def teacher_data_settings(self) -> dict[str, Any]:
+        """`teacher_mixture`'s keyword arguments for how the teacher data is written and read."""
+        from ..base.generation import Sampling
+        from ..distill.teacher_data import GOOD_ANSWERS, KEEP_ALL_ANSWERS
+
+        return {
+            "teacher_data": self.teacher_data, "chat_fraction": self.chat_fraction,
+            "sample_fraction": self.sample_fraction, "num_prompts": self.num_prompts, "num_samples": self.num_samples,
+            "answer_tokens": self.answer_tokens, "answers_per_prompt": self.answers_per_prompt,
+            "answer_sampling": Sampling(self.answer_temperature, self.answer_top_p, self.answer_tokens),
+            "answer_filter": GOOD_ANSWERS if self.filter_answers else KEEP_ALL_ANSWERS,
+        }  # fmt: skip
 
     @property
     def uses_teacher_data(self) -> bool:

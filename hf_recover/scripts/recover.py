@@ -133,10 +133,8 @@ def main(
     if mix_args.uses_teacher_data:  # the teacher's answers beside the text, once through, as many tokens as text alone
         budget = mix_args.train_tokens or config.max_steps * rows_per_step * data_args.max_length
         train, data_folder = teacher_mixture(
-            teacher, tokenizer, train, train_tokens=budget, teacher_data=mix_args.teacher_data,
-            chat_fraction=mix_args.chat_fraction, sample_fraction=mix_args.sample_fraction,
-            num_prompts=mix_args.num_prompts, num_samples=mix_args.num_samples, answer_tokens=mix_args.answer_tokens,
-            max_length=data_args.max_length, seed=data_args.data_seed_value,
+            teacher, tokenizer, train, train_tokens=budget, max_length=data_args.max_length,
+            seed=data_args.data_seed_value, **mix_args.teacher_data_settings(),
         )  # fmt: skip
         config.max_steps = -(-len(train) // rows_per_step)
     elif mix_args.train_tokens:
