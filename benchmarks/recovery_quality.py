@@ -1,6 +1,7 @@
-"""Recovery quality: three recipes side by side on prose, held-out prose and the assistant, at equal token budgets.
+"""Recovery quality: four recipes side by side on prose, held-out prose and the assistant, at equal token budgets.
 
-    python benchmarks/recovery_quality.py                  # the demo's protocol; about 40 minutes on 2 CPU cores
+    python benchmarks/recovery_quality.py                  # the demo's protocol; about an hour on 2 CPU cores
+    python benchmarks/recovery_quality.py --only previous mixture   # the teacher data before and after filtering
     python benchmarks/recovery_quality.py --quick          # a smoke run: 2,048 tokens, 4 evaluation blocks, 8 prompts
     python benchmarks/recovery_quality.py --only mixture --set learning_rate=2e-4 --chat_fraction 0.5
     python benchmarks/recovery_quality.py --only text mixture --prune angular:6:heal=local   # another heal
@@ -13,15 +14,20 @@ documents packed into 256-token blocks), 6 blocks removed, 61,440 training token
    influence (16 calibration blocks) without healing;
 2. `text`: hf_recover's cut and recipe on the corpus alone: the demo's prune spec (`DEMO_DEFAULTS["prune"]`, healed)
    and `DistillationConfig.for_depth_recovery()`;
-3. `mixture`: what `hf-recover demo` runs: the same cut and recipe on the demo's mixture of the corpus and the
-   teacher's own answers to prompts it wrote itself (`hf_recover.recovery.teacher_mixture`; the teacher data is
-   built once and cached, its build time printed when it happens).
+3. `previous`: the previous demo's mixture: the same cut and recipe, 30% of the tokens the teacher's greedy answers
+   (up to 128 tokens, one per prompt, every answer kept: unfinished, refusing and looping ones too);
+4. `mixture`: what `hf-recover demo` runs: the same cut and recipe on the demo's mixture of the corpus and the
+   teacher's own answers to prompts it wrote itself, sampled and filtered (`hf_recover.recovery.teacher_mixture`;
+   the teacher data is built once and cached, its build time printed when it happens).
 
 Every recipe is measured on `validation` and `ood` (the splits recipes were chosen on), on the held-out domains
-`git_docs` and `jargon` (never trained on, never looked at while choosing), and as an assistant on hf_recover's 48
-`test` prompts (never trained on, never used to choose): the perplexity of the teacher's greedy answers (up to 128
-tokens) and its log-perplexity recovery, top-1 agreement with the teacher's tokens, and the repeated 4-grams of the
-model's own greedy answers against the teacher's. Prose recovery % is measured against the naive pruned student
+`git_docs` and `jargon` (never trained on, never looked at while choosing), and as an assistant on hf_recover's
+`test` prompts (48 everyday prompts and 40 with verifiable instructions; never trained on, never used to choose):
+teacher-forced, the perplexity of the teacher's greedy answers (up to 128 tokens) and its log-perplexity recovery and
+top-1 agreement with the teacher's tokens; and by what the model writes itself (greedy): the share of its answers
+that finish, that refuse, its repeated 4-grams, tokens per answer (each against the teacher's), the teacher's mean
+log-probability of its answer tokens, and IFEval's strict prompt- and instruction-level accuracy on the instruction
+prompts (against the teacher's). Prose recovery % is measured against the naive pruned student
 (block influence), the assistant's against the demo's cut as made (before healing), so that a better cut or healing
 counts fully. Validation and ood are also measured at a quarter and half of each budget, and the script prints the
 tokens each recipe needed to reach the naive recipe's final recovery. It also prints the teacher's generation
@@ -57,9 +63,13 @@ from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import (  # noqa: E402
     answer_prompts,
     chat_reference,
+    chat_retention_table,
     evaluate_chat_retention,
     load_chat_prompts,
 )
+from hf_recover.base.generation import Sampling  # noqa: E402
+from hf_recover.base.instruction_following import load_instruction_prompts  # noqa: E402
+from hf_recover.distill.teacher_data import KEEP_ALL_ANSWERS  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
 from hf_recover.recovery import (  # noqa: E402
     RecoveryCurve,
@@ -73,7 +83,12 @@ from hf_recover.scripts.arguments import (  # noqa: E402
 )
 from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
 
-RECIPES = ("naive", "text", "mixture")
+RECIPES = ("naive", "text", "previous", "mixture")
+PREVIOUS_MIXTURE = {
+    "chat_fraction": 0.3, "answer_tokens": 128, "answers_per_prompt": 1,
+    "answer_sampling": Sampling(max_new_tokens=128), "answer_filter": KEEP_ALL_ANSWERS,
+}  # fmt: skip
+"""The previous demo's teacher data: greedy answers up to 128 tokens, one per prompt, none filtered out."""
 TUNING_SPLITS = ("validation", "ood")
 NAIVE_BATCH = 4
 NAIVE_ALPHA, NAIVE_TEMPERATURE, NAIVE_LR = 0.5, 2.0, 1e-4
@@ -157,9 +172,10 @@ def main(argv=None) -> dict:
     data_args, eval_splits = protocol.data_args, protocol.eval_splits
     tuning = {split: eval_splits[split] for split in TUNING_SPLITS}
     prompts = load_chat_prompts("test")[: 8 if args.quick else None]
+    instructions = load_instruction_prompts("test")[: 8 if args.quick else None]
 
     results = {"tokens": args.tokens, "recipes": {}}
-    chat, results["throughput"] = _reference_and_throughput(teacher, tokenizer, prompts)
+    chat, results["throughput"] = _reference_and_throughput(teacher, tokenizer, prompts, instructions)
     print(_throughput_line(results["throughput"]), flush=True)
 
     naive_student, naive_config = PruneSpec.parse("importance:6").build(
@@ -173,9 +189,11 @@ def main(argv=None) -> dict:
     results["heal_seconds"] = time.perf_counter() - began
     starts = {"teacher": teacher, "pruned": naive_student, "cut": cut, "healed": healed}
     results["before"] = evaluate_splits(starts, eval_splits)
-    results["assistant_before"] = {
-        name: score.to_dict() for name, score in evaluate_assistant(starts, chat, tokenizer, answer=0).items()
-    }
+    # the cut and its heal answer every prompt themselves; the naive cut is only prose recovery's reference
+    answering = {name: model for name, model in starts.items() if name != "pruned"}
+    scores = {**evaluate_assistant({"pruned": naive_student}, chat, tokenizer, answer=0, scorer=teacher)}
+    scores.update(evaluate_assistant(answering, chat, tokenizer))
+    results["assistant_before"] = chat_retention_table(scores)
     results["naive_removed"] = naive_config.removed_layer_indices
     results["removed"] = healed_config.removed_layer_indices
     results["prune"] = str(spec)
@@ -189,10 +207,11 @@ def main(argv=None) -> dict:
         output = trainer.train()
         model = trainer.model
         after = evaluate_splits({"recovered": model}, eval_splits)
-        assistant = evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat)
+        assistant = evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat, scorer=teacher)
         results["recipes"][recipe] = {
             "perplexity": {split: by_model["recovered"] for split, by_model in after.items()},
-            "assistant": assistant.to_dict(),
+            "assistant": chat_retention_table({"teacher": chat.teacher, recipe: assistant})[recipe],
+            "answers": [tokenizer.decode(a, skip_special_tokens=True).strip() for a in assistant.answers[:6]],
             "curve": {curve.tokens[step]: point for step, point in sorted(curve.points.items())},
             "train_tokens": int(trainer.state.num_input_tokens_seen),
             "train_runtime": output.metrics["train_runtime"] - curve.seconds,  # evaluations excluded
@@ -209,10 +228,10 @@ def main(argv=None) -> dict:
     return results
 
 
-def _reference_and_throughput(teacher, tokenizer, prompts):
+def _reference_and_throughput(teacher, tokenizer, prompts, instructions):
     """The teacher's greedy answers, and the teacher timed on them: generating them again (new tokens per second),
     and one teacher-forced forward over the same sequences (tokens per second)."""
-    chat = chat_reference(teacher, tokenizer, prompts)
+    chat = chat_reference(teacher, tokenizer, prompts, instructions=instructions)
     began = time.perf_counter()
     answers = answer_prompts(teacher, tokenizer, chat)
     generation_seconds = time.perf_counter() - began
@@ -262,14 +281,15 @@ def _trainer(recipe, args, data_args, teacher, tokenizer, student, pruned_config
     extra = {"recipe": {k: getattr(config, k) for k in ("alpha", "beta", "gamma", "delta", "learning_rate")}}
     train = text
     config.max_steps = math.ceil(args.tokens / (rows_per_step * data_args.max_length))
-    if recipe == "mixture":
+    if recipe in ("previous", "mixture"):
         mix = mixture_arguments(args)
+        settings = mix.teacher_data_settings()
+        if recipe == "previous":
+            settings.update(PREVIOUS_MIXTURE)
         began = time.perf_counter()
         train, folder = teacher_mixture(
-            teacher, tokenizer, text, train_tokens=args.tokens, teacher_data=mix.teacher_data,
-            chat_fraction=mix.chat_fraction, sample_fraction=mix.sample_fraction, num_prompts=mix.num_prompts,
-            num_samples=mix.num_samples, answer_tokens=mix.answer_tokens, max_length=data_args.max_length,
-        )  # fmt: skip
+            teacher, tokenizer, text, train_tokens=args.tokens, max_length=data_args.max_length, **settings
+        )
         extra.update(mixture=vars(mix), teacher_data=str(folder), mixture_seconds=time.perf_counter() - began)
         config.max_steps = math.ceil(len(train) / rows_per_step)
     curve = RecoveryCurve([config.max_steps // 4, config.max_steps // 2], {})
@@ -304,9 +324,17 @@ def _summary(results: dict, recipe: str) -> str:
 
 def _report(results: dict, chat) -> str:
     splits = list(results["before"])
-    teacher_rate = chat.repeated_ngram_rate
-    header = ["model", *(f"{s} PPL" for s in splits), "assistant PPL", "top-1", "repeated 4-grams", "train s"]
+    header = [
+        "model", *(f"{s} PPL" for s in splits), "assistant PPL", "top-1", "finished", "refusals", "repeated 4-grams",
+        "tokens per answer", "teacher log-prob", "instructions: prompts", "instructions: each", "train s",
+    ]  # fmt: skip
     rows = []
+
+    def ratio(assistant: dict, figure: str, ratio_name: str, form: str) -> str:
+        value, times = assistant.get(figure), assistant.get(ratio_name)
+        if value is None:
+            return "-"
+        return format(value, form) + ("" if times is None else f" ({times:.2f}x)")
 
     def row(name, ppl: dict, assistant: dict, seconds=None):
         cells = [name]
@@ -316,11 +344,17 @@ def _report(results: dict, chat) -> str:
                 cell += f" ({_prose_recovery(results, split, ppl[split]):.1f}%)"
             cells.append(cell)
         recovery = "" if name == "teacher" else f" ({_assistant_recovery(results, assistant['nll']):.1f}%)"
-        rate = assistant.get("repeated_ngram_rate")
+        logprob = assistant.get("teacher_logprob")
         cells += [
             f"{assistant['perplexity']:.3f}{recovery}",
             f"{assistant['top1_agreement']:.1%}",
-            "-" if rate is None else f"{rate:.3f} ({rate / teacher_rate:.1f}x)" if teacher_rate else f"{rate:.3f}",
+            ratio(assistant, "finish_rate", "finish_ratio", ".1%"),
+            ratio(assistant, "refusal_rate", "", ".1%"),
+            ratio(assistant, "repeated_ngram_rate", "repetition_ratio", ".3f"),
+            ratio(assistant, "mean_length", "length_ratio", ".0f"),
+            "-" if logprob is None else f"{logprob:.2f}",
+            ratio(assistant, "instruction_prompt_accuracy", "instruction_prompt_ratio", ".1%"),
+            ratio(assistant, "instruction_accuracy", "instruction_ratio", ".1%"),
             "" if seconds is None else f"{seconds:.0f}",
         ]
         rows.append(cells)
@@ -336,8 +370,9 @@ def _report(results: dict, chat) -> str:
         f"{results['tokens']:,} training tokens per recipe. pruned: block influence's blocks "
         f"{results['naive_removed']} (prose recovery % is against it); cut: `{results['prune']}` before healing, "
         f"blocks {results['removed']} (the assistant's log-perplexity recovery % is against it); healed: that cut "
-        f"healed ({results['heal_seconds']:.0f} s, scoring included), where `text` and `mixture` start. "
-        f"Assistant: {len(chat.prompts)} test prompts, the teacher's greedy answers.\n\n" + "\n".join(lines)
+        f"healed ({results['heal_seconds']:.0f} s, scoring included), where `text`, `previous` and `mixture` start. "
+        f"Assistant: {len(chat.prompts)} test prompts and {len(chat.instructions)} instruction prompts, greedy; "
+        "ratios are against the teacher's.\n\n" + "\n".join(lines)
     )
     naive = results["recipes"].get("naive")
     for split in TUNING_SPLITS if naive else ():
@@ -351,8 +386,10 @@ def _report(results: dict, chat) -> str:
             reached = tokens_to_reach(curve, goal)
             where = "not within its budget" if reached is None else f"by {reached:,} tokens"
             text += f"\n{recipe} reaches the naive recipe's final {split} recovery ({goal:.1f}%) {where}."
-    if "mixture" in results["recipes"] and results["recipes"]["mixture"].get("mixture_seconds", 0) > 60:
-        text += f"\nThe teacher data was built in this run: {results['recipes']['mixture']['mixture_seconds']:.0f} s."
+    for recipe in ("previous", "mixture"):
+        if results["recipes"].get(recipe, {}).get("mixture_seconds", 0) > 60:
+            seconds = results["recipes"][recipe]["mixture_seconds"]
+            text += f"\n{recipe}'s teacher data was built in this run: {seconds:.0f} s."
     return text + "\n" + _throughput_line(results["throughput"])
 
 

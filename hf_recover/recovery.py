@@ -172,6 +172,7 @@ def run_recovery(
     chat=None,
     examples: int = 3,
     cut: torch.nn.Module | None = None,
+    on_policy: tuple[Any, Any] | None = None,
 ) -> tuple[Any, RecoveryResult]:
     """Evaluate teacher and pruned student, recover the student with `DistillationTrainer`, evaluate it.
 
@@ -182,8 +183,9 @@ def run_recovery(
     the teacher is then only evaluated. `chat` (a `ChatReference`: the teacher's answers to evaluation prompts)
     measures the assistant too, before and after, and keeps `examples` prompts answered by every model. `cut` is the
     student as pruned before healing, when it was healed: it is measured as `pruned` and the student as `healed`, so
-    that recovery % counts what healing closed too. The training tokens counted are the real ones (padding
-    excluded). Returns `(trainer, result)`.
+    that recovery % counts what healing closed too. `on_policy` (a `DistillationConfig`, e.g.
+    `DistillationConfig.for_on_policy_phase()`, and its chat rows) is a second training phase after the first, from
+    its warm start. The training tokens counted are the real ones (padding excluded). Returns `(trainer, result)`.
     """
     from .distill.trainer import DistillationTrainer
 
@@ -207,6 +209,20 @@ def run_recovery(
     # the starts answer only the examples shown side by side; the recovered student answers every prompt
     assistant = evaluate_assistant(starts, chat, tokenizer, answer=examples) if chat else {}
     train_output = trainer.train()
+    steps, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen
+    runtime, history = train_output.metrics.get("train_runtime") or 0.0, list(trainer.state.log_history)
+    if on_policy is not None:
+        phase_args, phase_rows = on_policy
+        phase_args.include_num_input_tokens_seen = "non_padding"
+        phase = DistillationTrainer(
+            model=trainer.model, teacher_model=teacher, args=phase_args, train_dataset=phase_rows,
+            processing_class=tokenizer,
+        )  # fmt: skip
+        phase_output = phase.train()
+        steps, tokens = steps + phase.state.global_step, tokens + phase.state.num_input_tokens_seen
+        runtime += phase_output.metrics.get("train_runtime") or 0.0
+        first = trainer.state.global_step  # the phase's steps continue the first run's in the logs
+        history += [{**entry, "step": entry.get("step", 0) + first} for entry in phase.state.log_history]
     after = evaluate_splits(
         {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches
     )
@@ -218,10 +234,10 @@ def run_recovery(
         answers=answer_examples(chat, assistant, tokenizer, examples) if chat else [],
         teacher_parameters=count_parameters(teacher),
         student_parameters=count_parameters(trainer.model),
-        train_steps=trainer.state.global_step,
-        train_tokens=int(trainer.state.num_input_tokens_seen),
-        train_runtime=train_output.metrics.get("train_runtime"),
-        log_history=list(trainer.state.log_history),
+        train_steps=steps,
+        train_tokens=int(tokens),
+        train_runtime=runtime,
+        log_history=history,
     )
     result.wall_time = time.perf_counter() - start
     trainer.model_card_metrics = result.card_metrics()

@@ -169,3 +169,48 @@ def test_on_policy_needs_a_teacher_not_a_cache(tmp_path, tiny_chat_tokenizer, mi
     )
     with pytest.raises(ValueError, match="a teacher cache cannot"):
         DistillationTrainer(student, None, make_args(tmp_path, lmbda=0.5), teacher_cache=folder, processing_class=tok)
+
+
+def test_a_clipped_on_policy_step_counts_each_token_at_most_the_clip(tmp_path, tiny_chat_tokenizer, mixture):
+    tok = tiny_chat_tokenizer
+    teacher, student = build_tiny_model(vocab_size=len(tok), seed=0), build_tiny_model(vocab_size=len(tok), seed=1)
+    clip = 1e-6  # below every token's divergence: each counts the clip, none gives a gradient
+    args = make_args(
+        tmp_path, alpha=0.5, beta=0.5, temperature=2.0, lmbda=1.0, on_policy_max_new_tokens=6, on_policy_kl_clip=clip,
+        fused_lm_head=False,
+    )  # fmt: skip
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=mixture, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1
+    student.zero_grad()
+    loss = trainer.training_step(trainer.model, batch)
+    assert loss.item() == pytest.approx(0.5 * 2.0**2 * clip, rel=1e-4)  # beta · T² · clip, no cross-entropy
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in student.parameters())
+    with pytest.raises(ValueError, match="on_policy_kl_clip must be > 0"):
+        make_args(tmp_path, lmbda=0.5, on_policy_kl_clip=0.0)
+
+
+def test_run_recovery_runs_an_on_policy_phase_from_its_warm_start(tmp_path, tiny_chat_tokenizer, mixture, monkeypatch):
+    import hf_recover.distill.trainer as trainer_module
+    import hf_recover.recovery as recovery
+    from hf_recover import DistillationConfig
+
+    tok = tiny_chat_tokenizer
+    teacher, student = build_tiny_model(vocab_size=len(tok), seed=0), build_tiny_model(vocab_size=len(tok), seed=1)
+    answered = []
+    original = trainer_module.on_policy_batch
+    monkeypatch.setattr(trainer_module, "on_policy_batch", lambda *a, **k: answered.append(1) or original(*a, **k))
+    chat_rows = mixture.filter(lambda n: n > 0, input_columns="prompt_length")
+    phase = DistillationConfig.for_on_policy_phase(
+        output_dir=str(tmp_path / "phase"), max_steps=2, lmbda=1.0, on_policy_max_new_tokens=4, report_to="none",
+        use_cpu=True, logging_steps=1,
+    )  # fmt: skip
+    assert (phase.alpha, phase.divergence, phase.temperature, phase.on_policy_kl_clip) == (0.0, "reverse_kl", 1.0, 1.0)
+    args = make_args(tmp_path, max_steps=1, logging_steps=1)
+    _, result = recovery.run_recovery(
+        teacher=teacher, student=student, tokenizer=tok, args=args, train_dataset=mixture,
+        eval_splits={}, save=False, on_policy=(phase, chat_rows),
+    )  # fmt: skip
+    assert len(answered) == 2  # every step of the phase answered its prompts
+    assert result.train_steps == 3
+    assert [e["step"] for e in result.log_history if "loss" in e] == [1, 2, 3]  # the phase's steps follow on

@@ -201,6 +201,12 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
         (["compare", "--prunings", "magic:3"], ValueError, "Unknown prune spec"),
         (["compare", "--curve_points", "0"], ValueError, "at least 1 point"),
         (["recover", "--prune", "last:2", "--student", "x"], ValueError, "exactly one of"),
+        (["recover", "--prune", "last:2", "--on_policy_steps", "-1"], ValueError, "--on_policy_steps must be >= 0"),
+        (
+            ["recover", "--prune", "last:2", "--on_policy_steps", "4", "--teacher_data", "none"],
+            ValueError,
+            "--on_policy_steps answers the teacher data's prompts",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, match):

@@ -314,6 +314,32 @@ class DistillationConfig(TrainingArguments):
         "per_device_train_batch_size": 2,
     }
 
+    ON_POLICY_PHASE_RECIPE = {
+        "alpha": 0.0,
+        "beta": 1.0,
+        "gamma": 0.0,
+        "delta": 0.0,
+        "temperature": 1.0,
+        "divergence": "reverse_kl",
+        "lmbda": 0.5,
+        "on_policy_kl_clip": 1.0,
+        "learning_rate": 5e-5,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "per_device_train_batch_size": 4,
+    }
+
+    @classmethod
+    def for_on_policy_phase(cls, **overrides) -> DistillationConfig:
+        """A second phase after an off-policy warm start (`for_depth_recovery` on the teacher's answers): on half
+        the batches the student answers the chat rows' prompts itself and learns the teacher's view of its own
+        tokens (reverse KL at T = 1, GKD's on-policy distillation), on the other half it reads the teacher's own
+        answers (teacher rollouts mixed in); each token's divergence is clipped at 1, and there is no
+        cross-entropy. On-policy distillation pays from a warm start, not a cold one (Agarwal et al. 2024; Qwen3
+        distils off-policy first; weak students' rollouts loop without such guards). Train it on chat rows only.
+        """
+        return cls(**{**cls.ON_POLICY_PHASE_RECIPE, **overrides})
+
     @classmethod
     def for_depth_recovery(cls, **overrides) -> DistillationConfig:
         """The recipe for recovering a depth-pruned (and healed) student at small budgets.

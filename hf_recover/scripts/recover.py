@@ -60,6 +60,14 @@ class RecoverArguments:
         default=None,
         metadata={"help": "A teacher cache folder (hf-recover cache): KD from the cached top-k, no teacher forward."},
     )
+    on_policy_steps: int = field(
+        default=0,
+        metadata={
+            "help": "After the off-policy run (the warm start), this many steps of an on-policy phase on the teacher "
+            "data's prompts (DistillationConfig.for_on_policy_phase(): half the batches the student's own answers "
+            "scored by the teacher, reverse KL clipped at 1 per token; half the teacher's answers). 0: none."
+        },
+    )
 
 
 RECOVER_DEFAULTS = {
@@ -95,6 +103,13 @@ def main(
     spec = PruneSpec.parse(recover_args.prune) if recover_args.prune else None
     if recover_args.student and not Path(recover_args.student).is_dir():
         raise FileNotFoundError(f"--student {recover_args.student} is not a folder.")
+    if recover_args.on_policy_steps < 0:
+        raise ValueError(f"--on_policy_steps must be >= 0, got {recover_args.on_policy_steps}.")
+    if recover_args.on_policy_steps and (recover_args.teacher_cache or not mix_args.uses_teacher_data):
+        raise ValueError(
+            "--on_policy_steps answers the teacher data's prompts with the teacher in memory: train on teacher data "
+            "(--teacher_data auto or a folder, --chat_fraction > 0) and without --teacher_cache."
+        )
     temperature = config.temperature if config.beta > 0 else None
     if recover_args.teacher_cache:
         from ..distill.teacher_cache import check_cache_metadata, read_cache_metadata
@@ -160,6 +175,15 @@ def main(
             recover_args.teacher_cache, tokenizer=tokenizer, teacher=teacher, dataset=train, temperature=temperature
         )
 
+    on_policy = None
+    if recover_args.on_policy_steps:  # from the warm start, on the mixture's chat rows
+        chat_rows = train.filter(lambda n: n > 0, input_columns="prompt_length", keep_in_memory=True)
+        shared = ("use_cpu", "seed", "logging_steps", "report_to", "disable_tqdm", "bf16", "save_strategy")
+        phase = DistillationConfig.for_on_policy_phase(
+            output_dir=config.output_dir, max_steps=recover_args.on_policy_steps,
+            **{name: getattr(config, name) for name in shared},
+        )  # fmt: skip
+        on_policy = (phase, chat_rows)
     trainer, result = run_recovery(
         teacher=teacher,
         student=student,
@@ -172,6 +196,7 @@ def main(
         teacher_cache=teacher_cache,
         chat=reference,
         cut=cut,
+        on_policy=on_policy,
     )
     result.wall_time = time.perf_counter() - start
     pruned = spec.to_dict() if spec is not None else recover_args.student
