@@ -201,6 +201,7 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
         (["compare", "--prunings", "magic:3"], ValueError, "Unknown prune spec"),
         (["compare", "--curve_points", "0"], ValueError, "at least 1 point"),
         (["recover", "--prune", "last:2", "--student", "x"], ValueError, "exactly one of"),
+        (["recover", "--prune", "importance:2+last:1"], ValueError, "two depth parts, 'importance:2' and 'last:1'"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, match):
