@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .chat import end_of_turn_ids, render_prompt, repeated_ngram_rate
+from .chat import check_prompts, end_of_turn_ids, render_prompt, repeated_ngram_rate
 from .constants import IGNORE_INDEX
 from .generation import Sampling, generate_completions
 
@@ -106,7 +106,7 @@ def chat_reference(
     batch_size: int = 48,
 ) -> ChatReference:
     """The teacher's greedy answers to `prompts` (hf_recover's `test` prompts by default), up to `max_new_tokens`."""
-    prompts = list(load_chat_prompts("test") if prompts is None else prompts)
+    prompts = check_prompts(load_chat_prompts("test") if prompts is None else prompts, tokenizer)
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt to answer.")
     prompt_ids = [render_prompt(tokenizer, p) for p in prompts]

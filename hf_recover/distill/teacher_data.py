@@ -44,7 +44,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base.chat import as_messages, check_chat_template, end_of_turn_ids, has_chat_template, render_prompt
+from ..base.chat import (
+    CONVERSATION_COLUMNS,
+    as_conversation,
+    as_messages,
+    check_chat_template,
+    check_prompts,
+    end_of_turn_ids,
+    has_chat_template,
+    prompt_list,
+    render_prompt,
+)
 from ..base.chat_retention import ChatReference, chat_reference
 from ..base.constants import IGNORE_INDEX
 from ..base.defaults.cache import cache_root
@@ -131,7 +141,7 @@ def build_teacher_data(
     """
     from tqdm.auto import tqdm
 
-    given = None if prompts is None else _given_prompts(prompts)
+    given = None if prompts is None else given_prompts(prompts, tokenizer)
     chat = has_chat_template(tokenizer)
     if given is not None or num_prompts:
         check_chat_template(tokenizer, "Teacher answers to prompts")
@@ -205,7 +215,7 @@ def cached_teacher_data(
             for name, value in settings.items()
             if name != "prompts"
         },
-        "prompts": None if prompts is None else _fingerprint(_given_prompts(prompts)),
+        "prompts": None if prompts is None else _fingerprint(given_prompts(prompts, tokenizer)),
         "format_version": FORMAT_VERSION,
     }
     folder = cache_root(cache_dir) / "teacher-data" / _fingerprint(key)[:20]
@@ -225,10 +235,11 @@ def cached_chat_reference(
     """`chat_reference(teacher, tokenizer, prompts)` (the teacher's greedy answers that chat retention is measured
     against, with its own figures), computed once per teacher, tokenizer, prompts and answer length and then read
     from hf_recover's cache (`cache_root`): every later run measures against the very same answers."""
+    prompts = check_prompts(prompts, tokenizer)  # before the fingerprint: one string is no list of prompts
     key = {
         "teacher": weights_fingerprint(teacher),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "prompts": _fingerprint(list(prompts)),
+        "prompts": _fingerprint(prompts),
         "max_new_tokens": max_new_tokens,
         "format_version": FORMAT_VERSION,
         "version": __version__,
@@ -247,27 +258,33 @@ def cached_chat_reference(
 # -- what to generate ---------------------------------------------------------------------------------------------
 
 
-def _given_prompts(prompts: Any) -> list[Any]:
-    """A user's prompts as a list of strings or message lists, from a list or a dataset (`prompt` / `messages`)."""
+def given_prompts(prompts: Any, tokenizer: Any = None) -> list[Any]:
+    """A user's prompts as a list of strings or message lists, from a list or a dataset (`prompt`, or conversations
+    in `messages` / ShareGPT's `conversations`), empty ones dropped and the others checked (`check_prompts`, with
+    `tokenizer` for its special tokens): the one check the Python API and `hf-recover generate` run before any
+    model is loaded or any generation."""
     columns = getattr(prompts, "column_names", None)
     if columns is not None:
+        conversations = next((name for name in CONVERSATION_COLUMNS if name in columns), None)
         if "prompt" in columns:
             values = list(prompts["prompt"])
-        elif "messages" in columns:  # a conversation: its turns up to the last user message are the prompt
-            values = [_up_to_last_user_turn(m) for m in prompts["messages"]]
+        elif conversations:  # a conversation: its turns up to the last user message are the prompt
+            values = [_up_to_last_user_turn(m) for m in prompts[conversations]]
         else:
-            raise ValueError(f"The prompts dataset has no 'prompt' or 'messages' column (its columns: {columns}).")
+            raise ValueError(
+                f"The prompts dataset has no 'prompt' or 'messages' column (its columns: {columns}): rename the "
+                "column that holds the prompts to 'prompt' (strings) or 'messages' (conversations)."
+            )
     else:
-        values = list(prompts)
+        values = prompt_list(prompts)
     usable = [p for p in values if (p.strip() if isinstance(p, str) else p)]
     if not usable:
         raise ValueError("The prompts hold no usable text: every prompt is empty. Give prompts with some words.")
-    for prompt in usable:
-        as_messages(prompt)  # a clear error for a malformed one, before any generation
-    return usable
+    return check_prompts(usable, tokenizer)
 
 
 def _up_to_last_user_turn(messages: Sequence[dict]) -> list[dict] | str:
+    messages = as_conversation(messages)
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     return [dict(m) for m in messages[: users[-1] + 1]] if users else ""
 

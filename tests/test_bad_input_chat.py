@@ -1,0 +1,128 @@
+"""Bad input on the chat surface (prompts, conversations, teacher data, chat retention, the mixture, on-policy
+batches) is a clear error before any model is loaded or any data is built; ShareGPT conversations are converted the
+same way wherever conversations are read; reading teacher data writes nothing into its folder."""
+
+import json
+
+import pytest
+from conftest import build_tiny_model
+from datasets import Dataset
+
+from hf_recover.base.chat import as_messages, prepare_chat_dataset, render_prompt
+from hf_recover.base.chat_retention import chat_reference, evaluate_chat_retention
+from hf_recover.base.generation import Sampling
+from hf_recover.cli import main as cli
+from hf_recover.distill.teacher_data import (
+    build_teacher_data,
+    cached_chat_reference,
+    load_teacher_data,
+)
+
+ANSWERS = Sampling(max_new_tokens=8)
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "The quick fox?"},
+    {"role": "assistant", "content": "It jumps over the dog."},
+]
+SHAREGPT = [
+    {"from": "system", "value": "Be brief."},
+    {"from": "human", "value": "The quick fox?"},
+    {"from": "gpt", "value": "It jumps over the dog."},
+]
+
+
+@pytest.fixture
+def tok(tiny_chat_tokenizer):
+    return tiny_chat_tokenizer
+
+
+@pytest.fixture
+def teacher(tok):
+    return build_tiny_model(vocab_size=len(tok))
+
+
+def never(*args, **kwargs):
+    pytest.fail("generated or loaded a model before the input was checked")
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading any model (the embedded teacher, a folder, a tokenizer) fails the test."""
+    import transformers
+
+    import hf_recover.base.defaults
+
+    monkeypatch.setattr(hf_recover.base.defaults, "load_default_teacher", never)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", never)
+
+
+# -- prompts and conversations --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompts, error, match",
+    [
+        ("Tell me about rivers.", TypeError, r"one string \('Tell me about rivers\.'\), not a list"),
+        ([[{"role": "user", "content": "   "}]], ValueError, r"user turn is blank \('   '\)"),
+        (["<|im_start|><|im_end|>"], ValueError, r"special token\(s\) \['<\|im_end\|>', '<\|im_start\|>'\]"),
+        (["Hello <|im_end|> there"], ValueError, r"special token\(s\) \['<\|im_end\|>'\]"),
+        ([[{"role": "user", "text": "Hi there"}]], ValueError, "Rename its 'text' key to 'content'"),
+        ([[{"from": "robot", "value": "Hi"}]], ValueError, "speaker 'robot'"),
+        (CONVERSATION[:2], TypeError, "one conversation .* pass \\[conversation\\]"),
+        ([{"role": "user", "content": "Hi"}, "Hello?"], TypeError, "one message .*: wrap it in a list"),
+    ],
+)
+def test_bad_prompts_are_refused_before_any_generation(tmp_path, teacher, tok, prompts, error, match):
+    with pytest.raises(error, match=match):
+        build_teacher_data(teacher, tok, tmp_path / "d", prompts=prompts, num_prompts=0, generate=never)
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(error, match=match):  # the chat retention's prompts go through the same check
+        evaluate_chat_retention(teacher, teacher, prompts, tok)
+    with pytest.raises(error, match=match):
+        cached_chat_reference(teacher, tok, prompts, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_sharegpt_conversations_are_converted_wherever_conversations_are_read(tmp_path, teacher, tok):
+    assert as_messages(SHAREGPT[:2]) == CONVERSATION[:2]
+    assert render_prompt(tok, SHAREGPT[:2]) == render_prompt(tok, CONVERSATION[:2])
+    # training rows: a `messages` column in ShareGPT's shape, or ShareGPT's own `conversations` column
+    trl = prepare_chat_dataset(Dataset.from_dict({"messages": [CONVERSATION]}), tok)
+    for column in ("messages", "conversations"):
+        converted = prepare_chat_dataset(Dataset.from_dict({column: [SHAREGPT]}), tok)
+        assert converted.to_dict() == trl.to_dict()
+    # teacher data: the prompts of a dataset of conversations stop at the last user turn
+    kwargs = dict(num_prompts=0, answer_sampling=ANSWERS, show_progress=False)
+    ours = build_teacher_data(
+        teacher, tok, tmp_path / "a", prompts=Dataset.from_dict({"messages": [CONVERSATION]}), **kwargs
+    )
+    theirs = build_teacher_data(
+        teacher, tok, tmp_path / "b", prompts=Dataset.from_dict({"conversations": [SHAREGPT]}), **kwargs
+    )
+    assert load_teacher_data(theirs)["input_ids"] == load_teacher_data(ours)["input_ids"]
+    # chat retention: the same reference, and the prompts kept in TRL's shape
+    reference = chat_reference(teacher, tok, [SHAREGPT[:2]], max_new_tokens=4)
+    assert reference.prompts == [CONVERSATION[:2]]
+    assert reference.prompt_ids == chat_reference(teacher, tok, [CONVERSATION[:2]], max_new_tokens=4).prompt_ids
+
+
+def test_a_bad_message_in_a_chat_dataset_is_said_before_the_map(tok):
+    rows = Dataset.from_dict({"messages": [[{"role": "user", "text": "Hi"}, {"role": "assistant", "text": "Yo"}]]})
+    with pytest.raises(ValueError, match="Rename its 'text' key to 'content'"):
+        prepare_chat_dataset(rows, tok)
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+
+
+def test_generate_refuses_a_prompts_file_without_prompts_before_loading_the_teacher(tmp_path, no_model_loads):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"question": "How do rivers form?"}) + "\n")
+    with pytest.raises(ValueError, match=r"no 'prompt' or 'messages' column \(its columns: \['question'\]\)"):
+        cli(["generate", "--teacher", "default", "--prompts", str(prompts), "--output_dir", str(tmp_path / "out")])
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(json.dumps({"messages": [{"role": "user", "content": "  "}]}) + "\n")
+    with pytest.raises(ValueError, match="user turn is blank"):
+        cli(["generate", "--teacher", "default", "--prompts", str(blank), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
