@@ -5,11 +5,13 @@ same way wherever conversations are read; reading teacher data writes nothing in
 import json
 
 import pytest
-from conftest import build_tiny_model
+from conftest import TINY_TEXTS, build_tiny_model, make_args
 from datasets import Dataset
 
+from hf_recover import DistillationTrainer
 from hf_recover.base.chat import as_messages, prepare_chat_dataset, render_prompt
 from hf_recover.base.chat_retention import chat_reference, evaluate_chat_retention
+from hf_recover.base.data import prepare_recovery_dataset
 from hf_recover.base.generation import Sampling
 from hf_recover.cli import main as cli
 from hf_recover.distill.teacher_data import (
@@ -111,6 +113,24 @@ def test_a_bad_message_in_a_chat_dataset_is_said_before_the_map(tok):
     rows = Dataset.from_dict({"messages": [[{"role": "user", "text": "Hi"}, {"role": "assistant", "text": "Yo"}]]})
     with pytest.raises(ValueError, match="Rename its 'text' key to 'content'"):
         prepare_chat_dataset(rows, tok)
+
+
+# -- on-policy batches ----------------------------------------------------------------------------------------------
+
+
+def test_on_policy_batches_need_prompts_and_a_tokenizer(tmp_path, tok):
+    teacher, student = build_tiny_model(vocab_size=len(tok), seed=0), build_tiny_model(vocab_size=len(tok), seed=1)
+    args = make_args(tmp_path, lmbda=0.5)
+    text = prepare_recovery_dataset(Dataset.from_dict({"text": TINY_TEXTS}), tok, max_length=16)
+    with pytest.raises(ValueError, match=r"lmbda=0.5 .* no row of train_dataset has one .*'input_ids'"):
+        DistillationTrainer(student, teacher, args, train_dataset=text, processing_class=tok)
+    no_prompts = text.add_column("prompt_length", [0] * len(text))  # text rows in the chat columns
+    with pytest.raises(ValueError, match="no row of train_dataset has one"):
+        DistillationTrainer(student, teacher, args, train_dataset=no_prompts, processing_class=tok)
+    chat = prepare_chat_dataset(Dataset.from_dict({"messages": [CONVERSATION]}), tok)
+    with pytest.raises(ValueError, match="lmbda=0.5 .* needs the tokenizer .* processing_class=tokenizer"):
+        DistillationTrainer(student, teacher, args, train_dataset=chat)
+    DistillationTrainer(student, teacher, args, train_dataset=chat, processing_class=tok)  # prompts: accepted
 
 
 # -- the command line -----------------------------------------------------------------------------------------------
