@@ -104,10 +104,11 @@ def teacher_mixture(
     tokenizer, or `"auto"`: written by the teacher once with `num_prompts`, `num_samples` and `answer_tokens`, then
     read from hf_recover's cache. Returns `(mixture, teacher_data_folder)`."""
     from .base.chat import prepare_chat_dataset
-    from .base.data import mix_recovery_datasets
+    from .base.data import check_mixture, mix_recovery_datasets
     from .base.generation import Sampling
     from .distill.teacher_data import cached_teacher_data, load_teacher_data
 
+    check_mixture(chat_fraction, sample_fraction, train_tokens)
     if str(teacher_data) == "auto":
         folder = cached_teacher_data(
             teacher, tokenizer, num_prompts=num_prompts, num_samples=num_samples, seed=seed,

@@ -3,6 +3,7 @@ batches) is a clear error before any model is loaded or any data is built; Share
 same way wherever conversations are read; reading teacher data writes nothing into its folder."""
 
 import json
+import logging
 
 import pytest
 from conftest import TINY_TEXTS, build_tiny_model, make_args
@@ -19,6 +20,7 @@ from hf_recover.distill.teacher_data import (
     cached_chat_reference,
     load_teacher_data,
 )
+from hf_recover.recovery import teacher_mixture
 
 ANSWERS = Sampling(max_new_tokens=8)
 CONVERSATION = [
@@ -115,6 +117,28 @@ def test_a_bad_message_in_a_chat_dataset_is_said_before_the_map(tok):
         prepare_chat_dataset(rows, tok)
 
 
+# -- the mixture ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chat_fraction=-0.2), r"chat_fraction \(--chat_fraction\) .* \[0, 1\], got -0.2"),
+        (dict(sample_fraction=1.5), r"sample_fraction .* got 1.5"),
+        (dict(chat_fraction=0.7, sample_fraction=0.5), "together are 1.2, over 1"),
+        (dict(train_tokens=0), r"train_tokens \(--train_tokens\) .* got 0"),
+        (dict(train_tokens=-1000), "got -1000"),
+    ],
+)
+def test_bad_mixture_settings_are_refused_before_any_teacher_data(tok, monkeypatch, kwargs, match):
+    import hf_recover.distill.teacher_data as teacher_data
+
+    monkeypatch.setattr(teacher_data, "cached_teacher_data", never)
+    monkeypatch.setattr(teacher_data, "load_teacher_data", never)
+    with pytest.raises(ValueError, match=match):
+        teacher_mixture(build_tiny_model(vocab_size=len(tok)), tok, None, **{"train_tokens": 100, **kwargs})
+
+
 # -- on-policy batches ----------------------------------------------------------------------------------------------
 
 
@@ -146,3 +170,31 @@ def test_generate_refuses_a_prompts_file_without_prompts_before_loading_the_teac
     with pytest.raises(ValueError, match="user turn is blank"):
         cli(["generate", "--teacher", "default", "--prompts", str(blank), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_recover_says_that_a_base_teacher_is_not_measured_as_an_assistant(
+    tmp_path, tiny_tokenizer, monkeypatch, caplog
+):
+    import hf_recover.recovery
+
+    build_tiny_model().save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    for i in range(20):
+        (tmp_path / "data" / f"doc{i}.txt").write_text(" ".join(TINY_TEXTS[i % 10 :] + TINY_TEXTS[: i % 10]))
+
+    class SetupDone(Exception):
+        pass
+
+    def capture(*, chat, **kwargs):
+        assert chat is None
+        raise SetupDone
+
+    monkeypatch.setattr(hf_recover.recovery, "run_recovery", capture)
+    with caplog.at_level(logging.INFO, logger="hf_recover.scripts.recover"), pytest.raises(SetupDone):
+        cli(["recover", "--teacher", str(tmp_path / "teacher"), "--prune", "last:2", "--chat_prompts", "dev",
+             "--teacher_data", "none", "--dataset", str(tmp_path / "data"), "--max_length", "32",
+             "--eval_max_length", "32", "--eval_blocks", "2", "--calibration_blocks", "2",
+             "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    warning = [r for r in caplog.records if "--chat_prompts dev is ignored" in r.getMessage()]
+    assert warning and warning[0].levelno == logging.WARNING

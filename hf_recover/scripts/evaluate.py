@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..base.loading import load_model
-from .arguments import DataArguments, command_parser, load_text_splits, prepare_eval_splits
+from .arguments import DataArguments, check_chat_prompts, command_parser, load_text_splits, prepare_eval_splits
 
 
 @dataclass
@@ -50,8 +50,7 @@ def main(args: EvaluateArguments, data_args: DataArguments):
     from ..distill.teacher_data import cached_chat_reference
     from ..recovery import RecoveryResult, evaluate_assistant, evaluate_splits
 
-    if args.chat_prompts not in ("test", "dev", "none"):
-        raise ValueError(f"--chat_prompts must be test, dev or none, got {args.chat_prompts!r}.")
+    check_chat_prompts(args.chat_prompts)
     if args.output_file and Path(args.output_file).exists():
         raise ValueError(f"--output_file {args.output_file} exists; choose another path or delete it.")
     if args.tasks:

@@ -116,6 +116,13 @@ def main(
     # float32 first: a student pruned from the teacher is trained in float32, whatever the teacher's dtype
     teacher, tokenizer = load_model(recover_args.teacher)
     chat = has_chat_template(tokenizer) and mix_args.chat_prompts != "none"
+    if not has_chat_template(tokenizer) and mix_args.chat_prompts != "none":
+        # a base model has no assistant to measure: said, not silently skipped
+        log = logger.warning if mix_args.chat_prompts != MixtureArguments.chat_prompts else logger.info
+        log(
+            "%s has no chat template (a base model): the assistant is not measured and --chat_prompts %s is ignored.",
+            recover_args.teacher, mix_args.chat_prompts,
+        )  # fmt: skip
     if mix_args.uses_teacher_data and mix_args.chat_fraction > 0 and not has_chat_template(tokenizer):
         if mix_args.teacher_data != "auto":
             raise ValueError(
