@@ -2,6 +2,7 @@
 batches) is a clear error before any model is loaded or any data is built; ShareGPT conversations are converted the
 same way wherever conversations are read; reading teacher data writes nothing into its folder."""
 
+import hashlib
 import json
 import logging
 
@@ -16,6 +17,7 @@ from hf_recover.base.data import prepare_recovery_dataset
 from hf_recover.base.generation import Sampling
 from hf_recover.cli import main as cli
 from hf_recover.distill.teacher_data import (
+    METADATA_NAME,
     build_teacher_data,
     cached_chat_reference,
     load_teacher_data,
@@ -115,6 +117,43 @@ def test_a_bad_message_in_a_chat_dataset_is_said_before_the_map(tok):
     rows = Dataset.from_dict({"messages": [[{"role": "user", "text": "Hi"}, {"role": "assistant", "text": "Yo"}]]})
     with pytest.raises(ValueError, match="Rename its 'text' key to 'content'"):
         prepare_chat_dataset(rows, tok)
+
+
+# -- teacher data on disk -------------------------------------------------------------------------------------------
+
+
+def _hashes(folder):
+    files = (path for path in folder.rglob("*") if path.is_file())
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+
+
+def test_reading_teacher_data_leaves_its_folder_byte_identical(tmp_path, teacher, tok):
+    out = build_teacher_data(
+        teacher, tok, tmp_path / "d", prompts=["The quick fox?", "A river runs?"], num_samples=2,
+        answer_sampling=ANSWERS, sample_sampling=Sampling(1.0, max_new_tokens=8), show_progress=False,
+    )  # fmt: skip
+    before = _hashes(out)
+    rows = load_teacher_data(out)
+    answers = rows.filter(lambda kind: kind == "answer", input_columns="kind")
+    prepare_chat_dataset(answers, tok)
+    text = prepare_recovery_dataset(Dataset.from_dict({"text": TINY_TEXTS}), tok, max_length=16)
+    mixture, _ = teacher_mixture(
+        teacher, tok, text, train_tokens=60, teacher_data=out, chat_fraction=0.2, sample_fraction=0.1, max_length=64
+    )
+    assert len(mixture) > 0
+    assert _hashes(out) == before  # no cache-*.arrow beside the shards, nothing changed
+
+
+def test_a_cut_short_metadata_file_names_the_file_the_folder_and_the_fix(tmp_path, teacher, tok):
+    out = build_teacher_data(
+        teacher, tok, tmp_path / "d", prompts=["The quick fox?"], num_prompts=0, answer_sampling=ANSWERS
+    )
+    metadata = out / METADATA_NAME
+    metadata.write_text(metadata.read_text()[:40])
+    with pytest.raises(ValueError, match="not valid JSON") as error:
+        load_teacher_data(out)
+    assert str(metadata) in str(error.value) and f"in {out} is damaged" in str(error.value)
+    assert "overwrite=True (--overwrite)" in str(error.value)
 
 
 # -- the mixture ------------------------------------------------------------------------------------------------------

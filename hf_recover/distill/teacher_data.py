@@ -439,7 +439,8 @@ def load_teacher_data(
     `ValueError`; an interrupted build a `FileNotFoundError` (run the same build again to finish it)."""
     metadata = read_teacher_data_metadata(path)
     check_teacher_data(metadata, path, teacher=teacher, tokenizer=tokenizer)
-    data = load_shards(path, metadata, what=WHAT, verify_checksums=verify_checksums)
+    # in memory: `datasets` would otherwise write the cache files of every later filter or map beside the shards
+    data = load_shards(path, metadata, what=WHAT, verify_checksums=verify_checksums, keep_in_memory=True)
     seen, keep = set(), []
     for index, (kind, messages) in enumerate(zip(data["kind"], data["messages"])):
         key = _normalised(messages[0]["content"]) if kind == "answer" and messages else None

@@ -112,6 +112,10 @@ def main(
                 "cache the mixture itself with hf_recover.cache_teacher_outputs."
             )
         mix_args.teacher_data = "none"  # the cache stands for the teacher on the text alone
+    if mix_args.uses_teacher_data and mix_args.teacher_data != "auto":
+        from ..distill.teacher_data import read_teacher_data_metadata
+
+        read_teacher_data_metadata(mix_args.teacher_data)  # a missing or damaged folder, before the corpus is read
 
     # float32 first: a student pruned from the teacher is trained in float32, whatever the teacher's dtype
     teacher, tokenizer = load_model(recover_args.teacher)
