@@ -97,27 +97,38 @@ def teacher_mixture(
     answer_tokens: int = 128,
     max_length: int = 256,
     seed: int = 0,
+    overwrite_teacher_data: bool = False,
 ):
     """A training set of `train_tokens` tokens: `chat_fraction` of them the teacher's answers (one conversation per
     row, the loss on the assistant's tokens only), `sample_fraction` its unconditional samples, the rest `text`
     (prepared blocks). `teacher_data` is a folder of `hf_recover.build_teacher_data`, checked against this teacher and
     tokenizer, or `"auto"`: written by the teacher once with `num_prompts`, `num_samples` and `answer_tokens`, then
-    read from hf_recover's cache. Returns `(mixture, teacher_data_folder)`."""
+    read from hf_recover's cache (`overwrite_teacher_data` writes it again: a damaged folder). Reading the teacher
+    data writes nothing into its folder. Returns `(mixture, teacher_data_folder)`."""
     from .base.chat import prepare_chat_dataset
     from .base.data import check_mixture, mix_recovery_datasets
     from .base.generation import Sampling
     from .distill.teacher_data import cached_teacher_data, load_teacher_data
 
     check_mixture(chat_fraction, sample_fraction, train_tokens)
-    if str(teacher_data) == "auto":
+    auto = str(teacher_data) == "auto"
+    if auto:
         folder = cached_teacher_data(
             teacher, tokenizer, num_prompts=num_prompts, num_samples=num_samples, seed=seed,
             answer_sampling=Sampling(max_new_tokens=answer_tokens),
             sample_sampling=Sampling(temperature=1.0, max_new_tokens=answer_tokens),
+            overwrite=overwrite_teacher_data,
         )  # fmt: skip
     else:
         folder = Path(teacher_data)
-    rows = load_teacher_data(folder, teacher=teacher, tokenizer=tokenizer)
+    try:
+        rows = load_teacher_data(folder, teacher=teacher, tokenizer=tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        if not auto:
+            raise
+        hint = "It is hf_recover's cached teacher data: build it again with overwrite_teacher_data=True"
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+        raise kind(f"{err} {hint} (--overwrite_teacher_data).") from err
     parts, quotas = {"text": text}, {}
     for kind, fraction in (("answer", chat_fraction), ("sample", sample_fraction)):
         if fraction > 0:

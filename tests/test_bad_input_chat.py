@@ -156,6 +156,24 @@ def test_a_cut_short_metadata_file_names_the_file_the_folder_and_the_fix(tmp_pat
     assert "overwrite=True (--overwrite)" in str(error.value)
 
 
+def test_a_damaged_cached_folder_is_rebuilt_by_a_flag(tmp_path, teacher, tok, monkeypatch, caplog):
+    monkeypatch.setenv("HF_RECOVER_CACHE", str(tmp_path / "cache"))
+    text = prepare_recovery_dataset(Dataset.from_dict({"text": TINY_TEXTS}), tok, max_length=16)
+    kwargs = dict(
+        train_tokens=40, num_prompts=0, num_samples=4, answer_tokens=8, chat_fraction=0.0, sample_fraction=0.25
+    )
+    _, folder = teacher_mixture(teacher, tok, text, **kwargs)
+    whole = _hashes(folder)
+    metadata = folder / METADATA_NAME
+    metadata.write_text(metadata.read_text()[:40])
+    with pytest.raises(ValueError, match="not valid JSON.*--overwrite_teacher_data"):
+        teacher_mixture(teacher, tok, text, **kwargs)
+    with caplog.at_level(logging.WARNING, logger="hf_recover.distill.teacher_data"):
+        _, again = teacher_mixture(teacher, tok, text, overwrite_teacher_data=True, **kwargs)
+    assert again == folder and _hashes(folder) == whole  # the same build, whole again
+    assert "Rebuilding the cached teacher data" in caplog.text and "not valid JSON" in caplog.text  # the reason
+
+
 # -- the mixture ------------------------------------------------------------------------------------------------------
 
 

@@ -208,6 +208,7 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
         (["recover", "--prune", "last:2", "--train_tokens", "-1000"], ValueError, "got -1000"),
         (["recover", "--prune", "last:2", "--chat_fraction", "-0.2"], ValueError, "got -0.2"),
         (["recover", "--prune", "last:2", "--teacher_data", "./no-data"], FileNotFoundError, "No teacher data at"),
+        (["recover", "--prune", "last:2", "--teacher_data", "x", "--overwrite_teacher_data"], ValueError, "is 'x'"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, match):

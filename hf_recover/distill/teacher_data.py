@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -62,6 +63,8 @@ from ..base.generation import Sampling, generate_completions
 from ..base.version import __version__
 from .fingerprints import tokenizer_fingerprint, weights_fingerprint
 from .shards import ShardedBuild, load_shards, read_metadata
+
+logger = logging.getLogger(__name__)
 
 METADATA_NAME = "teacher_data.json"
 FORMAT_VERSION = 1
@@ -200,12 +203,17 @@ def build_teacher_data(
 
 
 def cached_teacher_data(
-    teacher: nn.Module, tokenizer: Any, *, cache_dir: str | os.PathLike | None = None, **settings: Any
+    teacher: nn.Module,
+    tokenizer: Any,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    **settings: Any,
 ) -> Path:
     """`build_teacher_data(teacher, tokenizer, folder, **settings)` into hf_recover's cache (`cache_root`): written
     on the first call, finished on the next one if it was interrupted, read as it is afterwards. The folder is named
     by a fingerprint of the teacher's weights, the tokenizer and every setting: other weights or settings get their
-    own data, never another's."""
+    own data, never another's. `overwrite` builds it again (a damaged folder), logging what was wrong with it."""
     prompts = settings.get("prompts")
     key = {
         "teacher": weights_fingerprint(teacher),
@@ -219,9 +227,20 @@ def cached_teacher_data(
         "format_version": FORMAT_VERSION,
     }
     folder = cache_root(cache_dir) / "teacher-data" / _fingerprint(key)[:20]
-    if not (folder / METADATA_NAME).is_file():
+    if overwrite and folder.exists():
+        logger.warning("Rebuilding the cached teacher data in %s (overwrite): %s.", folder, _what_is_wrong(folder))
+        build_teacher_data(teacher, tokenizer, folder, overwrite=True, **settings)
+    elif not (folder / METADATA_NAME).is_file():
         build_teacher_data(teacher, tokenizer, folder, **settings)
     return folder
+
+
+def _what_is_wrong(folder: Path) -> str:
+    try:
+        load_shards(folder, read_teacher_data_metadata(folder), what=WHAT, keep_in_memory=True)
+    except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
+        return str(err)
+    return "it reads back whole, and is rebuilt as asked"
 
 
 def cached_chat_reference(

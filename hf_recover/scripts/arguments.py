@@ -91,10 +91,19 @@ class MixtureArguments:
             "'none'."
         },
     )
+    overwrite_teacher_data: bool = field(
+        default=False,
+        metadata={"help": "With --teacher_data auto: build the cached teacher data again (a damaged folder)."},
+    )
 
     def __post_init__(self):
         check_mixture(self.chat_fraction, self.sample_fraction, self.train_tokens)
         check_chat_prompts(self.chat_prompts)
+        if self.overwrite_teacher_data and self.teacher_data != "auto":
+            raise ValueError(
+                f"--overwrite_teacher_data builds the cached teacher data (--teacher_data auto) again; --teacher_data "
+                f"is {self.teacher_data!r}. Rebuild a folder of yours with `hf-recover generate --overwrite`."
+            )
 
     @property
     def uses_teacher_data(self) -> bool:

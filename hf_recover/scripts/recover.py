@@ -149,6 +149,7 @@ def main(
             chat_fraction=mix_args.chat_fraction, sample_fraction=mix_args.sample_fraction,
             num_prompts=mix_args.num_prompts, num_samples=mix_args.num_samples, answer_tokens=mix_args.answer_tokens,
             max_length=data_args.max_length, seed=data_args.data_seed_value,
+            overwrite_teacher_data=mix_args.overwrite_teacher_data,
         )  # fmt: skip
         config.max_steps = -(-len(train) // rows_per_step)
     elif mix_args.train_tokens:
