@@ -102,36 +102,56 @@ def teacher_mixture(
     answer_filter: AnswerFilter = GOOD_ANSWERS,
     max_length: int = 256,
     seed: int = 0,
+    overwrite_teacher_data: bool = False,
 ):
     """A training set of `train_tokens` tokens: `chat_fraction` of them the teacher's answers (one conversation per
     row, the loss on the assistant's tokens only), `sample_fraction` its unconditional samples, the rest `text`
     (prepared blocks). `teacher_data` is a folder of `hf_recover.build_teacher_data`, checked against this teacher and
     tokenizer, or `"auto"`: written by the teacher once with `num_prompts`, `num_samples`, `answers_per_prompt`
     answers to each prompt drawn by `answer_sampling` (by default sampled at `ANSWER_TEMPERATURE`, top-p
-    `ANSWER_TOP_P`, up to `answer_tokens`), then read from hf_recover's cache. Training reads the answers
-    `answer_filter` keeps (by default those that finish, do not refuse and do not loop). Returns
+    `ANSWER_TOP_P`, up to `answer_tokens`), then read from hf_recover's cache (`overwrite_teacher_data` writes it
+    again: a damaged folder). Training reads the answers `answer_filter` keeps (by default those that finish, do not
+    refuse and do not loop). Reading the teacher data writes nothing into its folder. Returns
     `(mixture, teacher_data_folder)`."""
     from .base.chat import prepare_chat_dataset
-    from .base.data import mix_recovery_datasets
+    from .base.data import check_mixture, mix_recovery_datasets
     from .distill.teacher_data import cached_teacher_data, load_teacher_data
 
-    if str(teacher_data) == "auto":
+    check_mixture(chat_fraction, sample_fraction, train_tokens)
+    auto = str(teacher_data) == "auto"
+    if auto:
         if answer_sampling is None:
             answer_sampling = Sampling(ANSWER_TEMPERATURE, ANSWER_TOP_P, max_new_tokens=answer_tokens)
         folder = cached_teacher_data(
             teacher, tokenizer, num_prompts=num_prompts, num_samples=num_samples, seed=seed,
             answers_per_prompt=answers_per_prompt, answer_sampling=answer_sampling,
             sample_sampling=Sampling(temperature=1.0, max_new_tokens=answer_tokens),
+            overwrite=overwrite_teacher_data,
         )  # fmt: skip
     else:
         folder = Path(teacher_data)
-    rows = load_teacher_data(folder, teacher=teacher, tokenizer=tokenizer, answer_filter=answer_filter)
+    try:
+        rows = load_teacher_data(folder, teacher=teacher, tokenizer=tokenizer, answer_filter=answer_filter)
+    except (FileNotFoundError, ValueError) as err:
+        if not auto:
+            raise
+        hint = "It is hf_recover's cached teacher data: build it again with overwrite_teacher_data=True"
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+        raise kind(f"{err} {hint} (--overwrite_teacher_data).") from err
     parts, quotas = {"text": text}, {}
     for kind, fraction in (("answer", chat_fraction), ("sample", sample_fraction)):
         if fraction > 0:
             chosen = rows.filter(lambda k, kind=kind: k == kind, input_columns="kind")
             if len(chosen) == 0:
-                raise ValueError(f"The teacher data in {folder} holds no {kind}s; set the {kind} fraction to 0.")
+                kept = " that the answer filter keeps (its README.md says why)" if kind == "answer" else ""
+                raise ValueError(
+                    f"The teacher data in {folder} holds no {kind}s{kept}; set the {kind} fraction to 0"
+                    + (
+                        ", or train on every answer (answer_filter=KEEP_ALL_ANSWERS, --no_filter_answers)."
+                        if kept
+                        else "."
+                    )
+                )
             parts[kind] = prepare_chat_dataset(chosen, tokenizer, max_length=max_length)
             quotas[kind] = round(fraction * train_tokens)
     quotas["text"] = train_tokens - sum(quotas.values())

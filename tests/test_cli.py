@@ -207,6 +207,14 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
             ValueError,
             "--on_policy_steps answers the teacher data's prompts",
         ),
+        (["recover", "--prune", "importance:2+last:1"], ValueError, "two depth parts, 'importance:2' and 'last:1'"),
+        (["recover", "--prune", "last:2", "--chat_prompts", "my.json"], ValueError, "got 'my.json'"),
+        (["evaluate", "--model", "./m", "--chat_prompts", "my.json"], ValueError, "got 'my.json'"),
+        (["recover", "--prune", "last:2", "--train_tokens", "0"], ValueError, r"--train_tokens\) .* got 0"),
+        (["recover", "--prune", "last:2", "--train_tokens", "-1000"], ValueError, "got -1000"),
+        (["recover", "--prune", "last:2", "--chat_fraction", "-0.2"], ValueError, "got -0.2"),
+        (["recover", "--prune", "last:2", "--teacher_data", "./no-data"], FileNotFoundError, "No teacher data at"),
+        (["recover", "--prune", "last:2", "--teacher_data", "x", "--overwrite_teacher_data"], ValueError, "is 'x'"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, argv, error, match):

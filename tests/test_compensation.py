@@ -133,3 +133,6 @@ def test_bad_heal_inputs_are_refused_before_any_work():
         prune_width(teacher, pruning_ratio=0.5, heal="lstsq")
     with pytest.raises(ValueError, match="heal must be None or one of"):
         prune_width(teacher, pruning_ratio=0.5, heal="svd", data=_rows())
+    # a hidden-size cut alone removes no column to refit: refused, not recorded as healed
+    with pytest.raises(ValueError, match="heal='lstsq' .* hidden_size=16\\): nothing would be refitted"):
+        prune_width(teacher, hidden_size=16, heal="lstsq", data=_rows())

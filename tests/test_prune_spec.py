@@ -116,6 +116,12 @@ def test_needs_calibration_is_decided_in_one_place(text, needs):
         ('{"width": {"pruning_ratio": 0.2, "expansion_rate": 2.0}}', "exactly one of"),
         ("{}", "a dict with keys 'depth' and/or 'width'"),
         ("", "A prune spec is a string"),
+        ("importance:2+last:1", "two depth parts, 'importance:2' and 'last:1'"),
+        ("remove:1+angular:2", "two depth parts"),
+        ("heads:2+heads:0.5", "two heads parts, 'heads:2' and 'heads:0.5'"),
+        ("width:maw:0.1+width:vow:0.2", "two width parts"),
+        ("hidden:16:heal=lstsq", "nothing would be refitted"),
+        ('{"width": {"pruning_ratio": 0.2, "hidden_method": "rotate"}}', "nothing would be rotated"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(value, match):

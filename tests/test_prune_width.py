@@ -153,6 +153,7 @@ def test_depth_then_width_compose(tiny_llama, tmp_path):
         ({"pruning_ratio": 0.5, "method": "activation"}, "pass data="),
         ({"pruning_ratio": 0.5, "method": "random"}, "method must be one of"),
         ({"pruning_ratio": 0.5, "layers": [6]}, "outside"),
+        ({"pruning_ratio": 0.25, "hidden_method": "rotate"}, "hidden_method='rotate' .* nothing would be rotated"),
     ],
 )
 def test_bad_input_raises_before_touching_the_model(tiny_llama, kwargs, match):

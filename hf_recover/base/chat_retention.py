@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .answer_quality import REPEAT_N, answer_quality
-from .chat import end_of_turn_ids, render_prompt, repeated_ngram_rate
+from .chat import check_prompts, end_of_turn_ids, render_prompt, repeated_ngram_rate
 from .constants import IGNORE_INDEX
 from .generation import Sampling, generate_completions
 from .instruction_following import check_instruction_prompts, score_instruction_following
@@ -148,7 +148,7 @@ def chat_reference(
     """The teacher's greedy answers to `prompts` (hf_recover's `test` prompts by default), up to `max_new_tokens`,
     and to the `instructions` (IFEval items, e.g. `load_instruction_prompts("test")`; none by default), up to
     `instruction_max_new_tokens`, with the teacher's own figures on them."""
-    prompts = list(load_chat_prompts("test") if prompts is None else prompts)
+    prompts = check_prompts(load_chat_prompts("test") if prompts is None else prompts, tokenizer)
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt to answer.")
     instructions = check_instruction_prompts(instructions)

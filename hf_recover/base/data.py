@@ -332,6 +332,28 @@ def pad_rows(dataset: Dataset, pad_id: int) -> Dataset:
     return dataset.map(pad, desc="Padding rows")
 
 
+def check_mixture(chat_fraction: float, sample_fraction: float, train_tokens: int | None = None) -> None:
+    """The checks of a mixture's settings that `teacher_mixture` and `hf-recover recover` share: each fraction in
+    [0, 1], some room left for text, and a positive token budget (None: the caller's default)."""
+    for name, value in (("chat_fraction", chat_fraction), ("sample_fraction", sample_fraction)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ValueError(
+                f"{name} (--{name}) is a share of the training tokens and must lie in [0, 1], got {value!r}."
+            )
+    if chat_fraction + sample_fraction > 1:
+        raise ValueError(
+            f"chat_fraction + sample_fraction (--chat_fraction, --sample_fraction) together are "
+            f"{chat_fraction + sample_fraction:g}, over 1: leave some room for text."
+        )
+    if train_tokens is not None and (
+        isinstance(train_tokens, bool) or not isinstance(train_tokens, int) or train_tokens < 1
+    ):
+        raise ValueError(
+            f"train_tokens (--train_tokens) is the mixture's size in tokens and must be an int >= 1, got "
+            f"{train_tokens!r}; leave it unset for the default budget (max_steps x batch x max_length)."
+        )
+
+
 def mix_recovery_datasets(datasets: Mapping[str, Dataset], tokens: Mapping[str, int], *, seed: int = 0) -> Dataset:
     """About `tokens[name]` tokens of each prepared dataset (its first rows after a seeded shuffle, until the count is
     reached), shuffled together: a training mixture measured in the tokens it trains on.

@@ -24,6 +24,32 @@ PROMPT_LENGTH_COLUMN = "prompt_length"
 it: what on-policy batches keep and answer."""
 
 
+def check_on_policy_inputs(lmbda: float, train_dataset: Any, tokenizer: Any) -> None:
+    """Refuse on-policy batches (`lmbda > 0`) that could never happen, when the trainer is built: without a
+    tokenizer the student cannot answer, and a training set whose rows have no prompt (`prompt_length` 0 or
+    absent: text only) gives it nothing to answer. A dataset that cannot be read ahead (streamed) is not checked."""
+    if tokenizer is None:
+        raise ValueError(
+            f"lmbda={lmbda} has the student answer the batches' prompts, which needs the tokenizer (its pad and "
+            "end-of-turn tokens): pass processing_class=tokenizer, or set lmbda=0."
+        )
+    columns = getattr(train_dataset, "column_names", None)
+    if train_dataset is None or columns is None or not hasattr(train_dataset, "with_format"):
+        return
+    prompts = PROMPT_LENGTH_COLUMN in columns and len(train_dataset) > 0
+    if prompts:  # the column alone, as Arrow: no row is decoded
+        import pyarrow.compute as pc
+
+        prompts = (pc.max(train_dataset.with_format("arrow")[PROMPT_LENGTH_COLUMN]).as_py() or 0) > 0
+    if not prompts:
+        raise ValueError(
+            f"lmbda={lmbda} has the student answer the prompts of chat rows, and no row of train_dataset has one "
+            f"(no '{PROMPT_LENGTH_COLUMN}' > 0; its columns: {columns}): every batch would stay off-policy. Train on "
+            "chat rows too (hf_recover.base.chat.prepare_chat_dataset, or teacher_mixture with chat_fraction > 0), "
+            "or set lmbda=0."
+        )
+
+
 def on_policy_batch(
     model: torch.nn.Module, inputs: dict[str, Any], tokenizer: Any, sampling: Sampling, seed: int
 ) -> dict[str, torch.Tensor] | None:

@@ -168,7 +168,13 @@ def read_metadata(path: str | os.PathLike, *, metadata_name: str, format_version
                 "to finish it."
             )
         raise FileNotFoundError(f"No {what} at {path} (no {metadata_name}): build one with {build_hint}.")
-    metadata = json.loads(metadata_file.read_text())
+    try:
+        metadata = json.loads(metadata_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{metadata_file} is not valid JSON ({err}): the {what} in {path} is damaged (a write cut short?). "
+            f"Build it again with {build_hint}, passing overwrite=True (--overwrite)."
+        ) from err
     if metadata.get("format_version") != format_version:
         raise ValueError(
             f"{path} is a {what} of format {metadata.get('format_version')}; this hf_recover reads format "
@@ -177,9 +183,17 @@ def read_metadata(path: str | os.PathLike, *, metadata_name: str, format_version
     return metadata
 
 
-def load_shards(path: str | os.PathLike, metadata: dict[str, Any], *, what: str, verify_checksums: bool = True):
+def load_shards(
+    path: str | os.PathLike,
+    metadata: dict[str, Any],
+    *,
+    what: str,
+    verify_checksums: bool = True,
+    keep_in_memory: bool = False,
+):
     """Every shard of a finished build, concatenated; missing shards are a `FileNotFoundError`, truncated or
-    corrupted ones (file sizes, and sha256 with `verify_checksums`) a `ValueError`."""
+    corrupted ones (file sizes, and sha256 with `verify_checksums`) a `ValueError`. `keep_in_memory` reads them
+    into memory, so that no later `filter` or `map` writes its cache files into the folder."""
     from datasets import concatenate_datasets, load_from_disk
 
     path, shards = Path(path), []
@@ -191,7 +205,7 @@ def load_shards(path: str | os.PathLike, metadata: dict[str, Any], *, what: str,
         if shard["num_rows"] == 0:
             continue
         try:
-            loaded = load_from_disk(str(folder))
+            loaded = load_from_disk(str(folder), keep_in_memory=keep_in_memory)
         except Exception as err:  # Arrow raises several types for a damaged file
             raise ValueError(f"Shard {shard['name']} of the {what} {path} cannot be read ({err}).") from err
         if len(loaded) != shard["num_rows"]:

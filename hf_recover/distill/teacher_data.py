@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -57,10 +58,14 @@ from torch import nn
 
 from ..base.answer_quality import REPEAT_N, is_finished, is_refusal
 from ..base.chat import (
+    CONVERSATION_COLUMNS,
+    as_conversation,
     as_messages,
     check_chat_template,
+    check_prompts,
     end_of_turn_ids,
     has_chat_template,
+    prompt_list,
     render_prompt,
     repeated_ngram_rate,
 )
@@ -71,6 +76,8 @@ from ..base.generation import Sampling, generate_completions
 from ..base.version import __version__
 from .fingerprints import tokenizer_fingerprint, weights_fingerprint
 from .shards import ShardedBuild, load_shards, read_metadata
+
+logger = logging.getLogger(__name__)
 
 METADATA_NAME = "teacher_data.json"
 CARD_NAME = "README.md"
@@ -190,7 +197,7 @@ def build_teacher_data(
     """
     from tqdm.auto import tqdm
 
-    given = None if prompts is None else _given_prompts(prompts)
+    given = None if prompts is None else given_prompts(prompts, tokenizer)
     chat = has_chat_template(tokenizer)
     if given is not None or num_prompts:
         check_chat_template(tokenizer, "Teacher answers to prompts")
@@ -356,12 +363,17 @@ def _filtered_indices(rows: Sequence[dict[str, Any]], answer_filter: AnswerFilte
 
 
 def cached_teacher_data(
-    teacher: nn.Module, tokenizer: Any, *, cache_dir: str | os.PathLike | None = None, **settings: Any
+    teacher: nn.Module,
+    tokenizer: Any,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    **settings: Any,
 ) -> Path:
     """`build_teacher_data(teacher, tokenizer, folder, **settings)` into hf_recover's cache (`cache_root`): written
     on the first call, finished on the next one if it was interrupted, read as it is afterwards. The folder is named
     by a fingerprint of the teacher's weights, the tokenizer and every setting: other weights or settings get their
-    own data, never another's."""
+    own data, never another's. `overwrite` builds it again (a damaged folder), logging what was wrong with it."""
     prompts = settings.get("prompts")
     key = {
         "teacher": weights_fingerprint(teacher),
@@ -371,13 +383,24 @@ def cached_teacher_data(
             for name, value in settings.items()
             if name != "prompts"
         },
-        "prompts": None if prompts is None else _fingerprint(_given_prompts(prompts)),
+        "prompts": None if prompts is None else _fingerprint(given_prompts(prompts, tokenizer)),
         "format_version": FORMAT_VERSION,
     }
     folder = cache_root(cache_dir) / "teacher-data" / _fingerprint(key)[:20]
-    if not (folder / METADATA_NAME).is_file():
+    if overwrite and folder.exists():
+        logger.warning("Rebuilding the cached teacher data in %s (overwrite): %s.", folder, _what_is_wrong(folder))
+        build_teacher_data(teacher, tokenizer, folder, overwrite=True, **settings)
+    elif not (folder / METADATA_NAME).is_file():
         build_teacher_data(teacher, tokenizer, folder, **settings)
     return folder
+
+
+def _what_is_wrong(folder: Path) -> str:
+    try:
+        load_shards(folder, read_teacher_data_metadata(folder), what=WHAT, keep_in_memory=True)
+    except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
+        return str(err)
+    return "it reads back whole, and is rebuilt as asked"
 
 
 def cached_chat_reference(
@@ -393,10 +416,11 @@ def cached_chat_reference(
     retention is measured against, with its own figures), computed once per teacher, tokenizer, prompts and answer
     length and then read from hf_recover's cache (`cache_root`): every later run measures against the very same
     answers."""
+    prompts = check_prompts(prompts, tokenizer)  # before the fingerprint: one string is no list of prompts
     key = {
         "teacher": weights_fingerprint(teacher),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "prompts": _fingerprint(list(prompts)),
+        "prompts": _fingerprint(prompts),
         "instructions": _fingerprint(list(instructions)),
         "max_new_tokens": max_new_tokens,
         "format_version": FORMAT_VERSION,
@@ -416,27 +440,33 @@ def cached_chat_reference(
 # -- what to generate ---------------------------------------------------------------------------------------------
 
 
-def _given_prompts(prompts: Any) -> list[Any]:
-    """A user's prompts as a list of strings or message lists, from a list or a dataset (`prompt` / `messages`)."""
+def given_prompts(prompts: Any, tokenizer: Any = None) -> list[Any]:
+    """A user's prompts as a list of strings or message lists, from a list or a dataset (`prompt`, or conversations
+    in `messages` / ShareGPT's `conversations`), empty ones dropped and the others checked (`check_prompts`, with
+    `tokenizer` for its special tokens): the one check the Python API and `hf-recover generate` run before any
+    model is loaded or any generation."""
     columns = getattr(prompts, "column_names", None)
     if columns is not None:
+        conversations = next((name for name in CONVERSATION_COLUMNS if name in columns), None)
         if "prompt" in columns:
             values = list(prompts["prompt"])
-        elif "messages" in columns:  # a conversation: its turns up to the last user message are the prompt
-            values = [_up_to_last_user_turn(m) for m in prompts["messages"]]
+        elif conversations:  # a conversation: its turns up to the last user message are the prompt
+            values = [_up_to_last_user_turn(m) for m in prompts[conversations]]
         else:
-            raise ValueError(f"The prompts dataset has no 'prompt' or 'messages' column (its columns: {columns}).")
+            raise ValueError(
+                f"The prompts dataset has no 'prompt' or 'messages' column (its columns: {columns}): rename the "
+                "column that holds the prompts to 'prompt' (strings) or 'messages' (conversations)."
+            )
     else:
-        values = list(prompts)
+        values = prompt_list(prompts)
     usable = [p for p in values if (p.strip() if isinstance(p, str) else p)]
     if not usable:
         raise ValueError("The prompts hold no usable text: every prompt is empty. Give prompts with some words.")
-    for prompt in usable:
-        as_messages(prompt)  # a clear error for a malformed one, before any generation
-    return usable
+    return check_prompts(usable, tokenizer)
 
 
 def _up_to_last_user_turn(messages: Sequence[dict]) -> list[dict] | str:
+    messages = as_conversation(messages)
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     return [dict(m) for m in messages[: users[-1] + 1]] if users else ""
 
@@ -612,7 +642,8 @@ def load_teacher_data(
     interrupted build a `FileNotFoundError` (run the same build again to finish it)."""
     metadata = read_teacher_data_metadata(path)
     check_teacher_data(metadata, path, teacher=teacher, tokenizer=tokenizer)
-    data = load_shards(path, metadata, what=WHAT, verify_checksums=verify_checksums)
+    # in memory: `datasets` would otherwise write the cache files of every later filter or map beside the shards
+    data = load_shards(path, metadata, what=WHAT, verify_checksums=verify_checksums, keep_in_memory=True)
     rows = list(data.select_columns(["kind", "candidate", *REPORT_COLUMNS[1:]]))
     seen, unique = set(), []
     for index, row in enumerate(rows):

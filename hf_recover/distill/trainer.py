@@ -49,7 +49,7 @@ from .lm_head import (
     text_config,
 )
 from .loss_terms import LossTerms
-from .on_policy import PROMPT_LENGTH_COLUMN, on_policy_batch
+from .on_policy import PROMPT_LENGTH_COLUMN, check_on_policy_inputs, on_policy_batch
 from .saving import PROJECTORS_NAME, SavesRecoveredModels
 from .teacher import (
     check_tokenizers,
@@ -162,6 +162,8 @@ class DistillationTrainer(SavesRecoveredModels, Trainer):
                 "lmbda > 0 needs the teacher to score the student's own answers, which a teacher cache cannot: pass "
                 "teacher_model= (or set lmbda=0)."
             )
+        if self.args.lmbda > 0:
+            check_on_policy_inputs(self.args.lmbda, self.train_dataset, self.processing_class)
 
         if self.args.uses_teacher and teacher_model is not None:
             if teacher_tokenizer is None and isinstance(teacher_model, (str, os.PathLike)):

@@ -29,7 +29,15 @@ from .compensation import WIDTH_HEAL_METHODS
 from .depth import DEPTH_METHODS, SCORE_FOR_METHOD, plan_removal, prune_depth
 from .healing import HealSpec, check_heal
 from .importance import check_layer_indices
-from .width import HIDDEN_METHODS, WIDTH_METHODS, check_mlp_target, plan_heads_and_hidden, prune_width, target_sizes
+from .width import (
+    HIDDEN_METHODS,
+    WIDTH_METHODS,
+    check_mlp_target,
+    check_width_options,
+    plan_heads_and_hidden,
+    prune_width,
+    target_sizes,
+)
 
 PRUNE_SPEC_GRAMMAR = """\
 Prune specs. Depth (remove N blocks, chosen by a method, or the blocks listed):
@@ -135,6 +143,10 @@ class WidthSpec:
             raise ValueError(f"width heal takes one of {list(WIDTH_HEAL_METHODS)}, got {self.heal!r}.")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
+        check_width_options(
+            prune_mlp=self.prunes_mlp, heads=self.heads, hidden_size=self.hidden_size,
+            hidden_method=self.hidden_method, heal=self.heal,
+        )  # fmt: skip
         if self.prunes_mlp:  # model-free range checks; sizes are checked against a model in `PruneSpec.check`
             check_mlp_target(self.pruning_ratio, self.expansion_rate, self.divisor)
 
@@ -350,9 +362,17 @@ def _known_keys(options: Mapping[str, Any], known, what: str) -> dict[str, Any]:
 def _parse_shorthand(text: str) -> dict[str, Any]:
     """`importance:6:heal=lstsq+width:maw:0.2` -> the dict form (checked by the dataclasses afterwards)."""
     result: dict[str, Any] = {}
+    seen: dict[str, str] = {}  # each kind of part once: a second one would silently replace the first
     for part in text.split("+"):
         part, _, heal = part.partition(":heal=")
         kind, _, rest = part.partition(":")
+        what = "depth" if kind in (*DEPTH_METHODS, "remove") else kind
+        if what in seen:
+            raise ValueError(
+                f"Prune spec {text!r} has two {what} parts, {seen[what]!r} and {part!r}: give one (depth parts "
+                "remove blocks once; chain a depth part with width parts, as in importance:4+width:maw:0.1)."
+            )
+        seen[what] = part
         if kind in DEPTH_METHODS and rest.isdigit():
             result["depth"] = {"method": kind, "n": int(rest)}
         elif kind == "remove" and rest:

@@ -99,9 +99,12 @@ def prune_width(
         raise ValueError(f"heal={heal!r} refits the remaining columns on calibration activations: pass data= as well.")
     if hidden_method not in HIDDEN_METHODS:
         raise ValueError(f"hidden_method must be one of {list(HIDDEN_METHODS)}, got {hidden_method!r}.")
+    prune_mlp = pruning_ratio is not None or expansion_rate is not None or (heads is None and hidden_size is None)
+    check_width_options(
+        prune_mlp=prune_mlp, heads=heads, hidden_size=hidden_size, hidden_method=hidden_method, heal=heal
+    )
     if hidden_size is not None and hidden_method == "rotate":
         check_rotatable(model)
-    prune_mlp = pruning_ratio is not None or expansion_rate is not None or (heads is None and hidden_size is None)
     targets = (
         target_sizes(
             [mlp_sizes(model)[i] for i in layer_indices],
@@ -241,6 +244,29 @@ def plan_heads_and_hidden(
             "Choose a hidden size that is a multiple of the head count, or another head count."
         )
     return head_targets, (hidden_target if hidden_size is not None else None)
+
+
+def check_width_options(
+    *,
+    prune_mlp: bool,
+    heads: int | float | None,
+    hidden_size: int | float | None,
+    hidden_method: str,
+    heal: str | None,
+) -> None:
+    """Refuse the options a width step could not apply, rather than record them as done: a rotation with no
+    hidden-size cut, a heal with no MLP neuron or head removed to refit for."""
+    if hidden_method == "rotate" and hidden_size is None:
+        raise ValueError(
+            "hidden_method='rotate' rotates the residual stream before cutting the hidden size, and no hidden_size "
+            "is given: nothing would be rotated. Give hidden_size= too (hidden:S:rotate), or drop hidden_method."
+        )
+    if heal is not None and not prune_mlp and heads is None:
+        raise ValueError(
+            f"heal={heal!r} refits the down_proj / o_proj columns left after MLP neurons or attention heads are "
+            f"removed, and this step removes neither (only the hidden size, hidden_size={hidden_size!r}): nothing "
+            "would be refitted. Drop heal=, or prune neurons (pruning_ratio=) or heads (heads=) as well."
+        )
 
 
 def check_mlp_target(pruning_ratio: float | None, expansion_rate: float | None, divisor: int = 1) -> None:

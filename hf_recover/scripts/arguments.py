@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.constants import ANSWER_TEMPERATURE, ANSWER_TOKENS, ANSWER_TOP_P, ANSWERS_PER_PROMPT, CHAT_FRACTION
+from ..base.data import check_mixture
 
 DEFAULT = "default"
 logger = logging.getLogger(__name__)
@@ -112,13 +113,19 @@ class MixtureArguments:
             "'none'."
         },
     )
+    overwrite_teacher_data: bool = field(
+        default=False,
+        metadata={"help": "With --teacher_data auto: build the cached teacher data again (a damaged folder)."},
+    )
 
     def __post_init__(self):
-        for name in ("chat_fraction", "sample_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"--{name} must lie in [0, 1], got {getattr(self, name)}.")
-        if self.chat_fraction + self.sample_fraction > 1:
-            raise ValueError("--chat_fraction and --sample_fraction together exceed 1: leave some room for text.")
+        check_mixture(self.chat_fraction, self.sample_fraction, self.train_tokens)
+        check_chat_prompts(self.chat_prompts)
+        if self.overwrite_teacher_data and self.teacher_data != "auto":
+            raise ValueError(
+                f"--overwrite_teacher_data builds the cached teacher data (--teacher_data auto) again; --teacher_data "
+                f"is {self.teacher_data!r}. Rebuild a folder of yours with `hf-recover generate --overwrite`."
+            )
 
     def teacher_data_settings(self) -> dict[str, Any]:
         """`teacher_mixture`'s keyword arguments for how the teacher data is written and read."""
@@ -136,6 +143,19 @@ class MixtureArguments:
     @property
     def uses_teacher_data(self) -> bool:
         return self.teacher_data != "none" and self.chat_fraction + self.sample_fraction > 0
+
+
+def check_chat_prompts(value: str) -> None:
+    """`--chat_prompts` names one of hf_recover's own prompt sets, or `none`: anything else (a file) is refused
+    before any work."""
+    from ..base.chat_retention import PROMPT_SETS
+
+    if value not in (*PROMPT_SETS, "none"):
+        raise ValueError(
+            f"--chat_prompts takes {', '.join(PROMPT_SETS)} (hf_recover's own prompt sets) or none, got {value!r}: "
+            "files of prompts are not read here. Choose one of those; to measure on your own prompts, call "
+            "hf_recover.evaluate_chat_retention(model, teacher, prompts, tokenizer)."
+        )
 
 
 @dataclass

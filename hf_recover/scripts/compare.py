@@ -46,6 +46,7 @@ from .arguments import (
     DEFAULT,
     DataArguments,
     assistant_reference,
+    check_chat_prompts,
     check_output_dir,
     command_parser,
     load_text_splits,
@@ -193,8 +194,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
     if unknown:
         raise ValueError(f"Unknown strategy {unknown}; strategies: {list(STRATEGIES)}.")
     specs = {pruning: _pruning_spec(pruning, args) for pruning in args.prunings}  # bad specs fail here
-    if args.chat_prompts not in ("test", "dev", "none"):
-        raise ValueError(f"--chat_prompts must be test, dev or none, got {args.chat_prompts!r}.")
+    check_chat_prompts(args.chat_prompts)
     steps = curve_steps(config.max_steps, args.curve_points)
     output_dir = check_output_dir(config.output_dir, args.overwrite)
     start = time.perf_counter()

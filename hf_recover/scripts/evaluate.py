@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..base.loading import load_model
-from .arguments import DataArguments, assistant_reference, command_parser, load_text_splits, prepare_eval_splits
+from .arguments import (
+    DataArguments,
+    assistant_reference,
+    check_chat_prompts,
+    command_parser,
+    load_text_splits,
+    prepare_eval_splits,
+)
 
 
 @dataclass
@@ -49,8 +56,7 @@ def main(args: EvaluateArguments, data_args: DataArguments):
     from ..base.chat_retention import chat_retention_table
     from ..recovery import RecoveryResult, evaluate_assistant, evaluate_splits
 
-    if args.chat_prompts not in ("test", "dev", "none"):
-        raise ValueError(f"--chat_prompts must be test, dev or none, got {args.chat_prompts!r}.")
+    check_chat_prompts(args.chat_prompts)
     if args.output_file and Path(args.output_file).exists():
         raise ValueError(f"--output_file {args.output_file} exists; choose another path or delete it.")
     if args.tasks:

@@ -53,11 +53,13 @@ def make_parser(subparsers=None):
 def main(args: GenerateArguments):
     from ..base.data import load_local_files
     from ..base.generation import Sampling
-    from ..distill.teacher_data import PromptFilter, build_teacher_data, load_teacher_data
+    from ..distill.teacher_data import PromptFilter, build_teacher_data, given_prompts, load_teacher_data
 
     prompt_filter = PromptFilter(args.min_prompt_tokens, args.max_prompt_tokens, args.max_prompt_perplexity)
     answers = Sampling(temperature=args.answer_temperature, max_new_tokens=args.answer_tokens)
     prompts = load_local_files(args.prompts) if args.prompts is not None else None
+    if prompts is not None:
+        given_prompts(prompts)  # its columns and prompts, before the teacher is loaded (its special tokens after)
     teacher, tokenizer = load_model(args.teacher)
     output_dir = build_teacher_data(
         teacher, tokenizer, args.output_dir, prompts=prompts, num_prompts=args.num_prompts,

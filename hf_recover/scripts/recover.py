@@ -126,10 +126,21 @@ def main(
                 "cache the mixture itself with hf_recover.cache_teacher_outputs."
             )
         mix_args.teacher_data = "none"  # the cache stands for the teacher on the text alone
+    if mix_args.uses_teacher_data and mix_args.teacher_data != "auto":
+        from ..distill.teacher_data import read_teacher_data_metadata
+
+        read_teacher_data_metadata(mix_args.teacher_data)  # a missing or damaged folder, before the corpus is read
 
     # float32 first: a student pruned from the teacher is trained in float32, whatever the teacher's dtype
     teacher, tokenizer = load_model(recover_args.teacher)
     chat = has_chat_template(tokenizer) and mix_args.chat_prompts != "none"
+    if not has_chat_template(tokenizer) and mix_args.chat_prompts != "none":
+        # a base model has no assistant to measure: said, not silently skipped
+        log = logger.warning if mix_args.chat_prompts != MixtureArguments.chat_prompts else logger.info
+        log(
+            "%s has no chat template (a base model): the assistant is not measured and --chat_prompts %s is ignored.",
+            recover_args.teacher, mix_args.chat_prompts,
+        )  # fmt: skip
     if mix_args.uses_teacher_data and mix_args.chat_fraction > 0 and not has_chat_template(tokenizer):
         if mix_args.teacher_data != "auto":
             raise ValueError(
@@ -149,7 +160,8 @@ def main(
         budget = mix_args.train_tokens or config.max_steps * rows_per_step * data_args.max_length
         train, data_folder = teacher_mixture(
             teacher, tokenizer, train, train_tokens=budget, max_length=data_args.max_length,
-            seed=data_args.data_seed_value, **mix_args.teacher_data_settings(),
+            seed=data_args.data_seed_value, overwrite_teacher_data=mix_args.overwrite_teacher_data,
+            **mix_args.teacher_data_settings(),
         )  # fmt: skip
         config.max_steps = -(-len(train) // rows_per_step)
     elif mix_args.train_tokens:
