@@ -146,6 +146,11 @@ def tiny_defaults(monkeypatch, tmp_path, chat_tokenizer, tiny_corpus):
     monkeypatch.setattr(defaults, "load_held_out_corpus", lambda cache_dir=None: held_out)
     monkeypatch.setattr(defaults, "default_teacher_path", real_teacher)
     monkeypatch.setenv("HF_RECOVER_CACHE", str(tmp_path / "cache"))
+    # A random tiny teacher's answers run to the length limit: the answer filter, which keeps finished answers for
+    # the real teacher, keeps all of them here, or the examples' mixtures would have no answer to train on.
+    from hf_recover.distill.teacher_data import AnswerFilter
+
+    monkeypatch.setattr(AnswerFilter, "keeps", lambda self, row: True)
     work = tmp_path / "work"
     work.mkdir()
     (work / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
