@@ -292,7 +292,8 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
 def _assistant_figures(teacher, reference, pruned, recovered, points: dict, tokens_per_step: int) -> dict:
     """The assistant's figures of one lab run: the perplexity of the teacher's answers before and after, their
     log-perplexity recovery against the reference pruning (at every curve point too), top-1 agreement and the
-    repeated 4-gram rate of the recovered student's own answers."""
+    repeated 4-gram rate, finish rate, refusal rate and instruction-following (prompt-level) of the recovered
+    student's own answers, each with the teacher's."""
     import math
 
     def recovery(nll: float) -> float:
@@ -307,8 +308,14 @@ def _assistant_figures(teacher, reference, pruned, recovered, points: dict, toke
         "top1_agreement": recovered.top1_agreement,
         "repeated_ngram_rate": recovered.repeated_ngram_rate,
         "teacher_repeated_ngram_rate": teacher.repeated_ngram_rate,
+        **{name: getattr(recovered, name) for name in OWN_ANSWER_FIGURES},
+        **{f"teacher_{name}": getattr(teacher, name) for name in OWN_ANSWER_FIGURES},
         "curve": curve,
     }
+
+
+OWN_ANSWER_FIGURES = ("finish_rate", "refusal_rate", "instruction_prompt_accuracy")
+"""What the lab's table shows of the recovered student's own answers, beside the teacher's."""
 
 
 def _logits_only(config: DistillationConfig) -> bool:
@@ -357,6 +364,7 @@ def _row_cells(row: dict, eval_splits) -> list[str]:
             _curve_cell(a["pruned"], a["recovered"], a["curve"]),
             format_percent(a["top1_agreement"]),
             format_percent(a["repeated_ngram_rate"]) + (f" ({ratio:.1f}×)" if ratio is not None else ""),
+            *(f"{format_percent(a.get(n))} ({format_percent(a.get(f'teacher_{n}'))})" for n in OWN_ANSWER_FIGURES),
         ]
     reach = row[next(iter(eval_splits))].get("tokens_to_reach")
     cells += ["-" if reach is None else f"{reach:,}", f"{row['train_runtime']:.0f}"]
@@ -367,6 +375,7 @@ def _table(rows: list[dict], eval_splits, config, data_args, args, wall_time: fl
     header = ["pruning", "strategy", "teacher", "parameters", *(f"{split} PPL (recovery %)" for split in eval_splits)]
     if rows and "assistant" in rows[0]:
         header += ["assistant: teacher's answers PPL (log-PPL recovery %)", "top-1", "repeated 4-grams"]
+        header += ["finished (teacher)", "refusals (teacher)", "instructions: prompts (teacher)"]
     header += [f"{next(iter(eval_splits))} tokens to {args.reach:g}%", "train s"]
     teacher_ppl = {split: rows[0][split]["teacher"] for split in eval_splits} if rows else {}
     teacher = ", ".join(f"{split} {format_perplexity(ppl)}" for split, ppl in teacher_ppl.items())
