@@ -15,7 +15,13 @@ from .base.chat_retention import answer_prompts, chat_retention_table, evaluate_
 from .base.constants import ANSWER_TEMPERATURE, ANSWER_TOKENS, ANSWER_TOP_P, ANSWERS_PER_PROMPT, CHAT_FRACTION
 from .base.evaluation import count_parameters, evaluate_perplexity, recovery_metrics
 from .base.generation import Sampling
-from .base.reporting import assistant_table, before_after_table, format_parameters, format_percent
+from .base.reporting import (
+    answers_markdown,
+    assistant_table,
+    before_after_table,
+    format_parameters,
+    format_percent,
+)
 from .distill.config import DistillationConfig
 from .distill.teacher_data import GOOD_ANSWERS, AnswerFilter
 
@@ -65,7 +71,8 @@ class RecoveryResult:
         return None
 
     def to_markdown(self) -> str:
-        """The before/after table (perplexity per split, recovery %, retention), then parameters and time."""
+        """The before/after table (perplexity per split, recovery %, retention), the assistant's tables, parameters
+        and time, then a few prompts answered by each model."""
         facts = []
         if self.teacher_parameters and self.student_parameters:
             facts.append(
@@ -82,7 +89,10 @@ class RecoveryResult:
         tables = [before_after_table(self.perplexity)]
         if self.assistant:
             tables.append(assistant_table(self.assistant))
-        return "\n\n".join(tables) + ("\n\n" + "; ".join(facts) if facts else "")
+        text = "\n\n".join(tables) + ("\n\n" + "; ".join(facts) if facts else "")
+        if self.answers:
+            text += "\n\nAnswers side by side (greedy):\n\n" + answers_markdown(self.answers)
+        return text
 
 
 def teacher_mixture(

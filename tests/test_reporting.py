@@ -127,7 +127,8 @@ def test_recovery_result_writes_the_same_table():
     table = before_after_table(result.perplexity)
     assert result.to_markdown() == (
         table + "\n\n" + assistant_table(result.assistant) + "\n\nparameters: 134.5M -> 113.3M (15.8% fewer); "
-        "training: 60 steps, 61,440 tokens, 424 s; wall time: 647 s"
+        "training: 60 steps, 61,440 tokens, 424 s; wall time: 647 s\n\nAnswers side by side (greedy):\n\n"
+        "**Prompt:** How do I reverse a list?\n\n*teacher:*\n> Use slicing.\n\n*recovered:*\n> Use reversed()."
     )
     assert "| recovered | 3.00 | 60.0% | 70.0% |" in assistant_table(result.assistant)
     own = "| recovered | 60.0% (0.75×) | 50.0% | 20.0% (2.00×) | 120 (1.33×) | -1.25 | 10.0% (0.50×) | 16.0% (0.50×) |"
@@ -153,3 +154,12 @@ def test_a_healed_column_when_the_cut_was_healed_and_recovery_counts_the_heal():
     assert "| validation | 16.00 | 40.00 | 28.00 | 19.00 | 87.5% | 84.2% |" in table
     unhealed = before_after_table({"validation": {"teacher": 16.0, "pruned": 40.0, "recovered": 19.0}})
     assert "healed" not in unhealed and "| validation | 16.00 | 40.00 | 19.00 | 87.5% | 84.2% |" in unhealed
+
+
+def test_answers_side_by_side_are_quoted_and_cut():
+    from hf_recover.base.reporting import answers_markdown
+
+    text = answers_markdown([{"prompt": "Hi?", "teacher": "a\nb", "recovered": "x" * 12, "pruned": ""}], width=10)
+    assert text == (
+        "**Prompt:** Hi?\n\n*teacher:*\n> a\n> b\n\n*recovered:*\n> xxxxxxxxxx [...]\n\n*pruned:*\n> (no answer)"
+    )

@@ -182,3 +182,17 @@ def assistant_table(assistant: Mapping[str, Mapping[str, Any]] | None) -> str:
     if own:
         table += "\n\n" + markdown_table(OWN_ANSWERS_HEADER, own, numeric_columns=len(OWN_ANSWERS_HEADER) - 1)
     return table
+
+
+def answers_markdown(answers: Sequence[Mapping[str, str]], *, width: int = 400) -> str:
+    """Prompts with each model's answer under them (`[{"prompt": ..., "teacher": ..., "recovered": ...}]`), each
+    answer quoted and cut to `width` characters, for reading what the models write side by side."""
+    parts = []
+    for example in answers:
+        lines = [f"**Prompt:** {example['prompt']}"]
+        for name, text in example.items():
+            if name != "prompt":
+                shown = text if len(text) <= width else text[:width] + " [...]"
+                lines.append(f"*{name}:*\n" + "\n".join("> " + line for line in (shown or "(no answer)").splitlines()))
+        parts.append("\n\n".join(lines))
+    return "\n\n".join(parts)
