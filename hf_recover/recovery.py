@@ -169,18 +169,31 @@ def teacher_mixture(
 
 
 def evaluate_splits(
-    models: dict[str, torch.nn.Module], splits: dict[str, Any], *, batch_size: int = 8, max_batches: int | None = None
+    models: dict[str, torch.nn.Module],
+    splits: dict[str, Any],
+    *,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    cache: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Perplexity of every model on every prepared split: `{split: {model_name: ppl}}`."""
-    return {
-        split: {
-            name: evaluate_perplexity(
-                model, data, batch_size=batch_size, max_batches=max_batches, desc=f"{name}/{split}"
-            )["perplexity"]
-            for name, model in models.items()
-        }
-        for split, data in splits.items()
-    }
+    """Perplexity of every model on every prepared split: `{split: {model_name: ppl}}`. With `cache`, a model
+    measured on a split before (the same weights, tokens and settings: the teacher, the cut, the same heal) is read
+    from hf_recover's cache instead (`hf_recover.distill.evaluation_cache`), and the line printed says so."""
+    from .distill.evaluation_cache import cached_perplexity
+
+    figures: dict[str, dict[str, float]] = {split: {} for split in splits}
+    for name, model in models.items():
+        read = []
+        for split, data in splits.items():
+            kwargs = dict(batch_size=batch_size, max_batches=max_batches, desc=f"{name}/{split}")
+            if cache:
+                figures[split][name], hit = cached_perplexity(model, data, **kwargs)
+                read += [split] if hit else []
+            else:
+                figures[split][name] = evaluate_perplexity(model, data, **kwargs)["perplexity"]
+        if read:
+            print(f"{name}: perplexity on {', '.join(read)} read from the cache (measured in an earlier run)")
+    return figures
 
 
 def run_recovery(
@@ -234,8 +247,10 @@ def run_recovery(
         callbacks=callbacks,
     )
     starts = {"teacher": teacher, **({"pruned": cut, "healed": student} if cut is not None else {"pruned": student})}
-    if before is None:
-        before = evaluate_splits(starts, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches)
+    if before is None:  # the same in every run of a protocol: read from the cache after the first
+        before = evaluate_splits(
+            starts, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches, cache=True
+        )
     # the starts answer only the examples shown side by side; the recovered student answers every prompt
     assistant = evaluate_assistant(starts, chat, tokenizer, answer=examples) if chat else {}
     train_output = trainer.train()

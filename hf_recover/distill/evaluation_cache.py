@@ -1,0 +1,64 @@
+"""Perplexities that do not change between runs of the same protocol, computed once.
+
+The teacher's and the cut's perplexity on each evaluation split, and the healed start's when its heal is the same,
+are the same in every run of a protocol: recomputing them is a fixed cost paid every time. `cached_perplexity`
+keys a perplexity by what decides it (the model's weights, the split's exact tokens, the batch settings, the
+weights' dtype, torch's and hf_recover's versions) and reads it back from hf_recover's cache (`cache_root`) on the
+next run. A model whose weights changed (a recovered student) simply misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..base.defaults.cache import cache_root
+from ..base.evaluation import evaluate_perplexity
+from ..base.version import __version__
+from .fingerprints import dataset_fingerprint, weights_fingerprint
+
+FOLDER = "perplexity"
+
+
+def cached_perplexity(
+    model: torch.nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    desc: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[float, bool]:
+    """`evaluate_perplexity(model, data, ...)["perplexity"]`, read from the cache when this model (by its weights)
+    was measured on these tokens with these settings before; returns `(perplexity, read_from_cache)`."""
+    parameter = next(model.parameters())
+    key = {
+        "weights": weights_fingerprint(model),
+        "data": dataset_fingerprint(data),
+        "batch_size": batch_size,
+        "max_batches": max_batches,
+        "dtype": str(parameter.dtype),
+        "device": parameter.device.type,
+        "torch": torch.__version__,
+        "hf_recover": __version__,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_root(cache_dir)) / FOLDER / f"{digest}.json"
+    if path.is_file():
+        try:
+            return float(json.loads(path.read_text(encoding="utf-8"))["perplexity"]), True
+        except (ValueError, KeyError):  # a damaged entry is measured again and replaced
+            pass
+    perplexity = evaluate_perplexity(model, data, batch_size=batch_size, max_batches=max_batches, desc=desc)[
+        "perplexity"
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps({**key, "perplexity": perplexity}, sort_keys=True), encoding="utf-8")
+    partial.replace(path)  # whole or absent
+    return perplexity, False
