@@ -69,7 +69,7 @@ from hf_recover.base.chat_retention import (  # noqa: E402
 )
 from hf_recover.base.generation import Sampling  # noqa: E402
 from hf_recover.base.instruction_following import load_instruction_prompts  # noqa: E402
-from hf_recover.distill.teacher_data import KEEP_ALL_ANSWERS  # noqa: E402
+from hf_recover.distill.answer_filter import KEEP_ALL_ANSWERS  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
 from hf_recover.recovery import (  # noqa: E402
     RecoveryCurve,

@@ -22,8 +22,8 @@ from .base.reporting import (
     format_parameters,
     format_percent,
 )
+from .distill.answer_filter import GOOD_ANSWERS, AnswerFilter
 from .distill.config import DistillationConfig
-from .distill.teacher_data import GOOD_ANSWERS, AnswerFilter
 
 _BATCH = "per_device_train_batch_size"
 STRATEGIES: dict[str, dict[str, Any]] = {

@@ -16,8 +16,8 @@ from hf_recover.base.chat_retention import chat_reference, evaluate_chat_retenti
 from hf_recover.base.data import prepare_recovery_dataset
 from hf_recover.base.generation import Sampling
 from hf_recover.cli import main as cli
+from hf_recover.distill.answer_filter import KEEP_ALL_ANSWERS
 from hf_recover.distill.teacher_data import (
-    KEEP_ALL_ANSWERS,
     METADATA_NAME,
     build_teacher_data,
     cached_chat_reference,

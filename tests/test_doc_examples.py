@@ -148,7 +148,7 @@ def tiny_defaults(monkeypatch, tmp_path, chat_tokenizer, tiny_corpus):
     monkeypatch.setenv("HF_RECOVER_CACHE", str(tmp_path / "cache"))
     # A random tiny teacher's answers run to the length limit: the answer filter, which keeps finished answers for
     # the real teacher, keeps all of them here, or the examples' mixtures would have no answer to train on.
-    from hf_recover.distill.teacher_data import AnswerFilter
+    from hf_recover.distill.answer_filter import AnswerFilter
 
     monkeypatch.setattr(AnswerFilter, "keeps", lambda self, row: True)
     work = tmp_path / "work"

@@ -250,7 +250,7 @@ def test_the_prompts_of_a_messages_dataset_stop_at_the_last_user_turn(tmp_path, 
 
 def test_several_answers_per_prompt_are_kept_with_their_figures_and_filtered_on_reading(tmp_path, teacher, tok):
     from hf_recover.base.chat import repeated_ngram_rate
-    from hf_recover.distill.teacher_data import GOOD_ANSWERS, AnswerFilter
+    from hf_recover.distill.answer_filter import GOOD_ANSWERS, AnswerFilter
 
     loop = "the dog and the cat " * 6
     scripted = {  # (prompt, candidate) -> answer text, and whether it ends its turn
@@ -304,7 +304,7 @@ def test_several_answers_per_prompt_are_kept_with_their_figures_and_filtered_on_
 
 
 def test_several_greedy_answers_per_prompt_and_bad_filters_are_refused(tmp_path, teacher, tok):
-    from hf_recover.distill.teacher_data import AnswerFilter
+    from hf_recover.distill.answer_filter import AnswerFilter
 
     with pytest.raises(ValueError, match="answers_per_prompt=3 with greedy answers"):
         build_teacher_data(

@@ -24,14 +24,10 @@ rendered prompt and the teacher's completion), `labels` (the completion only; th
 like (`hf_recover.base.answer_quality`): `finished` (it ended with an end-of-turn token rather than at the length
 limit), `refusal` (it declines or apologises) and `repeated_ngram_rate`.
 
-Not every answer is worth training on. A small teacher's greedy answers loop and never stop (71% of SmolLM2-135M-
-Instruct's answers to its own prompts ran to a 128-token limit, repeating 4-grams three times as often as the
-finished ones), and it declines some of the requests it wrote itself (21%): a student trained on them learns to
-loop, never to stop, and to refuse. Every answer is written and kept with its figures; `AnswerFilter` decides which
-ones training reads (`load_teacher_data(answer_filter=...)`): by default finished answers that neither refuse nor
-repeat themselves. Several sampled answers per prompt (`answers_per_prompt`, at the teacher's `answer_sampling`
-temperature) let a prompt whose first answer fails keep another. The folder's `README.md` (its data card) and
-`teacher_data.json` report the shares of each kind of answer.
+Every answer is kept with its figures; an `AnswerFilter` (`hf_recover.distill.answer_filter`) decides which ones
+training reads (`load_teacher_data(answer_filter=GOOD_ANSWERS)`: finished, no refusal, no loop), and several sampled
+answers per prompt (`answers_per_prompt`) give a prompt whose first answer fails another. The folder's `README.md`
+(its data card) and `teacher_data.json` report the shares of each kind of answer.
 
 Generation is batched (`model.generate` with the KV cache) through `hf_recover.base.generation`, the seam where a
 vLLM engine would take over on a GPU fleet. The build is resumable and split among `torchrun` / `accelerate launch`
@@ -74,6 +70,13 @@ from ..base.constants import IGNORE_INDEX
 from ..base.defaults.cache import cache_root
 from ..base.generation import Sampling, generate_completions
 from ..base.version import __version__
+from .answer_filter import (
+    KEEP_ALL_ANSWERS,
+    REPORT_COLUMNS,
+    AnswerFilter,
+    answer_report,
+    filtered_indices,
+)
 from .fingerprints import tokenizer_fingerprint, weights_fingerprint
 from .shards import ShardedBuild, load_shards, read_metadata
 
@@ -111,46 +114,10 @@ class PromptFilter:
             raise ValueError(f"max_perplexity must be > 1 (a perplexity) or None, got {self.max_perplexity!r}.")
 
 
-@dataclass(frozen=True)
-class AnswerFilter:
-    """Which of the teacher's answers training reads (see the module docstring); samples are always kept."""
-
-    finished_only: bool = True
-    """Drop answers cut at the length limit (they teach the student never to stop)."""
-    drop_refusals: bool = True
-    """Drop answers that decline or apologise (`hf_recover.base.answer_quality.is_refusal`)."""
-    max_repeated_ngram_rate: float | None = 0.2
-    """Drop answers whose share of repeated 4-grams exceeds this (None: keep all)."""
-    max_answers_per_prompt: int | None = None
-    """Keep at most this many of a prompt's answers that pass, the first ones written (None: all)."""
-
-    def __post_init__(self):
-        rate = self.max_repeated_ngram_rate
-        if rate is not None and not 0 <= rate <= 1:
-            raise ValueError(f"max_repeated_ngram_rate is a share in [0, 1] or None, got {rate!r}.")
-        most = self.max_answers_per_prompt
-        if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
-            raise ValueError(f"max_answers_per_prompt must be a positive int or None, got {most!r}.")
-
-    def keeps(self, row: dict[str, Any]) -> bool:
-        """Whether one row passes (`max_answers_per_prompt` aside, which counts rows)."""
-        if row["kind"] != "answer":
-            return True
-        too_repetitive = self.max_repeated_ngram_rate is not None and (
-            row["repeated_ngram_rate"] > self.max_repeated_ngram_rate
-        )
-        return not (
-            (self.finished_only and not row["finished"]) or (self.drop_refusals and row["refusal"]) or too_repetitive
-        )
-
-
 GREEDY_ANSWERS = Sampling(max_new_tokens=256)
 MAGPIE_PROMPTS = Sampling(temperature=1.0, max_new_tokens=64)
 UNCONDITIONAL_SAMPLES = Sampling(temperature=1.0, max_new_tokens=256)
 KEEP_PROMPTS = PromptFilter()
-KEEP_ALL_ANSWERS = AnswerFilter(finished_only=False, drop_refusals=False, max_repeated_ngram_rate=None)
-GOOD_ANSWERS = AnswerFilter()
-"""The answers recovery trains on by default: finished, no refusal, at most 20% repeated 4-grams."""
 
 
 def build_teacher_data(
@@ -293,10 +260,6 @@ each on average.
 """
 
 
-def _share(value: float | None) -> str:
-    return "all" if value is None else f"{value:.0%}"
-
-
 def _data_card(metadata: dict):
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -306,9 +269,10 @@ def _data_card(metadata: dict):
         drawn += f", top-p {sampling['top_p']:g}"
     answers = ""
     if report:
+        rate = report["filter"]["max_repeated_ngram_rate"]
         answers = ANSWERS_TEMPLATE.format(
             **report, per_prompt=metadata["answers_per_prompt"], sampling=drawn,
-            max_new_tokens=sampling["max_new_tokens"], max_rate=_share(report["filter"]["max_repeated_ngram_rate"]),
+            max_new_tokens=sampling["max_new_tokens"], max_rate="100%" if rate is None else f"{rate:.0%}",
         )  # fmt: skip
     what = [f"answers to {metadata['prompts']} prompts"] if metadata["num_prompts"] else []
     what += [f"{metadata['num_samples']} unconditional samples"] if metadata["num_samples"] else []
@@ -318,48 +282,6 @@ def _data_card(metadata: dict):
     )  # fmt: skip
     data = DatasetCardData(tags=["hf-recover", "knowledge-distillation", "teacher-data"])
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
-
-
-def answer_report(rows, answer_filter: AnswerFilter = GOOD_ANSWERS) -> dict[str, Any]:
-    """What the teacher's answers in `rows` are like: how many there are, the shares that finish, refuse and repeat
-    more 4-grams than `answer_filter` allows, how many prompts and answers the filter keeps, and the kept answers'
-    mean length."""
-    answers = [row for row in rows.select_columns(list(REPORT_COLUMNS)) if row["kind"] == "answer"]
-    if not answers:
-        return {}
-    kept = _filtered_indices(answers, answer_filter)
-    count = len(answers)
-    most = answer_filter.max_repeated_ngram_rate
-    return {
-        "answers": count,
-        "prompts": len({row["prompt_key"] for row in answers}),
-        "finished": sum(row["finished"] for row in answers) / count,
-        "refusals": sum(row["refusal"] for row in answers) / count,
-        "repetitive": sum(most is not None and row["repeated_ngram_rate"] > most for row in answers) / count,
-        "kept_answers": len(kept),
-        "kept_prompts": len({answers[i]["prompt_key"] for i in kept}),
-        "kept_mean_tokens": sum(answers[i]["answer_tokens"] for i in kept) / len(kept) if kept else 0.0,
-        "filter": asdict(answer_filter),
-    }
-
-
-REPORT_COLUMNS = ("kind", "prompt_key", "finished", "refusal", "repeated_ngram_rate", "answer_tokens")
-
-
-def _filtered_indices(rows: Sequence[dict[str, Any]], answer_filter: AnswerFilter) -> list[int]:
-    """The indices of the rows `answer_filter` keeps, at most `max_answers_per_prompt` per prompt, first ones first."""
-    per_prompt: dict[str, int] = {}
-    keep = []
-    for index, row in enumerate(rows):
-        if not answer_filter.keeps(row):
-            continue
-        if row["kind"] == "answer" and answer_filter.max_answers_per_prompt is not None:
-            seen = per_prompt.get(row["prompt_key"], 0)
-            if seen >= answer_filter.max_answers_per_prompt:
-                continue
-            per_prompt[row["prompt_key"]] = seen + 1
-        keep.append(index)
-    return keep
 
 
 def cached_teacher_data(
@@ -651,7 +573,7 @@ def load_teacher_data(
         if key is None or key not in seen:
             unique.append(index)
             seen.add(key)
-    keep = [unique[i] for i in _filtered_indices([rows[i] for i in unique], answer_filter)]
+    keep = [unique[i] for i in filtered_indices([rows[i] for i in unique], answer_filter)]
     return data.select(keep, keep_in_memory=True) if len(keep) < len(data) else data
 
 

@@ -130,7 +130,7 @@ class MixtureArguments:
     def teacher_data_settings(self) -> dict[str, Any]:
         """`teacher_mixture`'s keyword arguments for how the teacher data is written and read."""
         from ..base.generation import Sampling
-        from ..distill.teacher_data import GOOD_ANSWERS, KEEP_ALL_ANSWERS
+        from ..distill.answer_filter import GOOD_ANSWERS, KEEP_ALL_ANSWERS
 
         return {
             "teacher_data": self.teacher_data, "chat_fraction": self.chat_fraction,
