@@ -135,6 +135,7 @@ def teacher_mixture(
         folder = cached_teacher_data(
             teacher, tokenizer, num_prompts=num_prompts, num_samples=num_samples, seed=seed,
             answers_per_prompt=answers_per_prompt, answer_sampling=answer_sampling,
+            stop_loops=answer_filter.finished_only,  # a loop cut short is dropped as unfinished: stop generating it
             sample_sampling=Sampling(temperature=1.0, max_new_tokens=answer_tokens),
             overwrite=overwrite_teacher_data,
         )  # fmt: skip

@@ -204,3 +204,31 @@ def test_the_evaluation_prompts_are_two_disjoint_hand_written_sets():
     assert not set(dev) & set(test)
     with pytest.raises(ValueError, match="split must be one of"):
         load_chat_prompts("train")
+
+
+def test_loop_stop_ends_only_rows_stuck_in_a_loop():
+    from hf_recover.base.generation import LoopStop
+
+    stop = LoopStop(prompt_width=3, stop_ids=[0], window=16, max_rate=0.5)
+    prompt = [7, 8, 9]
+    loop = [1, 2, 3, 4] * 5  # 20 new tokens: 13 4-grams in the last 16, 9 of them repeats (69%)
+    varied = list(range(10, 30))  # no 4-gram repeats
+    ended = [0] + [1, 2, 3, 4] * 4 + [0, 0, 0]  # ended its turn first: padding after it is not a loop
+    ids = torch.tensor([prompt + loop, prompt + varied, prompt + ended[:20]])
+    assert stop(ids[:, :15]).tolist() == [False, False, False]  # fewer new tokens than the window: no verdict
+    assert stop(ids).tolist() == [True, False, False]
+    assert stop.stopped_at.tolist() == [20, -1, -1]
+
+
+def test_generation_cuts_a_loop_short_and_leaves_other_completions_whole(tiny_chat_tokenizer):
+    tok = tiny_chat_tokenizer
+    model = build_tiny_model(vocab_size=len(tok), seed=3)
+    prompts = [render_prompt(tok, p) for p in ("The quick fox?", "A river runs?", "Tell me a rhyme.")]
+    kwargs = dict(stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, sampling=Sampling(max_new_tokens=160))
+    whole = generate_completions(model, prompts, **kwargs)
+    cut = generate_completions(model, prompts, stop_loops=True, **kwargs)
+    for full, short in zip(whole, cut):
+        assert full[: len(short)] == short  # greedy: the same tokens up to the cut
+        if len(short) < len(full):  # cut: the last 64 tokens repeat most of their 4-grams, no stop token
+            assert tok.eos_token_id not in short and repeated_ngram_rate([short[-64:]]) > 0.5
+    assert any(len(s) < len(f) for s, f in zip(cut, whole)), "a random tiny model loops greedily"

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,37 @@ class Sampling:
         )  # fmt: skip
 
 
+class LoopStop(StoppingCriteria):
+    """A `transformers` stopping criterion that ends a row stuck in a loop: once its last `window` new tokens repeat
+    more than `max_rate` of their 4-grams, the row stops where it is, unfinished (its answer would be dropped
+    anyway: a loop rarely ends). Rows that already ended their turn are left alone. `stopped_at[r]` is the number of
+    new tokens row `r` had when it was stopped (-1: not stopped)."""
+
+    def __init__(self, prompt_width: int, stop_ids: Sequence[int], *, window: int = 64, max_rate: float = 0.5, n=4):
+        self.prompt_width, self.window, self.max_rate, self.n = prompt_width, window, max_rate, n
+        self.stop_ids = torch.as_tensor(list(stop_ids))
+        self.stopped_at: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_width :]  # (B, T) tokens generated so far
+        if self.stopped_at is None:
+            self.stopped_at = torch.full((len(input_ids),), -1, dtype=torch.long)
+        looping = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        if new.shape[1] < self.window:
+            return looping
+        grams = new[:, -self.window :].unfold(1, self.n, 1).long()  # (B, W - n + 1, n)
+        keys = torch.zeros(grams.shape[:2], dtype=torch.long, device=grams.device)
+        for k in range(self.n):  # one integer per n-gram: a polynomial hash (int64 wraps; collisions are negligible)
+            keys = keys * 1_000_003 + grams[..., k]
+        ordered = keys.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).sum(1)  # n-grams equal to another one: repeats of earlier ones
+        ended = torch.isin(new, self.stop_ids.to(new.device)).any(1)
+        looping = (repeated.float() / keys.shape[1] > self.max_rate) & ~ended
+        fresh = looping.cpu() & (self.stopped_at < 0)
+        self.stopped_at[fresh] = new.shape[1]
+        return looping
+
+
 @torch.inference_mode()
 def generate_completions(
     model: torch.nn.Module,
@@ -52,14 +84,17 @@ def generate_completions(
     batch_size: int = 16,
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    stop_loops: bool = False,
 ) -> list[list[int]]:
     """The completion of every prompt (token ids after it, up to and including the first of `stop_ids`; a completion
     that reached `max_new_tokens` first has no stop token).
 
     Prompts of similar lengths share a batch (less padding). Sampled completions are reproducible with `seed`, which
     seeds each batch from its position in the length order: the same prompts and seed give the same completions
-    whatever else runs in the process. `on_batch(n)` is called after each batch with its number of prompts. The
-    model's training mode is restored afterwards.
+    whatever else runs in the process. `on_batch(n)` is called after each batch with its number of prompts. With
+    `stop_loops`, a completion stuck in a loop is cut where `LoopStop` finds it, without a stop token: generating
+    the rest of a loop is most of the cost of a small model's answers. The model's training mode is restored
+    afterwards.
     """
     if not prompts:
         return []
@@ -80,14 +115,19 @@ def generate_completions(
             for r, i in enumerate(rows):  # left padding: every prompt ends where generation starts
                 ids[r, width - len(prompts[i]) :] = torch.as_tensor(list(prompts[i]))
                 mask[r, width - len(prompts[i]) :] = 1
+            loops = LoopStop(width, stop_ids) if stop_loops else None
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                 if seed is not None:
                     torch.manual_seed(seed + start)
                 output = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-                )
+                    input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                    stopping_criteria=[loops] if loops else None,
+                )  # fmt: skip
             for r, i in enumerate(rows):
-                completions[i] = _cut_after_stop(output[r, width:].tolist(), stop_ids)
+                stopped = -1 if loops is None or loops.stopped_at is None else int(loops.stopped_at[r])
+                tokens = output[r, width:].tolist()
+                # a loop cut short ends where it was cut, padded after (with a pad id that may be the stop token)
+                completions[i] = tokens[:stopped] if stopped >= 0 else _cut_after_stop(tokens, stop_ids)
             if on_batch is not None:
                 on_batch(len(rows))
     finally:

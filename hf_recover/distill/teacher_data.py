@@ -79,6 +79,7 @@ from .answer_filter import (
 )
 from .fingerprints import tokenizer_fingerprint, weights_fingerprint
 from .shards import ShardedBuild, load_shards, read_metadata
+from .teacher_data_card import data_card
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def build_teacher_data(
     num_prompts: int = 256,
     num_samples: int = 0,
     answers_per_prompt: int = 1,
+    stop_loops: bool = False,
     answer_sampling: Sampling = GREEDY_ANSWERS,
     prompt_sampling: Sampling = MAGPIE_PROMPTS,
     sample_sampling: Sampling = UNCONDITIONAL_SAMPLES,
@@ -150,7 +152,8 @@ def build_teacher_data(
             `messages` column); None synthesises `num_prompts` of them (Magpie). 0 prompts and no `prompts` writes
             samples only.
         answers_per_prompt: answers written to each prompt (several need sampled answers); `load_teacher_data`'s
-            `answer_filter` chooses among them.
+            `answer_filter` chooses among them. stop_loops: cut an answer stuck in a loop where it is found
+            (`hf_recover.base.generation.LoopStop`), unfinished: for data whose unfinished answers are dropped.
         answer_sampling, prompt_sampling, sample_sampling: how answers (greedy, up to 256 tokens), synthesised
             prompts and samples are drawn.
         seed: every sampled token follows from it (shard `i` draws with `seed + i`): the same call writes the same
@@ -196,6 +199,7 @@ def build_teacher_data(
         "num_prompts": len(given) if given is not None else num_prompts,
         "num_samples": num_samples,
         "answers_per_prompt": answers_per_prompt,
+        "stop_loops": stop_loops,
         "answer_sampling": asdict(answer_sampling),
         "prompt_sampling": asdict(prompt_sampling),
         "sample_sampling": asdict(sample_sampling),
@@ -210,7 +214,7 @@ def build_teacher_data(
     device = build.device if build.num_processes > 1 else next(teacher.parameters()).device
     if build.num_processes > 1:
         teacher.to(device)
-    writer = _Writer(teacher, tokenizer, generate, batch_size, prompt_filter, answers_per_prompt)
+    writer = _Writer(teacher, tokenizer, generate, batch_size, prompt_filter, answers_per_prompt, stop_loops)
     todo = build.pending()
     total = sum(units[i]["count"] for i in todo)
     with tqdm(total=total, desc="Teacher data", unit="row", disable=not show_progress) as progress:
@@ -236,52 +240,8 @@ def _finished_metadata(output_dir, plan: dict[str, Any], shards: list[dict[str, 
     parts = [load_from_disk(str(Path(output_dir) / "shards" / s["name"])) for s in shards if s["num_rows"]]
     report = answer_report(concatenate_datasets(parts)) if parts else {}
     metadata = {**plan, "hf_recover_version": __version__, "shards": shards, "answers": report}
-    _data_card(metadata).save(Path(output_dir) / CARD_NAME)
+    data_card(metadata).save(Path(output_dir) / CARD_NAME)
     return metadata
-
-
-CARD_TEMPLATE = """
-# Teacher data of {teacher}
-
-Recovery data written by `{teacher}` itself with hf_recover's `build_teacher_data`: {what}. Train on it with
-`hf-recover recover --teacher_data FOLDER` or `hf_recover.load_teacher_data`.
-
-{answers}
-Seed {seed}; teacher weights sha256 `{fingerprint}`.
-"""
-
-ANSWERS_TEMPLATE = """## The answers
-
-{answers} answers ({per_prompt} per prompt, {sampling}) to {prompts} prompts. Of all answers, {finished:.1%} end
-with the end-of-turn token within {max_new_tokens} tokens, {refusals:.1%} refuse or apologise and {repetitive:.1%}
-repeat more than {max_rate} of their 4-grams. Training reads the answers that are finished, do not refuse and do not
-repeat themselves (`GOOD_ANSWERS`): {kept_answers} answers to {kept_prompts} prompts, {kept_mean_tokens:.0f} tokens
-each on average.
-"""
-
-
-def _data_card(metadata: dict):
-    from huggingface_hub import DatasetCard, DatasetCardData
-
-    sampling, report = metadata["answer_sampling"], metadata["answers"]
-    drawn = "greedy" if sampling["temperature"] == 0 else f"sampled at T = {sampling['temperature']:g}"
-    if sampling["temperature"] and sampling["top_p"] < 1:
-        drawn += f", top-p {sampling['top_p']:g}"
-    answers = ""
-    if report:
-        rate = report["filter"]["max_repeated_ngram_rate"]
-        answers = ANSWERS_TEMPLATE.format(
-            **report, per_prompt=metadata["answers_per_prompt"], sampling=drawn,
-            max_new_tokens=sampling["max_new_tokens"], max_rate="100%" if rate is None else f"{rate:.0%}",
-        )  # fmt: skip
-    what = [f"answers to {metadata['prompts']} prompts"] if metadata["num_prompts"] else []
-    what += [f"{metadata['num_samples']} unconditional samples"] if metadata["num_samples"] else []
-    body = CARD_TEMPLATE.format(
-        teacher=metadata["teacher"], what=" and ".join(what), answers=answers, seed=metadata["seed"],
-        fingerprint=metadata["teacher_fingerprint"],
-    )  # fmt: skip
-    data = DatasetCardData(tags=["hf-recover", "knowledge-distillation", "teacher-data"])
-    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def cached_teacher_data(
@@ -415,19 +375,24 @@ class _Writer:
     """Generates the rows of one work unit at a time."""
 
     def __init__(
-        self, teacher, tokenizer, generate: Generate | None, batch_size: int, prompt_filter: PromptFilter, per_prompt=1
-    ):
+        self, teacher, tokenizer, generate: Generate | None, batch_size: int, prompt_filter: PromptFilter,
+        per_prompt: int = 1, stop_loops: bool = False,
+    ):  # fmt: skip
         self.teacher, self.tokenizer, self.filter, self.per_prompt = teacher, tokenizer, prompt_filter, per_prompt
         self.stop_ids = end_of_turn_ids(teacher, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.given, self.stop_loops = generate, stop_loops
         self.generate = generate or (
-            lambda model, ids, sampling, seed: generate_completions(
-                model, ids, stop_ids=self.stop_ids, pad_id=pad, sampling=sampling, batch_size=batch_size, seed=seed
+            lambda model, ids, sampling, seed, stop_loops=False: generate_completions(
+                model, ids, stop_ids=self.stop_ids, pad_id=pad, sampling=sampling, batch_size=batch_size, seed=seed,
+                stop_loops=stop_loops,
             )
-        )
+        )  # fmt: skip
         self.special_ids = set(tokenizer.all_special_ids)
 
-    def _complete(self, prompt_ids, sampling, seed) -> list[list[int]]:
+    def _complete(self, prompt_ids, sampling, seed, *, answers: bool = False) -> list[list[int]]:
+        if answers and self.stop_loops and self.given is None:  # a given engine decides its own stopping
+            return self.generate(self.teacher, prompt_ids, sampling, seed, stop_loops=True)
         return self.generate(self.teacher, prompt_ids, sampling, seed)
 
     def answers(self, prompts: list[Any], source: str, sampling: Sampling, seed: int) -> list[dict[str, Any]]:
@@ -436,7 +401,7 @@ class _Writer:
         prompt_ids = [render_prompt(self.tokenizer, p) for p in prompts]
         # each prompt `per_prompt` times over: its answers are the prompt's candidates, in the order written
         asked = [(prompt, ids, k) for prompt, ids in zip(prompts, prompt_ids) for k in range(self.per_prompt)]
-        completions = self._complete([ids for _, ids, _ in asked], sampling, seed)
+        completions = self._complete([ids for _, ids, _ in asked], sampling, seed, answers=True)
         rows = []
         for (prompt, ids, candidate), completion in zip(asked, completions):
             answer = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
