@@ -1,6 +1,7 @@
 """Chat data and chat retention: assistant-only labels, batched generation against a token-by-token reference, the
 repeated n-gram rate and the retention figures against hand computations."""
 
+import json
 import math
 
 import pytest
@@ -232,3 +233,16 @@ def test_generation_cuts_a_loop_short_and_leaves_other_completions_whole(tiny_ch
         if len(short) < len(full):  # cut: the last 64 tokens repeat most of their 4-grams, no stop token
             assert tok.eos_token_id not in short and repeated_ngram_rate([short[-64:]]) > 0.5
     assert any(len(s) < len(f) for s, f in zip(cut, whole)), "a random tiny model loops greedily"
+
+
+def test_a_damaged_cached_reference_is_answered_again(tiny_chat_tokenizer, tmp_path):
+    import hf_recover.distill.teacher_data as teacher_data
+
+    tok = tiny_chat_tokenizer
+    teacher = build_tiny_model(vocab_size=len(tok), seed=0)
+    first = teacher_data.cached_chat_reference(teacher, tok, ["The quick fox?"], max_new_tokens=4, cache_dir=tmp_path)
+    (entry,) = (tmp_path / "chat-reference").glob("*.json")
+    entry.write_text(entry.read_text()[:30])
+    again = teacher_data.cached_chat_reference(teacher, tok, ["The quick fox?"], max_new_tokens=4, cache_dir=tmp_path)
+    assert again.answer_ids == first.answer_ids
+    assert json.loads(entry.read_text())["answer_ids"] == first.answer_ids  # replaced whole

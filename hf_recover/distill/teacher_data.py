@@ -310,7 +310,10 @@ def cached_chat_reference(
     }
     path = cache_root(cache_dir) / "chat-reference" / f"{_fingerprint(key)[:20]}.json"
     if path.is_file():
-        return ChatReference.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            return ChatReference.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError):  # damaged: answered again and replaced
+            logger.warning("The cached chat reference %s is damaged: the teacher answers the prompts again.", path)
     reference = chat_reference(teacher, tokenizer, prompts, instructions=instructions, max_new_tokens=max_new_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
