@@ -734,3 +734,24 @@ def test_the_card_says_where_a_width_heal_was_measured(tiny_llama):
     assert line.startswith("- Healing of the width cut") and "(before the hidden-size cut)" in line
     _, pruned = prune_width(tiny_llama, pruning_ratio=0.5, heal="lstsq", data=rows)
     assert "hidden-size cut" not in generate_model_card(pruned_config=pruned).text
+
+
+def test_the_model_index_carries_what_the_assistant_writes(tmp_path):
+    from huggingface_hub import metadata_load
+
+    metrics = {
+        "assistant": {
+            "teacher": {"perplexity": 1.8, "top1_agreement": 1.0, "finish_rate": 0.5, "repeated_ngram_rate": 0.1},
+            "recovered": {
+                "perplexity": 3.1, "top1_agreement": 0.7, "finish_rate": 0.4, "refusal_rate": 0.05,
+                "repeated_ngram_rate": 0.2, "instruction_prompt_accuracy": 0.15, "instruction_accuracy": 0.3,
+            },
+        }
+    }  # fmt: skip
+    generate_model_card(metrics=metrics).save(tmp_path / "README.md")
+    results = metadata_load(tmp_path / "README.md")["model-index"][0]["results"]
+    values = {m["type"]: m["value"] for r in results for m in r["metrics"]}
+    assert values == {
+        "perplexity": 3.1, "top1_agreement": 0.7, "finish_rate": 0.4, "refusal_rate": 0.05,
+        "instruction_prompt_accuracy": 0.15, "instruction_accuracy": 0.3,
+    }  # fmt: skip

@@ -308,9 +308,20 @@ EVAL_DATASETS = {"perplexity": "hf-recover/recovery-text", "assistant": "hf-reco
 """The dataset types the model-index names for hf_recover's figures (its evaluation sets have no Hub id)."""
 
 
+ASSISTANT_RESULTS = (
+    ("perplexity", "Perplexity of the teacher's answers"),
+    ("top1_agreement", "Top-1 agreement"),
+    ("finish_rate", "Finished answers"),
+    ("refusal_rate", "Refusals"),
+    ("instruction_prompt_accuracy", "Instruction following, prompt level (strict)"),
+    ("instruction_accuracy", "Instruction following, instruction level (strict)"),
+)
+"""The assistant's figures of the recovered model that its `model-index` carries, with their names."""
+
+
 def _eval_results(metrics: Mapping[str, Any]) -> list[EvalResult]:
-    """The recovered model's figures as `model-index` entries: its perplexity on every split, and on the teacher's
-    answers with its top-1 agreement."""
+    """The recovered model's figures as `model-index` entries: its perplexity on every split, on the teacher's
+    answers with its top-1 agreement, and what its own answers are like (`ASSISTANT_RESULTS`)."""
     results = []
     for split, values in (metrics["perplexity"] or {}).items():
         if isinstance(values, Mapping) and values.get("recovered") is not None:
@@ -322,7 +333,7 @@ def _eval_results(metrics: Mapping[str, Any]) -> list[EvalResult]:
                 )
             )  # fmt: skip
     recovered = (metrics["assistant"] or {}).get("recovered") or {}
-    for key, name in (("perplexity", "Perplexity of the teacher's answers"), ("top1_agreement", "Top-1 agreement")):
+    for key, name in ASSISTANT_RESULTS:
         if recovered.get(key) is not None:
             results.append(
                 EvalResult(
