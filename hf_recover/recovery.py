@@ -180,15 +180,19 @@ def evaluate_splits(
     """Perplexity of every model on every prepared split: `{split: {model_name: ppl}}`. With `cache`, a model
     measured on a split before (the same weights, tokens and settings: the teacher, the cut, the same heal) is read
     from hf_recover's cache instead (`hf_recover.distill.evaluation_cache`), and the line printed says so."""
-    from .distill.evaluation_cache import cached_perplexity
+    from .distill.evaluation_cache import cached_perplexity, model_fingerprint
+    from .distill.fingerprints import dataset_fingerprint
 
     figures: dict[str, dict[str, float]] = {split: {} for split in splits}
+    data_keys = {split: dataset_fingerprint(data) for split, data in splits.items()} if cache else {}
     for name, model in models.items():
-        read = []
+        read, model_key = [], model_fingerprint(model) if cache else None
         for split, data in splits.items():
             kwargs = dict(batch_size=batch_size, max_batches=max_batches, desc=f"{name}/{split}")
             if cache:
-                figures[split][name], hit = cached_perplexity(model, data, **kwargs)
+                figures[split][name], hit = cached_perplexity(
+                    model, data, model_key=model_key, data_key=data_keys[split], **kwargs
+                )
                 read += [split] if hit else []
             else:
                 figures[split][name] = evaluate_perplexity(model, data, **kwargs)["perplexity"]
@@ -273,7 +277,7 @@ def run_recovery(
         {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches
     )
     if chat:
-        assistant.update(evaluate_assistant({"recovered": trainer.model}, chat, tokenizer))
+        assistant.update(evaluate_assistant({"recovered": trainer.model}, chat, tokenizer, scorer=teacher))
     result = RecoveryResult(
         perplexity={split: {**before[split], **after[split]} for split in eval_splits},
         assistant=chat_retention_table(assistant),

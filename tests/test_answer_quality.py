@@ -20,6 +20,12 @@ REFUSALS = [
     "As a chatbot designed to assist with programming, I'm unable to assist with programming tasks.",
     "I’m sorry for the misunderstanding, but I don't have the capability to send emails.",
     "Unfortunately, I cannot provide medical advice.",
+    "As a large language model, I cannot answer that.",
+    "Sorry, but I can't do that.",
+    "I cannot answer questions about the future.",
+    "I won't write that.",
+    "I'm just an AI, so I have no opinions.",
+    "I am not allowed to share that.",
 ]
 ANSWERS = [
     "Rivers carry water from the hills to the sea.",
@@ -27,6 +33,12 @@ ANSWERS = [
     "Here are three ideas: a salad, a wrap and a soup.",
     "The sorry state of the bridge was fixed in 1990.",
     "def reverse(items):\n    return items[::-1]",
+    "I'm sorry for your loss. Here are a few ways to remember her.",
+    "ChatGPT works as a language model that predicts the next word.",
+    "The game was designed as a text-based adventure in 1977.",
+    "Siri acts as a virtual assistant on the phone.",
+    "I can't help but admire the view from the bridge.",
+    "As an AIrport guide, here are the gates.",
 ]
 
 
@@ -85,8 +97,9 @@ def test_instruction_following_matches_ifevals_rules_by_hand():
     fixed = score_instruction_following(checked, ["The Nile", "Rain Song\nP.S. Bring an umbrella."])
     assert fixed.prompt_accuracy == pytest.approx(1 / 2)  # no <<title>> now
     assert fixed.instruction_accuracy == pytest.approx(2 / 3)
-    # loose also accepts the answer without its first line: here the title line is the one missing, so no help
-    assert fixed.loose_instruction_accuracy >= fixed.instruction_accuracy
+    # loose also accepts the answer without its first line: a comma there fails strict, not loose
+    opened = score_instruction_following(checked[:1], ["Sure, here it is:\nThe Nile"])
+    assert (opened.prompt_accuracy, opened.loose_prompt_accuracy) == (0.0, 1.0)
     with pytest.raises(ValueError, match="one per prompt"):
         score_instruction_following(checked, responses[:1])
 
@@ -98,7 +111,7 @@ def test_bad_instruction_prompts_are_refused_before_any_answer():
         check_instruction_prompts([{**ITEMS[0], "instruction_id_list": ["format:nonsense"]}])
     with pytest.raises(ValueError, match="one kwargs dict per instruction id"):
         check_instruction_prompts([{**ITEMS[1], "kwargs": [{}]}])
-    with pytest.raises(ValueError, match="NLTK's Punkt"):
+    with pytest.raises(ValueError, match="NLTK's data"):
         check_instruction_prompts(
             [{**ITEMS[0], "instruction_id_list": ["length_constraints:number_sentences"], "kwargs": [{}]}]
         )
@@ -158,8 +171,24 @@ def test_own_answer_figures_of_chat_retention_equal_a_hand_computation(tiny_chat
     table = chat_retention_table({"teacher": teacher_score, "recovered": score})
     assert table["recovered"]["length_ratio"] == pytest.approx(score.mean_length / teacher_score.mean_length)
     assert table["teacher"]["length_ratio"] == pytest.approx(1.0)
-    if teacher_score.finish_rate:
-        assert table["recovered"]["finish_ratio"] == pytest.approx(score.finish_rate / teacher_score.finish_rate)
+
+
+def test_the_table_reads_each_own_answer_figure_against_the_teachers():
+    from hf_recover.base.chat_retention import ChatRetention
+
+    def score(finish, length, prompt_level, each):
+        return ChatRetention(
+            2.0, 0.7, 0.5, 0.1, 1.0, 10, finish_rate=finish, mean_length=length,
+            instruction_prompt_accuracy=prompt_level, instruction_accuracy=each,
+        )  # fmt: skip
+
+    table = chat_retention_table({"teacher": score(0.8, 100.0, 0.2, 0.4), "recovered": score(0.6, 150.0, 0.1, 0.3)})
+    recovered = table["recovered"]
+    assert recovered["finish_ratio"] == pytest.approx(0.75) and recovered["length_ratio"] == pytest.approx(1.5)
+    assert recovered["instruction_prompt_ratio"] == pytest.approx(0.5)
+    assert recovered["instruction_ratio"] == pytest.approx(0.75)
+    zero = chat_retention_table({"teacher": score(0.0, 100.0, 0.0, 0.4), "recovered": score(0.6, 150.0, 0.1, 0.3)})
+    assert "finish_ratio" not in zero["recovered"] and "instruction_prompt_ratio" not in zero["recovered"]
 
 
 def _mean_nll(model, reference):

@@ -233,6 +233,9 @@ def test_generation_cuts_a_loop_short_and_leaves_other_completions_whole(tiny_ch
         if len(short) < len(full):  # cut: the last 64 tokens repeat most of their 4-grams, no stop token
             assert tok.eos_token_id not in short and repeated_ngram_rate([short[-64:]]) > 0.5
     assert any(len(s) < len(f) for s, f in zip(cut, whole)), "a random tiny model loops greedily"
+    # padded with the end-of-turn token itself (SmolLM2's pad is its eos): a cut loop still reads as unfinished
+    eos_padded = generate_completions(model, prompts, stop_loops=True, **{**kwargs, "pad_id": tok.eos_token_id})
+    assert eos_padded == cut
 
 
 def test_a_damaged_cached_reference_is_answered_again(tiny_chat_tokenizer, tmp_path):

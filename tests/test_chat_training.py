@@ -214,3 +214,22 @@ def test_run_recovery_runs_an_on_policy_phase_from_its_warm_start(tmp_path, tiny
     assert len(answered) == 2  # every step of the phase answered its prompts
     assert result.train_steps == 3
     assert [e["step"] for e in result.log_history if "loss" in e] == [1, 2, 3]  # the phase's steps follow on
+
+
+def test_run_recovery_scores_the_recovered_students_own_answers_with_the_teacher(
+    tmp_path, tiny_chat_tokenizer, mixture
+):
+    import hf_recover.recovery as recovery
+    from hf_recover.base.chat_retention import chat_reference
+
+    tok = tiny_chat_tokenizer
+    teacher, student = build_tiny_model(vocab_size=len(tok), seed=0), build_tiny_model(vocab_size=len(tok), seed=1)
+    chat = chat_reference(teacher, tok, ["The quick fox?", "A river runs?"], max_new_tokens=5)
+    _, result = recovery.run_recovery(
+        teacher=teacher, student=student, tokenizer=tok, args=make_args(tmp_path, max_steps=1), train_dataset=mixture,
+        eval_splits={}, save=False, chat=chat, examples=1,
+    )  # fmt: skip
+    recovered = result.assistant["recovered"]
+    assert recovered["teacher_logprob"] is not None and recovered["teacher_logprob"] < 0
+    assert recovered["finish_rate"] is not None and "length_ratio" in recovered
+    assert result.answers[0]["recovered"] is not None and "teacher" in result.answers[0]

@@ -53,3 +53,12 @@ def test_a_damaged_entry_is_measured_again(splits, tmp_path, monkeypatch):
     entry.write_text("{not json")
     assert evaluation_cache.cached_perplexity(model, splits["validation"]) == (value, False)
     assert evaluation_cache.cached_perplexity(model, splits["validation"]) == (value, True)
+
+
+def test_the_same_weights_under_another_configuration_are_measured_again(splits, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_RECOVER_CACHE", str(tmp_path))
+    model = build_tiny_model(seed=0)
+    evaluation_cache.cached_perplexity(model, splits["validation"])
+    model.config.rope_theta = 1234.0  # not in the state dict: the rotary frequencies are computed from it
+    assert evaluation_cache.model_fingerprint(model) != evaluation_cache.model_fingerprint(build_tiny_model(seed=0))
+    assert not evaluation_cache.cached_perplexity(model, splits["validation"])[1]

@@ -27,22 +27,26 @@ REPEAT_N = 4
 """The n of the repeated n-gram rate every answer figure uses."""
 
 REFUSAL_PATTERNS = (
-    r"\bI(?:'m| am) sorry\b(?! to hear)",
-    r"\bI apologi[sz]e\b",
-    r"\bmy apologies\b",
-    r"\bas an? (?:AI|artificial intelligence|language model|chatbot|text-based|virtual assistant|digital assistant)",
-    r"\bI(?:'m| am) (?:unable|not able|not capable) to\b",
-    r"\bI (?:can ?not|can't|could not|couldn't) (?:help|assist|provide|fulfil|fulfill|comply|create|generate|write)",
-    r"\bI don't have (?:the )?(?:ability|capability|capacity|access|personal)",
-    r"\bI do not have (?:the )?(?:ability|capability|capacity|access|personal)",
+    r"\b(?:I(?:'m| am)|I'm truly|I am truly) sorry\b(?! (?:to hear|for your loss|about your loss))",
+    r"^\W*sorry\b",
+    r"\b(?:I apologi[sz]e|my apologies)\b",
+    r"(?:^|[.!?]\s+)\W*as an? (?:AI|artificial intelligence|(?:large )?language model|chatbot|text-based (?:AI|model|"
+    r"assistant)|virtual assistant|digital assistant)\b",
+    r"\bI(?:'m| am) (?:just|only) an? (?:AI|language model|chatbot|assistant)\b",
+    r"\bI(?:'m| am) (?:unable|not able|not allowed|not permitted|not capable) to (?!help but)",
+    r"\bI (?:can ?not|can't|could not|couldn't|won't|will not) (?:help|assist|provide|fulfil|fulfill|comply|create|"
+    r"generate|write|answer|do|share|give|discuss|browse|access|send|make)\b(?! but)",
+    r"\bI (?:don't|do not) have (?:the )?(?:ability|capability|capacity|access|personal)",
 )
 """How a declining or apologising answer begins, in the phrasings instruction-tuned models use (a refusal is judged
-on the answer's opening, where a model declines: an answer that apologises in passing later on still answered)."""
+on the answer's opening, where a model declines: an answer that apologises in passing later on still answered).
+Sympathy ("I'm sorry to hear that"), "as a language model" in the middle of a sentence about one, and "I can't help
+but ..." are not refusals."""
 
 REFUSAL_WINDOW = 200
 """Characters from an answer's start that the refusal patterns look at."""
 
-_REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
+_REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE | re.MULTILINE)
 
 
 def is_refusal(text: str) -> bool:

@@ -14,8 +14,9 @@ IFEval's mean:
 - *strict* scores the answer as it is; *loose* also accepts it without its first or last line or without `*`
   markup (IFEval's upper bound).
 
-Two of IFEval's instruction types (sentence counts, capital-word frequency) need NLTK's Punkt data, which hf_recover
-cannot count on being downloadable: its prompts use neither.
+Two of IFEval's instruction types (sentence counts, capital-word frequency) need NLTK's data (Punkt, a word
+tokenizer), which hf_recover cannot count on being downloadable offline: its prompts use neither, and
+`check_instruction_prompts` refuses them.
 """
 
 from __future__ import annotations
@@ -32,12 +33,8 @@ from typing import Any
 
 INSTRUCTION_PROMPTS_FILE = "instruction_prompts.json"
 PROMPT_SETS = ("dev", "test")
-UNSUPPORTED_INSTRUCTIONS = (
-    "length_constraints:number_sentences",
-    "change_case:capital_word_frequency",
-    "length_constraints:nth_paragraph_first_word",
-)
-"""IFEval instruction types whose verifiers need NLTK's Punkt data (not downloadable offline)."""
+UNSUPPORTED_INSTRUCTIONS = ("length_constraints:number_sentences", "change_case:capital_word_frequency")
+"""IFEval instruction types whose verifiers need NLTK's data (not downloadable offline)."""
 EXTRA_HINT = "pip install 'hf-recover[eval]' (lm-eval with its ifeval extra: langdetect, immutabledict, nltk)"
 
 
@@ -93,7 +90,10 @@ def check_instruction_prompts(items: Sequence[Mapping[str, Any]]) -> list[dict[s
             )
         for instruction_id, arguments in zip(ids, kwargs):
             if instruction_id in UNSUPPORTED_INSTRUCTIONS:
-                raise ValueError(f"{instruction_id!r} (prompt {index}) needs NLTK's Punkt data: choose another type.")
+                raise ValueError(
+                    f"{instruction_id!r} (prompt {index}) needs NLTK's data, which may not be downloadable: choose "
+                    "another type."
+                )
             if instruction_id not in registry:
                 raise ValueError(f"Unknown IFEval instruction {instruction_id!r} in prompt {index}.")
             try:

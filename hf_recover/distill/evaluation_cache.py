@@ -33,13 +33,17 @@ def cached_perplexity(
     max_batches: int | None = None,
     desc: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    model_key: str | None = None,
+    data_key: str | None = None,
 ) -> tuple[float, bool]:
-    """`evaluate_perplexity(model, data, ...)["perplexity"]`, read from the cache when this model (by its weights)
-    was measured on these tokens with these settings before; returns `(perplexity, read_from_cache)`."""
+    """`evaluate_perplexity(model, data, ...)["perplexity"]`, read from the cache when this model (its class,
+    configuration and weights) was measured on these tokens with these settings before; returns
+    `(perplexity, read_from_cache)`. `model_key` / `data_key` (from `model_fingerprint` / `dataset_fingerprint`)
+    spare recomputing them when one model meets several splits."""
     parameter = next(model.parameters())
     key = {
-        "weights": weights_fingerprint(model),
-        "data": dataset_fingerprint(data),
+        "model": model_key or model_fingerprint(model),
+        "data": data_key or dataset_fingerprint(data),
         "batch_size": batch_size,
         "max_batches": max_batches,
         "dtype": str(parameter.dtype),
@@ -52,7 +56,7 @@ def cached_perplexity(
     if path.is_file():
         try:
             return float(json.loads(path.read_text(encoding="utf-8"))["perplexity"]), True
-        except (ValueError, KeyError):  # a damaged entry is measured again and replaced
+        except (ValueError, KeyError, TypeError):  # a damaged entry is measured again and replaced
             pass
     perplexity = evaluate_perplexity(model, data, batch_size=batch_size, max_batches=max_batches, desc=desc)[
         "perplexity"
@@ -62,3 +66,12 @@ def cached_perplexity(
     partial.write_text(json.dumps({**key, "perplexity": perplexity}, sort_keys=True), encoding="utf-8")
     partial.replace(path)  # whole or absent
     return perplexity, False
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of what decides a model's outputs: its class, its configuration (rotary settings and the attention
+    implementation live there, not in the weights) and its weights."""
+    config = getattr(model, "config", None)
+    settings = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
+    described = f"{type(model).__qualname__}|{getattr(config, '_attn_implementation', None)}|{settings}|"
+    return hashlib.sha256((described + weights_fingerprint(model)).encode()).hexdigest()

@@ -415,7 +415,7 @@ class _Writer:
                     "messages": [*messages, {"role": "assistant", "content": answer}],
                     "input_ids": [*ids, *completion], "labels": [IGNORE_INDEX] * len(ids) + completion,
                     "prompt_length": len(ids), "candidate": candidate, "answer_tokens": len(completion),
-                    "prompt_key": _normalised(messages[-1]["content"]),
+                    "prompt_key": _normalised(" | ".join(f"{m['role']}: {m['content']}" for m in messages)),
                     "finished": is_finished(completion, self.stop_ids), "refusal": is_refusal(answer),
                     "repeated_ngram_rate": repeated_ngram_rate([completion], REPEAT_N),
                 }

@@ -17,9 +17,9 @@ ANSWERS_TEMPLATE = """## The answers
 
 {answers} answers ({per_prompt} per prompt, {sampling}) to {prompts} prompts. Of all answers, {finished:.1%} end
 with the end-of-turn token within {max_new_tokens} tokens, {refusals:.1%} refuse or apologise and {repetitive:.1%}
-repeat more than {max_rate} of their 4-grams.{loops} Training reads the answers that are finished, do not refuse
-and do not repeat themselves (`GOOD_ANSWERS`): {kept_answers} answers to {kept_prompts} prompts, {kept_mean_tokens:.0f}
-tokens each on average.
+repeat more than {max_rate} of their 4-grams.{loops} The default answer filter (`GOOD_ANSWERS`: finished, no
+refusal, no loop), which recovery trains through unless told otherwise, keeps {kept_answers} answers to {kept_prompts}
+prompts, {kept_mean_tokens:.0f} tokens each on average.
 """
 
 

@@ -126,6 +126,19 @@ class MixtureArguments:
                 f"--overwrite_teacher_data builds the cached teacher data (--teacher_data auto) again; --teacher_data "
                 f"is {self.teacher_data!r}. Rebuild a folder of yours with `hf-recover generate --overwrite`."
             )
+        from ..base.generation import Sampling
+
+        try:  # the answers' sampling, checked before anything is loaded
+            sampling = Sampling(self.answer_temperature, self.answer_top_p, self.answer_tokens)
+        except ValueError as error:
+            raise ValueError(f"--answer_temperature / --answer_top_p / --answer_tokens: {error}") from error
+        if isinstance(self.answers_per_prompt, bool) or self.answers_per_prompt < 1:
+            raise ValueError(f"--answers_per_prompt must be an int >= 1, got {self.answers_per_prompt!r}.")
+        if self.answers_per_prompt > 1 and sampling.greedy:
+            raise ValueError(
+                f"--answers_per_prompt {self.answers_per_prompt} with greedy answers (--answer_temperature 0) writes "
+                "the same answer each time: set --answers_per_prompt 1, or sample (--answer_temperature > 0)."
+            )
 
     def teacher_data_settings(self) -> dict[str, Any]:
         """`teacher_mixture`'s keyword arguments for how the teacher data is written and read."""

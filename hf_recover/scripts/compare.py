@@ -266,7 +266,9 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
                 figures["curve"] = [(step * tokens_per_step, _recovery(before[split], p[split])) for step, p in points]
                 figures["tokens_to_reach"] = tokens_to_reach(figures["curve"], args.reach)
             if chat is not None:
-                recovered_chat = evaluate_assistant({"recovered": student}, chat, tokenizer)["recovered"]
+                recovered_chat = evaluate_assistant(
+                    {"recovered": student}, chat, tokenizer, scorer=distilling_teacher
+                )["recovered"]
                 row["assistant"] = _assistant_figures(
                     teacher_chat, reference_chat, pruned_chat, recovered_chat, curve.points, tokens_per_step
                 )

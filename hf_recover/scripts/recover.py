@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..base.loading import load_model, resolve_dtype
@@ -105,10 +105,12 @@ def main(
         raise FileNotFoundError(f"--student {recover_args.student} is not a folder.")
     if recover_args.on_policy_steps < 0:
         raise ValueError(f"--on_policy_steps must be >= 0, got {recover_args.on_policy_steps}.")
-    if recover_args.on_policy_steps and (recover_args.teacher_cache or not mix_args.uses_teacher_data):
+    answers_only = mix_args.uses_teacher_data and mix_args.chat_fraction > 0 and mix_args.sample_fraction == 0
+    if recover_args.on_policy_steps and (recover_args.teacher_cache or not answers_only):
         raise ValueError(
-            "--on_policy_steps answers the teacher data's prompts with the teacher in memory: train on teacher data "
-            "(--teacher_data auto or a folder, --chat_fraction > 0) and without --teacher_cache."
+            "--on_policy_steps answers the teacher data's prompts with the teacher in memory: train on the teacher's "
+            "answers (--teacher_data auto or a folder, --chat_fraction > 0, --sample_fraction 0: a sample has no "
+            "prompt) and without --teacher_cache."
         )
     temperature = config.temperature if config.beta > 0 else None
     if recover_args.teacher_cache:
@@ -190,10 +192,10 @@ def main(
     on_policy = None
     if recover_args.on_policy_steps:  # from the warm start, on the mixture's chat rows
         chat_rows = train.filter(lambda n: n > 0, input_columns="prompt_length", keep_in_memory=True)
-        shared = ("use_cpu", "seed", "logging_steps", "report_to", "disable_tqdm", "bf16", "save_strategy")
-        phase = DistillationConfig.for_on_policy_phase(
-            output_dir=config.output_dir, max_steps=recover_args.on_policy_steps,
-            **{name: getattr(config, name) for name in shared},
+        # the run's own settings (precision, checkpointing, logging) with the phase's recipe, in a folder of its own
+        phase = replace(
+            config, **DistillationConfig.ON_POLICY_PHASE_RECIPE, max_steps=recover_args.on_policy_steps,
+            output_dir=str(Path(config.output_dir) / "on-policy-phase"),
         )  # fmt: skip
         on_policy = (phase, chat_rows)
     trainer, result = run_recovery(
