@@ -20,7 +20,7 @@ CHAT_FRACTION = 0.3
 """Default share of a recovery mixture's tokens taken from the teacher's answers (the rest is text): the share that
 measured best on prose and the assistant together (docs/recovery.md)."""
 
-ANSWER_TOKENS = 384
+ANSWER_TOKENS = 256
 """Longest teacher answer written for recovery (`--answer_tokens`): a budget most of the teacher's answers finish
 within (the share is reported in the teacher data's card)."""
 
