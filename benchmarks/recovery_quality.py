@@ -110,6 +110,13 @@ def parse_args(argv=None):
         default=DEMO_DEFAULTS["prune"],
         help="The hf_recover recipes' cut, e.g. angular:6:heal=local.",
     )
+    parser.add_argument(
+        "--on_policy_steps",
+        type=int,
+        default=0,
+        help="After the mixture, this many steps of DistillationConfig.for_on_policy_phase() from its warm start, "
+        "measured as one more row (`mixture + on-policy`).",
+    )
     parser.add_argument("--output", default=None, help="Write the results as JSON here.")
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (2048 if args.quick else 61_440)
@@ -188,7 +195,7 @@ def main(argv=None) -> dict:
     healed, healed_config = spec.build(teacher, calibration, block_scores=block_scores)
     results["heal_seconds"] = time.perf_counter() - began
     starts = {"teacher": teacher, "pruned": naive_student, "cut": cut, "healed": healed}
-    results["before"] = evaluate_splits(starts, eval_splits)
+    results["before"] = evaluate_splits(starts, eval_splits, cache=True)
     # the cut and its heal answer every prompt themselves; the naive cut is only prose recovery's reference
     answering = {name: model for name, model in starts.items() if name != "pruned"}
     scores = {**evaluate_assistant({"pruned": naive_student}, chat, tokenizer, answer=0, scorer=teacher)}
@@ -206,12 +213,8 @@ def main(argv=None) -> dict:
         curve.eval_splits = tuning
         output = trainer.train()
         model = trainer.model
-        after = evaluate_splits({"recovered": model}, eval_splits)
-        assistant = evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat, scorer=teacher)
         results["recipes"][recipe] = {
-            "perplexity": {split: by_model["recovered"] for split, by_model in after.items()},
-            "assistant": chat_retention_table({"teacher": chat.teacher, recipe: assistant})[recipe],
-            "answers": [tokenizer.decode(a, skip_special_tokens=True).strip() for a in assistant.answers[:6]],
+            **_measured(model, teacher, tokenizer, chat, eval_splits, recipe),
             "curve": {curve.tokens[step]: point for step, point in sorted(curve.points.items())},
             "train_tokens": int(trainer.state.num_input_tokens_seen),
             "train_runtime": output.metrics["train_runtime"] - curve.seconds,  # evaluations excluded
@@ -219,6 +222,30 @@ def main(argv=None) -> dict:
             **extra,
         }
         print(f"{recipe}: {_summary(results, recipe)}", flush=True)
+        if recipe == "mixture" and args.on_policy_steps:  # a second phase from this warm start
+            phase_start, name = time.perf_counter(), "mixture + on-policy"
+            chat_rows = trainer.train_dataset.filter(lambda n: n > 0, input_columns="prompt_length")
+            phase_args = DistillationConfig.for_on_policy_phase(
+                output_dir="/tmp/recovery_quality/on-policy", max_steps=args.on_policy_steps,
+                include_num_input_tokens_seen="non_padding", **quiet_run_args(),
+            )  # fmt: skip
+            phase = DistillationTrainer(
+                model=model,
+                teacher_model=teacher,
+                args=phase_args,
+                train_dataset=chat_rows,
+                processing_class=tokenizer,
+            )
+            phase_output = phase.train()
+            results["recipes"][name] = {
+                **_measured(model, teacher, tokenizer, chat, eval_splits, name),
+                "curve": {},
+                "train_tokens": results["recipes"]["mixture"]["train_tokens"] + int(phase.state.num_input_tokens_seen),
+                "train_runtime": results["recipes"]["mixture"]["train_runtime"]
+                + phase_output.metrics["train_runtime"],
+                "seconds": time.perf_counter() - phase_start,
+            }
+            print(f"{name}: {_summary(results, name)}", flush=True)
 
     report = _report(results, chat)
     print("\n" + report)
@@ -226,6 +253,21 @@ def main(argv=None) -> dict:
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return results
+
+
+def _measured(model, teacher, tokenizer, chat, eval_splits, name: str) -> dict:
+    """A trained model's perplexity on every split, its assistant figures against the teacher's, and its first
+    answers."""
+    after = evaluate_splits({"recovered": model}, eval_splits)
+    assistant = evaluate_chat_retention(model, tokenizer=tokenizer, reference=chat, scorer=teacher)
+    return {
+        "perplexity": {split: by_model["recovered"] for split, by_model in after.items()},
+        "assistant": chat_retention_table({"teacher": chat.teacher, name: assistant})[name],
+        "answers": [tokenizer.decode(a, skip_special_tokens=True).strip() for a in assistant.answers[:6]],
+        "instruction_answers": [
+            tokenizer.decode(a, skip_special_tokens=True).strip() for a in assistant.instruction_answers[:6]
+        ],
+    }
 
 
 def _reference_and_throughput(teacher, tokenizer, prompts, instructions):
