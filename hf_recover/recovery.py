@@ -12,7 +12,14 @@ import torch
 from transformers import TrainerCallback
 
 from .base.chat_retention import answer_prompts, chat_retention_table, evaluate_chat_retention
-from .base.constants import ANSWER_TEMPERATURE, ANSWER_TOKENS, ANSWER_TOP_P, ANSWERS_PER_PROMPT, CHAT_FRACTION
+from .base.constants import (
+    ANSWER_TEMPERATURE,
+    ANSWER_TOKENS,
+    ANSWER_TOP_P,
+    ANSWERS_PER_PROMPT,
+    CHAT_FRACTION,
+    NUM_PROMPTS,
+)
 from .base.evaluation import count_parameters, evaluate_perplexity, recovery_metrics
 from .base.generation import Sampling
 from .base.reporting import (
@@ -104,7 +111,7 @@ def teacher_mixture(
     teacher_data: str | Path = "auto",
     chat_fraction: float = CHAT_FRACTION,
     sample_fraction: float = 0.0,
-    num_prompts: int = 256,
+    num_prompts: int = NUM_PROMPTS,
     num_samples: int = 0,
     answer_tokens: int = ANSWER_TOKENS,
     answer_sampling: Sampling | None = None,

@@ -31,5 +31,7 @@ ones end more often and differ between a prompt's candidates. No nucleus (top-p 
 every step costs a quarter of the generation's speed on CPU (97 against 125 new tokens/s, measured here)."""
 
 ANSWERS_PER_PROMPT = 2
-"""Candidate answers the teacher writes to each prompt for recovery; the answer filter keeps those that finish, do
-not refuse and do not loop."""
+NUM_PROMPTS = 128
+"""Prompts the teacher writes itself for recovery, and candidate answers it writes to each (256 answers, as many as
+one answer to 256 prompts would be): the answer filter keeps those that finish, do not refuse and do not loop, and a
+second answer gives a prompt whose first one loops another chance."""

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..base.constants import ANSWER_TEMPERATURE, ANSWER_TOKENS, ANSWER_TOP_P, ANSWERS_PER_PROMPT, CHAT_FRACTION
+from ..base.constants import (
+    ANSWER_TEMPERATURE,
+    ANSWER_TOKENS,
+    ANSWER_TOP_P,
+    ANSWERS_PER_PROMPT,
+    CHAT_FRACTION,
+    NUM_PROMPTS,
+)
 from ..base.data import check_mixture
 
 DEFAULT = "default"
@@ -75,7 +82,8 @@ class MixtureArguments:
         default=0.0, metadata={"help": "Share of the training tokens taken from the teacher's unconditional samples."}
     )
     num_prompts: int = field(
-        default=256, metadata={"help": "With --teacher_data auto: prompts the teacher writes itself and answers."}
+        default=NUM_PROMPTS,
+        metadata={"help": "With --teacher_data auto: prompts the teacher writes itself and answers."},
     )
     num_samples: int = field(default=0, metadata={"help": "With --teacher_data auto: unconditional samples."})
     answer_tokens: int = field(
