@@ -85,10 +85,11 @@ from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
 
 RECIPES = ("naive", "text", "previous", "mixture")
 PREVIOUS_MIXTURE = {
-    "chat_fraction": 0.3, "answer_tokens": 128, "answers_per_prompt": 1,
+    "chat_fraction": 0.3, "num_prompts": 256, "answer_tokens": 128, "answers_per_prompt": 1,
     "answer_sampling": Sampling(max_new_tokens=128), "answer_filter": KEEP_ALL_ANSWERS,
 }  # fmt: skip
-"""The previous demo's teacher data: greedy answers up to 128 tokens, one per prompt, none filtered out."""
+"""The previous demo's teacher data: greedy answers up to 128 tokens, one to each of 256 prompts, none filtered out
+(`--chat_fraction` does not apply to it)."""
 TUNING_SPLITS = ("validation", "ood")
 NAIVE_BATCH = 4
 NAIVE_ALPHA, NAIVE_TEMPERATURE, NAIVE_LR = 0.5, 2.0, 1e-4
