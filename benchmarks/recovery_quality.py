@@ -197,9 +197,14 @@ def main(argv=None) -> dict:
     results["heal_seconds"] = time.perf_counter() - began
     starts = {"teacher": teacher, "pruned": naive_student, "cut": cut, "healed": healed}
     results["before"] = evaluate_splits(starts, eval_splits, cache=True)
-    # the cut and its heal answer every prompt themselves; the naive cut is only prose recovery's reference
-    answering = {name: model for name, model in starts.items() if name != "pruned"}
-    scores = {**evaluate_assistant({"pruned": naive_student}, chat, tokenizer, answer=0, scorer=teacher)}
+    # the cut answers every prompt itself (the untrained start); the others are scored teacher-forced only
+    answering = {name: model for name, model in starts.items() if name in ("teacher", "cut")}
+    scores = {
+        name: score
+        for name, model in starts.items()
+        if name not in answering
+        for score in [evaluate_assistant({name: model}, chat, tokenizer, answer=0)[name]]
+    }
     scores.update(evaluate_assistant(answering, chat, tokenizer))
     results["assistant_before"] = chat_retention_table(scores)
     results["naive_removed"] = naive_config.removed_layer_indices
