@@ -28,6 +28,6 @@ NUM_PROMPTS = 256
 """How the recovery mixture's teacher data is written by default (`--teacher_data auto`): greedy answers up to 128
 tokens, one to each of 256 prompts the teacher writes itself; the recipe that was measured. Sampled answers
 (`--answer_temperature 0.7`; no nucleus: sorting the vocabulary at each step costs a quarter of the generation's speed
-on CPU), several per prompt (`--answers_per_prompt`) and the answer filter (`--filter_answers`) are options: measured
-on the teacher's own prompts, 27-54% of its answers finish within 256-384 tokens (29% greedy within 128), so the filter keeps too few
-of them for the mixture's share (docs/recovery.md)."""
+on CPU), several per prompt (`--answers_per_prompt`) and the answer filter (`--filter_answers`) are options: on the
+teacher's own prompts 29% of its greedy answers finish within 128 tokens and 27-54% of sampled ones within 256-384, so
+the filter keeps too few of them for the mixture's share (docs/recovery.md)."""
