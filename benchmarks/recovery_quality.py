@@ -335,9 +335,7 @@ def _trainer(recipe, args, data_args, teacher, tokenizer, student, pruned_config
         if recipe == "previous":
             settings.update(PREVIOUS_MIXTURE)
         began = time.perf_counter()
-        train, folder = teacher_mixture(
-            teacher, tokenizer, text, train_tokens=args.tokens, max_length=data_args.max_length, **settings
-        )
+        train, folder = teacher_mixture(teacher, tokenizer, text, train_tokens=args.tokens, **settings)
         extra.update(mixture=vars(mix), teacher_data=str(folder), mixture_seconds=time.perf_counter() - began)
         config.max_steps = math.ceil(len(train) / rows_per_step)
     curve = RecoveryCurve([config.max_steps // 4, config.max_steps // 2], {})

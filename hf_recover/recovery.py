@@ -102,6 +102,11 @@ class RecoveryResult:
         return text
 
 
+PROMPT_ROOM = 128
+"""Tokens a chat row of the mixture leaves for the conversation before the answer: the chat template's system turn
+and a prompt the teacher wrote (at most 64 tokens, `PromptFilter`), with room to spare."""
+
+
 def teacher_mixture(
     teacher: torch.nn.Module,
     tokenizer,
@@ -117,7 +122,7 @@ def teacher_mixture(
     answer_sampling: Sampling | None = None,
     answers_per_prompt: int = ANSWERS_PER_PROMPT,
     answer_filter: AnswerFilter = KEEP_ALL_ANSWERS,
-    max_length: int = 256,
+    max_length: int | None = None,
     seed: int = 0,
     overwrite_teacher_data: bool = False,
 ):
@@ -128,13 +133,17 @@ def teacher_mixture(
     answers to each prompt drawn by `answer_sampling` (by default at `ANSWER_TEMPERATURE` (greedy), top-p
     `ANSWER_TOP_P`, up to `answer_tokens`), then read from hf_recover's cache (`overwrite_teacher_data` writes it
     again: a damaged folder). Training reads the answers `answer_filter` keeps (by default all of them;
-    `GOOD_ANSWERS`: those that finish, do not refuse and do not loop). Reading the teacher data writes nothing into
-    its folder. Returns `(mixture, teacher_data_folder)`."""
+    `GOOD_ANSWERS`: those that finish, do not refuse and do not loop). A conversation longer than `max_length` tokens
+    is cut there and loses its end-of-turn token; by default the longest answer fits after a prompt of
+    `PROMPT_ROOM` tokens (`answer_tokens + PROMPT_ROOM`). Reading the teacher data writes nothing into its folder.
+    Returns `(mixture, teacher_data_folder)`."""
     from .base.chat import prepare_chat_dataset
     from .base.data import check_mixture, mix_recovery_datasets
     from .distill.teacher_data import cached_teacher_data, load_teacher_data
 
     check_mixture(chat_fraction, sample_fraction, train_tokens)
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length is the longest chat row in tokens, an int >= 2 (or None), got {max_length!r}.")
     auto = str(teacher_data) == "auto"
     if auto:
         if answer_sampling is None:
@@ -170,7 +179,8 @@ def teacher_mixture(
                         else "."
                     )
                 )
-            parts[kind] = prepare_chat_dataset(chosen, tokenizer, max_length=max_length)
+            row_length = max_length if max_length is not None else answer_tokens + PROMPT_ROOM
+            parts[kind] = prepare_chat_dataset(chosen, tokenizer, max_length=row_length)
             quotas[kind] = round(fraction * train_tokens)
     quotas["text"] = train_tokens - sum(quotas.values())
     return mix_recovery_datasets(parts, quotas, seed=seed), folder

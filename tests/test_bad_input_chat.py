@@ -146,6 +146,20 @@ def test_reading_teacher_data_leaves_its_folder_byte_identical(tmp_path, teacher
     assert _hashes(out) == before  # no cache-*.arrow beside the shards, nothing changed
 
 
+def test_a_chat_row_keeps_the_longest_answer_and_its_end_unless_max_length_cuts_it(tmp_path, teacher, tok):
+    out = build_teacher_data(teacher, tok, tmp_path / "d", prompts=["The quick fox?"], num_prompts=0,
+                             answer_sampling=ANSWERS, show_progress=False)  # fmt: skip
+    whole = prepare_chat_dataset(load_teacher_data(out), tok, max_length=10_000)[0]["input_ids"]
+    text = prepare_recovery_dataset(Dataset.from_dict({"text": TINY_TEXTS}), tok, max_length=16)
+    kwargs = dict(train_tokens=40, teacher_data=out, chat_fraction=0.1, answer_filter=KEEP_ALL_ANSWERS)
+    rows = teacher_mixture(teacher, tok, text, answer_tokens=8, **kwargs)[0].filter(
+        lambda n: n > 0, input_columns="prompt_length"
+    )
+    assert rows["input_ids"] == [whole]  # 8 answer tokens after a prompt of under PROMPT_ROOM tokens: whole
+    cut = teacher_mixture(teacher, tok, text, max_length=len(whole) - 3, **kwargs)[0]
+    assert [ids for ids, n in zip(cut["input_ids"], cut["prompt_length"]) if n > 0] == [whole[: len(whole) - 3]]
+
+
 def test_a_cut_short_metadata_file_names_the_file_the_folder_and_the_fix(tmp_path, teacher, tok):
     out = build_teacher_data(
         teacher, tok, tmp_path / "d", prompts=["The quick fox?"], num_prompts=0, answer_sampling=ANSWERS
@@ -187,6 +201,8 @@ def test_a_damaged_cached_folder_is_rebuilt_by_a_flag(tmp_path, teacher, tok, mo
         (dict(chat_fraction=0.7, sample_fraction=0.5), "together are 1.2, over 1"),
         (dict(train_tokens=0), r"train_tokens \(--train_tokens\) .* got 0"),
         (dict(train_tokens=-1000), "got -1000"),
+        (dict(max_length=1), r"max_length is the longest chat row in tokens, an int >= 2 \(or None\), got 1"),
+        (dict(max_length=True), "got True"),
     ],
 )
 def test_bad_mixture_settings_are_refused_before_any_teacher_data(tok, monkeypatch, kwargs, match):

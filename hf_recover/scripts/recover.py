@@ -161,8 +161,8 @@ def main(
     if mix_args.uses_teacher_data:  # the teacher's answers beside the text, once through, as many tokens as text alone
         budget = mix_args.train_tokens or config.max_steps * rows_per_step * data_args.max_length
         train, data_folder = teacher_mixture(
-            teacher, tokenizer, train, train_tokens=budget, max_length=data_args.max_length,
-            seed=data_args.data_seed_value, overwrite_teacher_data=mix_args.overwrite_teacher_data,
+            teacher, tokenizer, train, train_tokens=budget, seed=data_args.data_seed_value,
+            overwrite_teacher_data=mix_args.overwrite_teacher_data,
             **mix_args.teacher_data_settings(),
         )  # fmt: skip
         config.max_steps = -(-len(train) // rows_per_step)
