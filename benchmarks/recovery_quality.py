@@ -114,14 +114,20 @@ def parse_args(argv=None):
     parser.add_argument(
         "--on_policy_steps",
         type=int,
-        default=0,
-        help="After the mixture, this many steps of DistillationConfig.for_on_policy_phase() from its warm start, "
-        "measured as one more row (`mixture + on-policy`).",
+        nargs="+",
+        default=[],
+        help="After the mixture, DistillationConfig.for_on_policy_phase() from its warm start, measured after each "
+        "of these step counts, increasing (one more row each, `mixture + on-policy N`; one run continued).",
     )
     parser.add_argument("--output", default=None, help="Write the results as JSON here.")
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (2048 if args.quick else 61_440)
     args.eval_blocks = args.eval_blocks or (4 if args.quick else 32)
+    steps = args.on_policy_steps
+    if any(n < 1 for n in steps) or steps != sorted(set(steps)):
+        parser.error(f"--on_policy_steps takes increasing positive step counts, got {steps}.")
+    if steps and "mixture" not in args.only:
+        parser.error("--on_policy_steps continues the mixture: add mixture to --only.")
     args.overrides = {}
     for item in args.set:
         name, _, value = item.partition("=")
@@ -228,30 +234,8 @@ def main(argv=None) -> dict:
             **extra,
         }
         print(f"{recipe}: {_summary(results, recipe)}", flush=True)
-        if recipe == "mixture" and args.on_policy_steps:  # a second phase from this warm start
-            phase_start, name = time.perf_counter(), "mixture + on-policy"
-            chat_rows = trainer.train_dataset.filter(lambda n: n > 0, input_columns="prompt_length")
-            phase_args = DistillationConfig.for_on_policy_phase(
-                output_dir="/tmp/recovery_quality/on-policy", max_steps=args.on_policy_steps,
-                include_num_input_tokens_seen="non_padding", **quiet_run_args(),
-            )  # fmt: skip
-            phase = DistillationTrainer(
-                model=model,
-                teacher_model=teacher,
-                args=phase_args,
-                train_dataset=chat_rows,
-                processing_class=tokenizer,
-            )
-            phase_output = phase.train()
-            results["recipes"][name] = {
-                **_measured(model, teacher, tokenizer, chat, eval_splits, name),
-                "curve": {},
-                "train_tokens": results["recipes"]["mixture"]["train_tokens"] + int(phase.state.num_input_tokens_seen),
-                "train_runtime": results["recipes"]["mixture"]["train_runtime"]
-                + phase_output.metrics["train_runtime"],
-                "seconds": time.perf_counter() - phase_start,
-            }
-            print(f"{name}: {_summary(results, name)}", flush=True)
+        if recipe == "mixture":  # a second phase from this warm start, measured after each step count
+            _on_policy_phase(args, results, model, teacher, tokenizer, trainer.train_dataset, chat, eval_splits)
 
     report = _report(results, chat)
     print("\n" + report)
@@ -259,6 +243,35 @@ def main(argv=None) -> dict:
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return results
+
+
+def _on_policy_phase(args, results, model, teacher, tokenizer, mixture, chat, eval_splits) -> None:
+    """`DistillationConfig.for_on_policy_phase()` on the mixture's chat rows, continued to each of
+    `--on_policy_steps` in turn (one run: the row at 80 steps is the row at 20 trained 60 more)."""
+    chat_rows = mixture.filter(lambda n: n > 0, input_columns="prompt_length")
+    done, tokens, runtime = (
+        0,
+        results["recipes"]["mixture"]["train_tokens"],
+        results["recipes"]["mixture"]["train_runtime"],
+    )
+    for steps in args.on_policy_steps:
+        phase_start, name = time.perf_counter(), f"mixture + on-policy {steps}"
+        phase_args = DistillationConfig.for_on_policy_phase(
+            output_dir="/tmp/recovery_quality/on-policy", max_steps=steps - done,
+            include_num_input_tokens_seen="non_padding", **{**quiet_run_args(), "seed": 42 + done},
+        )  # fmt: skip
+        phase = DistillationTrainer(
+            model=model, teacher_model=teacher, args=phase_args, train_dataset=chat_rows, processing_class=tokenizer
+        )
+        runtime += phase.train().metrics["train_runtime"]
+        tokens += int(phase.state.num_input_tokens_seen)
+        results["recipes"][name] = {
+            **_measured(model, teacher, tokenizer, chat, eval_splits, name),
+            "curve": {}, "train_tokens": tokens, "train_runtime": runtime,
+            "seconds": time.perf_counter() - phase_start, "chat_rows": len(chat_rows),
+        }  # fmt: skip
+        print(f"{name}: {_summary(results, name)}", flush=True)
+        done = steps
 
 
 def _measured(model, teacher, tokenizer, chat, eval_splits, name: str) -> dict:
