@@ -46,8 +46,7 @@ from hf_recover import DistillationConfig  # noqa: E402
 from hf_recover.base.chat_retention import chat_reference, load_chat_prompts  # noqa: E402
 from hf_recover.base.constants import CHAT_FRACTION  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
-from hf_recover.recovery import evaluate_assistant, evaluate_splits, teacher_mixture  # noqa: E402
-from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
+from hf_recover.recovery import DEMO_DEFAULTS, evaluate_assistant, evaluate_splits, teacher_mixture  # noqa: E402
 
 LEGS = ("off-policy", "lmbda", "trl")
 TRL_PROMPTS_PER_STEP = 4

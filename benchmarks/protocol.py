@@ -7,10 +7,15 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hf_recover.base.data import prepare_recovery_dataset
+from hf_recover.base.data import (
+    CALIBRATION_BLOCKS,
+    first_blocks,
+    load_text_splits,
+    prepare_eval_splits,
+    prepare_recovery_dataset,
+)
 from hf_recover.base.defaults import load_default_teacher
-from hf_recover.scripts.arguments import DataArguments, load_text_splits, prepare_eval_splits
-from hf_recover.scripts.demo import DEMO_DEFAULTS
+from hf_recover.recovery import DEMO_DEFAULTS
 
 QUICK_TEACHER_DATA = {"num_prompts": 16, "answer_tokens": 32}
 """A smoke run's own small teacher data (`teacher_mixture` keywords)."""
@@ -25,11 +30,20 @@ def use_cores() -> int:
     return threads
 
 
+@dataclass(frozen=True)
+class DemoText:
+    """How the demo prepares its text: `hf-recover demo`'s data settings."""
+
+    max_length: int = DEMO_DEFAULTS["max_length"]
+    max_train_documents: int = DEMO_DEFAULTS["max_train_documents"]
+    calibration_blocks: int = CALIBRATION_BLOCKS
+
+
 @dataclass
 class DemoProtocol:
     teacher: Any
     tokenizer: Any
-    data_args: DataArguments
+    data_args: DemoText
     text: Any
     """The training text, packed into the demo's blocks."""
     calibration: Any
@@ -40,16 +54,13 @@ class DemoProtocol:
 def demo_protocol(*, eval_blocks: int, held_out: bool = True) -> DemoProtocol:
     """The teacher (frozen), the demo's text, calibration blocks and `eval_blocks` evaluation blocks per split
     (`held_out`: with the held-out domains)."""
-    data_args = DataArguments(
-        max_length=DEMO_DEFAULTS["max_length"], max_train_documents=DEMO_DEFAULTS["max_train_documents"],
-        eval_blocks=eval_blocks, held_out=held_out,
-    )  # fmt: skip
+    data_args = DemoText()
     teacher, tokenizer = load_default_teacher()
     teacher.eval().requires_grad_(False)
-    splits = load_text_splits(data_args)
+    splits = load_text_splits(held_out=held_out, max_train_documents=data_args.max_train_documents)
     text = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
-    calibration = text.select(range(min(data_args.calibration_blocks, len(text))))
-    eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
+    calibration = first_blocks(text, data_args.calibration_blocks)
+    eval_splits = prepare_eval_splits(splits, tokenizer, blocks=eval_blocks)
     return DemoProtocol(teacher, tokenizer, data_args, text, calibration, eval_splits)
 
 
@@ -71,8 +82,7 @@ def recovery_trainer(teacher, tokenizer, student, pruned_config, train, output_d
     from hf_recover import DistillationConfig, DistillationTrainer
 
     config = DistillationConfig.for_depth_recovery(output_dir=output_dir, **{**quiet_run_args(), **overrides})
-    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
-    config.max_steps = math.ceil(len(train) / rows_per_step)
+    config.max_steps = math.ceil(len(train) / config.rows_per_step)
     return DistillationTrainer(
         model=student, teacher_model=teacher, args=config, pruned_config=pruned_config, train_dataset=train,
         processing_class=tokenizer,

@@ -237,14 +237,13 @@ def measure_kd_error(args, models: Path) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_recover.base.data import prepare_recovery_dataset
+    from hf_recover.base.data import load_text_splits, prepare_recovery_dataset
     from hf_recover.base.loading import load_model
     from hf_recover.base.losses import DIVERGENCES, TopKTeacher, teacher_top_k
-    from hf_recover.scripts.arguments import DataArguments, load_text_splits
 
     teacher, tokenizer = load_model("default")
     student = AutoModelForCausalLM.from_pretrained(models / "student", dtype=torch.float32).eval()
-    text = load_text_splits(DataArguments())["validation"]
+    text = load_text_splits()["validation"]
     rows = prepare_recovery_dataset(text, tokenizer, max_length=args.seq_len).select(range(args.batch))
     input_ids = torch.tensor(rows["input_ids"])
     with torch.no_grad():
@@ -287,18 +286,16 @@ def measure_quality(args, models: Path) -> dict[str, dict[str, float]]:
     from transformers import AutoModelForCausalLM
 
     from hf_recover import DistillationConfig, cache_teacher_outputs, load_teacher_cache
-    from hf_recover.base.data import prepare_recovery_dataset
+    from hf_recover.base.data import load_text_splits, prepare_eval_splits, prepare_recovery_dataset
     from hf_recover.base.loading import load_model
     from hf_recover.distill.teacher_cache import tail_sample_columns
     from hf_recover.recovery import run_recovery
-    from hf_recover.scripts.arguments import DataArguments, load_text_splits, prepare_eval_splits
 
     teacher, tokenizer = load_model("default")
-    data_args = DataArguments(max_length=256)
-    splits = load_text_splits(data_args)
+    splits = load_text_splits()
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=256)
     train = train.select(range(min(4 * args.quality_steps, len(train))))
-    eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
+    eval_splits = prepare_eval_splits(splits, tokenizer)
     cache_dir = models / "quality-cache"
     cache_teacher_outputs(
         teacher, train, cache_dir, top_k=args.top_k, tail_samples=args.tail_samples, tokenizer=tokenizer,

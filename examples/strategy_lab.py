@@ -4,7 +4,7 @@
     python examples/strategy_lab.py --prunings importance last --strategies ce_only compound --max_steps 10
     python examples/strategy_lab.py --max_steps 500 --per_device_train_batch_size 16 --eval_blocks 128   # a GPU
 
-Same as `hf-recover compare` (see `hf_recover/scripts/compare.py`): pruning choices (block importance vs the
+Same as `hf-recover compare` (the lab itself is `hf_recover.lab`): pruning choices (block importance vs the
 last blocks vs the contiguous blocks of smallest angular distance) x recovery strategies (CE only, logits KD,
 compound CE + KD + hidden alignment, skew KL + FDD) on the embedded SmolLM2-135M and the default corpus. Writes
 `results.md`, `results.json`, recovery curves per strategy and the block-importance plot to `--output_dir`

@@ -25,6 +25,13 @@ from importlib import import_module
 COMMANDS = ("demo", "importance", "prune", "select", "generate", "cache", "recover", "evaluate", "compare", "push")
 
 
+def command_module(name: str):
+    """The module of the command `name` (`hf_recover.scripts.NAME`): its `make_parser` and `main`."""
+    if name not in COMMANDS:
+        raise ValueError(f"Unknown command {name!r}; commands: {', '.join(COMMANDS)}.")
+    return import_module(f"hf_recover.scripts.{name}")
+
+
 def make_root_parser() -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
@@ -33,7 +40,7 @@ def make_root_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     for name in COMMANDS:
-        import_module(f"hf_recover.scripts.{name}").make_parser(subparsers)
+        command_module(name).make_parser(subparsers)
     return parser
 
 
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     subparser = root._subparsers._group_actions[0].choices[argv[0]]
     dataclasses = parse_command(subparser, argv[1:])
-    import_module(f"hf_recover.scripts.{argv[0]}").main(*dataclasses)
+    command_module(argv[0]).main(*dataclasses)
 
 
 if __name__ == "__main__":

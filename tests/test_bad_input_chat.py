@@ -17,13 +17,13 @@ from hf_recover.base.data import prepare_recovery_dataset
 from hf_recover.base.generation import Sampling
 from hf_recover.cli import main as cli
 from hf_recover.distill.answer_filter import KEEP_ALL_ANSWERS
+from hf_recover.distill.mixture import teacher_mixture
 from hf_recover.distill.teacher_data import (
     METADATA_NAME,
     build_teacher_data,
     cached_chat_reference,
     load_teacher_data,
 )
-from hf_recover.recovery import teacher_mixture
 
 ANSWERS = Sampling(max_new_tokens=8)
 CONVERSATION = [
@@ -206,10 +206,10 @@ def test_a_damaged_cached_folder_is_rebuilt_by_a_flag(tmp_path, teacher, tok, mo
     ],
 )
 def test_bad_mixture_settings_are_refused_before_any_teacher_data(tok, monkeypatch, kwargs, match):
-    import hf_recover.distill.teacher_data as teacher_data
+    import hf_recover.distill.mixture as mixture
 
-    monkeypatch.setattr(teacher_data, "cached_teacher_data", never)
-    monkeypatch.setattr(teacher_data, "load_teacher_data", never)
+    monkeypatch.setattr(mixture, "cached_teacher_data", never)
+    monkeypatch.setattr(mixture, "load_teacher_data", never)
     with pytest.raises(ValueError, match=match):
         teacher_mixture(build_tiny_model(vocab_size=len(tok)), tok, None, **{"train_tokens": 100, **kwargs})
 

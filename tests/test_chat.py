@@ -160,7 +160,7 @@ def test_chat_retention_equals_a_hand_computation(tiny_chat_tokenizer):
 
 def test_the_reference_carries_the_teachers_own_figures_and_is_cached(tiny_chat_tokenizer, tmp_path, monkeypatch):
     import hf_recover.distill.teacher_data as teacher_data
-    from hf_recover.recovery import evaluate_assistant
+    from hf_recover.base.chat_retention import evaluate_assistant
 
     tok = tiny_chat_tokenizer
     teacher = build_tiny_model(vocab_size=len(tok), seed=0)

@@ -341,9 +341,9 @@ def test_compare_distils_from_the_teacher_in_teacher_dtype(workspace, monkeypatc
 @pytest.mark.parametrize("command", ["demo", "recover"])
 def test_demo_and_recover_train_with_the_depth_recovery_preset(command):
     from hf_recover import DistillationConfig
-    from hf_recover.scripts import demo, recover
+    from hf_recover.cli import command_module
 
-    parser = (demo if command == "demo" else recover).make_parser()
+    parser = command_module(command).make_parser()
     recover_args, data_args, _, config = parser.parse_args_into_dataclasses([])
     for name, value in DistillationConfig.DEPTH_RECOVERY_RECIPE.items():
         assert getattr(config, name) == value, name

@@ -65,7 +65,7 @@ def test_recovery_metrics_by_hand():
 
 
 def test_recovery_curve_helpers_by_hand():
-    from hf_recover.recovery import curve_steps, tokens_to_reach
+    from hf_recover.lab import curve_steps, tokens_to_reach
 
     assert curve_steps(60, 4) == [15, 30, 45, 60]
     assert curve_steps(2, 4) == [1, 2]  # no step twice, none before the first
@@ -83,7 +83,7 @@ def test_recovery_curve_helpers_by_hand():
 def test_recovery_curve_callback_evaluates_at_its_steps_only(tiny_llama):
     from types import SimpleNamespace
 
-    from hf_recover.recovery import RecoveryCurve
+    from hf_recover.lab import RecoveryCurve
 
     data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 2, "attention_mask": [[1] * 4] * 2,
                               "labels": [[1, 2, 3, 4]] * 2})  # fmt: skip

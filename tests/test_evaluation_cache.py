@@ -8,7 +8,7 @@ from datasets import Dataset
 import hf_recover.distill.evaluation_cache as evaluation_cache
 from hf_recover.base.data import prepare_recovery_dataset
 from hf_recover.base.evaluation import evaluate_perplexity
-from hf_recover.recovery import evaluate_splits
+from hf_recover.distill.evaluation_cache import evaluate_splits
 
 
 @pytest.fixture

@@ -257,9 +257,9 @@ def test_strategy_lab_example_is_the_compare_command(tmp_path, tiny_tokenizer, m
     """examples/strategy_lab.py forwards its flags to `hf-recover compare` unchanged."""
     lab = _load_module(EXAMPLES / "strategy_lab.py", "strategy_lab_example")
     seen = {}
-    import hf_recover.scripts.compare as compare
+    from hf_recover.cli import command_module
 
-    monkeypatch.setattr(compare, "main", lambda *dataclasses: seen.setdefault("args", dataclasses))
+    monkeypatch.setattr(command_module("compare"), "main", lambda *dataclasses: seen.setdefault("args", dataclasses))
     lab.run(["--prunings", "last", "--strategies", "compound", "--max_steps", "3", "--output_dir", str(tmp_path)])
     compare_args, data_args, config = seen["args"]
     assert compare_args.prunings == ["last"] and compare_args.strategies == ["compound"]

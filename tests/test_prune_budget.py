@@ -104,14 +104,15 @@ def test_strategy_lab_width_rows_match_the_depth_size(tmp_path, tiny_tokenizer):
 
 
 def test_the_mix_keeps_the_hidden_size_whole_when_the_count_leaves_no_room(tiny_llama):
-    from hf_recover.scripts.compare import CompareArguments, _pruning_spec
+    from hf_recover.lab import LabPrunings
 
-    args = CompareArguments(n_remove=2, width_heads=0.5, width_hidden=0.875)
+    prunings = LabPrunings(n_remove=2, width_heads=0.5, width_hidden=0.875)
     # 5 blocks at hidden 28 and 2 heads already hold fewer parameters than the 4-block depth cut (see above)
     with pytest.raises(ValueError, match="already has fewer"):
         width_spec_at_parameters(tiny_llama, parameters_at(tiny_llama, num_layers=4), heads=0.5, hidden_size=0.875,
                                  num_layers=5)  # fmt: skip
-    mix = _pruning_spec("mix", args, tiny_llama)
+    assert prunings.spec("mix") is None  # a family is sized on the teacher
+    mix = prunings.spec("mix", tiny_llama)
     assert mix.depth.n == 1 and mix.width.heads == 0.5 and mix.width.hidden_size is None
-    width = _pruning_spec("width", args, tiny_llama)  # no block removed: room for every axis
+    width = prunings.spec("width", tiny_llama)  # no block removed: room for every axis
     assert width.width.heads == 0.5 and width.width.hidden_size == 0.875

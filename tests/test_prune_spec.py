@@ -168,7 +168,7 @@ def test_build_equals_the_pruning_functions(tiny_llama):
 
 @pytest.mark.parametrize("command", ["prune", "select", "recover", "demo", "compare"])
 def test_every_command_that_takes_specs_shows_the_one_grammar(command):
-    from importlib import import_module
+    from hf_recover.cli import command_module
 
-    parser = import_module(f"hf_recover.scripts.{command}").make_parser()
+    parser = command_module(command).make_parser()
     assert PRUNE_SPEC_GRAMMAR in parser.format_help()

@@ -219,6 +219,40 @@ def answer_prompts(
     return _answer(model, tokenizer, prompt_ids, reference.max_new_tokens, batch_size, "Own answers")
 
 
+def evaluate_assistant(
+    models: dict[str, torch.nn.Module], chat: ChatReference, tokenizer, *, answer: bool | int = True, scorer=None
+) -> dict[str, Any]:
+    """Chat retention of every model against the reference answers `chat` (a `ChatReference`); the model named
+    `teacher` is the reference's own, whose figures it carries. `answer`: each model answers every prompt itself
+    (True: the own-answer and instruction figures), only the first `answer` prompts (the examples shown side by
+    side), or none (0). `scorer` (the teacher, or the model named `teacher`) scores the models' own answers."""
+    scores = {}
+    for name, model in models.items():
+        if name == "teacher" and chat.teacher is not None:
+            scores[name] = chat.teacher
+            continue
+        score = evaluate_chat_retention(
+            model, tokenizer=tokenizer, reference=chat, answer=answer is True, scorer=scorer or models.get("teacher")
+        )
+        if answer is not True and answer:
+            score.answers = answer_prompts(model, tokenizer, chat, count=answer)
+        scores[name] = score
+    return scores
+
+
+def answer_examples(chat, assistant: dict[str, Any], tokenizer, count: int) -> list[dict[str, str]]:
+    """The first `count` prompts with the teacher's answer and each model's own, as text."""
+    examples = []
+    for i, prompt in enumerate(chat.prompts[:count]):
+        example = {"prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"]}
+        example["teacher"] = tokenizer.decode(chat.answer_ids[i], skip_special_tokens=True).strip()
+        for name, score in assistant.items():
+            if name != "teacher" and score.answers:
+                example[name] = tokenizer.decode(score.answers[i], skip_special_tokens=True).strip()
+        examples.append(example)
+    return examples
+
+
 def _retention(model, reference: ChatReference, tokenizer, own, *, scorer=None, batch_size: int) -> ChatRetention:
     """The figures of `model` on the reference; `own` (its answers to the chat and to the instruction prompts, or
     None) gives the own-answer figures, and `scorer` (the teacher) the reverse-KL proxy."""
@@ -256,8 +290,14 @@ def _retention(model, reference: ChatReference, tokenizer, own, *, scorer=None, 
 def log_perplexity_recovery(teacher: ChatRetention, pruned: ChatRetention, recovered: ChatRetention) -> float:
     """`(nll_pruned − nll_recovered) / (nll_pruned − nll_teacher)`: the share of the gap in nats per answer token
     that recovery closed (NaN when pruning opened none)."""
-    gap = pruned.nll - teacher.nll
-    return (pruned.nll - recovered.nll) / gap if gap != 0 else float("nan")
+    return gap_closed(teacher.nll, pruned.nll, recovered.nll)
+
+
+def gap_closed(teacher_nll: float, pruned_nll: float, nll: float) -> float:
+    """`(pruned_nll − nll) / (pruned_nll − teacher_nll)`: the share of the gap in nats per token between the pruned
+    model and the teacher that a model of mean NLL `nll` closed (NaN when pruning opened none)."""
+    gap = pruned_nll - teacher_nll
+    return (pruned_nll - nll) / gap if gap != 0 else float("nan")
 
 
 def _answer(model, tokenizer, prompt_ids, max_new_tokens, batch_size, desc) -> list[list[int]]:

@@ -332,6 +332,73 @@ def pad_rows(dataset: Dataset, pad_id: int) -> Dataset:
     return dataset.map(pad, desc="Padding rows")
 
 
+DEFAULT_CORPUS = "default"
+"""The name of the embedded offline corpus (`hf_recover.load_default_corpus`) among the recovery text sources."""
+CALIBRATION_BLOCKS = 64
+"""Packed blocks of training text that cuts are scored and healed on, by default (64 x 512 tokens: many more tokens
+than the hidden size, as a least-squares healing map of `hidden_size` x `hidden_size` needs)."""
+EVAL_BLOCKS = 32
+"""Packed blocks per split that perplexity is measured on, by default."""
+EVAL_MAX_LENGTH = 512
+"""Tokens per perplexity block, by default."""
+
+
+def load_text_splits(
+    dataset: Sequence[str] = (DEFAULT_CORPUS,),
+    *,
+    weights: Sequence[float] | None = None,
+    text_column: str = "text",
+    ood_dataset: str | None = None,
+    held_out: bool = True,
+    max_train_documents: int | None = None,
+    seed: int = 0,
+) -> dict[str, Dataset]:
+    """Text splits `train`, `validation` and (when known) `ood` of the recovery text `dataset` (`"default"`: the
+    embedded corpus, with its own `ood`; else sources of `load_recovery_data`, mixed by `weights`, 5% held out for
+    validation). `ood_dataset` adds (or replaces) `ood`; `held_out` adds the held-out domains of the default corpus
+    (`load_held_out_corpus`); `max_train_documents` keeps that many training documents after a shuffle by `seed`."""
+    default = list(dataset) == [DEFAULT_CORPUS]
+    if default and weights is None:
+        from .defaults import load_default_corpus
+
+        corpus = load_default_corpus()
+        splits = {name: corpus[name] for name in ("train", "validation", "ood")}
+    else:
+        data = load_recovery_data(list(dataset), text_column=text_column, weights=weights, seed=seed)
+        if len(data) < 2:
+            raise ValueError("The recovery data has fewer than 2 documents: nothing to hold out for validation.")
+        split = data.train_test_split(test_size=max(1, int(0.05 * len(data))), seed=seed)
+        splits = {"train": split["train"], "validation": split["test"]}
+    if ood_dataset:
+        splits["ood"] = load_recovery_data(ood_dataset, text_column=text_column)
+    if held_out and default:
+        from .defaults import load_held_out_corpus
+
+        splits.update(load_held_out_corpus())
+    if max_train_documents is not None:
+        train = splits["train"].shuffle(seed=seed)
+        splits["train"] = train.select(range(min(max_train_documents, len(train))))
+    return splits
+
+
+def first_blocks(data: Dataset, count: int) -> Dataset:
+    """The first `count` rows of a prepared dataset, or all of them when it holds fewer: the calibration blocks that
+    cuts are scored and healed on, the blocks perplexity is measured on."""
+    return data.select(range(min(count, len(data))))
+
+
+def prepare_eval_splits(
+    splits: Mapping[str, Dataset], tokenizer, *, max_length: int = EVAL_MAX_LENGTH, blocks: int = EVAL_BLOCKS
+) -> dict[str, Dataset]:
+    """The first `blocks` packed blocks of `max_length` tokens of every split but `train` (`validation`, `ood`, the
+    held-out domains), for perplexity."""
+    return {
+        name: first_blocks(prepare_recovery_dataset(split, tokenizer, max_length=max_length), blocks)
+        for name, split in splits.items()
+        if name != "train"
+    }
+
+
 def check_mixture(chat_fraction: float, sample_fraction: float, train_tokens: int | None = None) -> None:
     """The checks of a mixture's settings that `teacher_mixture` and `hf-recover recover` share: each fraction in
     [0, 1], some room left for text, and a positive token budget (None: the caller's default)."""

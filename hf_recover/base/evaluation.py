@@ -36,6 +36,24 @@ def evaluate_perplexity(
     return score_models({"model": model}, dataset, batch_size=batch_size, max_batches=max_batches, desc=desc)["model"]
 
 
+def evaluate_splits(
+    models: dict[str, torch.nn.Module],
+    splits: dict[str, Any],
+    *,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Perplexity of every model on every prepared split: `{split: {model_name: ppl}}`. (Read from hf_recover's
+    cache when measured before: `hf_recover.distill.evaluation_cache.evaluate_splits(..., cache=True)`.)"""
+    figures: dict[str, dict[str, float]] = {split: {} for split in splits}
+    for name, model in models.items():
+        for split, data in splits.items():
+            figures[split][name] = evaluate_perplexity(
+                model, data, batch_size=batch_size, max_batches=max_batches, desc=f"{name}/{split}"
+            )["perplexity"]
+    return figures
+
+
 @torch.inference_mode()
 def score_models(
     models: Mapping[str, torch.nn.Module],

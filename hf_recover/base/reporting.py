@@ -1,4 +1,5 @@
-"""How results are written for people: perplexities, parameter counts, shares and the before/after table.
+"""How results are written for people: perplexities, parameter counts, shares, the before/after table and the
+training and recovery curves as plots.
 
 The model card, `RecoveryResult.to_markdown`, the candidate report and the strategy lab all write their figures
 with these, so the same number reads the same everywhere.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .evaluation import recovery_metrics
@@ -196,3 +198,66 @@ def answers_markdown(answers: Sequence[Mapping[str, str]], *, width: int = 400) 
                 lines.append(f"*{name}:*\n" + "\n".join("> " + line for line in (shown or "(no answer)").splitlines()))
         parts.append("\n\n".join(lines))
     return "\n\n".join(parts)
+
+
+def plot_recovery_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path) -> Path:
+    """Recovery % against training tokens, one line per run (`curves[run][split] = [(tokens, recovery %)]`),
+    one panel per split, to a PNG."""
+    splits = sorted({split for by_split in curves.values() for split in by_split})
+    if not splits:
+        raise ValueError("No recovery curve to plot.")
+    panels = {
+        f"{split} recovery": {
+            name: sorted(by_split[split]) for name, by_split in curves.items() if by_split.get(split)
+        }
+        for split in splits
+    }
+    return _save_panels(panels, path, xlabel="training tokens", ylabel="recovery %", size=(5.5, 3.8), legend_size=7)
+
+
+def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path, *, keys=("loss", "ce", "kd")) -> Path:
+    """Plot training-log curves (Trainer `log_history` per run) to a PNG: one panel per logged key."""
+    keys = [k for k in keys if any(k in entry for history in curves.values() for entry in history)]
+    if not keys:
+        raise ValueError("The log histories hold none of the keys to plot; set logging_steps so the trainer logs.")
+    panels = {}
+    for key in keys:
+        points = {
+            name: [(e["step"], e[key]) for e in history if key in e and "step" in e]
+            for name, history in curves.items()
+        }
+        panels[key] = {name: run for name, run in points.items() if run}
+    return _save_panels(panels, path, xlabel="step", size=(5, 3.6), legend_size=8)
+
+
+def _save_panels(
+    panels: dict[str, dict[str, list[tuple[float, float]]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str | None = None,
+    size: tuple[float, float],
+    legend_size: int,
+) -> Path:
+    """One PNG, a panel per `panels` entry (its title), a line per run in it: `panels[title][run] = [(x, y), ...]`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels.items()):
+        for name, points in runs.items():
+            ax.plot(*zip(*points), label=name, marker=".")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=legend_size)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

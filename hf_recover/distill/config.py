@@ -297,6 +297,11 @@ class DistillationConfig(TrainingArguments):
         return self.gamma > 0 or self.delta > 0
 
     @property
+    def rows_per_step(self) -> int:
+        """Training rows one optimizer step consumes: batch per device x accumulation steps x processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
     def divergence_kwargs(self) -> dict[str, float]:
         """The chosen divergence's own keyword arguments, from their config fields (e.g. `{"beta": jsd_beta}`)."""
         return {param.argument: getattr(self, param.field) for param in DIVERGENCES[self.divergence].params}

@@ -19,6 +19,7 @@ import torch
 
 from ..base.defaults.cache import cache_root
 from ..base.evaluation import evaluate_perplexity
+from ..base.evaluation import evaluate_splits as evaluate_splits_uncached
 from ..base.version import __version__
 from .fingerprints import dataset_fingerprint, weights_fingerprint
 
@@ -75,3 +76,32 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     settings = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
     described = f"{type(model).__qualname__}|{getattr(config, '_attn_implementation', None)}|{settings}|"
     return hashlib.sha256((described + weights_fingerprint(model)).encode()).hexdigest()
+
+
+def evaluate_splits(
+    models: dict[str, torch.nn.Module],
+    splits: dict[str, Any],
+    *,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    cache: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Perplexity of every model on every prepared split: `{split: {model_name: ppl}}`
+    (`hf_recover.base.evaluation.evaluate_splits`). With `cache`, a model measured on a split before (the same
+    weights, tokens and settings: the teacher, the cut, the same heal) is read from hf_recover's cache instead, and the
+    line printed says so."""
+    if not cache:
+        return evaluate_splits_uncached(models, splits, batch_size=batch_size, max_batches=max_batches)
+    figures: dict[str, dict[str, float]] = {split: {} for split in splits}
+    data_keys = {split: dataset_fingerprint(data) for split, data in splits.items()}
+    for name, model in models.items():
+        read, model_key = [], model_fingerprint(model)
+        for split, data in splits.items():
+            figures[split][name], hit = cached_perplexity(
+                model, data, batch_size=batch_size, max_batches=max_batches, desc=f"{name}/{split}",
+                model_key=model_key, data_key=data_keys[split],
+            )  # fmt: skip
+            read += [split] if hit else []
+        if read:
+            print(f"{name}: perplexity on {', '.join(read)} read from the cache (measured in an earlier run)")
+    return figures

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +15,9 @@ from ..base.constants import (
     CHAT_FRACTION,
     NUM_PROMPTS,
 )
-from ..base.data import check_mixture
+from ..base.data import CALIBRATION_BLOCKS, DEFAULT_CORPUS, EVAL_BLOCKS, EVAL_MAX_LENGTH, check_mixture
 
-DEFAULT = "default"
-logger = logging.getLogger(__name__)
+DEFAULT = DEFAULT_CORPUS
 
 
 @dataclass
@@ -38,16 +36,17 @@ class DataArguments:
         metadata={"help": "A held-out domain to measure generalisation (the default corpus has its own 'ood')."},
     )
     max_length: int = field(default=512, metadata={"help": "Tokens per packed training (and calibration) block."})
-    eval_max_length: int = field(default=512, metadata={"help": "Tokens per perplexity block."})
+    eval_max_length: int = field(default=EVAL_MAX_LENGTH, metadata={"help": "Tokens per perplexity block."})
     eval_blocks: int = field(
-        default=32,
+        default=EVAL_BLOCKS,
         metadata={"help": "Packed blocks per split used for perplexity (each of --eval_max_length tokens)."},
     )
     calibration_blocks: int = field(
-        default=64,
+        default=CALIBRATION_BLOCKS,
         metadata={
             "help": "Packed blocks of training text used to score blocks or neurons and to fit healing maps. A "
-            "healing map has hidden_size² entries: give it many more tokens than that."
+            "healing map fits hidden_size outputs from hidden_size inputs: give it many more tokens than hidden_size "
+            "(64 x 512 tokens by default)."
         },
     )
     max_train_documents: int | None = field(
@@ -228,55 +227,17 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def load_text_splits(args: DataArguments) -> dict[str, Any]:
-    """Text splits `train`, `validation` and (when known) `ood` for the data arguments."""
-    from ..base.data import load_recovery_data
-    from ..base.defaults import load_default_corpus
+    """`hf_recover.base.data.load_text_splits` for the data arguments."""
+    from ..base.data import load_text_splits as load_splits
 
-    if args.dataset == [DEFAULT] and args.dataset_weights is None:
-        corpus = load_default_corpus()
-        splits = {name: corpus[name] for name in ("train", "validation", "ood")}
-    else:
-        data = load_recovery_data(
-            args.dataset, text_column=args.text_column, weights=args.dataset_weights, seed=args.data_seed_value
-        )
-        if len(data) < 2:
-            raise ValueError("The recovery data has fewer than 2 documents: nothing to hold out for validation.")
-        held_out = data.train_test_split(test_size=max(1, int(0.05 * len(data))), seed=args.data_seed_value)
-        splits = {"train": held_out["train"], "validation": held_out["test"]}
-    if args.ood_dataset:
-        splits["ood"] = load_recovery_data(args.ood_dataset, text_column=args.text_column)
-    if args.held_out and args.dataset == [DEFAULT]:
-        from ..base.defaults import load_held_out_corpus
-
-        splits.update(load_held_out_corpus())
-    if args.max_train_documents is not None:
-        train = splits["train"].shuffle(seed=args.data_seed_value)
-        splits["train"] = train.select(range(min(args.max_train_documents, len(train))))
-    return splits
+    return load_splits(
+        args.dataset, weights=args.dataset_weights, text_column=args.text_column, ood_dataset=args.ood_dataset,
+        held_out=args.held_out, max_train_documents=args.max_train_documents, seed=args.data_seed_value,
+    )  # fmt: skip
 
 
 def prepare_eval_splits(splits: dict[str, Any], tokenizer, args: DataArguments) -> dict[str, Any]:
-    """The first `eval_blocks` packed blocks of every split but `train` (`validation`, `ood`, the held-out domains),
-    for perplexity."""
-    from ..base.data import prepare_recovery_dataset
+    """`hf_recover.base.data.prepare_eval_splits` for the data arguments."""
+    from ..base.data import prepare_eval_splits as prepare
 
-    prepared = {}
-    for name, split in splits.items():
-        if name != "train":
-            data = prepare_recovery_dataset(split, tokenizer, max_length=args.eval_max_length)
-            prepared[name] = data.select(range(min(args.eval_blocks, len(data))))
-    return prepared
-
-
-def assistant_reference(teacher, tokenizer, split: str):
-    """The teacher's cached answers to hf_recover's `split` prompts (`dev` or `test`): its chat prompts and, when
-    IFEval's verifiers are installed (`hf-recover[eval]`), its instruction prompts, which the assistant is measured
-    on."""
-    from ..base.chat_retention import load_chat_prompts
-    from ..base.instruction_following import EXTRA_HINT, load_instruction_prompts, verifiers_available
-    from ..distill.teacher_data import cached_chat_reference
-
-    instructions = load_instruction_prompts(split) if verifiers_available() else []
-    if not instructions:
-        logger.warning("Instruction following is not measured: IFEval's verifiers are missing (%s).", EXTRA_HINT)
-    return cached_chat_reference(teacher, tokenizer, load_chat_prompts(split), instructions=instructions)
+    return prepare(splits, tokenizer, max_length=args.eval_max_length, blocks=args.eval_blocks)

@@ -20,19 +20,8 @@ folder (weights, tokenizer, `pruned_config.json`, model card) and `loss_curve.pn
 
 from __future__ import annotations
 
-from ..distill.config import DistillationConfig
+from ..recovery import DEMO_DEFAULTS
 from . import recover
-
-DEMO_DEFAULTS = {
-    "teacher": "default",
-    # the cut that measures best on this protocol, healed (docs/pruning.md has the figures)
-    "prune": "angular:6:heal=local",
-    "output_dir": "outputs/demo",
-    "max_length": 256,
-    "max_train_documents": 400,
-    **DistillationConfig.DEPTH_RECOVERY_RECIPE,
-    "max_steps": 120,
-}
 
 
 def make_parser(subparsers=None):

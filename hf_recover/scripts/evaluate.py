@@ -22,7 +22,6 @@ from pathlib import Path
 from ..base.loading import load_model
 from .arguments import (
     DataArguments,
-    assistant_reference,
     check_chat_prompts,
     command_parser,
     load_text_splits,
@@ -53,8 +52,9 @@ def make_parser(subparsers=None):
 
 def main(args: EvaluateArguments, data_args: DataArguments):
     from ..base.chat import has_chat_template
-    from ..base.chat_retention import chat_retention_table
-    from ..recovery import RecoveryResult, evaluate_assistant, evaluate_splits
+    from ..base.chat_retention import chat_retention_table, evaluate_assistant
+    from ..base.evaluation import evaluate_splits
+    from ..recovery import RecoveryResult, assistant_reference
 
     check_chat_prompts(args.chat_prompts)
     if args.output_file and Path(args.output_file).exists():

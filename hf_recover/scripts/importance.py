@@ -41,7 +41,7 @@ def make_parser(subparsers=None):
 
 
 def main(args: ImportanceArguments, data_args: DataArguments, out: OutputArguments):
-    from ..base.data import prepare_recovery_dataset
+    from ..base.data import first_blocks, prepare_recovery_dataset
     from ..prune import block_importance, plot_block_importance
 
     if args.method not in ("block_influence", "angular"):
@@ -49,7 +49,7 @@ def main(args: ImportanceArguments, data_args: DataArguments, out: OutputArgumen
     output_dir = check_output_dir(out.output_dir, out.overwrite)
     model, tokenizer = load_model(args.model)
     train = prepare_recovery_dataset(load_text_splits(data_args)["train"], tokenizer, max_length=data_args.max_length)
-    calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+    calibration = first_blocks(train, data_args.calibration_blocks)
     scores = block_importance(model, calibration, method=args.method, n_blocks=args.n_blocks)
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_block_importance(scores, output_dir / "importance.png")

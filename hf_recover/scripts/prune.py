@@ -40,7 +40,7 @@ def make_parser(subparsers=None):
 
 
 def main(args: PruneArguments, data_args: DataArguments, out: OutputArguments):
-    from ..base.data import prepare_recovery_dataset
+    from ..base.data import first_blocks, prepare_recovery_dataset
     from ..base.evaluation import count_parameters
     from ..prune.spec import PruneSpec
     from .arguments import load_text_splits
@@ -53,7 +53,7 @@ def main(args: PruneArguments, data_args: DataArguments, out: OutputArguments):
         train = prepare_recovery_dataset(
             load_text_splits(data_args)["train"], tokenizer, max_length=data_args.max_length
         )
-        calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+        calibration = first_blocks(train, data_args.calibration_blocks)
     spec.check(model, calibration)
     student, pruned_config = spec.build(model, calibration)
     student.save_pretrained(output_dir)

@@ -33,7 +33,6 @@ from .arguments import (
     DEFAULT,
     DataArguments,
     MixtureArguments,
-    assistant_reference,
     check_output_dir,
     command_parser,
     load_text_splits,
@@ -90,10 +89,10 @@ def main(
     recover_args: RecoverArguments, data_args: DataArguments, mix_args: MixtureArguments, config: DistillationConfig
 ):
     from ..base.chat import has_chat_template
-    from ..base.data import prepare_recovery_dataset
+    from ..base.data import first_blocks, prepare_recovery_dataset
     from ..base.pruned_config import PrunedConfig
     from ..prune.spec import PruneSpec
-    from ..recovery import run_recovery, teacher_mixture
+    from ..recovery import assistant_reference, run_recovery, teacher_mixture
 
     start = time.perf_counter()
     # Check everything that can be wrong before any model or data is loaded.
@@ -154,9 +153,9 @@ def main(
     splits = load_text_splits(data_args)
     train = prepare_recovery_dataset(splits["train"], tokenizer, max_length=data_args.max_length)
     # the cut is scored and healed on the text's first blocks, with or without a mixture: the same cut either way
-    calibration = train.select(range(min(data_args.calibration_blocks, len(train))))
+    calibration = first_blocks(train, data_args.calibration_blocks)
     eval_splits = prepare_eval_splits(splits, tokenizer, data_args)
-    rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+    rows_per_step = config.rows_per_step
     data_folder = None
     if mix_args.uses_teacher_data:  # the teacher's answers beside the text, once through, as many tokens as text alone
         budget = mix_args.train_tokens or config.max_steps * rows_per_step * data_args.max_length
@@ -234,7 +233,7 @@ def strategy_summary(config: DistillationConfig) -> dict:
 
 def write_results(output_dir: Path, result, extra: dict) -> None:
     """`results.json`, `results.md` and `loss_curve.png` next to the recovered model."""
-    from ..recovery import plot_loss_curves
+    from ..base.reporting import plot_loss_curves
 
     output_dir.mkdir(parents=True, exist_ok=True)
     payload = {**result.card_metrics(), "wall_time": result.wall_time, **extra}

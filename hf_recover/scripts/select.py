@@ -46,7 +46,7 @@ def make_parser(subparsers=None):
 
 
 def main(args: SelectArguments, data_args: DataArguments, out: OutputArguments):
-    from ..base.data import prepare_recovery_dataset
+    from ..base.data import first_blocks, prepare_recovery_dataset
     from ..prune import PruneSpec, select_candidate
     from .arguments import load_text_splits
 
@@ -59,8 +59,8 @@ def main(args: SelectArguments, data_args: DataArguments, out: OutputArguments):
     report = select_candidate(
         model,
         specs,
-        held_out.select(range(min(data_args.eval_blocks, len(held_out)))),
-        calibration_data=train.select(range(min(data_args.calibration_blocks, len(train)))),
+        first_blocks(held_out, data_args.eval_blocks),
+        calibration_data=first_blocks(train, data_args.calibration_blocks),
         rank_by=args.rank_by,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
