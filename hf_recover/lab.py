@@ -195,8 +195,9 @@ def run_lab(
     Writes `block_importance.png` and the training CE per strategy (`recovery_curves_PRUNING.png`) into
     `output_dir`."""
     from .base.chat import has_chat_template
+    from .distill.teacher_data import assistant_reference
     from .prune import block_importance, plot_block_importance
-    from .recovery import assistant_reference, run_recovery
+    from .recovery import run_recovery
 
     check_strategies(strategies)
     steps = curve_steps(config.max_steps, curve_points)

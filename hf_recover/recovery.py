@@ -8,7 +8,6 @@ Names that lived here before moving to the part that owns them are still importa
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,14 +31,11 @@ from .distill.mixture import PROMPT_ROOM, teacher_mixture
 
 _LAB_NAMES = ("STRATEGIES", "ASSISTANT_POINT", "RecoveryCurve", "curve_steps", "tokens_to_reach")
 __all__ = [
-    "DEMO_DEFAULTS", "RecoveryResult", "run_recovery", "assistant_reference",
-    # moved to the part that owns them (or to the lab), importable from here as before
+    "DEMO_DEFAULTS", "RecoveryResult", "run_recovery",
+    # moved to the part that owns them, importable from here as before (and, lazily, the lab's _LAB_NAMES)
     "PROMPT_ROOM", "teacher_mixture", "evaluate_splits", "evaluate_assistant", "answer_examples", "plot_loss_curves",
     "plot_recovery_curves",
 ]  # fmt: skip
-# (and, lazily, the strategy lab's _LAB_NAMES: see __getattr__)
-
-logger = logging.getLogger(__name__)
 
 DEMO_DEFAULTS = {
     "teacher": "default",
@@ -212,17 +208,3 @@ def run_recovery(
     if save:
         trainer.save_model(args.output_dir)
     return trainer, result
-
-
-def assistant_reference(teacher, tokenizer, split: str):
-    """The teacher's cached answers to hf_recover's `split` prompts (`dev` or `test`): its chat prompts and, when
-    IFEval's verifiers are installed (`hf-recover[eval]`), its instruction prompts, which the assistant is measured
-    on."""
-    from .base.chat_retention import load_chat_prompts
-    from .base.instruction_following import EXTRA_HINT, load_instruction_prompts, verifiers_available
-    from .distill.teacher_data import cached_chat_reference
-
-    instructions = load_instruction_prompts(split) if verifiers_available() else []
-    if not instructions:
-        logger.warning("Instruction following is not measured: IFEval's verifiers are missing (%s).", EXTRA_HINT)
-    return cached_chat_reference(teacher, tokenizer, load_chat_prompts(split), instructions=instructions)

@@ -65,7 +65,7 @@ from ..base.chat import (
     render_prompt,
     repeated_ngram_rate,
 )
-from ..base.chat_retention import ChatReference, chat_reference
+from ..base.chat_retention import ChatReference, chat_reference, load_chat_prompts
 from ..base.constants import IGNORE_INDEX
 from ..base.defaults.cache import cache_root
 from ..base.generation import Sampling, generate_completions
@@ -320,6 +320,18 @@ def cached_chat_reference(
     partial.write_text(json.dumps(reference.to_dict()), encoding="utf-8")
     partial.replace(path)  # whole or absent: a reader never sees half a file
     return reference
+
+
+def assistant_reference(teacher, tokenizer, split: str):
+    """The teacher's cached answers to hf_recover's `split` prompts (`dev` or `test`): its chat prompts and, when
+    IFEval's verifiers are installed (`hf-recover[eval]`), its instruction prompts, which the assistant is measured
+    on."""
+    from ..base.instruction_following import EXTRA_HINT, load_instruction_prompts, verifiers_available
+
+    instructions = load_instruction_prompts(split) if verifiers_available() else []
+    if not instructions:
+        logger.warning("Instruction following is not measured: IFEval's verifiers are missing (%s).", EXTRA_HINT)
+    return cached_chat_reference(teacher, tokenizer, load_chat_prompts(split), instructions=instructions)
 
 
 # -- what to generate ---------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def main(args: EvaluateArguments, data_args: DataArguments):
     from ..base.chat import has_chat_template
     from ..base.chat_retention import chat_retention_table, evaluate_assistant
     from ..base.evaluation import evaluate_splits
-    from ..recovery import RecoveryResult, assistant_reference
+    from ..distill.teacher_data import assistant_reference
+    from ..recovery import RecoveryResult
 
     check_chat_prompts(args.chat_prompts)
     if args.output_file and Path(args.output_file).exists():

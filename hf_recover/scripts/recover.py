@@ -91,8 +91,9 @@ def main(
     from ..base.chat import has_chat_template
     from ..base.data import first_blocks, prepare_recovery_dataset
     from ..base.pruned_config import PrunedConfig
+    from ..distill.teacher_data import assistant_reference
     from ..prune.spec import PruneSpec
-    from ..recovery import assistant_reference, run_recovery, teacher_mixture
+    from ..recovery import run_recovery, teacher_mixture
 
     start = time.perf_counter()
     # Check everything that can be wrong before any model or data is loaded.
