@@ -224,3 +224,19 @@ def test_bf16_mixed_precision(tmp_path, data):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3)
     for got, want in zip(fused.model.parameters(), plain.model.parameters()):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_head_logits_are_the_models_own_logits():
+    """`head_logits` (what the TRL integration builds the student's logits with) gives the forward's logits from the
+    final norm's output, soft-capped as Gemma caps them."""
+    from hf_recover.distill.lm_head import final_hidden_states, head_logits
+
+    model = build_tiny_model(seed=0, vocab_size=VOCAB)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with final_hidden_states(model, True) as final:
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(head_logits(model, final[0]), logits)
+    model.config.final_logit_softcapping = 0.5
+    capped = head_logits(model, final[0])
+    torch.testing.assert_close(capped, 0.5 * torch.tanh(logits / 0.5))
+    assert capped.abs().max() < 0.5 < logits.abs().max()

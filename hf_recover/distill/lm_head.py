@@ -148,5 +148,19 @@ def head_inputs(model: nn.Module, final_hidden_states: torch.Tensor) -> LMHeadIn
     """What `model`'s logits are made of: its final (normed) hidden states, lm_head and soft-capping."""
     model = base_model(model)
     head = model.get_output_embeddings()
-    softcap = getattr(text_config(model), "final_logit_softcapping", None)
-    return LMHeadInputs(final_hidden_states, head.weight, head.bias, softcap)
+    return LMHeadInputs(final_hidden_states, head.weight, head.bias, _softcap(model))
+
+
+def head_logits(model: nn.Module, final_hidden_states: torch.Tensor) -> torch.Tensor:
+    """The logits `model`'s own forward computes from its final (normed) hidden states: its lm_head module (an
+    adapter on it included), then Gemma's soft-capping. `(B, T, H) -> (B, T, V)`, with its gradient."""
+    model = base_model(model)
+    head = model.get_output_embeddings()
+    logits = head(final_hidden_states.to(head.weight.device))
+    softcap = _softcap(model)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def _softcap(model: nn.Module) -> float | None:
+    """Gemma's `final_logit_softcapping` (None for the models that have none)."""
+    return getattr(text_config(model), "final_logit_softcapping", None)

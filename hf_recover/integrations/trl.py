@@ -31,15 +31,12 @@ Example::
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..distill.config import DistillationConfig
+from ..distill.lm_head import base_model, first_output, head_logits
 from ..distill.trainer import DistillationTrainer
 
 try:
@@ -79,10 +76,8 @@ class _SFTLossWithStudentOutputs(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not return_outputs:
             return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        causal_lm = self.accelerator.unwrap_model(model)
-        if hasattr(causal_lm, "get_base_model"):  # PEFT
-            causal_lm = causal_lm.get_base_model()
-        with _captured_output(causal_lm.base_model) as backbone:
+        causal_lm = base_model(self.accelerator.unwrap_model(model))  # PEFT's model inside
+        with first_output(causal_lm.base_model) as backbone:
             loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if not backbone:
             raise RuntimeError(
@@ -90,7 +85,7 @@ class _SFTLossWithStudentOutputs(SFTTrainer):
                 "forward: its logits cannot be recovered for the teacher terms."
             )
         hidden = backbone[0].last_hidden_state
-        logits = _head_logits(causal_lm, hidden)  # (B, T, H) -> (B, T, V), with its gradient
+        logits = head_logits(causal_lm, hidden)  # (B, T, H) -> (B, T, V), with its gradient
         return loss, CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=backbone[0].hidden_states)
 
 
@@ -116,30 +111,3 @@ class DistillationSFTTrainer(DistillationTrainer, _SFTLossWithStudentOutputs):
 
     def _can_fuse_cross_entropy(self) -> bool:
         return False  # the CE term is SFT's loss
-
-
-@contextmanager
-def _captured_output(module: nn.Module):
-    """Yield a list that holds `module`'s first output of the forward run inside the block."""
-    captured: list[Any] = []
-
-    def keep(_module, _args, output):
-        if not captured:  # a gradient-checkpointing recomputation must not replace the first output
-            captured.append(output)
-
-    handle = module.register_forward_hook(keep)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def _head_logits(causal_lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The logits the model's own forward computes from its final hidden states."""
-    head = causal_lm.get_output_embeddings()
-    logits = head(hidden.to(head.weight.device))
-    config = causal_lm.config.get_text_config()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap:  # Gemma's final logit soft-capping, as its forward applies it
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
