@@ -55,10 +55,12 @@ def prune_depth(
     `heal="lstsq"` or `"cosine"` (or a `HealSpec`) heals each cut without training (see `hf_recover.prune.healing`):
     for every contiguous run of removed blocks, a linear map fitted on `data` (padding excluded) is folded
     into the `down_proj` of the block before the run, so that block's output approximates the output of
-    the run's last removed block. No parameter is added. `heal_sequential=True` fits the maps one cut
-    after another on the healed student's own activations; `False` fits them all on the teacher's. A run
-    starting at block 0 has no block before it and is left as it is (listed as `skipped`). The step in the
-    `PrunedConfig` records the method, calibration tokens and runs healed. Not available for Gemma3,
+    the run's last removed block. No parameter is added. `heal="local"` fits that map, then trains the block
+    before the run alone to reproduce the teacher's hidden state after the run (block-local distillation on
+    `data`, `hf_recover.prune.local_healing`; `HealSpec` sets its steps and learning rate). `heal_sequential=True`
+    fits the maps one cut after another on the healed student's own activations; `False` fits them all on the
+    teacher's. A run starting at block 0 has no block before it and is left as it is (listed as `skipped`). The
+    step in the `PrunedConfig` records the method, calibration tokens and runs healed. Not available for Gemma3,
     whose post-feedforward norm sits between `down_proj` and the residual stream.
     """
     check_supported(model)

@@ -5,7 +5,7 @@
 
 It takes SmolLM2-135M-Instruct (30 blocks) and the default offline corpus, finds on 64 calibration blocks of
 256 tokens the 6 contiguous blocks whose input and output are closest in angular distance (Gromov et al., 2024),
-removes them (20%), heals the cut with a least-squares map folded into the block before it (ReplaceMe,
+removes them (20% of the blocks), heals the cut with a least-squares map folded into the block before it (ReplaceMe,
 Shopkhoev et al., 2025) and then trains that block alone for 200 steps to reproduce the teacher's hidden state after
 the cut (block-local distillation), and recovers the 24-block student with `DistillationConfig.for_depth_recovery()` on
 61,440 tokens: 70% the corpus, 30% the teacher's own answers to prompts it wrote itself (written once, then read

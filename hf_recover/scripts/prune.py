@@ -25,7 +25,10 @@ from .arguments import (
 @dataclass
 class PruneArguments:
     model: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
-    prune: str = field(default="importance:6", metadata={"help": "What to remove: a prune spec (see above)."})
+    prune: str = field(
+        default="importance:6",
+        metadata={"help": "What to remove: a prune spec (its grammar: --help, docs/pruning.md)."},
+    )
 
 
 def make_parser(subparsers=None):

@@ -50,7 +50,7 @@ class RecoverArguments:
     student: str | None = field(default=None, metadata={"help": "A pruned student folder (else --prune is used)."})
     prune: str | None = field(
         default=None,
-        metadata={"help": "Prune the teacher here, by a prune spec (see above)."},
+        metadata={"help": "Prune the teacher here, by a prune spec (its grammar: --help, docs/pruning.md)."},
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Write into a non-empty --output_dir (files of the same name are replaced)."}
