@@ -108,6 +108,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         block_importance,
         head_importance,
         hidden_importance,
+        neuron_importance,
         plot_block_importance,
         prune_depth,
         prune_width,

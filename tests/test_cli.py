@@ -248,11 +248,21 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 
 
 def test_console_script_help_lists_every_command():
+    import re
+
+    from hf_recover.cli import COMMANDS, command_module
+
+    everything = {"demo", "importance", "prune", "select", "generate", "cache", "recover", "evaluate", "compare"}
+    assert set(COMMANDS) == everything | {"push"}
     out = subprocess.run(
         [sys.executable, "-m", "hf_recover.cli", "--help"], capture_output=True, text=True, check=True
-    )
-    for command in ("demo", "importance", "prune", "select", "recover", "evaluate", "compare", "push"):
-        assert command in out.stdout
+    ).stdout
+    assert "{" + ",".join(COMMANDS) + "}" in out  # argparse's list of the subcommands
+    for command in COMMANDS:
+        assert re.search(rf"^ +{command} +\S", out, re.MULTILINE), command  # listed with its summary
+        assert command_module(command).make_parser().format_help().startswith(f"usage: hf-recover {command}")
+    with pytest.raises(ValueError, match="Unknown command 'magic'"):
+        command_module("magic")
 
 
 def test_recovered_model_reloads_with_identical_logits(workspace):

@@ -194,3 +194,12 @@ def test_skew_lambda_one_is_refused_for_both_skew_divergences(tmp_path):
         with pytest.raises(ValueError, match=f"skew_lambda = 1 makes {divergence} identically 0"):
             DistillationConfig(output_dir=str(tmp_path), divergence=divergence, skew_lambda=1.0)
     DistillationConfig(output_dir=str(tmp_path), divergence="forward_kl", skew_lambda=1.0)  # unused: allowed
+
+
+def test_rows_per_step_counts_every_process_and_accumulation(tmp_path, monkeypatch):
+    config = DistillationConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=4, use_cpu=True
+    )
+    assert config.rows_per_step == 12  # one process
+    monkeypatch.setattr(DistillationConfig, "world_size", property(lambda self: 2))
+    assert config.rows_per_step == 24

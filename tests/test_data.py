@@ -5,7 +5,7 @@ from datasets import Dataset, DatasetDict
 
 from hf_recover import load_recovery_data, prepare_recovery_dataset
 from hf_recover.base.constants import IGNORE_INDEX
-from hf_recover.base.data import iter_batches
+from hf_recover.base.data import first_blocks, iter_batches, load_text_splits, prepare_eval_splits
 
 DOCS = ["alpha beta gamma delta", "the quick brown fox", "a", "pruning heals with distillation " * 5]
 
@@ -127,8 +127,39 @@ def test_mixture_with_per_source_columns(local_files):
     mixed = load_recovery_data(
         [{"path": local_files / "data.jsonl", "text_column": "body"}, local_files / "data.parquet"], seed=1
     )
-    assert set(mixed["text"]) <= {f"row {i}" for i in range(5)} | {f"parquet {i}" for i in range(4)}
-    assert len(mixed) > 0
+    rows = [text for text in mixed["text"] if text.startswith("row ")]
+    parquet = [text for text in mixed["text"] if text.startswith("parquet ")]
+    assert rows and parquet and len(rows) + len(parquet) == len(mixed)  # both sources, and nothing else
+    assert rows == [f"row {i}" for i in range(len(rows))]  # the jsonl source read its own column, `body`, in order
+    assert parquet == [f"parquet {i}" for i in range(len(parquet))]
+    assert set(mixed["source"]) == {str(local_files / "data.jsonl"), str(local_files / "data.parquet")}
+
+
+def test_text_splits_hold_out_validation_and_add_ood(tmp_path):
+    for folder, count in (("data", 40), ("ood", 3)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            (tmp_path / folder / f"{i:02d}.txt").write_text(f"{folder} document {i}")
+    splits = load_text_splits([str(tmp_path / "data")], ood_dataset=str(tmp_path / "ood"), held_out=True, seed=0)
+    assert set(splits) == {"train", "validation", "ood"}  # the held-out domains come with the default corpus only
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["ood"])) == (38, 2, 3)  # 5% held out
+    assert not set(splits["train"]["text"]) & set(splits["validation"]["text"])
+    fewer = load_text_splits([str(tmp_path / "data")], max_train_documents=10, seed=0)
+    assert len(fewer["train"]) == 10 and set(fewer["train"]["text"]) < set(splits["train"]["text"])
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "only.txt").write_text("a single document")
+    with pytest.raises(ValueError, match="fewer than 2 documents"):
+        load_text_splits([str(tmp_path / "one")])
+
+
+def test_first_blocks_and_evaluation_splits(docs, tiny_tokenizer):
+    blocks = prepare_recovery_dataset(docs, tiny_tokenizer, max_length=4)
+    assert len(blocks) > 3
+    assert first_blocks(blocks, 3)["input_ids"] == blocks["input_ids"][:3]
+    assert len(first_blocks(blocks, 10_000)) == len(blocks)  # fewer blocks than asked: all of them
+    evaluation = prepare_eval_splits({"train": docs, "validation": docs}, tiny_tokenizer, max_length=4, blocks=2)
+    assert set(evaluation) == {"validation"}  # never the training text
+    assert evaluation["validation"]["input_ids"] == blocks["input_ids"][:2]
 
 
 def test_loader_bad_input(local_files):

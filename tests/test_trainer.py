@@ -66,7 +66,20 @@ def first_batch(trainer):
 
 
 def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
+    """The values `key` was logged with, in order. A key never logged fails here: an empty list would make every
+    `all(...)` over it true and two histories of it equal."""
+    values = [entry[key] for entry in trainer.state.log_history if key in entry]
+    assert values, f"{key!r} was never logged: {sorted({k for entry in trainer.state.log_history for k in entry})}"
+    return values
+
+
+def test_logged_fails_on_a_key_that_was_never_logged():
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"loss": 1.0, "step": 1}, {"loss": 0.5, "step": 2}]))
+    assert logged(trainer, "loss") == [1.0, 0.5]
+    with pytest.raises(AssertionError, match="'kd' was never logged"):
+        logged(trainer, "kd")
 
 
 # -- the loss ----------------------------------------------------------------------------------------------
@@ -691,6 +704,7 @@ def test_load_best_model_at_end_keeps_the_lowest(tmp_path, padded_data, metric):
     )
     trainer.train()
     history = {log["step"]: log[metric] for log in trainer.state.log_history if metric in log}
+    assert len(history) == 4, history  # evaluated at every step
     best_step = min(history, key=history.get)
     assert trainer.state.best_metric == pytest.approx(history[best_step])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
