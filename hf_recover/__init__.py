@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from . import moved_modules
 from .base.version import __version__
 
-moved_modules.install()  # the import paths of before the parts keep working, with a DeprecationWarning
+moved_modules.install()  # the import paths of before the parts keep working until REMOVED_IN, with a warning
 
 _EXPORTS = {
     "DistillationConfig": "distill.config",

@@ -2,8 +2,11 @@
 
 `import hf_recover.trainer` or `from hf_recover.losses import LMHeadInputs` still work: the old module name is an
 alias whose attributes are the new module's, and importing it warns once with a `DeprecationWarning` naming the new
-path. `MOVED_MODULES` is the one table of what moved where; a name under a moved package (`hf_recover.pruning.depth`)
-moves with it (`hf_recover.prune.depth`) unless the table names it.
+path and the release that removes it (`REMOVED_IN`). `MOVED_MODULES` is the one table of what moved where; a name
+under a moved package (`hf_recover.pruning.depth`) moves with it (`hf_recover.prune.depth`) unless the table names it.
+
+The finder that makes the aliases sits last on `sys.meta_path`: Python asks it only about a module no other finder
+found (no file stands at an old path any more), so every other import goes by it untouched.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ MOVED_MODULES = {
 MOVED_NAMES = {"hf_recover.pruning": {"load_pruned": "hf_recover.base.loading"}}
 """Names an old module offered that now live elsewhere than its new module: old module -> {name: new module}."""
 
+REMOVED_IN = "0.2.0"
+"""The release without these aliases: an old path stops importing there."""
+
 
 def new_path(old: str) -> str | None:
     """Where the module once imported as `old` lives now; None when it did not move."""
@@ -56,8 +62,8 @@ def new_path(old: str) -> str | None:
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports an old module path as an alias of the new module (first on `sys.meta_path`, so that no old name ever
-    loads a second copy of a module)."""
+    """Imports an old module path as an alias of the new module (last on `sys.meta_path`: asked only about what no
+    other finder found, and no file stands at an old path, so no old name ever loads a second copy of a module)."""
 
     def find_spec(self, fullname, path, target=None):
         target_name = new_path(fullname)
@@ -79,7 +85,8 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         while frame is not None and (frame.f_code.co_filename == __file__ or "importlib" in frame.f_code.co_filename):
             frame, level = frame.f_back, level + 1
         warnings.warn(
-            f"{module.__name__} moved to {target}; import it from there (the old path will be removed).",
+            f"{module.__name__} moved to {target}; import it from there (the old path is removed in hf_recover "
+            f"{REMOVED_IN}).",
             DeprecationWarning,
             stacklevel=level,
         )
@@ -104,6 +111,6 @@ class _Alias(types.ModuleType):
 
 
 def install() -> None:
-    """Put the finder first on `sys.meta_path`, once."""
+    """Put the finder last on `sys.meta_path`, once."""
     if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _MovedModuleFinder())
+        sys.meta_path.append(_MovedModuleFinder())

@@ -55,3 +55,20 @@ def test_every_public_name_resolves():
     for name in hf_recover.__all__:
         assert getattr(hf_recover, name) is not None, name
     assert sorted(dir(hf_recover)) == sorted(hf_recover.__all__)
+
+
+def test_the_finder_is_asked_last_and_no_file_stands_at_an_old_path():
+    """Every other import goes by the aliases' finder untouched: it sits last on `sys.meta_path`, and it is reached
+    for an old path because no module file stands there (which would also load a second copy of a module)."""
+    from importlib.machinery import PathFinder
+
+    from hf_recover.moved_modules import REMOVED_IN, _MovedModuleFinder
+
+    ours = [i for i, finder in enumerate(sys.meta_path) if isinstance(finder, _MovedModuleFinder)]
+    assert len(ours) == 1 and ours[0] > sys.meta_path.index(PathFinder)
+    assert _MovedModuleFinder().find_spec("hf_recover.prune.depth", None) is None  # a new path: not ours
+    package = hf_recover.__path__
+    for old in MOVED_MODULES:
+        top = old.split(".")[1]  # hf_recover.<top>...: no file or folder of that name in the package
+        assert PathFinder.find_spec(f"hf_recover.{top}", package) is None, old
+    assert tuple(map(int, REMOVED_IN.split("."))) > tuple(map(int, hf_recover.__version__.split(".")))
