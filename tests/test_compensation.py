@@ -8,7 +8,7 @@ from conftest import build_tiny_model
 from hf_recover.base.anatomy import head_rows
 from hf_recover.base.loading import load_pruned
 from hf_recover.prune import prune_width
-from hf_recover.prune.compensation import refit_columns
+from hf_recover.prune.width_healing import refit_columns
 
 
 def _rows(n=6, length=20, seed=0):

@@ -5,19 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from hf_recover.base.defaults import cache, fetch, teacher
+from hf_recover.base.defaults import assets, fetch, teacher
 
 
 def test_cache_root_respects_the_documented_order(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_RECOVER_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert cache.cache_root() == tmp_path / "hf" / "hf_recover"
+    assert assets.cache_root() == tmp_path / "hf" / "hf_recover"
     monkeypatch.delenv("HF_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache.cache_root() == tmp_path / "xdg" / "huggingface" / "hf_recover"
+    assert assets.cache_root() == tmp_path / "xdg" / "huggingface" / "hf_recover"
     monkeypatch.setenv("HF_RECOVER_CACHE", str(tmp_path / "mine"))
-    assert cache.cache_root() == tmp_path / "mine"
-    assert cache.cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+    assert assets.cache_root() == tmp_path / "mine"
+    assert assets.cache_root(tmp_path / "explicit") == tmp_path / "explicit"
 
 
 def test_a_failed_download_says_what_to_run_by_hand(monkeypatch, tmp_path):

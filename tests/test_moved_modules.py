@@ -72,3 +72,22 @@ def test_the_finder_is_asked_last_and_no_file_stands_at_an_old_path():
         top = old.split(".")[1]  # hf_recover.<top>...: no file or folder of that name in the package
         assert PathFinder.find_spec(f"hf_recover.{top}", package) is None, old
     assert tuple(map(int, REMOVED_IN.split("."))) > tuple(map(int, hf_recover.__version__.split(".")))
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("hf_recover.base.defaults.cache", "hf_recover.base.defaults.assets"),
+     ("hf_recover.prune.compensation", "hf_recover.prune.width_healing")],
+)  # fmt: skip
+def test_renamed_modules_keep_their_old_name_with_a_warning(monkeypatch, old, new):
+    """The embedded assets' cache and width healing were renamed for what they hold; the old names still give the
+    new modules' objects, until REMOVED_IN."""
+    from hf_recover.moved_modules import REMOVED_IN
+
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}.* removed in hf_recover {REMOVED_IN}"):
+        alias = _fresh_import(monkeypatch, old)
+    module = importlib.import_module(new)
+    public = [name for name in vars(module) if not name.startswith("_")]
+    assert len(public) > 3 and all(getattr(alias, name) is getattr(module, name) for name in public)
+    with pytest.raises(AttributeError):
+        alias.no_such_name  # noqa: B018

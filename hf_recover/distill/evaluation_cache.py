@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..base.defaults.cache import cache_root
+from ..base.defaults.assets import cache_root
 from ..base.evaluation import evaluate_perplexity
 from ..base.evaluation import evaluate_splits as evaluate_splits_uncached
 from ..base.version import __version__

@@ -67,7 +67,7 @@ from ..base.chat import (
 )
 from ..base.chat_retention import ChatReference, chat_reference, load_chat_prompts
 from ..base.constants import IGNORE_INDEX
-from ..base.defaults.cache import cache_root
+from ..base.defaults.assets import cache_root
 from ..base.generation import Sampling, generate_completions
 from ..base.version import __version__
 from .answer_filter import (

