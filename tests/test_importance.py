@@ -196,3 +196,19 @@ def test_plot_block_importance_writes_a_png(tmp_path):
     assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="empty"):
         plot_block_importance([], tmp_path / "empty.png")
+
+
+def test_the_four_importance_functions_take_the_data_second(tiny_llama):
+    """`block_importance`, `neuron_importance`, `head_importance` and `hidden_importance` read `(model, data, ...)`
+    alike; `neuron_importance` still takes `data=` by name, and its weight methods need none."""
+    import inspect
+
+    from hf_recover.prune import head_importance, hidden_importance
+
+    for function in (block_importance, neuron_importance, head_importance, hidden_importance):
+        assert list(inspect.signature(function).parameters)[:2] == ["model", "data"], function.__name__
+    rows = _padded_rows(_sequences([10, 6]), 10)
+    positional = neuron_importance(tiny_llama, rows, method="activation", layers=[1])
+    by_name = neuron_importance(tiny_llama, method="activation", data=rows, layers=[1])
+    torch.testing.assert_close(positional[1], by_name[1])
+    assert sorted(neuron_importance(tiny_llama)) == list(range(6))

@@ -157,9 +157,9 @@ def plot_block_importance(
 
 def neuron_importance(
     model: torch.nn.Module,
+    data: Any = None,
     *,
     method: str = "maw",
-    data: Any = None,
     layers: list[int] | None = None,
     batch_size: int = 8,
     max_batches: int | None = None,
