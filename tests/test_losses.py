@@ -914,3 +914,21 @@ def test_the_readme_lists_every_divergence_of_the_table():
         assert f"`{entry.formula.replace('|', chr(92) + '|')}`" in row, name
         for param in entry.params:
             assert f"`{param.field}`" in row, name
+
+
+def test_every_divergence_has_its_docstring_in_its_source():
+    """Read where the function is written (IDEs, `help()` and source readers all see it), never attached later."""
+    import ast
+    import inspect
+
+    from hf_recover.base.losses import divergences
+
+    tree = ast.parse(inspect.getsource(divergences))
+    written = {node.name: ast.get_docstring(node) for node in tree.body if isinstance(node, ast.FunctionDef)}
+    attached = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "__doc__"]
+    assert attached == []
+    for name, entry in divergences.DIVERGENCES.items():
+        assert entry.function.__name__ == name and written[name], name
+        assert written[name].split("\n")[0] == entry.function.__doc__.split("\n")[0], name
+        assert "forward_kl" in written[name] or name == "forward_kl", name  # the shared arguments are documented once
+    assert "num_items_in_batch" in written["forward_kl"] and "Returns:" in written["forward_kl"]

@@ -49,7 +49,17 @@ def _divergence(kernel: Kernel, student_logits, teacher_logits, labels, temperat
     return run_chunked(kernel, student, teacher, labels, temperature, *args)[0]
 
 
-_COMMON_ARGS = """
+def forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Forward KL `KL(p ‖ q)` (Hinton et al. 2015), mean over valid tokens.
+
     Args:
         student_logits: `(batch, seq_len, vocab)` logits of the student, unshifted.
         teacher_logits: `(batch, seq_len, vocab_t)` logits of the teacher; `vocab_t` may exceed the student's
@@ -67,17 +77,6 @@ _COMMON_ARGS = """
     Returns:
         A scalar tensor (float32 for half-precision inputs). A batch without valid tokens gives 0 with a
         gradient path (zero gradients), never NaN."""
-
-
-def forward_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
     return _divergence(
         forward_kl_kernel, student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size
     )
@@ -92,6 +91,9 @@ def reverse_kl(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
+    """Reverse KL `KL(q ‖ p)` (MiniLLM, Gu et al. 2024), mean over valid tokens.
+
+    Arguments and result as `forward_kl`'s."""
     return _divergence(
         reverse_kl_kernel, student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size
     )
@@ -107,6 +109,11 @@ def skew_forward_kl(
     chunk_size: int | None = None,
     skew_lambda: float = 0.1,
 ) -> torch.Tensor:
+    """Skew forward KL `KL(p ‖ λp + (1 − λ)q)` (DistiLLM, Ko et al. 2024), mean over valid tokens.
+
+    `skew_lambda` is DistiLLM's λ, the weight of the *teacher* in the mixture (a skew weight on the student
+    would be `1 − λ`). `skew_lambda=0` is plain forward KL; `skew_lambda=1` gives 0. Every other argument and the
+    result as `forward_kl`'s."""
     kernel = kernel_for("skew_forward_kl", {"skew_lambda": skew_lambda})
     return _divergence(kernel, student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size)
 
@@ -121,6 +128,11 @@ def skew_reverse_kl(
     chunk_size: int | None = None,
     skew_lambda: float = 0.1,
 ) -> torch.Tensor:
+    """Skew reverse KL `KL(q ‖ λq + (1 − λ)p)` (DistiLLM, Ko et al. 2024), mean over valid tokens.
+
+    `skew_lambda` is DistiLLM's λ, the weight of the distribution on the left of the KL (here the student)
+    in the mixture, so `skew_lambda=0` is plain reverse KL and `skew_lambda=1` gives 0. Every other argument and
+    the result as `forward_kl`'s."""
     kernel = kernel_for("skew_reverse_kl", {"skew_lambda": skew_lambda})
     return _divergence(kernel, student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size)
 
@@ -135,6 +147,11 @@ def generalized_jsd(
     chunk_size: int | None = None,
     beta: float = 0.5,
 ) -> torch.Tensor:
+    """Generalized JSD `β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)`, `m = βp + (1 − β)q` (GKD, Agarwal et al. 2024).
+
+    As in TRL, `beta=0` is forward KL `KL(p ‖ q)` and `beta=1` is reverse KL `KL(q ‖ p)` (the mixture
+    formula itself vanishes at both ends). `beta=0.5` is the symmetric Jensen-Shannon divergence. Every other
+    argument and the result as `forward_kl`'s."""
     kernel = kernel_for("generalized_jsd", {"beta": beta})
     return _divergence(kernel, student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size)
 
@@ -148,30 +165,12 @@ def total_variation(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
+    """Total variation distance `½ Σ |p − q|`, mean over valid tokens.
+
+    Arguments and result as `forward_kl`'s."""
     return _divergence(
         total_variation_kernel, student_logits, teacher_logits, labels, temperature, num_items_in_batch, chunk_size
     )
-
-
-forward_kl.__doc__ = "Forward KL `KL(p ‖ q)` (Hinton et al. 2015), mean over valid tokens.\n" + _COMMON_ARGS
-reverse_kl.__doc__ = "Reverse KL `KL(q ‖ p)` (MiniLLM, Gu et al. 2024), mean over valid tokens.\n" + _COMMON_ARGS
-skew_forward_kl.__doc__ = (
-    "Skew forward KL `KL(p ‖ λp + (1 − λ)q)` (DistiLLM, Ko et al. 2024), mean over valid tokens.\n\n"
-    "    `skew_lambda` is DistiLLM's λ, the weight of the *teacher* in the mixture (a skew weight on the student\n"
-    "    would be `1 − λ`). `skew_lambda=0` is plain forward KL; `skew_lambda=1` gives 0.\n" + _COMMON_ARGS
-)
-skew_reverse_kl.__doc__ = (
-    "Skew reverse KL `KL(q ‖ λq + (1 − λ)p)` (DistiLLM, Ko et al. 2024), mean over valid tokens.\n\n"
-    "    `skew_lambda` is DistiLLM's λ, the weight of the distribution on the left of the KL (here the student)\n"
-    "    in the mixture, so `skew_lambda=0` is plain reverse KL and `skew_lambda=1` gives 0.\n" + _COMMON_ARGS
-)
-generalized_jsd.__doc__ = (
-    "Generalized JSD `β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)`, `m = βp + (1 − β)q` (GKD, Agarwal et al. 2024).\n\n"
-    "    As in TRL, `beta=0` is forward KL `KL(p ‖ q)` and `beta=1` is reverse KL `KL(q ‖ p)` (the mixture\n"
-    "    formula itself vanishes at both ends). `beta=0.5` is the symmetric Jensen-Shannon divergence.\n"
-    + _COMMON_ARGS
-)
-total_variation.__doc__ = "Total variation distance `½ Σ |p − q|`, mean over valid tokens.\n" + _COMMON_ARGS
 
 
 # -- the one table of divergences ----------------------------------------------------------------------------------
