@@ -34,19 +34,24 @@ def workspace(tmp_path, tiny_tokenizer):
     return tmp_path
 
 
-def data_flags(ws):
-    return ["--dataset", str(ws / "data"), "--ood_dataset", str(ws / "ood"), *FAST]
+def data_flags(ws, command: str) -> list[str]:
+    """The test text's flags that `command` reads (a command refuses a flag it never reads)."""
+    from hf_recover.cli import command_module
+
+    known = {option for action in command_module(command).make_parser()._actions for option in action.option_strings}
+    flags = ["--dataset", str(ws / "data"), "--ood_dataset", str(ws / "ood"), *FAST]
+    return [part for flag, value in zip(flags[::2], flags[1::2]) if flag in known for part in (flag, value)]
 
 
 def test_prune_recover_evaluate_push(workspace, monkeypatch, capsys):
     ws = workspace
     cli(["prune", "--model", str(ws / "teacher"), "--prune", "importance:2", "--output_dir", str(ws / "student"),
-         *data_flags(ws)])  # fmt: skip
+         *data_flags(ws, "prune")])  # fmt: skip
     pruned = PrunedConfig.from_pretrained(ws / "student")
     assert pruned.num_student_layers == 4 and len(pruned.removed_layer_indices) == 2
 
     cli(["recover", "--teacher", str(ws / "teacher"), "--student", str(ws / "student"),
-         "--output_dir", str(ws / "recovered"), "--gamma", "0.1", *data_flags(ws), *TRAIN])  # fmt: skip
+         "--output_dir", str(ws / "recovered"), "--gamma", "0.1", *data_flags(ws, "recover"), *TRAIN])  # fmt: skip
     out = ws / "recovered"
     for name in ("model.safetensors", "tokenizer.json", "pruned_config.json", "README.md", "loss_curve.png"):
         assert (out / name).is_file(), name
@@ -60,7 +65,7 @@ def test_prune_recover_evaluate_push(workspace, monkeypatch, capsys):
     assert PrunedConfig.from_pretrained(out).kept_layer_indices == pruned.kept_layer_indices
 
     cli(["evaluate", "--model", str(out), "--teacher", str(ws / "teacher"), "--pruned", str(ws / "student"),
-         "--output_file", str(ws / "eval.json"), *data_flags(ws)])  # fmt: skip
+         "--output_file", str(ws / "eval.json"), *data_flags(ws, "evaluate")])  # fmt: skip
     figures = json.loads((ws / "eval.json").read_text())
     # Same model, same data: evaluate reproduces the recovered perplexity that recover measured.
     assert figures["perplexity"]["validation"]["recovered"] == pytest.approx(
@@ -98,7 +103,7 @@ def test_recover_with_prune_spec_and_yaml_config(workspace):
 def test_width_prune_then_reload(workspace):
     ws = workspace
     cli(["prune", "--model", str(ws / "teacher"), "--prune", "width:maw:0.25", "--output_dir", str(ws / "narrow"),
-         *FAST])  # fmt: skip
+         "--max_length", "32", "--calibration_blocks", "3"])  # fmt: skip
     model = load_pruned(ws / "narrow")
     assert PrunedConfig.from_pretrained(ws / "narrow").student_intermediate_sizes == [48] * 6
     assert model.model.layers[0].mlp.gate_proj.out_features == 48
@@ -106,13 +111,13 @@ def test_width_prune_then_reload(workspace):
 
 def test_importance_and_select(workspace, capsys):
     ws = workspace
-    cli(["importance", "--model", str(ws / "teacher"), "--output_dir", str(ws / "imp"), *data_flags(ws)])
+    cli(["importance", "--model", str(ws / "teacher"), "--output_dir", str(ws / "imp"), *data_flags(ws, "importance")])
     scores = json.loads((ws / "imp" / "importance.json").read_text())
     assert len(scores["scores"]) == 6 and sorted(scores["ranking_low_to_high"]) == list(range(6))
     assert (ws / "imp" / "importance.png").stat().st_size > 1000
 
     cli(["select", "--model", str(ws / "teacher"), "--candidates", "importance:2", "last:2", "--save_best",
-         "--output_dir", str(ws / "sel"), *data_flags(ws)])  # fmt: skip
+         "--output_dir", str(ws / "sel"), *data_flags(ws, "select")])  # fmt: skip
     table = json.loads((ws / "sel" / "candidates.json").read_text())
     assert {c["name"] for c in table["candidates"]} == {"importance:2", "last:2"}
     ppl = [c["perplexity"] for c in table["candidates"]]
@@ -124,7 +129,7 @@ def test_compare_lab_runs_every_pair_at_equal_budget(workspace):
     ws = workspace
     cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "importance", "last", "--strategies",
          "ce_only", "skew_fdd", "--n_remove", "2", "--output_dir", str(ws / "lab"), "--max_steps", "2",
-         *data_flags(ws), "--use_cpu"])  # fmt: skip
+         *data_flags(ws, "compare"), "--use_cpu"])  # fmt: skip
     rows = json.loads((ws / "lab" / "results.json").read_text())
     assert [(r["pruning"], r["strategy"]) for r in rows] == [
         ("importance", "ce_only"), ("importance", "skew_fdd"), ("last", "ce_only"), ("last", "skew_fdd")
@@ -142,7 +147,7 @@ def test_compare_lab_measures_every_row_against_the_first_pruning(workspace):
     ws = workspace
     cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "remove:3,4:heal=lstsq", "--strategies",
          "recommended", "--n_remove", "2", "--output_dir", str(ws / "lab"), "--max_steps", "4", "--curve_points",
-         "2", "--reach", "-1000", *data_flags(ws), "--use_cpu"])  # fmt: skip
+         "2", "--reach", "-1000", *data_flags(ws, "compare"), "--use_cpu"])  # fmt: skip
     rows = json.loads((ws / "lab" / "results.json").read_text())
     assert [(r["pruning"], r["removed"]) for r in rows] == [("last", [4, 5]), ("remove:3,4:heal=lstsq", [3, 4])]
     reference = rows[0]["validation"]
@@ -166,11 +171,11 @@ def test_evaluate_measures_the_assistant_with_a_chat_teacher(workspace, tiny_cha
     build_tiny_model("llama").save_pretrained(ws / "chat-teacher")
     tiny_chat_tokenizer.save_pretrained(ws / "chat-teacher")
     cli(["prune", "--model", str(ws / "chat-teacher"), "--prune", "last:2", "--output_dir", str(ws / "student"),
-         *data_flags(ws)])  # fmt: skip
+         *data_flags(ws, "prune")])  # fmt: skip
     # the teacher evaluated as the "recovered" model: it closes the whole gap, by definition
     cli(["evaluate", "--model", str(ws / "chat-teacher"), "--teacher", str(ws / "chat-teacher"), "--pruned",
          str(ws / "student"), "--chat_prompts", "dev", "--output_file", str(ws / "eval.json"),
-         *data_flags(ws)])  # fmt: skip
+         *data_flags(ws, "evaluate")])  # fmt: skip
     assistant = json.loads((ws / "eval.json").read_text())["assistant"]
     assert set(assistant) == {"teacher", "pruned", "recovered"}
     assert assistant["teacher"]["top1_agreement"] == assistant["recovered"]["top1_agreement"] == 1.0
@@ -283,7 +288,7 @@ def test_evaluate_runs_local_lm_eval_tasks_offline(workspace, capsys):
     tasks = Path(__file__).resolve().parents[1] / "examples" / "lm_eval_tasks"
     cli(["evaluate", "--model", str(ws / "teacher"), "--teacher", str(ws / "teacher"), "--tasks", "hf_recover_facts",
          "--include_path", str(tasks), "--limit", "4", "--output_file", str(ws / "tasks.json"),
-         *data_flags(ws)])  # fmt: skip
+         *data_flags(ws, "evaluate")])  # fmt: skip
     figures = json.loads((ws / "tasks.json").read_text())
     acc = figures["lm_eval"]["recovered"]["hf_recover_facts"]["acc"]
     assert 0.0 <= acc <= 1.0
@@ -341,8 +346,8 @@ def test_compare_distils_from_the_teacher_in_teacher_dtype(workspace, monkeypatc
     monkeypatch.setattr(hf_recover.recovery, "run_recovery", capture)
     with pytest.raises(SetupDone):
         cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "ce_only",
-             "--n_remove", "2", "--teacher_dtype", "bfloat16", "--output_dir", str(ws / "lab"), *data_flags(ws),
-             "--use_cpu"])  # fmt: skip
+             "--n_remove", "2", "--teacher_dtype", "bfloat16", "--output_dir", str(ws / "lab"),
+             *data_flags(ws, "compare"), "--use_cpu"])  # fmt: skip
     teacher, student = seen[0]
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in student.parameters()} == {torch.float32}
@@ -374,7 +379,7 @@ def test_named_blocks_with_healing_get_calibration_data(workspace):
     assert not PruneSpec.parse("remove:1,2").needs_calibration
     ws = workspace
     cli(["prune", "--model", str(ws / "teacher"), "--prune", "remove:1,2:heal=lstsq", "--output_dir", str(ws / "s"),
-         *data_flags(ws)])  # fmt: skip
+         *data_flags(ws, "prune")])  # fmt: skip
     assert (ws / "s" / "pruned_config.json").is_file()
 
 
@@ -384,7 +389,7 @@ def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspac
     ws = workspace
     common = ["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "logits_kd",
               "compound", "--n_remove", "2", "--max_steps", "2", "--curve_points", "1", "--use_cpu",
-              *data_flags(ws)]  # fmt: skip
+              *data_flags(ws, "compare")]  # fmt: skip
     cli([*common, "--output_dir", str(ws / "cached"), "--cache_teacher", "--cache_top_k", "320"])  # the vocabulary
     cli([*common, "--output_dir", str(ws / "online")])  # fmt: skip
     cached = json.loads((ws / "cached" / "results.json").read_text())
@@ -396,3 +401,32 @@ def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspac
     assert cache.temperatures == (2.0,)
     for c, o in zip(cached, online, strict=True):  # a full-vocabulary cache (float16 log-probs) = online KD
         assert c["validation"]["recovered"] == pytest.approx(o["validation"]["recovered"], rel=1e-3)
+
+
+TEXT = {"dataset", "dataset_weights", "text_column", "data_seed_value"}
+TRAINING = TEXT | {"max_length", "max_train_documents"}
+CALIBRATION = TRAINING | {"calibration_blocks"}
+EVALUATION = TEXT | {"ood_dataset", "eval_max_length", "eval_blocks", "held_out"}
+
+
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        ("cache", TRAINING),
+        ("importance", CALIBRATION),
+        ("prune", CALIBRATION),
+        ("select", CALIBRATION | {"eval_blocks"}),
+        ("evaluate", EVALUATION),
+        ("recover", CALIBRATION | EVALUATION),
+        ("demo", CALIBRATION | EVALUATION),
+        ("compare", CALIBRATION | EVALUATION),
+        ("generate", set()),
+        ("push", set()),
+    ],
+)
+def test_every_command_shows_the_data_flags_it_reads_and_no_other(command, shown):
+    """`cache` and `evaluate` read no calibration blocks; `prune`, `importance` and `cache` measure no perplexity."""
+    from hf_recover.cli import command_module
+
+    flags = {action.dest for action in command_module(command).make_parser()._actions}
+    assert flags & (CALIBRATION | EVALUATION) == shown

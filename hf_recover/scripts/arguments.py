@@ -21,7 +21,9 @@ DEFAULT = DEFAULT_CORPUS
 
 
 @dataclass
-class DataArguments:
+class TextArguments:
+    """Where the recovery text comes from: every command that reads text shows these."""
+
     dataset: list[str] = field(
         default_factory=lambda: [DEFAULT],
         metadata={
@@ -31,16 +33,23 @@ class DataArguments:
     )
     dataset_weights: list[float] | None = field(default=None, metadata={"help": "Mixture weights, one per dataset."})
     text_column: str = field(default="text", metadata={"help": "Column that holds the text."})
-    ood_dataset: str | None = field(
-        default=None,
-        metadata={"help": "A held-out domain to measure generalisation (the default corpus has its own 'ood')."},
-    )
+    data_seed_value: int = field(default=0, metadata={"help": "Seed for shuffling and splitting documents."})
+
+
+@dataclass
+class TrainingTextArguments(TextArguments):
+    """The training text, packed into blocks (`cache`)."""
+
     max_length: int = field(default=512, metadata={"help": "Tokens per packed training (and calibration) block."})
-    eval_max_length: int = field(default=EVAL_MAX_LENGTH, metadata={"help": "Tokens per perplexity block."})
-    eval_blocks: int = field(
-        default=EVAL_BLOCKS,
-        metadata={"help": "Packed blocks per split used for perplexity (each of --eval_max_length tokens)."},
+    max_train_documents: int | None = field(
+        default=None, metadata={"help": "Use only this many training documents (after a seeded shuffle)."}
     )
+
+
+@dataclass
+class CalibrationArguments(TrainingTextArguments):
+    """The training text and its first blocks, where cuts are scored and healed (`importance`, `prune`)."""
+
     calibration_blocks: int = field(
         default=CALIBRATION_BLOCKS,
         metadata={
@@ -49,10 +58,33 @@ class DataArguments:
             "(64 x 512 tokens by default)."
         },
     )
-    max_train_documents: int | None = field(
-        default=None, metadata={"help": "Use only this many training documents (after a seeded shuffle)."}
+
+
+@dataclass
+class SelectionArguments(CalibrationArguments):
+    """The calibration blocks, and the validation blocks candidates are scored on (`select`)."""
+
+    eval_blocks: int = field(
+        default=EVAL_BLOCKS,
+        metadata={
+            "help": "Packed blocks of validation text (each of --max_length tokens) the candidates are scored on."
+        },
     )
-    data_seed_value: int = field(default=0, metadata={"help": "Seed for shuffling and splitting documents."})
+
+
+@dataclass
+class EvaluationArguments(TextArguments):
+    """The splits perplexity is measured on (`evaluate`)."""
+
+    ood_dataset: str | None = field(
+        default=None,
+        metadata={"help": "A held-out domain to measure generalisation (the default corpus has its own 'ood')."},
+    )
+    eval_max_length: int = field(default=EVAL_MAX_LENGTH, metadata={"help": "Tokens per perplexity block."})
+    eval_blocks: int = field(
+        default=EVAL_BLOCKS,
+        metadata={"help": "Packed blocks per split used for perplexity (each of --eval_max_length tokens)."},
+    )
     held_out: bool = field(
         default=True,
         metadata={
@@ -60,6 +92,12 @@ class DataArguments:
             "the Jargon File): never trained on, never used to choose a recipe."
         },
     )
+
+
+@dataclass
+class DataArguments(EvaluationArguments, CalibrationArguments):
+    """Training, calibration and evaluation text, for the commands that read all three (`recover`, `demo`,
+    `compare`)."""
 
 
 @dataclass
@@ -226,17 +264,19 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def load_text_splits(args: DataArguments) -> dict[str, Any]:
-    """`hf_recover.base.data.load_text_splits` for the data arguments."""
+def load_text_splits(args: TextArguments) -> dict[str, Any]:
+    """`hf_recover.base.data.load_text_splits` for a command's text arguments: `ood` and the held-out domains only
+    for a command that evaluates on them, the training documents cut only for one that trains on them."""
     from ..base.data import load_text_splits as load_splits
 
     return load_splits(
-        args.dataset, weights=args.dataset_weights, text_column=args.text_column, ood_dataset=args.ood_dataset,
-        held_out=args.held_out, max_train_documents=args.max_train_documents, seed=args.data_seed_value,
+        args.dataset, weights=args.dataset_weights, text_column=args.text_column,
+        ood_dataset=getattr(args, "ood_dataset", None), held_out=getattr(args, "held_out", False),
+        max_train_documents=getattr(args, "max_train_documents", None), seed=args.data_seed_value,
     )  # fmt: skip
 
 
-def prepare_eval_splits(splits: dict[str, Any], tokenizer, args: DataArguments) -> dict[str, Any]:
+def prepare_eval_splits(splits: dict[str, Any], tokenizer, args: EvaluationArguments) -> dict[str, Any]:
     """`hf_recover.base.data.prepare_eval_splits` for the data arguments."""
     from ..base.data import prepare_eval_splits as prepare
 

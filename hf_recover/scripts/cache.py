@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..base.loading import load_model
-from .arguments import DEFAULT, DataArguments, command_parser, load_text_splits
+from .arguments import DEFAULT, TrainingTextArguments, command_parser, load_text_splits
 
 
 @dataclass
@@ -49,10 +49,10 @@ class CacheArguments:
 
 
 def make_parser(subparsers=None):
-    return command_parser(subparsers, "cache", (CacheArguments, DataArguments), __doc__)
+    return command_parser(subparsers, "cache", (CacheArguments, TrainingTextArguments), __doc__)
 
 
-def main(args: CacheArguments, data_args: DataArguments):
+def main(args: CacheArguments, data_args: TrainingTextArguments):
     from ..base.data import prepare_recovery_dataset
     from ..distill.teacher_cache import cache_teacher_outputs, load_teacher_cache
 

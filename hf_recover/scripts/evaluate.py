@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..base.loading import load_model
 from .arguments import (
-    DataArguments,
+    EvaluationArguments,
     check_chat_prompts,
     command_parser,
     load_text_splits,
@@ -47,10 +47,10 @@ class EvaluateArguments:
 
 
 def make_parser(subparsers=None):
-    return command_parser(subparsers, "evaluate", (EvaluateArguments, DataArguments), __doc__)
+    return command_parser(subparsers, "evaluate", (EvaluateArguments, EvaluationArguments), __doc__)
 
 
-def main(args: EvaluateArguments, data_args: DataArguments):
+def main(args: EvaluateArguments, data_args: EvaluationArguments):
     from ..base.chat import has_chat_template
     from ..base.chat_retention import chat_retention_table, evaluate_assistant
     from ..base.evaluation import evaluate_splits

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..base.loading import load_model
 from .arguments import (
     DEFAULT,
-    DataArguments,
+    CalibrationArguments,
     OutputArguments,
     check_output_dir,
     command_parser,
@@ -34,13 +34,13 @@ def make_parser(subparsers=None):
     return command_parser(
         subparsers,
         "importance",
-        (ImportanceArguments, DataArguments, OutputArguments),
+        (ImportanceArguments, CalibrationArguments, OutputArguments),
         __doc__,
         output_dir="outputs/importance",
     )
 
 
-def main(args: ImportanceArguments, data_args: DataArguments, out: OutputArguments):
+def main(args: ImportanceArguments, data_args: CalibrationArguments, out: OutputArguments):
     from ..base.data import first_blocks, prepare_recovery_dataset
     from ..prune import block_importance, plot_block_importance
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..base.loading import load_model
 from .arguments import (
     DEFAULT,
-    DataArguments,
+    CalibrationArguments,
     OutputArguments,
     check_output_dir,
     command_parser,
@@ -35,14 +35,14 @@ def make_parser(subparsers=None):
     return command_parser(
         subparsers,
         "prune",
-        (PruneArguments, DataArguments, OutputArguments),
+        (PruneArguments, CalibrationArguments, OutputArguments),
         __doc__,
         takes_prune_specs=True,
         output_dir="outputs/student",
     )
 
 
-def main(args: PruneArguments, data_args: DataArguments, out: OutputArguments):
+def main(args: PruneArguments, data_args: CalibrationArguments, out: OutputArguments):
     from ..base.data import first_blocks, prepare_recovery_dataset
     from ..base.evaluation import count_parameters
     from ..prune.spec import PruneSpec

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from ..base.loading import load_model
 from .arguments import (
     DEFAULT,
-    DataArguments,
     OutputArguments,
+    SelectionArguments,
     check_output_dir,
     command_parser,
 )
@@ -37,7 +37,7 @@ def make_parser(subparsers=None):
     return command_parser(
         subparsers,
         "select",
-        (SelectArguments, DataArguments, OutputArguments),
+        (SelectArguments, SelectionArguments, OutputArguments),
         __doc__,
         takes_prune_specs=True,
         output_dir="outputs/select",
@@ -45,7 +45,7 @@ def make_parser(subparsers=None):
     )
 
 
-def main(args: SelectArguments, data_args: DataArguments, out: OutputArguments):
+def main(args: SelectArguments, data_args: SelectionArguments, out: OutputArguments):
     from ..base.data import first_blocks, prepare_recovery_dataset
     from ..prune import PruneSpec, select_candidate
     from .arguments import load_text_splits
