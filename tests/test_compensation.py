@@ -131,7 +131,7 @@ def test_bad_heal_inputs_are_refused_before_any_work():
     teacher = build_tiny_model()
     with pytest.raises(ValueError, match="pass data="):
         prune_width(teacher, pruning_ratio=0.5, heal="lstsq")
-    with pytest.raises(ValueError, match="heal must be None or one of"):
+    with pytest.raises(ValueError, match="width heal takes one of"):
         prune_width(teacher, pruning_ratio=0.5, heal="svd", data=_rows())
     # a hidden-size cut alone removes no column to refit: refused, not recorded as healed
     with pytest.raises(ValueError, match="heal='lstsq' .* hidden_size=16\\): nothing would be refitted"):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from hf_recover.prune import prune_depth, prune_width
 from hf_recover.prune.healing import HealSpec
 from hf_recover.prune.spec import PRUNE_SPEC_GRAMMAR, DepthSpec, PruneSpec, WidthSpec
 
@@ -154,7 +155,6 @@ def test_check_against_a_model_before_any_work(tiny_llama):
 
 
 def test_build_equals_the_pruning_functions(tiny_llama):
-    from hf_recover.prune import prune_depth, prune_width
 
     student, config = PruneSpec.parse("remove:1,2+width:vow:0.5").build(tiny_llama)
     direct, _ = prune_depth(tiny_llama, remove=[1, 2])
@@ -172,3 +172,36 @@ def test_every_command_that_takes_specs_shows_the_one_grammar(command):
 
     parser = command_module(command).make_parser()
     assert PRUNE_SPEC_GRAMMAR in parser.format_help()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"pruning_ratio": 0.5, "heal": "svd"},
+        {"pruning_ratio": 0.5, "hidden_method": "twist"},
+        {"hidden_size": 16, "heal": "lstsq"},
+        {"pruning_ratio": 0.5, "expansion_rate": 1.0},
+        {"pruning_ratio": 0.25, "hidden_method": "rotate"},
+    ],
+)
+def test_prune_width_refuses_by_the_width_specs_own_rule(tiny_llama, kwargs):
+    """One home for each width rule: `prune_width` builds its `WidthSpec` and says what the spec says."""
+    with pytest.raises(ValueError) as from_spec:
+        WidthSpec(**kwargs)
+    with pytest.raises(ValueError) as direct:
+        prune_width(tiny_llama, inplace=True, **kwargs)
+    assert str(direct.value) == str(from_spec.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"n": 2, "method": "random"}, {"remove": [1], "n": 1}, {}, {"n": 0}, {"remove": []}, {"n": 2, "heal": "x"}],
+)
+def test_prune_depth_refuses_by_the_depth_specs_own_rule(tiny_llama, kwargs):
+    """One home for each depth rule: `prune_depth` builds its `DepthSpec` and says what the spec says."""
+    with pytest.raises(ValueError) as from_spec:
+        DepthSpec(**kwargs)
+    with pytest.raises(ValueError) as direct:
+        prune_depth(tiny_llama, inplace=True, **kwargs)
+    assert str(direct.value) == str(from_spec.value)
+    assert len(tiny_llama.model.layers) == 6

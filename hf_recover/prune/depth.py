@@ -63,9 +63,11 @@ def prune_depth(
     step in the `PrunedConfig` records the method, calibration tokens and runs healed. Not available for Gemma3,
     whose post-feedforward norm sits between `down_proj` and the residual stream.
     """
+    from .spec import DepthSpec  # the rules of a depth part have one home: the spec checks its own values
+
     check_supported(model)
     n_layers = len(decoder_layers(model))
-    heal = HealSpec.parse(heal)
+    heal = DepthSpec(method=method, n=n, remove=remove, heal=heal).heal
     if heal is not None and heal_sequential is not None:
         heal = replace(heal, sequential=heal_sequential)
     check_heal(model, heal, data)
@@ -123,20 +125,15 @@ def plan_removal(
     scores: torch.Tensor | list[float] | None,
     data: Any,
 ) -> tuple[list[int] | None, str, list[float] | None]:
-    """Check the arguments before anything runs; return the blocks to remove when already known
-    (`None` when they must be scored on `data`), the method to record and the scores to use."""
+    """Check the arguments of a `DepthSpec` (which checked its own values) against the model before anything runs;
+    return the blocks to remove when already known (`None` when they must be scored on `data`), the method to record
+    and the scores to use."""
     if remove is not None:
-        if n is not None:
-            raise ValueError("Give either remove= (the blocks to drop) or n= (how many to choose), not both.")
         removed = check_layer_indices(remove, n_layers, "remove")
         if len(removed) == n_layers:
             raise ValueError(f"remove lists all {n_layers} blocks; keep at least one.")
         return removed, "manual", None
-    if method not in DEPTH_METHODS:
-        raise ValueError(f"method must be one of {list(DEPTH_METHODS)}, got {method!r}.")
-    if n is None:
-        raise ValueError("Say which blocks to remove: remove=[indices] or n=<how many> with a method.")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < n_layers:
+    if n >= n_layers:
         raise ValueError(f"n must be an int in 1..{n_layers - 1} (the model has {n_layers} blocks), got {n!r}.")
     if method == "last":
         return list(range(n_layers - n, n_layers)), method, None

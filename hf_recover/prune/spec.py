@@ -86,6 +86,8 @@ class DepthSpec:
         else:
             if self.method not in DEPTH_METHODS:
                 raise ValueError(f"depth method must be one of {list(DEPTH_METHODS)}, got {self.method!r}.")
+            if self.n is None:
+                raise ValueError("Say which blocks to remove: remove=[indices] or n=<how many> with a method.")
             if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
                 raise ValueError(f"depth n must be a number of blocks >= 1, got {self.n!r}.")
         object.__setattr__(self, "heal", HealSpec.parse(self.heal))

@@ -29,7 +29,7 @@ from .hidden import hidden_scores, slice_hidden, target_hidden_size
 from .importance import _check_neuron_args, _neuron_scores
 from .record import base_pruned_config, describe_data, finish_pruning
 from .rotation import check_rotatable, fold_norms, residual_principal_axes, rotate_and_slice
-from .width_healing import WIDTH_HEAL_METHODS, input_grams, refit_columns
+from .width_healing import input_grams, refit_columns
 
 WIDTH_METHODS = ("maw", "vow", "pon", "activation")
 HIDDEN_METHODS = ("slice", "rotate")
@@ -90,19 +90,17 @@ def prune_width(
     before). Equal sizes are written to `config.intermediate_size`, so plain `from_pretrained` reloads
     the model; different ones need `hf_recover.load_pruned` (see there); the same holds for head counts.
     """
+    from .spec import WidthSpec  # the rules of a width part have one home: the spec checks its own values
+
     check_supported(model)
+    prune_mlp = WidthSpec(
+        method=method, pruning_ratio=pruning_ratio, expansion_rate=expansion_rate, divisor=divisor, layers=layers,
+        heads=heads, hidden_size=hidden_size, hidden_method=hidden_method, heal=heal,
+    ).prunes_mlp  # fmt: skip
     blocks = decoder_layers(model)
     layer_indices = _check_neuron_args(model, method, data, layers)
-    if heal is not None and heal not in WIDTH_HEAL_METHODS:
-        raise ValueError(f"Width pruning's heal must be None or one of {list(WIDTH_HEAL_METHODS)}, got {heal!r}.")
     if heal is not None and data is None:
         raise ValueError(f"heal={heal!r} refits the remaining columns on calibration activations: pass data= as well.")
-    if hidden_method not in HIDDEN_METHODS:
-        raise ValueError(f"hidden_method must be one of {list(HIDDEN_METHODS)}, got {hidden_method!r}.")
-    prune_mlp = pruning_ratio is not None or expansion_rate is not None or (heads is None and hidden_size is None)
-    check_width_options(
-        prune_mlp=prune_mlp, heads=heads, hidden_size=hidden_size, hidden_method=hidden_method, heal=heal
-    )
     if hidden_size is not None and hidden_method == "rotate":
         check_rotatable(model)
     targets = (
