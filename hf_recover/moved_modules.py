@@ -18,6 +18,8 @@ import sys
 import types
 import warnings
 
+from .base.renamed import REMOVED_IN  # the release without these aliases: an old path stops importing there
+
 MOVED_MODULES = {
     "hf_recover.constants": "hf_recover.base.constants",
     "hf_recover.data": "hf_recover.base.data",
@@ -48,9 +50,6 @@ MOVED_MODULES = {
 
 MOVED_NAMES = {"hf_recover.pruning": {"load_pruned": "hf_recover.base.loading"}}
 """Names an old module offered that now live elsewhere than its new module: old module -> {name: new module}."""
-
-REMOVED_IN = "0.2.0"
-"""The release without these aliases: an old path stops importing there."""
 
 
 def new_path(old: str) -> str | None:

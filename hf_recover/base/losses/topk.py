@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels import Kernel
+from .validation import ids_outside
 
 
 class TopKTeacher(NamedTuple):
@@ -235,10 +236,8 @@ def check_top_k_teacher(teacher: TopKTeacher, batch_shape: tuple[int, int], voca
     k = token_ids.size(-1)
     if not 1 <= k <= vocab:
         raise ValueError(f"The cached teacher's top_k is {k}; it must lie in [1, {vocab}] (the student's vocabulary).")
-    if token_ids.numel():
-        low, high = torch.stack([token_ids.min(), token_ids.max()]).tolist()
-        if low < 0 or high >= vocab:
-            raise ValueError(
-                f"The cached teacher's token ids range from {low} to {high}, outside the student's vocabulary "
-                f"[0, {vocab}): the cache was built with another tokenizer or teacher."
-            )
+    if outside := ids_outside(token_ids, vocab):
+        raise ValueError(
+            f"The cached teacher's token ids range from {outside[0]} to {outside[1]}, outside the student's "
+            f"vocabulary [0, {vocab}): the cache was built with another tokenizer or teacher."
+        )

@@ -70,13 +70,19 @@ def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     return shared_vocab_size(student_logits.size(-1), teacher_logits.size(-1))
 
 
+def ids_outside(ids: torch.Tensor, vocab: int) -> tuple[int, int] | None:
+    """`(lowest, highest)` of token ids `ids` when any lies outside `[0, vocab)`; None when all lie inside (or there
+    are none). One device sync for both ends."""
+    if not ids.numel():
+        return None
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()
+    return (low, high) if low < 0 or high >= vocab else None
+
+
 def check_targets(targets: torch.Tensor, vocab: int) -> None:
     """Cross-entropy targets must be token ids of the student's vocabulary (or ignored)."""
-    scored = targets[targets != IGNORE_INDEX]
-    if scored.numel():
-        low, high = torch.stack([scored.min(), scored.max()]).tolist()
-        if low < 0 or high >= vocab:
-            raise ValueError(
-                f"`labels` must be token ids in [0, {vocab}) (the student's vocabulary) or {IGNORE_INDEX} (ignored); "
-                f"got values from {low} to {high}."
-            )
+    if outside := ids_outside(targets[targets != IGNORE_INDEX], vocab):
+        raise ValueError(
+            f"`labels` must be token ids in [0, {vocab}) (the student's vocabulary) or {IGNORE_INDEX} (ignored); "
+            f"got values from {outside[0]} to {outside[1]}."
+        )
