@@ -93,10 +93,11 @@ def prune_width(
     from .spec import WidthSpec  # the rules of a width part have one home: the spec checks its own values
 
     check_supported(model)
-    prune_mlp = WidthSpec(
+    spec = WidthSpec(
         method=method, pruning_ratio=pruning_ratio, expansion_rate=expansion_rate, divisor=divisor, layers=layers,
         heads=heads, hidden_size=hidden_size, hidden_method=hidden_method, heal=heal,
-    ).prunes_mlp  # fmt: skip
+    )  # fmt: skip
+    prune_mlp = spec.prunes_mlp
     blocks = decoder_layers(model)
     layer_indices = _check_neuron_args(model, method, data, layers)
     if heal is not None and data is None:
@@ -117,6 +118,7 @@ def prune_width(
     head_targets, hidden_target = plan_heads_and_hidden(model, heads, hidden_size, layer_indices, data)
 
     tokens = sequences = 0
+    channel_scores = axes = variances = grams = None
     if prune_mlp:
         scores, tokens, sequences = _neuron_scores(model, method, data, layer_indices, batch_size, max_batches)
     if heads is not None:
@@ -138,8 +140,32 @@ def prune_width(
     if not inplace:
         model = copy.deepcopy(model)
         blocks = decoder_layers(model)
-    summary, refits = [], []  # refits: (linear's owner, attribute, unpruned weight, gram, kept columns)
-    for i, size in zip(layer_indices, targets):  # empty when the MLP is not pruned
+    refits = []  # (linear's owner, attribute, unpruned weight, gram, kept columns), for the heal
+    step = {"type": "width", "method": method if prune_mlp else None}
+    if prune_mlp:
+        step.update(pruning_ratio=pruning_ratio, expansion_rate=expansion_rate, divisor=divisor)
+    summary = _cut_mlp(blocks, dict(zip(layer_indices, targets)), scores, grams, refits) if prune_mlp else []
+    step.update(layers=layer_indices, scores=summary)
+    if heads is not None:
+        kept_heads = _cut_heads(model, blocks, dict(zip(layer_indices, head_targets)), scores_of_heads, grams, refits)
+        step.update(heads=heads, kept_heads={str(i): k for i, k in kept_heads.items()})
+    if heal is not None:  # before any hidden-size cut: the refit solves for the unpruned weights' output rows
+        step["heal"] = compensate(model, refits, heal, data, tokens, batch_size, max_batches)
+        if hidden_size is not None:
+            step["heal"]["measured"] = "before the hidden-size cut"
+    if hidden_size is not None:
+        step.update(hidden_size=hidden_size, **_cut_hidden(model, hidden_target, channel_scores, axes, variances))
+    description = describe_data(data, tokens, sequences) if spec.needs_calibration else None
+    kept = list(range(len(blocks)))
+    pruned_config = finish_pruning(model, teacher, previous, kept_layer_indices=kept, step=step, data=description)
+    return model, pruned_config
+
+
+def _cut_mlp(blocks, sizes: dict[int, int], scores, grams, refits: list) -> list[dict]:
+    """Keep the `sizes[i]` best-scored MLP neurons of block `i`; the summary of each cut (for the `PrunedConfig`).
+    With `grams` (a heal), each pruned `down_proj` is queued in `refits`."""
+    summary = []
+    for i, size in sizes.items():
         score = scores[i]
         keep = torch.argsort(score, descending=True, stable=True)[:size].sort().values
         dropped = torch.ones_like(score, dtype=torch.bool)
@@ -153,47 +179,37 @@ def prune_width(
                 "removed_score_mean": round(float(score[dropped].mean()), 6) if dropped.any() else None,
             }
         )
-        if heal is not None:
+        if grams is not None:
             refits.append((blocks[i].mlp, "down_proj", blocks[i].mlp.down_proj.weight, grams["down_proj", i], keep))
         slice_mlp(blocks[i].mlp, keep)
-    step = {"type": "width", "method": method if prune_mlp else None}
-    if prune_mlp:
-        step.update(pruning_ratio=pruning_ratio, expansion_rate=expansion_rate, divisor=divisor)
-    step.update(layers=layer_indices, scores=summary)
-    if heads is not None:
-        kv_heads, size = num_kv_heads(model), head_dim(model)
-        kept_heads = {}
-        for i, kept in zip(layer_indices, head_targets):
-            keep = heads_to_keep(scores_of_heads[i], kept, kv_heads)
-            if heal is not None:
-                attention = blocks[i].self_attn
-                refits.append(
-                    (attention, "o_proj", attention.o_proj.weight, grams["o_proj", i], head_rows(keep, size))
-                )
-            slice_heads(blocks[i].self_attn, keep, size, kv_heads)
-            kept_heads[i] = keep.tolist()
-        step.update(heads=heads, kept_heads={str(i): k for i, k in kept_heads.items()})
-    if heal is not None:  # before any hidden-size cut: the refit solves for the unpruned weights' output rows
-        step["heal"] = compensate(model, refits, heal, data, tokens, batch_size, max_batches)
-        if hidden_size is not None:
-            step["heal"]["measured"] = "before the hidden-size cut"
-    if hidden_size is not None and hidden_method == "slice":
-        keep = torch.argsort(channel_scores, descending=True, stable=True)[:hidden_target].sort().values
-        slice_hidden(model, keep)
-        step.update(hidden_size=hidden_size)
-    elif hidden_size is not None:
-        untied = fold_norms(model)
-        rotate_and_slice(model, axes, hidden_target)
-        kept_variance = float(variances[:hidden_target].sum() / variances.sum())
-        step.update(hidden_size=hidden_size, hidden_method="rotate", untied_lm_head=untied)
-        step["kept_variance"] = round(kept_variance, 6)
-    uses_data = (
-        (prune_mlp and method == "activation") or heads is not None or hidden_size is not None or heal is not None
-    )
-    description = describe_data(data, tokens, sequences) if uses_data else None
-    kept = list(range(len(blocks)))
-    pruned_config = finish_pruning(model, teacher, previous, kept_layer_indices=kept, step=step, data=description)
-    return model, pruned_config
+    return summary
+
+
+def _cut_heads(model, blocks, counts: dict[int, int], scores, grams, refits: list) -> dict[int, list[int]]:
+    """Keep the `counts[i]` best-scored query heads of block `i`, evenly within its key/value groups; the heads kept
+    per block. With `grams` (a heal), each pruned `o_proj` is queued in `refits`."""
+    kv_heads, size = num_kv_heads(model), head_dim(model)
+    kept_heads = {}
+    for i, kept in counts.items():
+        keep = heads_to_keep(scores[i], kept, kv_heads)
+        if grams is not None:
+            attention = blocks[i].self_attn
+            refits.append((attention, "o_proj", attention.o_proj.weight, grams["o_proj", i], head_rows(keep, size)))
+        slice_heads(blocks[i].self_attn, keep, size, kv_heads)
+        kept_heads[i] = keep.tolist()
+    return kept_heads
+
+
+def _cut_hidden(model, size: int, channel_scores, axes, variances) -> dict:
+    """Keep `size` channels of the residual stream: the best-scored ones (`channel_scores`), or its first principal
+    `axes` (rotated into them first); what the step records of a rotation."""
+    if channel_scores is not None:
+        slice_hidden(model, torch.argsort(channel_scores, descending=True, stable=True)[:size].sort().values)
+        return {}
+    untied = fold_norms(model)
+    rotate_and_slice(model, axes, size)
+    kept_variance = round(float(variances[:size].sum() / variances.sum()), 6)
+    return {"hidden_method": "rotate", "untied_lm_head": untied, "kept_variance": kept_variance}
 
 
 def compensate(model, refits, heal: str, data, tokens: int, batch_size: int, max_batches: int | None) -> dict:
