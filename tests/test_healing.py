@@ -10,6 +10,7 @@ import hf_recover
 from hf_recover.base.pruned_config import PrunedConfig
 from hf_recover.prune import healing, prune_depth
 from hf_recover.prune.healing import (
+    HealSpec,
     cosine_distance,
     fit_cosine,
     fit_lstsq,
@@ -137,7 +138,13 @@ def test_healing_lowers_the_calibration_residual(model_type, method):
 def test_sequential_fit_equals_the_teacher_fit_for_the_first_cut_only(tiny_llama):
     data = _rows()
     seq, _ = prune_depth(tiny_llama, remove=[2, 4], data=data, heal="lstsq")
-    teacher_fit, config = prune_depth(tiny_llama, remove=[2, 4], data=data, heal="lstsq", heal_sequential=False)
+    teacher_fit, config = prune_depth(tiny_llama, remove=[2, 4], data=data, heal=HealSpec("lstsq", sequential=False))
+    with pytest.warns(DeprecationWarning, match="heal_sequential"):  # the same setting, by its deprecated name
+        old, _ = prune_depth(tiny_llama, remove=[2, 4], data=data, heal="lstsq", heal_sequential=False)
+    for block in (1, 2):
+        torch.testing.assert_close(
+            old.model.layers[block].mlp.down_proj.weight, teacher_fit.model.layers[block].mlp.down_proj.weight
+        )
     # blocks before the first cut are the teacher's: the same activations, the same map
     torch.testing.assert_close(
         seq.model.layers[1].mlp.down_proj.weight, teacher_fit.model.layers[1].mlp.down_proj.weight

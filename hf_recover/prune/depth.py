@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import replace
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..base.anatomy import PER_LAYER_CONFIG_FIELDS, check_supported, decoder_layers
 from ..base.pruned_config import PrunedConfig
+from ..base.renamed import REMOVED_IN
 from .greedy import greedy_block_removal
 from .healing import HealSpec, check_heal, heal_cuts, teacher_targets
 from .importance import _block_scores, check_layer_indices
@@ -57,19 +59,27 @@ def prune_depth(
     into the `down_proj` of the block before the run, so that block's output approximates the output of
     the run's last removed block. No parameter is added. `heal="local"` fits that map, then trains the block
     before the run alone to reproduce the teacher's hidden state after the run (block-local distillation on
-    `data`, `hf_recover.prune.local_healing`; `HealSpec` sets its steps and learning rate). `heal_sequential=True`
-    fits the maps one cut after another on the healed student's own activations; `False` fits them all on the
-    teacher's. A run starting at block 0 has no block before it and is left as it is (listed as `skipped`). The
-    step in the `PrunedConfig` records the method, calibration tokens and runs healed. Not available for Gemma3,
-    whose post-feedforward norm sits between `down_proj` and the residual stream.
+    `data`, `hf_recover.prune.local_healing`; `HealSpec` sets its steps and learning rate).
+    `HealSpec(sequential=True)` (the default) fits the maps one cut after another on the healed student's own
+    activations; `False` fits them all on the teacher's (`heal_sequential=`, the same setting, is deprecated). A run
+    starting at block 0 has no block before it and is left as it is (listed as `skipped`). The step in the
+    `PrunedConfig` records the method, calibration tokens and runs healed. Not available for Gemma3, whose
+    post-feedforward norm sits between `down_proj` and the residual stream.
     """
     from .spec import DepthSpec  # the rules of a depth part have one home: the spec checks its own values
 
     check_supported(model)
     n_layers = len(decoder_layers(model))
     heal = DepthSpec(method=method, n=n, remove=remove, heal=heal).heal
-    if heal is not None and heal_sequential is not None:
-        heal = replace(heal, sequential=heal_sequential)
+    if heal_sequential is not None:  # the HealSpec's own field, given twice before it had one home
+        warnings.warn(
+            "prune_depth(heal_sequential=...) is deprecated: pass heal=HealSpec(method, sequential=...) (removed in "
+            f"hf_recover {REMOVED_IN}).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if heal is not None:
+            heal = replace(heal, sequential=heal_sequential)
     check_heal(model, heal, data)
     removed, method, scores = plan_removal(model, n_layers, remove, n, method, scores, data)
     description, greedy_kl = None, None
