@@ -205,3 +205,21 @@ def test_prune_depth_refuses_by_the_depth_specs_own_rule(tiny_llama, kwargs):
         prune_depth(tiny_llama, inplace=True, **kwargs)
     assert str(direct.value) == str(from_spec.value)
     assert len(tiny_llama.model.layers) == 6
+
+
+def test_depth_and_width_take_one_heal_type(tiny_llama):
+    """A width part's heal is a `HealSpec`, as a depth part's: given by its method name, a dict or the object, it is
+    the same spec, written back as the method name."""
+    rows = [{"input_ids": list(range(3, 19)), "attention_mask": [1] * 16, "labels": list(range(3, 19))}] * 2
+    forms = [WidthSpec(pruning_ratio=0.5, heal=h) for h in ("lstsq", {"method": "lstsq"}, HealSpec("lstsq"))]
+    assert forms[0] == forms[1] == forms[2] and isinstance(forms[0].heal, HealSpec)
+    assert forms[0].to_dict() == {"method": "maw", "pruning_ratio": 0.5, "heal": "lstsq"}
+    assert str(PruneSpec(width=forms[0])) == "width:maw:0.5:heal=lstsq"
+    assert PruneSpec.parse("width:maw:0.5:heal=lstsq").width == forms[0]
+    by_name, _ = prune_width(tiny_llama, pruning_ratio=0.5, heal="lstsq", data=rows)
+    by_spec, config = prune_width(tiny_llama, pruning_ratio=0.5, heal=HealSpec("lstsq"), data=rows)
+    assert config.steps[-1]["heal"]["method"] == "lstsq"
+    for a, b in zip(by_name.parameters(), by_spec.parameters(), strict=True):
+        assert a.equal(b)
+    with pytest.raises(ValueError, match="takes no setting but its method"):
+        WidthSpec(pruning_ratio=0.5, heal=HealSpec("lstsq", sequential=False))

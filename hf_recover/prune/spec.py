@@ -133,21 +133,31 @@ class WidthSpec:
     hidden_size: int | float | None = None
     hidden_method: str = "slice"
     """`"slice"` (channels ranked by activations) or `"rotate"` (principal axes; `hf_recover.prune.rotation`)."""
-    heal: str | None = None
-    """`"lstsq"`: refit the remaining `down_proj` / `o_proj` columns (`hf_recover.prune.width_healing`)."""
+    heal: HealSpec | None = None
+    """`"lstsq"` (or `HealSpec("lstsq")`, the heal type depth parts take): refit the remaining `down_proj` / `o_proj`
+    columns (`hf_recover.prune.width_healing`)."""
 
     def __post_init__(self):
         if self.method not in WIDTH_METHODS:
             raise ValueError(f"width method must be one of {list(WIDTH_METHODS)}, got {self.method!r}.")
         if self.hidden_method not in HIDDEN_METHODS:
             raise ValueError(f"width hidden_method must be one of {list(HIDDEN_METHODS)}, got {self.hidden_method!r}.")
-        if self.heal is not None and self.heal not in WIDTH_HEAL_METHODS:
-            raise ValueError(f"width heal takes one of {list(WIDTH_HEAL_METHODS)}, got {self.heal!r}.")
+        if self.heal is not None:
+            method = self.heal.get("method") if isinstance(self.heal, Mapping) else getattr(self.heal, "method", None)
+            if (self.heal if isinstance(self.heal, str) else method) not in WIDTH_HEAL_METHODS:
+                raise ValueError(f"width heal takes one of {list(WIDTH_HEAL_METHODS)}, got {self.heal!r}.")
+            heal = HealSpec.parse(self.heal)
+            if not heal.has_shorthand:
+                raise ValueError(
+                    "width heal refits columns on the unpruned model's inputs and takes no setting but its method, "
+                    f"got {heal.to_dict()!r}."
+                )
+            object.__setattr__(self, "heal", heal)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
         check_width_options(
             prune_mlp=self.prunes_mlp, heads=self.heads, hidden_size=self.hidden_size,
-            hidden_method=self.hidden_method, heal=self.heal,
+            hidden_method=self.hidden_method, heal=self.heal.method if self.heal is not None else None,
         )  # fmt: skip
         if self.prunes_mlp:  # model-free range checks; sizes are checked against a model in `PruneSpec.check`
             check_mlp_target(self.pruning_ratio, self.expansion_rate, self.divisor)
@@ -178,6 +188,8 @@ class WidthSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out = self.prune_width_kwargs()
+        if self.heal is not None:
+            out["heal"] = self.heal.to_dict()
         if not self.prunes_mlp:
             out.pop("method")
         for name, default in (("divisor", 1), ("hidden_method", "slice")):

@@ -24,7 +24,7 @@ from ..base.anatomy import (
 from ..base.pruned_config import PrunedConfig
 from .attention_heads import HIDDEN_DIVISIBLE_BY_HEADS, head_scores, heads_to_keep, slice_heads, target_heads
 from .calibration import check_calibration_data
-from .healing import calibration_perplexity
+from .healing import HealSpec, calibration_perplexity
 from .hidden import hidden_scores, slice_hidden, target_hidden_size
 from .importance import _check_neuron_args, _neuron_scores
 from .record import base_pruned_config, describe_data, finish_pruning
@@ -49,7 +49,7 @@ def prune_width(
     inplace: bool = False,
     batch_size: int = 8,
     max_batches: int | None = None,
-    heal: str | None = None,
+    heal: str | HealSpec | None = None,
     hidden_method: str = "slice",
 ) -> tuple[nn.Module, PrunedConfig]:
     """Remove the least important GLU MLP neurons, attention heads and/or hidden channels; return the model and
@@ -81,10 +81,11 @@ def prune_width(
     Every score is computed on the model before any of it is pruned (one calibration pass per axis), then the
     axes are pruned together. Give at least one of the MLP target, `heads`, `hidden_size`.
 
-    `heal="lstsq"` (the word depth pruning's heal uses) compensates the removed MLP neurons and heads without
-    training: the remaining columns of each pruned block's `down_proj` / `o_proj` are refitted by least squares to
-    reproduce the unpruned layer's output on calibration `data` (see `hf_recover.prune.width_healing`). The step in
-    the `PrunedConfig` records it, with the perplexity on the calibration tokens before and after.
+    `heal="lstsq"` (or `HealSpec("lstsq")`: the heal type and word depth pruning uses) compensates the removed MLP
+    neurons and heads without training: the remaining columns of each pruned block's `down_proj` / `o_proj` are
+    refitted by least squares to reproduce the unpruned layer's output on calibration `data` (see
+    `hf_recover.prune.width_healing`). The step in the `PrunedConfig` records it, with the perplexity on the
+    calibration tokens before and after.
 
     Blocks may end with different MLP sizes (with `layers=`, or when the model was width-pruned
     before). Equal sizes are written to `config.intermediate_size`, so plain `from_pretrained` reloads
@@ -97,7 +98,7 @@ def prune_width(
         method=method, pruning_ratio=pruning_ratio, expansion_rate=expansion_rate, divisor=divisor, layers=layers,
         heads=heads, hidden_size=hidden_size, hidden_method=hidden_method, heal=heal,
     )  # fmt: skip
-    prune_mlp = spec.prunes_mlp
+    prune_mlp, heal = spec.prunes_mlp, spec.heal.method if spec.heal is not None else None
     blocks = decoder_layers(model)
     layer_indices = _check_neuron_args(model, method, data, layers)
     if heal is not None and data is None:
