@@ -174,37 +174,32 @@ def test_every_command_that_takes_specs_shows_the_one_grammar(command):
     assert PRUNE_SPEC_GRAMMAR in parser.format_help()
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"pruning_ratio": 0.5, "heal": "svd"},
-        {"pruning_ratio": 0.5, "hidden_method": "twist"},
-        {"hidden_size": 16, "heal": "lstsq"},
-        {"pruning_ratio": 0.5, "expansion_rate": 1.0},
-        {"pruning_ratio": 0.25, "hidden_method": "rotate"},
-    ],
-)
-def test_prune_width_refuses_by_the_width_specs_own_rule(tiny_llama, kwargs):
-    """One home for each width rule: `prune_width` builds its `WidthSpec` and says what the spec says."""
-    with pytest.raises(ValueError) as from_spec:
-        WidthSpec(**kwargs)
-    with pytest.raises(ValueError) as direct:
-        prune_width(tiny_llama, inplace=True, **kwargs)
-    assert str(direct.value) == str(from_spec.value)
+WIDTH_RULES = [
+    {"pruning_ratio": 0.5, "heal": "svd"},
+    {"pruning_ratio": 0.5, "hidden_method": "twist"},
+    {"hidden_size": 16, "heal": "lstsq"},
+    {"pruning_ratio": 0.5, "expansion_rate": 1.0},
+    {"pruning_ratio": 0.25, "hidden_method": "rotate"},
+]
+DEPTH_RULES = [
+    {"n": 2, "method": "random"}, {"remove": [1], "n": 1}, {}, {"n": 0}, {"remove": []}, {"n": 2, "heal": "x"}
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"n": 2, "method": "random"}, {"remove": [1], "n": 1}, {}, {"n": 0}, {"remove": []}, {"n": 2, "heal": "x"}],
+    "part, prune, kwargs",
+    [(WidthSpec, prune_width, kwargs) for kwargs in WIDTH_RULES]
+    + [(DepthSpec, prune_depth, kwargs) for kwargs in DEPTH_RULES],
 )
-def test_prune_depth_refuses_by_the_depth_specs_own_rule(tiny_llama, kwargs):
-    """One home for each depth rule: `prune_depth` builds its `DepthSpec` and says what the spec says."""
+def test_the_prune_functions_refuse_by_their_specs_own_rules(tiny_llama, part, prune, kwargs):
+    """One home for each rule: `prune_width` / `prune_depth` build their `WidthSpec` / `DepthSpec` and say what the
+    spec says, before touching the model."""
     with pytest.raises(ValueError) as from_spec:
-        DepthSpec(**kwargs)
+        part(**kwargs)
     with pytest.raises(ValueError) as direct:
-        prune_depth(tiny_llama, inplace=True, **kwargs)
+        prune(tiny_llama, inplace=True, **kwargs)
     assert str(direct.value) == str(from_spec.value)
-    assert len(tiny_llama.model.layers) == 6
+    assert len(tiny_llama.model.layers) == 6 and tiny_llama.model.layers[0].mlp.up_proj.out_features == 64
 
 
 def test_depth_and_width_take_one_heal_type(tiny_llama):
