@@ -3,8 +3,8 @@ one readable concept.
 
 The parts (see docs/architecture.md): `base` imports nothing of hf_recover above it; `prune` and `publish`
 import only the base; `distill` imports the base and `publish` (its save hooks write the model card), never
-`prune`; the face (the package's `__init__`, `cli`, `recovery`, `moved_modules`, `scripts/`, `integrations/`) may
-import everything, and nothing below it imports the face. Imports inside functions count too.
+`prune`; the face (the package's `__init__`, `cli`, `recovery`, `lab`, `moved_modules`, `scripts/`, `integrations/`)
+may import everything, and nothing below it imports the face. Imports inside functions count too.
 """
 
 from __future__ import annotations
