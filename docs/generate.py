@@ -61,7 +61,7 @@ def configuration_page() -> str:
         params = ", ".join(f"{p.symbol} (`{p.field}`, default {p.default:g})" for p in entry.params) or "—"
         lines.append(f"| `{name}` | `{entry.formula.replace('|', chr(92) + '|')}` | {params} | {entry.source} |")
     lines += ["", "## Prune specs", "", "```", PRUNE_SPEC_GRAMMAR, "```", ""]
-    for title, part in (("depth part", DepthSpec), ("width part", WidthSpec), ("heal (depth)", HealSpec)):
+    for title, part in (("depth part", DepthSpec), ("width part", WidthSpec), ("heal (depth and width)", HealSpec)):
         lines += [f"`{part.__name__}` ({title}):", "", "| field | type | default |", "|---|---|---|"]
         lines += [f"| `{f.name}` | `{_type_name(f.type)}` | `{_default(f)}` |" for f in dataclasses.fields(part)]
         lines.append("")
