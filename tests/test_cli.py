@@ -213,7 +213,11 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
             "--on_policy_steps answers the teacher data's prompts",
         ),
         (["recover", "--prune", "importance:2+last:1"], ValueError, "two depth parts, 'importance:2' and 'last:1'"),
-        (["recover", "--prune", "last:2", "--answers_per_prompt", "2"], ValueError, "--answers_per_prompt 1"),
+        (
+            ["recover", "--prune", "last:2", "--answers_per_prompt", "2", "--answer_temperature", "0"],
+            ValueError,
+            "--answers_per_prompt 1",
+        ),
         (["recover", "--prune", "last:2", "--answer_top_p", "0"], ValueError, "top_p must be in"),
         (["recover", "--prune", "last:2", "--answers_per_prompt", "0"], ValueError, "got 0"),
         (

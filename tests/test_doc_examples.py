@@ -38,7 +38,8 @@ SUBSTITUTIONS = (
     (r"\bmax_length=512\b", "max_length=128"),
     (r"\bmax_steps=\d+", "max_steps=2"),
     (r"\bmax_new_tokens=128\b", "max_new_tokens=8"),
-    (r"\bnum_prompts=256\b", "num_prompts=8"),  # a random tiny teacher ends about half its Magpie prompts
+    (r"\bnum_prompts=(256|128)\b", "num_prompts=8"),  # a random tiny teacher ends about half its Magpie prompts
+    (r"\banswer_tokens=384\b", "answer_tokens=16"),
     (r"\btrain_tokens=61_440\b", "train_tokens=256"),
 )
 

@@ -20,14 +20,14 @@ CHAT_FRACTION = 0.3
 """Default share of a recovery mixture's tokens taken from the teacher's answers (the rest is text): the share that
 measured best on prose and the assistant together (docs/recovery.md)."""
 
-ANSWER_TOKENS = 128
-ANSWER_TEMPERATURE = 0.0
+ANSWER_TOKENS = 384
+ANSWER_TEMPERATURE = 0.7
 ANSWER_TOP_P = 1.0
-ANSWERS_PER_PROMPT = 1
-NUM_PROMPTS = 256
-"""How the recovery mixture's teacher data is written by default (`--teacher_data auto`): greedy answers up to 128
-tokens, one to each of 256 prompts the teacher writes itself; the recipe that was measured. Sampled answers
-(`--answer_temperature 0.7`; no nucleus: sorting the vocabulary at each step costs a quarter of the generation's speed
-on CPU), several per prompt (`--answers_per_prompt`) and the answer filter (`--filter_answers`) are options: on the
-teacher's own prompts 29% of its greedy answers finish within 128 tokens and 27-54% of sampled ones within 256-384, so
-the filter keeps too few of them for the mixture's share (docs/recovery.md)."""
+ANSWERS_PER_PROMPT = 2
+NUM_PROMPTS = 128
+"""How the recovery mixture's teacher data is written by default (`--teacher_data auto`): two answers sampled at
+temperature 0.7 to each of 128 prompts the teacher writes itself, each up to 384 tokens, of which training reads those
+that finish, do not refuse and do not loop (`GOOD_ANSWERS`). A 135M teacher's greedy answers to its own prompts finish
+within 128 tokens 29% of the time and refuse 20% of the time; sampled and given 384 tokens, half of them finish, and
+the filter keeps about 40% of them, enough for the mixture's share (docs/recovery.md has the figures). No nucleus:
+sorting the vocabulary at each step costs a quarter of the generation's speed on CPU."""

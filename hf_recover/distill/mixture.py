@@ -19,7 +19,7 @@ from ..base.constants import (
 )
 from ..base.data import check_mixture, mix_recovery_datasets
 from ..base.generation import Sampling
-from .answer_filter import KEEP_ALL_ANSWERS, AnswerFilter
+from .answer_filter import GOOD_ANSWERS, AnswerFilter
 from .teacher_data import cached_teacher_data, load_teacher_data
 
 PROMPT_ROOM = 128
@@ -41,7 +41,7 @@ def teacher_mixture(
     answer_tokens: int = ANSWER_TOKENS,
     answer_sampling: Sampling | None = None,
     answers_per_prompt: int = ANSWERS_PER_PROMPT,
-    answer_filter: AnswerFilter = KEEP_ALL_ANSWERS,
+    answer_filter: AnswerFilter = GOOD_ANSWERS,
     max_length: int | None = None,
     seed: int = 0,
     overwrite_teacher_data: bool = False,
@@ -50,13 +50,13 @@ def teacher_mixture(
     row, the loss on the assistant's tokens only), `sample_fraction` its unconditional samples, the rest `text`
     (prepared blocks). `teacher_data` is a folder of `hf_recover.build_teacher_data`, checked against this teacher and
     tokenizer, or `"auto"`: written by the teacher once with `num_prompts`, `num_samples`, `answers_per_prompt`
-    answers to each prompt drawn by `answer_sampling` (by default at `ANSWER_TEMPERATURE` (greedy), top-p
+    answers to each prompt drawn by `answer_sampling` (by default sampled at `ANSWER_TEMPERATURE`, top-p
     `ANSWER_TOP_P`, up to `answer_tokens`), then read from hf_recover's cache (`overwrite_teacher_data` writes it
-    again: a damaged folder). Training reads the answers `answer_filter` keeps (by default all of them;
-    `GOOD_ANSWERS`: those that finish, do not refuse and do not loop). A conversation longer than `max_length` tokens
-    is cut there and loses its end-of-turn token; by default the longest answer fits after a prompt of
-    `PROMPT_ROOM` tokens (`answer_tokens + PROMPT_ROOM`). Reading the teacher data writes nothing into its folder.
-    Returns `(mixture, teacher_data_folder)`."""
+    again: a damaged folder). Training reads the answers `answer_filter` keeps (by default `GOOD_ANSWERS`: those
+    that finish, do not refuse and do not loop; `KEEP_ALL_ANSWERS`: every one). A conversation longer than
+    `max_length` tokens is cut there and loses its end-of-turn token; by default the longest answer fits after a
+    prompt of `PROMPT_ROOM` tokens (`answer_tokens + PROMPT_ROOM`). Reading the teacher data writes nothing into
+    its folder. Returns `(mixture, teacher_data_folder)`."""
     check_mixture(chat_fraction, sample_fraction, train_tokens)
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length is the longest chat row in tokens, an int >= 2 (or None), got {max_length!r}.")

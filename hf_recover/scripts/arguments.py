@@ -138,10 +138,10 @@ class MixtureArguments:
         metadata={"help": "With --teacher_data auto: candidate answers to each prompt (several need sampling)."},
     )
     filter_answers: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Train only on the teacher's answers that finish within --answer_tokens, do not refuse and do not "
-            "loop (GOOD_ANSWERS); without it, on every answer."
+            "loop (GOOD_ANSWERS); --no_filter_answers trains on every answer."
         },
     )
     train_tokens: int | None = field(
