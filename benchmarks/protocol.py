@@ -15,10 +15,11 @@ from hf_recover.base.data import (
     prepare_recovery_dataset,
 )
 from hf_recover.base.defaults import load_default_teacher
+from hf_recover.distill.answer_filter import KEEP_ALL_ANSWERS
 from hf_recover.recovery import DEMO_DEFAULTS
 
-QUICK_TEACHER_DATA = {"num_prompts": 16, "answer_tokens": 32}
-"""A smoke run's own small teacher data (`teacher_mixture` keywords)."""
+QUICK_TEACHER_DATA = {"num_prompts": 16, "answer_tokens": 32, "answer_filter": KEEP_ALL_ANSWERS}
+"""A smoke run's own small teacher data (`teacher_mixture` keywords): every answer, few of which end in 32 tokens."""
 
 
 def use_cores() -> int:

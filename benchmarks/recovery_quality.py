@@ -44,7 +44,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,16 +71,13 @@ from hf_recover.base.instruction_following import load_instruction_prompts  # no
 from hf_recover.distill.answer_filter import KEEP_ALL_ANSWERS  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
 from hf_recover.recovery import (  # noqa: E402
+    DEMO_DEFAULTS,
     RecoveryCurve,
     evaluate_assistant,
     evaluate_splits,
     teacher_mixture,
     tokens_to_reach,
 )
-from hf_recover.scripts.arguments import (  # noqa: E402
-    MixtureArguments,
-)
-from hf_recover.scripts.demo import DEMO_DEFAULTS  # noqa: E402
 
 RECIPES = ("naive", "text", "previous", "mixture")
 PREVIOUS_MIXTURE = {
@@ -167,14 +163,12 @@ class NaiveDistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def mixture_arguments(args) -> MixtureArguments:
-    """The demo's mixture: `MixtureArguments` with the demo's own values, and this run's `--chat_fraction`."""
-    values = {f.name: DEMO_DEFAULTS[f.name] for f in fields(MixtureArguments) if f.name in DEMO_DEFAULTS}
-    if args.chat_fraction is not None:
-        values["chat_fraction"] = args.chat_fraction
+def mixture_settings(args) -> dict:
+    """The demo's mixture (`teacher_mixture`'s defaults, which the demo uses) with this run's `--chat_fraction`."""
+    settings = {} if args.chat_fraction is None else {"chat_fraction": args.chat_fraction}
     if args.quick:  # a small teacher data of its own
-        values.update(QUICK_TEACHER_DATA)
-    return MixtureArguments(**values)
+        settings.update(QUICK_TEACHER_DATA)
+    return settings
 
 
 def main(argv=None) -> dict:
@@ -343,13 +337,10 @@ def _trainer(recipe, args, data_args, teacher, tokenizer, student, pruned_config
     train = text
     config.max_steps = math.ceil(args.tokens / (rows_per_step * data_args.max_length))
     if recipe in ("previous", "mixture"):
-        mix = mixture_arguments(args)
-        settings = mix.teacher_data_settings()
-        if recipe == "previous":
-            settings.update(PREVIOUS_MIXTURE)
+        settings = PREVIOUS_MIXTURE if recipe == "previous" else mixture_settings(args)
         began = time.perf_counter()
         train, folder = teacher_mixture(teacher, tokenizer, text, train_tokens=args.tokens, **settings)
-        extra.update(mixture=vars(mix), teacher_data=str(folder), mixture_seconds=time.perf_counter() - began)
+        extra.update(mixture=settings, teacher_data=str(folder), mixture_seconds=time.perf_counter() - began)
         config.max_steps = math.ceil(len(train) / rows_per_step)
     curve = RecoveryCurve([config.max_steps // 4, config.max_steps // 2], {})
     trainer = DistillationTrainer(
