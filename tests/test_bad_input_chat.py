@@ -146,6 +146,18 @@ def test_reading_teacher_data_leaves_its_folder_byte_identical(tmp_path, teacher
     assert _hashes(out) == before  # no cache-*.arrow beside the shards, nothing changed
 
 
+def test_too_few_kept_answers_for_the_share_say_how_many_and_what_to_do(tmp_path, teacher, tok):
+    out = build_teacher_data(teacher, tok, tmp_path / "d", prompts=["The quick fox?"], num_prompts=0,
+                             answer_sampling=ANSWERS, show_progress=False)  # fmt: skip
+    row = prepare_chat_dataset(load_teacher_data(out), tok, max_length=10_000)[0]["attention_mask"]
+    text = prepare_recovery_dataset(Dataset.from_dict({"text": TINY_TEXTS}), tok, max_length=16)
+    kwargs = dict(teacher_data=out, answer_filter=KEEP_ALL_ANSWERS, answer_tokens=8)
+    teacher_mixture(teacher, tok, text, train_tokens=2 * len(row), chat_fraction=0.5, **kwargs)  # exactly enough
+    wanted = 2 * len(row) + 4
+    with pytest.raises(ValueError, match=rf"holds {len(row)} tokens of answers .* asks for {len(row) + 2} \(0.5 of"):
+        teacher_mixture(teacher, tok, text, train_tokens=wanted, chat_fraction=0.5, **kwargs)
+
+
 def test_a_chat_row_keeps_the_longest_answer_and_its_end_unless_max_length_cuts_it(tmp_path, teacher, tok):
     out = build_teacher_data(teacher, tok, tmp_path / "d", prompts=["The quick fox?"], num_prompts=0,
                              answer_sampling=ANSWERS, show_progress=False)  # fmt: skip

@@ -98,5 +98,13 @@ def teacher_mixture(
             row_length = max_length if max_length is not None else answer_tokens + PROMPT_ROOM
             parts[kind] = prepare_chat_dataset(chosen, tokenizer, max_length=row_length)
             quotas[kind] = round(fraction * train_tokens)
+            held = sum(sum(mask) for mask in parts[kind]["attention_mask"])
+            if held < quotas[kind]:
+                raise ValueError(
+                    f"The teacher data in {folder} holds {held:,} tokens of {kind}s (those the answer filter keeps); "
+                    f"the mixture asks for {quotas[kind]:,} ({fraction} of {train_tokens:,}). Write more of them "
+                    "(num_prompts / --num_prompts, num_samples / --num_samples, answers_per_prompt), or lower the "
+                    f"{kind} fraction."
+                )
     quotas["text"] = train_tokens - sum(quotas.values())
     return mix_recovery_datasets(parts, quotas, seed=seed), folder
