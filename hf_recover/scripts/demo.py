@@ -1,6 +1,6 @@
 """`hf-recover demo`: prune and recover the embedded default model in one command, and print the table.
 
-    hf-recover demo                      # about 15 minutes on 2 CPU cores, 21 the first time
+    hf-recover demo                      # about 15 minutes on 2 CPU cores; the first run writes the teacher data too
     hf-recover demo --max_steps 240      # any `hf-recover recover` flag works
 
 It takes SmolLM2-135M-Instruct (30 blocks) and the default offline corpus, finds on 64 calibration blocks of
