@@ -17,6 +17,7 @@ from torch import nn
 
 from ..base.anatomy import attention_heads, decoder_layers, head_dim, head_rows, sliced_linear
 from .calibration import calibration_pass, check_calibration_data, masked_square_sum
+from .targets import kept_fraction
 
 # Architectures whose config checks `hidden_size % num_attention_heads == 0` even when `head_dim` is explicit.
 HIDDEN_DIVISIBLE_BY_HEADS = ("llama", "gemma3_text")
@@ -72,14 +73,9 @@ def head_scores(
 def target_heads(heads: int | float, counts: list[int], kv_heads: int) -> list[int]:
     """The query heads each block keeps: an int is the count itself, a float in (0, 1) the fraction kept, rounded
     down to a multiple of the key/value heads (the same number of query heads leaves every group)."""
-    if isinstance(heads, bool) or not isinstance(heads, int | float):
-        raise ValueError(
-            f"heads must be a count (int) or the fraction of heads kept (float in (0, 1)), got {heads!r}."
-        )
-    if isinstance(heads, float):
-        if not 0 < heads < 1:
-            raise ValueError(f"heads={heads} as a float is the fraction of query heads kept and must be in (0, 1).")
-        targets = [math.floor(heads * n / kv_heads + 1e-9) * kv_heads for n in counts]
+    fraction = kept_fraction("heads", heads, "query heads")
+    if fraction is not None:
+        targets = [math.floor(fraction * n / kv_heads + 1e-9) * kv_heads for n in counts]
         if min(targets) < kv_heads:
             raise ValueError(
                 f"heads={heads} keeps no query head in some key/value group (blocks of {min(counts)} heads, "

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..base.anatomy import ONE_PLUS_WEIGHT_NORMS, decoder_layers, head_dim, residual_norms, sliced_linear
 from .calibration import calibration_pass, check_calibration_data, masked_square_sum
+from .targets import kept_fraction
 
 
 def hidden_importance(
@@ -56,16 +57,8 @@ def hidden_scores(
 
 def target_hidden_size(hidden_size: int | float, current: int) -> int:
     """The hidden size kept: an int is the size itself (at most the current one), a float in (0, 1) the fraction."""
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int | float):
-        raise ValueError(
-            f"hidden_size must be a size (int) or the fraction kept (float in (0, 1)), got {hidden_size!r}."
-        )
-    if isinstance(hidden_size, float):
-        if not 0 < hidden_size < 1:
-            raise ValueError(f"hidden_size={hidden_size} as a float is the fraction of channels kept: use (0, 1).")
-        size = math.floor(hidden_size * current + 1e-9)
-    else:
-        size = hidden_size
+    fraction = kept_fraction("hidden_size", hidden_size, "hidden channels")
+    size = hidden_size if fraction is None else math.floor(fraction * current + 1e-9)
     if not 1 <= size <= current:
         raise ValueError(
             f"hidden_size={hidden_size} keeps {size} of the {current} hidden channels; keep between 1 and {current}."
