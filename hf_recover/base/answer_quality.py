@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from .chat import repeated_ngram_rate
 
@@ -70,9 +70,6 @@ class AnswerQuality:
     repeated_ngram_rate: float
     mean_length: float
     """Mean tokens per answer, its end-of-turn token included."""
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def answer_quality(completions: Sequence[Sequence[int]], texts: Sequence[str], stop_ids: Sequence[int]):

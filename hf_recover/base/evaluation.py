@@ -228,14 +228,8 @@ def evaluate_lm_eval(
     was_training = model.training
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=task_names,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=task_manager,
-            log_samples=False,
-        )
+        settings = {"num_fewshot": num_fewshot, "limit": limit, "task_manager": task_manager, "log_samples": False}
+        output = lm_eval.simple_evaluate(model=lm, tasks=task_names, **settings)
     finally:
         model.train(was_training)
     return _lm_eval_scores(output["results"])

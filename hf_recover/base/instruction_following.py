@@ -25,7 +25,7 @@ import contextlib
 import io
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from types import SimpleNamespace
@@ -48,9 +48,6 @@ class InstructionFollowing:
     instruction_accuracy: float
     loose_prompt_accuracy: float
     loose_instruction_accuracy: float
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def load_instruction_prompts(split: str = "test") -> list[dict[str, Any]]:

@@ -8,15 +8,8 @@ from typing import Any
 
 import torch
 
+from ..base import constants
 from ..base.chat import prepare_chat_dataset
-from ..base.constants import (
-    ANSWER_TEMPERATURE,
-    ANSWER_TOKENS,
-    ANSWER_TOP_P,
-    ANSWERS_PER_PROMPT,
-    CHAT_FRACTION,
-    NUM_PROMPTS,
-)
 from ..base.data import check_mixture, mix_recovery_datasets
 from ..base.generation import Sampling
 from .answer_filter import GOOD_ANSWERS, AnswerFilter
@@ -34,13 +27,13 @@ def teacher_mixture(
     *,
     train_tokens: int,
     teacher_data: str | Path = "auto",
-    chat_fraction: float = CHAT_FRACTION,
+    chat_fraction: float = constants.CHAT_FRACTION,
     sample_fraction: float = 0.0,
-    num_prompts: int = NUM_PROMPTS,
+    num_prompts: int = constants.NUM_PROMPTS,
     num_samples: int = 0,
-    answer_tokens: int = ANSWER_TOKENS,
+    answer_tokens: int = constants.ANSWER_TOKENS,
     answer_sampling: Sampling | None = None,
-    answers_per_prompt: int = ANSWERS_PER_PROMPT,
+    answers_per_prompt: int = constants.ANSWERS_PER_PROMPT,
     answer_filter: AnswerFilter = GOOD_ANSWERS,
     max_length: int | None = None,
     seed: int = 0,
@@ -63,7 +56,9 @@ def teacher_mixture(
     auto = str(teacher_data) == "auto"
     if auto:
         if answer_sampling is None:
-            answer_sampling = Sampling(ANSWER_TEMPERATURE, ANSWER_TOP_P, max_new_tokens=answer_tokens)
+            answer_sampling = Sampling(
+                constants.ANSWER_TEMPERATURE, constants.ANSWER_TOP_P, max_new_tokens=answer_tokens
+            )
         folder = cached_teacher_data(
             teacher, tokenizer, num_prompts=num_prompts, num_samples=num_samples, seed=seed,
             answers_per_prompt=answers_per_prompt, answer_sampling=answer_sampling,

@@ -53,20 +53,9 @@ class SavesRecoveredModels:
         versions) and hf_recover's sections (what was pruned, how it was recovered, before/after perplexity).
         `finetuned_from` (the card's `base_model`) and `license` default to the teacher's for a pruned student.
         """
-        if not self.is_world_process_zero():
-            return
-        self._write_model_card(
-            self.args.output_dir,
-            language=language,
-            license=license,
-            tags=tags,
-            model_name=model_name,
-            finetuned_from=finetuned_from,
-            tasks=tasks,
-            dataset_tags=dataset_tags,
-            dataset=dataset,
-            dataset_args=dataset_args,
-        )
+        card_args = {name: value for name, value in locals().items() if name != "self"}  # Trainer's names, as given
+        if self.is_world_process_zero():
+            self._write_model_card(self.args.output_dir, **card_args)
 
     def push_to_hub(
         self,

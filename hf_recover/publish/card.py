@@ -180,14 +180,11 @@ def save_model_card(
     output_dir: str | os.PathLike,
     *,
     pruned_config: PrunedConfig | Mapping[str, Any] | None = None,
-    config: Any = None,
-    metrics: Mapping[str, Any] | None = None,
-    datasets: str | Iterable[str] | None = None,
-    model_name: str | None = None,
-    hub_model_id: str | None = None,
-    trainer_run: Mapping[str, Any] | None = None,
+    **card_args: Any,
 ) -> Path:
-    """Write the card of `generate_model_card` as `output_dir/README.md`; return its path.
+    """Write the card of `generate_model_card` as `output_dir/README.md`; return its path. `card_args` are the
+    other keyword arguments of `generate_model_card` (`config`, `metrics`, `datasets`, `model_name`,
+    `hub_model_id`, `trainer_run`).
 
     Call it on the main process only (the trainer's save hooks do). When `pruned_config` is None, the
     `pruned_config.json` saved in `output_dir` (if any) is used. An existing README is updated, never
@@ -202,15 +199,7 @@ def save_model_card(
         raise ValueError(f"output_dir {directory} is a file; give the folder the model is saved in.")
     if pruned_config is None:
         pruned_config = saved_pruned_config(directory)
-    card = generate_model_card(
-        pruned_config=pruned_config,
-        config=config,
-        metrics=metrics,
-        datasets=datasets,
-        model_name=model_name,
-        hub_model_id=hub_model_id,
-        trainer_run=trainer_run,
-    )
+    card = generate_model_card(pruned_config=pruned_config, **card_args)
     path = directory / CARD_NAME
     if path.is_file():
         merged = merge_into_existing(path, card)

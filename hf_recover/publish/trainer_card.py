@@ -38,20 +38,8 @@ def save_trainer_model_card(trainer: Any, output_dir: str | os.PathLike, **card_
     )
 
 
-def training_summary(
-    trainer: Any,
-    *,
-    language: str | list[str] | None = None,
-    license: str | None = None,
-    tags: str | list[str] | None = None,
-    model_name: str | None = None,
-    finetuned_from: str | None = None,
-    tasks: str | list[str] | None = None,
-    dataset_tags: str | list[str] | None = None,
-    dataset: str | list[str] | None = None,
-    dataset_args: str | list[str] | None = None,
-) -> TrainingSummary | None:
-    """transformers' `TrainingSummary` of `trainer`'s run, with the arguments of `Trainer.create_model_card`.
+def training_summary(trainer: Any, **card_args) -> TrainingSummary | None:
+    """transformers' `TrainingSummary` of `trainer`'s run; `card_args` are those of `Trainer.create_model_card`.
 
     Built by `TrainingSummary.from_trainer`, as Trainer's own card is. For a pruned student, `finetuned_from` and
     `license` default to the teacher's (from its `PrunedConfig`); otherwise Trainer infers `finetuned_from` from
@@ -63,21 +51,13 @@ def training_summary(
     pruned = getattr(trainer, "pruned_config", None)
     if pruned is not None:
         teacher = pruned.teacher_name_or_path
-        finetuned_from = finetuned_from or (teacher if teacher and _is_hub_id(teacher) else None)
-        license = license or pruned.license
-    summary = TrainingSummary.from_trainer(
-        trainer,
-        language=language,
-        # An empty licence skips TrainingSummary's Hub look-up of the base model's licence (a network call per save).
-        license=license or "",
-        tags=list(_as_list(tags)) or None,  # from_trainer appends to the list it is given
-        model_name=model_name,
-        finetuned_from=finetuned_from,
-        tasks=tasks,
-        dataset_tags=dataset_tags,
-        dataset=dataset,
-        dataset_args=dataset_args,
-    )
+        if not card_args.get("finetuned_from") and teacher and _is_hub_id(teacher):
+            card_args["finetuned_from"] = teacher
+        card_args["license"] = card_args.get("license") or pruned.license
+    # An empty licence skips TrainingSummary's Hub look-up of the base model's licence (a network call per save);
+    # from_trainer appends to the tags list it is given.
+    card_args.update(license=card_args.get("license") or "", tags=list(_as_list(card_args.get("tags"))) or None)
+    summary = TrainingSummary.from_trainer(trainer, **card_args)
     summary.license = summary.license or None
     # Trainer takes an in-memory dataset's missing builder name for a dataset name: drop those.
     summary.dataset_tags = _as_list(summary.dataset_tags) or None

@@ -20,6 +20,11 @@ from ..base.data import CALIBRATION_BLOCKS, DEFAULT_CORPUS, EVAL_BLOCKS, EVAL_MA
 DEFAULT = DEFAULT_CORPUS
 
 
+def model_field() -> str:
+    """The dataclass field of a command's model (or teacher): 'default' or where to load it from."""
+    return field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
+
+
 @dataclass
 class TextArguments:
     """Where the recovery text comes from: every command that reads text shows these."""

@@ -37,12 +37,12 @@ from ..base.loading import load_model, resolve_dtype
 from ..distill.config import DistillationConfig
 from ..lab import DEPTH_PRUNINGS, LabPrunings
 from .arguments import (
-    DEFAULT,
     DataArguments,
     check_chat_prompts,
     check_output_dir,
     command_parser,
     load_text_splits,
+    model_field,
     prepare_eval_splits,
 )
 from .recover import RECOVER_DEFAULTS
@@ -50,7 +50,7 @@ from .recover import RECOVER_DEFAULTS
 
 @dataclass
 class CompareArguments:
-    teacher: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
+    teacher: str = model_field()
     prunings: list[str] = field(
         default_factory=lambda: list(DEPTH_PRUNINGS),
         metadata={
@@ -119,14 +119,8 @@ COMPARE_DEFAULTS = {
 
 
 def make_parser(subparsers=None):
-    return command_parser(
-        subparsers,
-        "compare",
-        (CompareArguments, DataArguments, DistillationConfig),
-        __doc__,
-        takes_prune_specs=True,
-        **COMPARE_DEFAULTS,
-    )
+    types = (CompareArguments, DataArguments, DistillationConfig)
+    return command_parser(subparsers, "compare", types, __doc__, takes_prune_specs=True, **COMPARE_DEFAULTS)
 
 
 def prunings(args: CompareArguments) -> LabPrunings:

@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..base.loading import load_model
-from .arguments import DEFAULT, command_parser
+from .arguments import command_parser, model_field
 
 
 @dataclass
 class GenerateArguments:
-    teacher: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
+    teacher: str = model_field()
     output_dir: str = field(default="outputs/teacher-data", metadata={"help": "Folder to write the data to."})
     prompts: str | None = field(
         default=None,

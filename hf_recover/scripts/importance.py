@@ -14,30 +14,25 @@ from dataclasses import dataclass, field
 
 from ..base.loading import load_model
 from .arguments import (
-    DEFAULT,
     CalibrationArguments,
     OutputArguments,
     check_output_dir,
     command_parser,
     load_text_splits,
+    model_field,
 )
 
 
 @dataclass
 class ImportanceArguments:
-    model: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
+    model: str = model_field()
     method: str = field(default="block_influence", metadata={"help": "block_influence or angular."})
     n_blocks: int = field(default=1, metadata={"help": "Blocks per run for angular distance (the n to remove)."})
 
 
 def make_parser(subparsers=None):
-    return command_parser(
-        subparsers,
-        "importance",
-        (ImportanceArguments, CalibrationArguments, OutputArguments),
-        __doc__,
-        output_dir="outputs/importance",
-    )
+    types = (ImportanceArguments, CalibrationArguments, OutputArguments)
+    return command_parser(subparsers, "importance", types, __doc__, output_dir="outputs/importance")
 
 
 def main(args: ImportanceArguments, data_args: CalibrationArguments, out: OutputArguments):

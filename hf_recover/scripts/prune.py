@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 
 from ..base.loading import load_model
 from .arguments import (
-    DEFAULT,
     CalibrationArguments,
     OutputArguments,
     check_output_dir,
     command_parser,
+    model_field,
 )
 
 
 @dataclass
 class PruneArguments:
-    model: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
+    model: str = model_field()
     prune: str = field(
         default="importance:6",
         metadata={"help": "What to remove: a prune spec (its grammar: --help, docs/pruning.md)."},
@@ -32,14 +32,8 @@ class PruneArguments:
 
 
 def make_parser(subparsers=None):
-    return command_parser(
-        subparsers,
-        "prune",
-        (PruneArguments, CalibrationArguments, OutputArguments),
-        __doc__,
-        takes_prune_specs=True,
-        output_dir="outputs/student",
-    )
+    types = (PruneArguments, CalibrationArguments, OutputArguments)
+    return command_parser(subparsers, "prune", types, __doc__, takes_prune_specs=True, output_dir="outputs/student")
 
 
 def main(args: PruneArguments, data_args: CalibrationArguments, out: OutputArguments):

@@ -13,18 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..base.loading import load_model
-from .arguments import (
-    DEFAULT,
-    OutputArguments,
-    SelectionArguments,
-    check_output_dir,
-    command_parser,
-)
+from .arguments import OutputArguments, SelectionArguments, check_output_dir, command_parser, model_field
 
 
 @dataclass
 class SelectArguments:
-    model: str = field(default=DEFAULT, metadata={"help": "'default' (embedded SmolLM2), a folder or a Hub id."})
+    model: str = model_field()
     candidates: list[str] = field(
         default_factory=lambda: ["importance:6", "angular:6", "last:6"],
         metadata={"help": "Prune specs to compare (see `hf-recover prune --help`)."},
@@ -34,15 +28,9 @@ class SelectArguments:
 
 
 def make_parser(subparsers=None):
-    return command_parser(
-        subparsers,
-        "select",
-        (SelectArguments, SelectionArguments, OutputArguments),
-        __doc__,
-        takes_prune_specs=True,
-        output_dir="outputs/select",
-        eval_blocks=16,
-    )
+    types = (SelectArguments, SelectionArguments, OutputArguments)
+    defaults = {"output_dir": "outputs/select", "eval_blocks": 16}
+    return command_parser(subparsers, "select", types, __doc__, takes_prune_specs=True, **defaults)
 
 
 def main(args: SelectArguments, data_args: SelectionArguments, out: OutputArguments):
