@@ -1,7 +1,7 @@
 """The strategy lab: which blocks to remove, and which recovery strategy, at equal token budgets.
 
     python examples/strategy_lab.py                      # about 50 minutes on 2 CPU cores
-    python examples/strategy_lab.py --prunings importance last --strategies ce_only compound --max_steps 10
+    python examples/strategy_lab.py --prune importance last --strategies ce_only compound --max_steps 10
     python examples/strategy_lab.py --max_steps 500 --per_device_train_batch_size 16 --eval_blocks 128   # a GPU
 
 Same as `hf-recover compare` (the lab itself is `hf_recover.lab`): pruning choices (block importance vs the

@@ -3,7 +3,7 @@
     hf-recover demo                                   # prune and recover the embedded default, print the table
     hf-recover importance --model default --output_dir out/importance
     hf-recover prune --model default --prune importance:6 --output_dir out/student
-    hf-recover select --model default --candidates importance:6 last:6 angular:6
+    hf-recover select --model default --prune importance:6 last:6 angular:6
     hf-recover recover --teacher default --student out/student --output_dir out/recovered
     hf-recover generate --teacher default --output_dir out/teacher-data --num_prompts 256
     hf-recover cache --teacher default --output_dir out/teacher-cache --top_k 64

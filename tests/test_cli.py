@@ -12,6 +12,7 @@ from huggingface_hub import HfApi
 
 from hf_recover import PrunedConfig
 from hf_recover.base.loading import load_pruned
+from hf_recover.cli import command_module
 from hf_recover.cli import main as cli
 from hf_recover.prune.spec import PruneSpec
 
@@ -116,7 +117,7 @@ def test_importance_and_select(workspace, capsys):
     assert len(scores["scores"]) == 6 and sorted(scores["ranking_low_to_high"]) == list(range(6))
     assert (ws / "imp" / "importance.png").stat().st_size > 1000
 
-    cli(["select", "--model", str(ws / "teacher"), "--candidates", "importance:2", "last:2", "--save_best",
+    cli(["select", "--model", str(ws / "teacher"), "--prune", "importance:2", "last:2", "--save_best",
          "--output_dir", str(ws / "sel"), *data_flags(ws, "select")])  # fmt: skip
     table = json.loads((ws / "sel" / "candidates.json").read_text())
     assert {c["name"] for c in table["candidates"]} == {"importance:2", "last:2"}
@@ -127,7 +128,7 @@ def test_importance_and_select(workspace, capsys):
 
 def test_compare_lab_runs_every_pair_at_equal_budget(workspace):
     ws = workspace
-    cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "importance", "last", "--strategies",
+    cli(["compare", "--teacher", str(ws / "teacher"), "--prune", "importance", "last", "--strategies",
          "ce_only", "skew_fdd", "--n_remove", "2", "--output_dir", str(ws / "lab"), "--max_steps", "2",
          *data_flags(ws, "compare"), "--use_cpu"])  # fmt: skip
     rows = json.loads((ws / "lab" / "results.json").read_text())
@@ -145,7 +146,7 @@ def test_compare_lab_runs_every_pair_at_equal_budget(workspace):
 
 def test_compare_lab_measures_every_row_against_the_first_pruning(workspace):
     ws = workspace
-    cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "remove:3,4:heal=lstsq", "--strategies",
+    cli(["compare", "--teacher", str(ws / "teacher"), "--prune", "last", "remove:3,4:heal=lstsq", "--strategies",
          "recommended", "--n_remove", "2", "--output_dir", str(ws / "lab"), "--max_steps", "4", "--curve_points",
          "2", "--reach", "-1000", *data_flags(ws, "compare"), "--use_cpu"])  # fmt: skip
     rows = json.loads((ws / "lab" / "results.json").read_text())
@@ -203,7 +204,7 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
         (["prune", "--prune", "importance:six"], ValueError, "Unknown prune spec"),
         (["prune", "--prune", '{"depth": {"count": 3}}'], ValueError, "'depth' has unknown key\\(s\\) \\['count'\\]"),
         (["compare", "--strategies", "magic"], ValueError, "Unknown strategy"),
-        (["compare", "--prunings", "magic:3"], ValueError, "Unknown prune spec"),
+        (["compare", "--prune", "magic:3"], ValueError, "Unknown prune spec"),
         (["compare", "--curve_points", "0"], ValueError, "at least 1 point"),
         (["recover", "--prune", "last:2", "--student", "x"], ValueError, "exactly one of"),
         (["recover", "--prune", "last:2", "--on_policy_steps", "-1"], ValueError, "--on_policy_steps must be >= 0"),
@@ -349,7 +350,7 @@ def test_compare_distils_from_the_teacher_in_teacher_dtype(workspace, monkeypatc
 
     monkeypatch.setattr(hf_recover.recovery, "run_recovery", capture)
     with pytest.raises(SetupDone):
-        cli(["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "ce_only",
+        cli(["compare", "--teacher", str(ws / "teacher"), "--prune", "last", "--strategies", "ce_only",
              "--n_remove", "2", "--teacher_dtype", "bfloat16", "--output_dir", str(ws / "lab"),
              *data_flags(ws, "compare"), "--use_cpu"])  # fmt: skip
     teacher, student = seen[0]
@@ -391,7 +392,7 @@ def test_compare_lab_caches_the_teacher_once_for_logits_only_strategies(workspac
     from hf_recover.distill.teacher_cache import load_teacher_cache
 
     ws = workspace
-    common = ["compare", "--teacher", str(ws / "teacher"), "--prunings", "last", "--strategies", "logits_kd",
+    common = ["compare", "--teacher", str(ws / "teacher"), "--prune", "last", "--strategies", "logits_kd",
               "compound", "--n_remove", "2", "--max_steps", "2", "--curve_points", "1", "--use_cpu",
               *data_flags(ws, "compare")]  # fmt: skip
     cli([*common, "--output_dir", str(ws / "cached"), "--cache_teacher", "--cache_top_k", "320"])  # the vocabulary
@@ -434,3 +435,17 @@ def test_every_command_shows_the_data_flags_it_reads_and_no_other(command, shown
 
     flags = {action.dest for action in command_module(command).make_parser()._actions}
     assert flags & (CALIBRATION | EVALUATION) == shown
+
+
+@pytest.mark.parametrize("command", ["prune", "recover", "select", "compare"])
+def test_every_command_takes_its_prune_specs_by_one_flag(command):
+    parser = command_module(command).make_parser()
+    assert "--prune" in {option for action in parser._actions for option in action.option_strings}
+
+
+@pytest.mark.parametrize("command, former", [("select", "--candidates"), ("compare", "--prunings")])
+def test_the_former_prune_spec_flags_still_work(command, former):
+    parser = command_module(command).make_parser()
+    (now,) = parser.parse_args_into_dataclasses(["--prune", "last:2", "remove:1"])[:1]
+    (before,) = parser.parse_args_into_dataclasses([former, "last:2", "remove:1"])[:1]
+    assert now.prune == before.prune == ["last:2", "remove:1"]

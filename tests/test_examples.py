@@ -260,9 +260,9 @@ def test_strategy_lab_example_is_the_compare_command(tmp_path, tiny_tokenizer, m
     from hf_recover.cli import command_module
 
     monkeypatch.setattr(command_module("compare"), "main", lambda *dataclasses: seen.setdefault("args", dataclasses))
-    lab.run(["--prunings", "last", "--strategies", "compound", "--max_steps", "3", "--output_dir", str(tmp_path)])
+    lab.run(["--prune", "last", "--strategies", "compound", "--max_steps", "3", "--output_dir", str(tmp_path)])
     compare_args, data_args, config = seen["args"]
-    assert compare_args.prunings == ["last"] and compare_args.strategies == ["compound"]
+    assert compare_args.prune == ["last"] and compare_args.strategies == ["compound"]
     assert config.max_steps == 3 and config.output_dir == str(tmp_path)
     assert data_args.max_length == 256  # the lab's own defaults apply
 

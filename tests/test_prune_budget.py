@@ -59,7 +59,7 @@ def test_strategy_lab_families_share_the_depth_cuts_size(tmp_path):
     (tmp_path / "data").mkdir()
     for i in range(30):
         (tmp_path / "data" / f"doc{i}.txt").write_text(" ".join(TINY_TEXTS[(i + j) % 10] for j in range(3)))
-    cli(["compare", "--teacher", str(tmp_path / "teacher"), "--prunings", "depth", "width", "mix", "--strategies",
+    cli(["compare", "--teacher", str(tmp_path / "teacher"), "--prune", "depth", "width", "mix", "--strategies",
          "ce_only", "--n_remove", "2", "--width_heads", "0.5", "--chat_prompts", "dev",
          "--output_dir", str(tmp_path / "lab"), "--max_steps", "2", "--curve_points", "2", "--dataset",
          str(tmp_path / "data"), "--max_length", "32", "--eval_max_length", "32", "--eval_blocks", "3",
@@ -90,7 +90,7 @@ def test_strategy_lab_width_rows_match_the_depth_size(tmp_path, tiny_tokenizer):
     (tmp_path / "data").mkdir()
     for i in range(30):
         (tmp_path / "data" / f"doc{i}.txt").write_text(" ".join(TINY_TEXTS[(i + j) % 10] for j in range(3)))
-    cli(["compare", "--teacher", str(tmp_path / "teacher"), "--prunings", "importance", "width", "--strategies",
+    cli(["compare", "--teacher", str(tmp_path / "teacher"), "--prune", "importance", "width", "--strategies",
          "ce_only", "--n_remove", "2", "--width_heads", "0.5", "--width_hidden", "0.875", "--output_dir",
          str(tmp_path / "lab"), "--max_steps", "2", "--dataset", str(tmp_path / "data"), "--max_length", "32",
          "--eval_max_length", "32", "--eval_blocks", "3", "--calibration_blocks", "3", "--use_cpu"])  # fmt: skip

@@ -1,11 +1,11 @@
 """`hf-recover compare`: the strategy lab. What to prune, and how to recover, at equal budgets.
 
-    hf-recover compare --prunings importance angular:6:heal=lstsq --strategies logits_kd recommended
-    hf-recover compare --prunings depth width mix --strategies recommended --curve_points 4
-    hf-recover compare --prunings importance last --strategies ce_only compound --max_steps 10
+    hf-recover compare --prune importance angular:6:heal=lstsq --strategies logits_kd recommended
+    hf-recover compare --prune depth width mix --strategies recommended --curve_points 4
+    hf-recover compare --prune importance last --strategies ce_only compound --max_steps 10
     hf-recover compare --max_steps 500 --per_device_train_batch_size 16 --eval_blocks 128   # on a GPU
 
-Prunings (`--prunings`): the named cuts `importance` (the n blocks of lowest block influence), `last` (the last n
+Prunings (`--prune`): the named cuts `importance` (the n blocks of lowest block influence), `last` (the last n
 blocks) and `angular` (the n contiguous blocks of smallest angular distance), each removing `--n_remove` blocks as
 they are; the healed families of one parameter count, the angular cut's: `depth` (that cut healed with
 `--depth_heal`), `width` (no block removed: attention heads `--width_heads`, the hidden size `--width_hidden` and the
@@ -51,11 +51,12 @@ from .recover import RECOVER_DEFAULTS
 @dataclass
 class CompareArguments:
     teacher: str = model_field()
-    prunings: list[str] = field(
+    prune: list[str] = field(
         default_factory=lambda: list(DEPTH_PRUNINGS),
         metadata={
             "help": "importance, last, angular (cuts as made); depth, width, mix (healed families of one parameter "
-            "count); or prune specs (angular:6:heal=lstsq)."
+            "count); or prune specs (angular:6:heal=lstsq). --prunings is its former name.",
+            "aliases": ["--prunings"],
         },
     )
     strategies: list[str] = field(
@@ -124,7 +125,7 @@ def make_parser(subparsers=None):
 
 
 def prunings(args: CompareArguments) -> LabPrunings:
-    """How the lab makes the prunings `--prunings` names."""
+    """How the lab makes the prunings `--prune` names."""
     return LabPrunings(
         n_remove=args.n_remove, width_heads=args.width_heads, width_hidden=args.width_hidden,
         depth_heal=args.depth_heal, width_heal=args.width_heal,
@@ -137,7 +138,7 @@ def main(args: CompareArguments, data_args: DataArguments, config: DistillationC
 
     check_strategies(args.strategies)
     named = prunings(args)
-    specs = {pruning: named.spec(pruning) for pruning in args.prunings}  # bad specs fail here
+    specs = {pruning: named.spec(pruning) for pruning in args.prune}  # bad specs fail here
     check_chat_prompts(args.chat_prompts)
     curve_steps(config.max_steps, args.curve_points)
     output_dir = check_output_dir(config.output_dir, args.overwrite)

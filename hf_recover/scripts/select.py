@@ -1,7 +1,7 @@
 """`hf-recover select`: build several pruning candidates, score them cheaply, keep the best.
 
-    hf-recover select --model default --candidates importance:4 importance:6 last:6 angular:6
-    hf-recover select --model default --candidates importance:6 width:maw:0.25 --save_best
+    hf-recover select --model default --prune importance:4 importance:6 last:6 angular:6
+    hf-recover select --model default --prune importance:6 width:maw:0.25 --save_best
 
 Each candidate is scored by perplexity and by KL(teacher || candidate) on held-out `validation`
 blocks. Writes `candidates.md` and `candidates.json`; with `--save_best`, also the best student
@@ -19,9 +19,12 @@ from .arguments import OutputArguments, SelectionArguments, check_output_dir, co
 @dataclass
 class SelectArguments:
     model: str = model_field()
-    candidates: list[str] = field(
+    prune: list[str] = field(
         default_factory=lambda: ["importance:6", "angular:6", "last:6"],
-        metadata={"help": "Prune specs to compare (see `hf-recover prune --help`)."},
+        metadata={
+            "help": "The prune specs to compare (grammar below); --candidates is its former name.",
+            "aliases": ["--candidates"],
+        },
     )
     rank_by: str = field(default="perplexity", metadata={"help": "perplexity or kl."})
     save_best: bool = field(default=False, metadata={"help": "Save the best candidate under OUTPUT_DIR/best."})
@@ -38,7 +41,7 @@ def main(args: SelectArguments, data_args: SelectionArguments, out: OutputArgume
     from ..prune import PruneSpec, select_candidate
     from .arguments import load_text_splits
 
-    specs = {name: PruneSpec.parse(name) for name in args.candidates}
+    specs = {name: PruneSpec.parse(name) for name in args.prune}
     output_dir = check_output_dir(out.output_dir, out.overwrite)
     model, tokenizer = load_model(args.model)
     splits = load_text_splits(data_args)
