@@ -85,7 +85,7 @@ def test_bad_prompts_are_refused_before_any_generation(tmp_path, teacher, tok, p
         build_teacher_data(teacher, tok, tmp_path / "d", prompts=prompts, num_prompts=0, generate=never)
     assert not (tmp_path / "d").exists()
     with pytest.raises(error, match=match):  # the chat retention's prompts go through the same check
-        evaluate_chat_retention(teacher, teacher, prompts, tok)
+        evaluate_chat_retention(teacher, tok, teacher=teacher, prompts=prompts)
     with pytest.raises(error, match=match):
         cached_chat_reference(teacher, tok, prompts, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()

@@ -150,8 +150,22 @@ def test_chat_retention_equals_a_hand_computation(tiny_chat_tokenizer):
 
     import hf_recover
 
-    public = hf_recover.evaluate_chat_retention(student, teacher, prompts, tok, max_new_tokens=6, answer=False)
+    public = hf_recover.evaluate_chat_retention(
+        student, tok, teacher=teacher, prompts=prompts, max_new_tokens=6, answer=False
+    )
     assert public.nll == pytest.approx(nll / count, rel=1e-5)  # the public form builds the same reference itself
+    with pytest.warns(FutureWarning, match="former order"):  # (model, teacher, prompts, tokenizer) still works
+        former = hf_recover.evaluate_chat_retention(student, teacher, prompts, tok, max_new_tokens=6, answer=False)
+    assert former.nll == public.nll
+    with pytest.warns(FutureWarning, match="former order"):
+        former = hf_recover.evaluate_chat_retention(
+            student, teacher, prompts, tokenizer=tok, max_new_tokens=6, answer=False
+        )
+    assert former.nll == public.nll
+    with pytest.raises(TypeError, match="positionally"):
+        hf_recover.evaluate_chat_retention(student, tok, prompts)
+    with pytest.raises(TypeError, match="twice"):
+        hf_recover.evaluate_chat_retention(student, teacher, prompts, tok, tokenizer=tok)
 
     itself = evaluate_chat_retention(teacher, tokenizer=tok, reference=reference, answer=False)
     assert itself.top1_agreement == 1.0  # greedy answers are the teacher's own argmax

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -172,10 +173,10 @@ def chat_reference(
 
 def evaluate_chat_retention(
     model: torch.nn.Module,
+    *former_order: Any,
+    tokenizer: Any = None,
     teacher: torch.nn.Module | None = None,
     prompts: Sequence[Any] | None = None,
-    tokenizer: Any = None,
-    *,
     reference: ChatReference | None = None,
     instructions: Sequence[Mapping[str, Any]] = (),
     answer: bool = True,
@@ -184,14 +185,19 @@ def evaluate_chat_retention(
     batch_size: int = 8,
     generation_batch_size: int = 48,
 ) -> ChatRetention:
-    """Chat retention of `model` against `teacher`'s greedy answers to `prompts` (see the module docstring).
+    """Chat retention of `model` against `teacher`'s greedy answers to `prompts` (see the module docstring):
+    `evaluate_chat_retention(model, tokenizer, teacher=..., prompts=...)`, model and tokenizer first like
+    `evaluate_lm_eval` and `chat_reference`.
 
     Give `teacher`, `prompts` (strings or message lists; hf_recover's `test` prompts by default), `instructions`
     (IFEval items, none by default) and `tokenizer`, or a `reference` from `chat_reference` (computed once, shared
     by every model measured against it). `answer=False` skips the model's own greedy answers (no own-answer or
     instruction figures): scoring alone is much cheaper than generating. `scorer` (the teacher; `teacher` when
-    given) scores the model's own answers for the reverse-KL proxy.
+    given) scores the model's own answers for the reverse-KL proxy. The former positional order
+    `(model, teacher, prompts, tokenizer)` still works, with a `FutureWarning`, until hf_recover 1.0.
     """
+    if former_order:
+        tokenizer, teacher, prompts = _positional(former_order, tokenizer, teacher, prompts)
     if tokenizer is None:
         raise ValueError("evaluate_chat_retention needs the tokenizer (the prompts go through its chat template).")
     if reference is None:
@@ -208,6 +214,30 @@ def evaluate_chat_retention(
                     generation_batch_size, "Own answers (instructions)"),
         )  # fmt: skip
     return _retention(model, reference, tokenizer, own, scorer=scorer or teacher, batch_size=batch_size)
+
+
+def _positional(values: tuple, tokenizer: Any, teacher: Any, prompts: Any) -> tuple[Any, Any, Any]:
+    """`(tokenizer, teacher, prompts)` from `evaluate_chat_retention`'s positional arguments after the model: the
+    tokenizer alone, or the former `(teacher, prompts, tokenizer)`."""
+    if not isinstance(values[0], torch.nn.Module):
+        if len(values) > 1 or tokenizer is not None:
+            raise TypeError(
+                "evaluate_chat_retention takes the model and the tokenizer positionally; give teacher=, prompts= "
+                "and the rest by keyword."
+            )
+        return values[0], teacher, prompts
+    if len(values) > 3 or teacher is not None or (len(values) > 1 and prompts is not None):
+        raise TypeError("evaluate_chat_retention got the teacher or the prompts twice (positionally and by keyword).")
+    if len(values) == 3 and tokenizer is not None:
+        raise TypeError("evaluate_chat_retention got the tokenizer twice (positionally and by keyword).")
+    warnings.warn(
+        "evaluate_chat_retention(model, teacher, prompts, tokenizer) is the former order; write "
+        "evaluate_chat_retention(model, tokenizer, teacher=teacher, prompts=prompts) (the former goes in 1.0).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    former = (*values, None, None)
+    return (values[2] if len(values) == 3 else tokenizer), former[0], (former[1] if len(values) > 1 else prompts)
 
 
 def answer_prompts(

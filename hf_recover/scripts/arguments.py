@@ -217,7 +217,7 @@ def check_chat_prompts(value: str) -> None:
         raise ValueError(
             f"--chat_prompts takes {', '.join(PROMPT_SETS)} (hf_recover's own prompt sets) or none, got {value!r}: "
             "files of prompts are not read here. Choose one of those; to measure on your own prompts, call "
-            "hf_recover.evaluate_chat_retention(model, teacher, prompts, tokenizer)."
+            "hf_recover.evaluate_chat_retention(model, tokenizer, teacher=teacher, prompts=prompts)."
         )
 
 
