@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 
 from .base.chat_retention import answer_examples, chat_retention_table, evaluate_assistant
 from .base.evaluation import count_parameters, recovery_metrics
+from .base.precision import autocast_to
 from .base.reporting import (
     answers_markdown,
     assistant_table,
@@ -76,11 +78,15 @@ class RecoveryResult:
     train_tokens: int | None = None
     train_runtime: float | None = None
     wall_time: float | None = None
+    precision: str | None = None
+    """The type the student trained in and every model was evaluated in: "bfloat16" under `--bf16`, else "float32"."""
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each phase of `run_recovery`: evaluation before, training, evaluation after."""
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
     def card_metrics(self) -> dict[str, Any]:
         """The `metrics` dict `hf_recover.generate_model_card` takes."""
-        skipped = ("log_history", "wall_time")
+        skipped = ("log_history", "wall_time", "phase_seconds", "precision")  # the card reads precision from args
         return {k: v for k, v in asdict(self).items() if k not in skipped and v not in (None, {}, [])}
 
     def recovery(self, split: str) -> dict[str, float] | None:
@@ -105,6 +111,10 @@ class RecoveryResult:
             )
         if self.wall_time is not None:
             facts.append(f"wall time: {self.wall_time:.0f} s")
+        if self.phase_seconds:
+            facts.append("phases: " + ", ".join(f"{name} {s:.0f} s" for name, s in self.phase_seconds.items()))
+        if self.precision:
+            facts.append(f"computed in {self.precision}")
         tables = [before_after_table(self.perplexity)]
         if self.assistant:
             tables.append(assistant_table(self.assistant))
@@ -165,12 +175,16 @@ def run_recovery(
         callbacks=callbacks,
     )
     starts = {"teacher": teacher, **({"pruned": cut, "healed": student} if cut is not None else {"pruned": student})}
-    if before is None:  # the same in every run of a protocol: read from the cache after the first
-        before = evaluate_splits(
-            starts, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches, cache=True
-        )
-    # the starts answer only the examples shown side by side; the recovered student answers every prompt
-    assistant = evaluate_assistant(starts, chat, tokenizer, answer=examples) if chat else {}
+    bf16, phases = bool(getattr(args, "bf16", False)), {}
+    evaluated_like_trained = partial(autocast_to, bf16, trainer.args.device)  # evaluation in the training's type
+    with evaluated_like_trained():
+        if before is None:  # the same in every run of a protocol: read from the cache after the first
+            before = evaluate_splits(
+                starts, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches, cache=True
+            )
+        # the starts answer only the examples shown side by side; the recovered student answers every prompt
+        assistant = evaluate_assistant(starts, chat, tokenizer, answer=examples) if chat else {}
+    phases["evaluation before"] = time.perf_counter() - start
     train_output = trainer.train()
     steps, tokens = trainer.state.global_step, trainer.state.num_input_tokens_seen
     runtime, history = train_output.metrics.get("train_runtime") or 0.0, list(trainer.state.log_history)
@@ -186,11 +200,14 @@ def run_recovery(
         runtime += phase_output.metrics.get("train_runtime") or 0.0
         first = trainer.state.global_step  # the phase's steps continue the first run's in the logs
         history += [{**entry, "step": entry.get("step", 0) + first} for entry in phase.state.log_history]
-    after = evaluate_splits(
-        {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches
-    )
-    if chat:
-        assistant.update(evaluate_assistant({"recovered": trainer.model}, chat, tokenizer, scorer=teacher))
+    phases["training"] = time.perf_counter() - start - phases["evaluation before"]
+    with evaluated_like_trained():
+        after = evaluate_splits(
+            {"recovered": trainer.model}, eval_splits, batch_size=eval_batch_size, max_batches=eval_max_batches
+        )
+        if chat:
+            assistant.update(evaluate_assistant({"recovered": trainer.model}, chat, tokenizer, scorer=teacher))
+    phases["evaluation after"] = time.perf_counter() - start - sum(phases.values())
     result = RecoveryResult(
         perplexity={split: {**before[split], **after[split]} for split in eval_splits},
         assistant=chat_retention_table(assistant),
@@ -201,6 +218,8 @@ def run_recovery(
         train_tokens=int(tokens),
         train_runtime=runtime,
         log_history=history,
+        precision="bfloat16" if bf16 else "float32",
+        phase_seconds=phases,
     )
     result.wall_time = time.perf_counter() - start
     trainer.model_card_metrics = result.card_metrics()

@@ -3,7 +3,7 @@
 The teacher's and the cut's perplexity on each evaluation split, and the healed start's when its heal is the same,
 are the same in every run of a protocol: recomputing them is a fixed cost paid every time. `cached_perplexity`
 keys a perplexity by what decides it (the model's weights, the split's exact tokens, the batch settings, the
-weights' dtype, torch's and hf_recover's versions) and reads it back from hf_recover's cache (`cache_root`) on the
+type it computes in, torch's and hf_recover's versions) and reads it back from hf_recover's cache (`cache_root`) on the
 next run. A model whose weights changed (a recovered student) simply misses.
 """
 
@@ -20,6 +20,7 @@ import torch
 from ..base.defaults.assets import cache_root
 from ..base.evaluation import evaluate_perplexity
 from ..base.evaluation import evaluate_splits as evaluate_splits_uncached
+from ..base.precision import compute_dtype
 from ..base.version import __version__
 from .fingerprints import dataset_fingerprint, weights_fingerprint
 
@@ -47,7 +48,7 @@ def cached_perplexity(
         "data": data_key or dataset_fingerprint(data),
         "batch_size": batch_size,
         "max_batches": max_batches,
-        "dtype": str(parameter.dtype),
+        "dtype": str(compute_dtype(parameter)),  # the autocast type under --bf16
         "device": parameter.device.type,
         "torch": torch.__version__,
         "hf_recover": __version__,

@@ -169,6 +169,7 @@ def main(
     elif mix_args.train_tokens:
         config.max_steps = -(-mix_args.train_tokens // (rows_per_step * data_args.max_length))
     reference = assistant_reference(teacher, tokenizer, mix_args.chat_prompts) if chat else None
+    setup_done = {"teacher, data, reference answers": time.perf_counter()}  # each phase's end, for the table
 
     if spec is not None:
         spec.check(teacher, calibration)
@@ -179,6 +180,7 @@ def main(
         cut = None
         student, _ = load_model(recover_args.student)
         pruned_config = PrunedConfig.find_for(student)
+    setup_done["prune and heal"] = time.perf_counter()
     # The trainer applies teacher_dtype only to a teacher it loads itself; this one was loaded here.
     teacher.to(resolve_dtype(recover_args.teacher, config.teacher_dtype))
     teacher_cache = None
@@ -213,6 +215,9 @@ def main(
         on_policy=on_policy,
     )
     result.wall_time = time.perf_counter() - start
+    ends = [start, *setup_done.values()]
+    setup = {name: end - begin for name, begin, end in zip(setup_done, ends, ends[1:], strict=False)}
+    result.phase_seconds = {**setup, **result.phase_seconds}
     pruned = spec.to_dict() if spec is not None else recover_args.student
     write_results(output_dir, result, {"strategy": strategy_summary(config), "prune": pruned})
     print(result.to_markdown())
