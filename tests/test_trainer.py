@@ -733,3 +733,29 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, padded_data, tiny
     extended = build_tiny_tokenizer()
     extended.add_special_tokens({"additional_special_tokens": ["<tool>"]})
     DistillationTrainer(narrow_student(), build_tiny_model(seed=1), args, teacher_tokenizer=extended, **kwargs)
+
+
+@pytest.mark.parametrize("bf16, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_run_recovery_evaluates_in_the_type_it_trains_in_and_says_which(
+    tmp_path, padded_data, tiny_tokenizer, monkeypatch, bf16, dtype
+):
+    import hf_recover.recovery as recovery
+
+    seen, evaluate = [], recovery.evaluate_splits
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "evaluate_splits", spy)
+    teacher, student = build_tiny_model(seed=1), build_tiny_model(seed=2, num_hidden_layers=3)
+    _, result = recovery.run_recovery(
+        teacher=teacher, student=student, tokenizer=tiny_tokenizer, args=make_args(tmp_path, max_steps=1, bf16=bf16),
+        train_dataset=padded_data, eval_splits={"validation": padded_data.select(range(2))}, save=False,
+    )  # fmt: skip
+    assert seen == [dtype, dtype]  # before and after
+    assert result.precision == str(dtype).removeprefix("torch.")
+    assert f"computed in {result.precision}" in result.to_markdown()
+    assert list(result.phase_seconds) == ["evaluation before", "training", "evaluation after"]
+    assert all(seconds >= 0 for seconds in result.phase_seconds.values())
+    assert sum(result.phase_seconds.values()) <= result.wall_time

@@ -1,0 +1,66 @@
+"""bfloat16 where the hardware has it: the probe, the autocast context, the type a model computes in, evaluation that
+follows the run's type (perplexities within a stated tolerance of float32's, cached under their own key), and the
+recovery run that says which type it ran in."""
+
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from datasets import Dataset
+
+import hf_recover.base.precision as precision
+import hf_recover.distill.evaluation_cache as evaluation_cache
+from hf_recover.base.data import prepare_recovery_dataset
+from hf_recover.base.evaluation import evaluate_perplexity
+from hf_recover.base.precision import autocast_to, bf16_supported, compute_dtype, dtype_name
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_the_cpu_has_bf16_when_either_instruction_set_is_there(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert bf16_supported("cpu") is expected
+    assert bf16_supported("meta") is False  # no native bfloat16 to speak of: float32
+
+
+def test_the_default_follows_the_device_a_trainer_would_pick(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: device == "cpu")
+    assert precision.bf16_default() is True
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: False)
+    assert precision.bf16_default() is False
+
+
+def test_autocast_to_turns_bf16_on_only_when_asked():
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with autocast_to(False, "cpu"):
+        assert not torch.is_autocast_enabled("cpu") and layer(x).dtype == torch.float32
+        assert compute_dtype(layer.weight) == torch.float32
+    with autocast_to(True, torch.device("cpu")):
+        assert layer(x).dtype == torch.bfloat16
+        assert compute_dtype(layer.weight) == torch.bfloat16  # float32 weights computed in bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    assert compute_dtype(layer.weight.to(torch.float16)) == torch.float16  # weights already low precision: theirs
+    assert dtype_name(torch.bfloat16) == "bfloat16"
+
+
+@pytest.fixture
+def data(tiny_tokenizer):
+    texts = ["The quick brown fox jumps over the lazy dog. " * 8, "A river runs through the green valley. " * 8]
+    return prepare_recovery_dataset(Dataset.from_dict({"text": texts}), tiny_tokenizer, max_length=16)
+
+
+def test_perplexity_under_bf16_stays_within_a_percent_of_float32_and_is_cached_apart(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_RECOVER_CACHE", str(tmp_path))
+    model = build_tiny_model(seed=0)
+    full, hit = evaluation_cache.cached_perplexity(model, data)
+    assert not hit and full == evaluate_perplexity(model, data)["perplexity"]
+    with autocast_to(True, "cpu"):
+        half, hit = evaluation_cache.cached_perplexity(model, data)
+        assert not hit  # the float32 figure is not read back as the bfloat16 one
+        assert evaluation_cache.cached_perplexity(model, data) == (half, True)
+    assert half != full and math.isclose(half, full, rel_tol=0.01)
+    assert evaluation_cache.cached_perplexity(model, data) == (full, True)
