@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_recover import DistillationConfig
@@ -203,3 +204,12 @@ def test_rows_per_step_counts_every_process_and_accumulation(tmp_path, monkeypat
     assert config.rows_per_step == 12  # one process
     monkeypatch.setattr(DistillationConfig, "world_size", property(lambda self: 2))
     assert config.rows_per_step == 24
+
+
+def test_bf16_on_a_machine_without_an_accelerator_trains_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert DistillationConfig(output_dir=str(tmp_path), bf16=True).use_cpu  # Trainer would refuse bf16 without it
+    assert not DistillationConfig(output_dir=str(tmp_path)).use_cpu  # float32: nothing changed
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # a GPU is there: its own checks decide
+    with pytest.raises(ValueError, match="bf16"):
+        DistillationConfig(output_dir=str(tmp_path), bf16=True)

@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from ..base.losses import DIVERGENCES
@@ -269,6 +270,10 @@ class DistillationConfig(TrainingArguments):
             and metric.removeprefix("eval_") in (*LOSS_COMPONENTS, OBJECTIVE_NAME)
         ):
             self.greater_is_better = False
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not torch.accelerator.is_available():
+            # Trainer runs on the CPU anyway, but refuses bf16 there unless told use_cpu: a CPU-only machine needs no
+            # such flag to train in bfloat16 (base/precision.py says where that is fast)
+            self.use_cpu = True
         super().__post_init__()
 
     @classmethod
