@@ -22,10 +22,9 @@ from .base.reporting import (
     answers_markdown,
     assistant_table,
     before_after_table,
-    format_parameters,
-    format_percent,
     plot_loss_curves,
     plot_recovery_curves,
+    run_facts,
 )
 from .distill.config import DistillationConfig
 from .distill.evaluation_cache import evaluate_splits
@@ -98,27 +97,11 @@ class RecoveryResult:
     def to_markdown(self) -> str:
         """The before/after table (perplexity per split, recovery %, retention), the assistant's tables, parameters
         and time, then a few prompts answered by each model."""
-        facts = []
-        if self.teacher_parameters and self.student_parameters:
-            facts.append(
-                f"parameters: {format_parameters(self.teacher_parameters)} -> "
-                f"{format_parameters(self.student_parameters)} "
-                f"({format_percent(1 - self.student_parameters / self.teacher_parameters)} fewer)"
-            )
-        if self.train_steps is not None:
-            facts.append(
-                f"training: {self.train_steps} steps, {self.train_tokens:,} tokens, {self.train_runtime:.0f} s"
-            )
-        if self.wall_time is not None:
-            facts.append(f"wall time: {self.wall_time:.0f} s")
-        if self.phase_seconds:
-            facts.append("phases: " + ", ".join(f"{name} {s:.0f} s" for name, s in self.phase_seconds.items()))
-        if self.precision:
-            facts.append(f"computed in {self.precision}")
         tables = [before_after_table(self.perplexity)]
         if self.assistant:
             tables.append(assistant_table(self.assistant))
-        text = "\n\n".join(tables) + ("\n\n" + "; ".join(facts) if facts else "")
+        facts = run_facts(self)
+        text = "\n\n".join(tables) + ("\n\n" + facts if facts else "")
         if self.answers:
             text += "\n\nAnswers side by side (greedy):\n\n" + answers_markdown(self.answers)
         return text
@@ -156,7 +139,9 @@ def run_recovery(
     student as pruned before healing, when it was healed: it is measured as `pruned` and the student as `healed`, so
     that recovery % counts what healing closed too. `on_policy` (a `DistillationConfig`, e.g.
     `DistillationConfig.for_on_policy_phase()`, and its chat rows) is a second training phase after the first, from
-    its warm start. The training tokens counted are the real ones (padding excluded). Returns `(trainer, result)`.
+    its warm start. The training tokens counted are the real ones (padding excluded). Under `args.bf16` every model
+    is evaluated in bfloat16 too (`hf_recover.base.precision`); the result says in which type (`precision`) and how
+    long each phase took. Returns `(trainer, result)`.
     """
     from .distill.trainer import DistillationTrainer
 

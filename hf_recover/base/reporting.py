@@ -186,6 +186,27 @@ def assistant_table(assistant: Mapping[str, Mapping[str, Any]] | None) -> str:
     return table
 
 
+def run_facts(result: Any) -> str:
+    """One line of a recovery run's facts (a `hf_recover.recovery.RecoveryResult`): parameters before and after, the
+    training's steps, tokens and time, the wall time and each phase's, and the type the models computed in."""
+    facts = []
+    if result.teacher_parameters and result.student_parameters:
+        fewer = format_percent(1 - result.student_parameters / result.teacher_parameters)
+        before, after = format_parameters(result.teacher_parameters), format_parameters(result.student_parameters)
+        facts.append(f"parameters: {before} -> {after} ({fewer} fewer)")
+    if result.train_steps is not None:
+        facts.append(
+            f"training: {result.train_steps} steps, {result.train_tokens:,} tokens, {result.train_runtime:.0f} s"
+        )
+    if result.wall_time is not None:
+        facts.append(f"wall time: {result.wall_time:.0f} s")
+    if result.phase_seconds:
+        facts.append("phases: " + ", ".join(f"{name} {s:.0f} s" for name, s in result.phase_seconds.items()))
+    if result.precision:
+        facts.append(f"computed in {result.precision}")
+    return "; ".join(facts)
+
+
 def answers_markdown(answers: Sequence[Mapping[str, str]], *, width: int = 400) -> str:
     """Prompts with each model's answer under them (`[{"prompt": ..., "teacher": ..., "recovered": ...}]`), each
     answer quoted and cut to `width` characters, for reading what the models write side by side."""
