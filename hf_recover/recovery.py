@@ -47,6 +47,8 @@ DEMO_DEFAULTS = {
     "max_train_documents": 400,
     **DistillationConfig.DEPTH_RECOVERY_RECIPE,
     "max_steps": 120,
+    # bfloat16 where the hardware computes it natively: it recovers as float32 does, faster (docs/recovery.md)
+    "precision": "auto",
 }
 """The run of `hf-recover demo` (its flags' values; every other flag keeps `hf-recover recover`'s default): the
 protocol the recovery benchmarks share."""

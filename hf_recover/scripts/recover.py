@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..base.loading import load_model, resolve_dtype
+from ..base.precision import bf16_default
 from ..distill.config import DistillationConfig
 from .arguments import (
     DEFAULT,
@@ -67,6 +68,20 @@ class RecoverArguments:
             "scored by the teacher, reverse KL clipped at 1 per token; half the teacher's answers). 0: none."
         },
     )
+    precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "The type training and evaluation compute in: bfloat16 (--bf16), float32, or auto: bfloat16 where "
+            "the CPU or GPU computes it natively (AVX512-BF16 or AMX, Ampere on), else float32. Unset: --bf16 decides."
+        },
+    )
+
+    def __post_init__(self):
+        if self.precision not in (None, *PRECISIONS):
+            raise ValueError(f"--precision takes {', '.join(PRECISIONS)}, got {self.precision!r}.")
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 RECOVER_DEFAULTS = {
@@ -98,6 +113,7 @@ def main(
     start = time.perf_counter()
     # Check everything that can be wrong before any model or data is loaded.
     output_dir = check_output_dir(config.output_dir, recover_args.overwrite)
+    config = with_precision(config, recover_args.precision)
     if (recover_args.student is None) == (recover_args.prune is None):
         raise ValueError("Give exactly one of --student (a pruned model folder) or --prune (a spec to prune with).")
     spec = PruneSpec.parse(recover_args.prune) if recover_args.prune else None
@@ -223,6 +239,16 @@ def main(
     print(result.to_markdown())
     print(f"\nRecovered model, tokenizer, pruned_config.json and model card: {output_dir}")
     return result
+
+
+def with_precision(config: DistillationConfig, precision: str | None) -> DistillationConfig:
+    """`config` computing in `precision` (`RecoverArguments.precision`); None leaves `--bf16` as it is."""
+    if precision is None:
+        return config
+    if precision == "float32" and (config.bf16 or config.fp16):
+        raise ValueError("--precision float32 contradicts --bf16 / --fp16: give one of them.")
+    bf16 = precision == "bfloat16" or (precision == "auto" and bf16_default()) or config.bf16
+    return config if bf16 == config.bf16 else replace(config, bf16=bf16)  # replace: Trainer's checks run again
 
 
 STRATEGY_FIELDS = (
