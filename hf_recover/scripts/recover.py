@@ -106,9 +106,11 @@ def main(
     from ..base.chat import has_chat_template
     from ..base.data import first_blocks, prepare_recovery_dataset
     from ..base.pruned_config import PrunedConfig
+    from ..distill.evaluation_cache import model_fingerprint
     from ..distill.teacher_data import assistant_reference
     from ..prune.spec import PruneSpec
     from ..recovery import run_recovery, teacher_mixture
+    from ..starts import cached_build
 
     start = time.perf_counter()
     # Check everything that can be wrong before any model or data is loaded.
@@ -189,9 +191,16 @@ def main(
 
     if spec is not None:
         spec.check(teacher, calibration)
-        block_scores = {}  # scored once for the cut as made and the healed one
-        cut = spec.without_healing().build(teacher, calibration, block_scores=block_scores)[0] if spec.heals else None
-        student, pruned_config = spec.build(teacher, calibration, block_scores=block_scores)
+        # built once, then read from the cache; scored once for the cut as made and the healed one
+        block_scores, teacher_key = {}, model_fingerprint(teacher)
+        cut = None
+        if spec.heals:
+            cut = cached_build(
+                spec.without_healing(), teacher, calibration, teacher_key=teacher_key, block_scores=block_scores
+            )[0]
+        student, pruned_config, _ = cached_build(
+            spec, teacher, calibration, teacher_key=teacher_key, block_scores=block_scores
+        )
     else:
         cut = None
         student, _ = load_model(recover_args.student)
