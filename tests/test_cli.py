@@ -451,20 +451,10 @@ def test_the_former_prune_spec_flags_still_work(command, former):
     assert now.prune == before.prune == ["last:2", "remove:1"]
 
 
-def test_precision_sets_bf16_and_auto_follows_the_hardware(tmp_path, monkeypatch):
-    import hf_recover.scripts.recover as recover
-    from hf_recover import DistillationConfig
-
-    config = DistillationConfig(output_dir=str(tmp_path))
-    assert recover.with_precision(config, None) is config  # unset: --bf16 decides, as in Trainer
-    assert recover.with_precision(config, "bfloat16").bf16
-    assert not recover.with_precision(config, "float32").bf16
-    for native in (True, False):
-        monkeypatch.setattr(recover, "bf16_default", lambda native=native: native)
-        assert recover.with_precision(config, "auto").bf16 is native
-    with pytest.raises(ValueError, match="contradicts --bf16"):
-        recover.with_precision(DistillationConfig(output_dir=str(tmp_path), bf16=True), "float32")
+def test_precision_is_checked_and_the_demo_follows_the_hardware():
     with pytest.raises(ValueError, match="--precision takes auto, float32, bfloat16"):
         command_module("recover").make_parser().parse_args_into_dataclasses(["--precision", "half"])
+    (recover_args, *_) = command_module("recover").make_parser().parse_args_into_dataclasses([])
+    assert recover_args.precision is None  # recover: --bf16 decides, as in Trainer
     (demo_args, *_) = command_module("demo").make_parser().parse_args_into_dataclasses([])
     assert demo_args.precision == "auto"  # the demo: bfloat16 where the hardware has it

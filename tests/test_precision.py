@@ -64,3 +64,19 @@ def test_perplexity_under_bf16_stays_within_a_percent_of_float32_and_is_cached_a
         assert evaluation_cache.cached_perplexity(model, data) == (half, True)
     assert half != full and math.isclose(half, full, rel_tol=0.01)
     assert evaluation_cache.cached_perplexity(model, data) == (full, True)
+
+
+def test_with_precision_sets_bf16_and_auto_follows_the_hardware(tmp_path, monkeypatch):
+    from hf_recover import DistillationConfig
+
+    config = DistillationConfig(output_dir=str(tmp_path))
+    assert precision.with_precision(config, None) is config  # unset: bf16 decides, as in Trainer
+    assert precision.with_precision(config, "bfloat16").bf16
+    assert not precision.with_precision(config, "float32").bf16
+    for native in (True, False):
+        monkeypatch.setattr(precision, "bf16_default", lambda native=native: native)
+        assert precision.with_precision(config, "auto").bf16 is native
+    with pytest.raises(ValueError, match="contradicts --bf16"):
+        precision.with_precision(DistillationConfig(output_dir=str(tmp_path), bf16=True), "float32")
+    with pytest.raises(ValueError, match="precision takes auto, float32, bfloat16"):
+        precision.with_precision(config, "half")

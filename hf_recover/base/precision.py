@@ -12,8 +12,13 @@ keeps float32.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from typing import Any
 
 import torch
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+"""What `--precision` takes: bfloat16 where the hardware computes it natively (auto), or the type named."""
 
 
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
@@ -53,3 +58,15 @@ def compute_dtype(parameter: torch.Tensor) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """`torch.bfloat16` -> "bfloat16": the name tables and cards show."""
     return str(dtype).removeprefix("torch.")
+
+
+def with_precision(args: Any, precision: str | None) -> Any:
+    """`args` (`TrainingArguments`) computing in `precision`, one of `PRECISIONS`; None leaves `bf16` as it is."""
+    if precision is None:
+        return args
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision takes {', '.join(PRECISIONS)} (or None: bf16 decides), got {precision!r}.")
+    if precision == "float32" and (args.bf16 or args.fp16):
+        raise ValueError("--precision float32 contradicts --bf16 / --fp16: give one of them.")
+    bf16 = precision == "bfloat16" or (precision == "auto" and bf16_default()) or args.bf16
+    return args if bf16 == args.bf16 else dataclasses.replace(args, bf16=bf16)  # replace: Trainer's checks run again

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..base.loading import load_model, resolve_dtype
-from ..base.precision import bf16_default
+from ..base.precision import PRECISIONS, with_precision
 from ..distill.config import DistillationConfig
 from .arguments import (
     DEFAULT,
@@ -79,9 +79,6 @@ class RecoverArguments:
     def __post_init__(self):
         if self.precision not in (None, *PRECISIONS):
             raise ValueError(f"--precision takes {', '.join(PRECISIONS)}, got {self.precision!r}.")
-
-
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 RECOVER_DEFAULTS = {
@@ -248,16 +245,6 @@ def main(
     print(result.to_markdown())
     print(f"\nRecovered model, tokenizer, pruned_config.json and model card: {output_dir}")
     return result
-
-
-def with_precision(config: DistillationConfig, precision: str | None) -> DistillationConfig:
-    """`config` computing in `precision` (`RecoverArguments.precision`); None leaves `--bf16` as it is."""
-    if precision is None:
-        return config
-    if precision == "float32" and (config.bf16 or config.fp16):
-        raise ValueError("--precision float32 contradicts --bf16 / --fp16: give one of them.")
-    bf16 = precision == "bfloat16" or (precision == "auto" and bf16_default()) or config.bf16
-    return config if bf16 == config.bf16 else replace(config, bf16=bf16)  # replace: Trainer's checks run again
 
 
 STRATEGY_FIELDS = (
