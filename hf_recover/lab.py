@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from transformers import TrainerCallback
 
 from .base.chat_retention import evaluate_assistant, evaluate_chat_retention, gap_closed
 from .base.evaluation import evaluate_splits, recovery_metrics
+from .base.precision import autocast_to
 from .base.reporting import (
     format_percent,
     format_perplexity,
@@ -212,11 +214,16 @@ def run_lab(
     # Students are pruned from the float32 teacher (they train in float32); distillation uses it in teacher_dtype.
     teacher_dtype = teacher_dtype or teacher.dtype
     distilling_teacher = teacher if teacher.dtype == teacher_dtype else _copy_in(teacher, teacher_dtype)
-    teacher_ppl = evaluate_splits({"teacher": distilling_teacher}, eval_splits)
+    measured_like_trained = partial(autocast_to, config.bf16, config.device)  # as run_recovery measures
+    with measured_like_trained():
+        teacher_ppl = evaluate_splits({"teacher": distilling_teacher}, eval_splits)
     chat = None
     if chat_prompts != "none" and has_chat_template(tokenizer):
         chat = assistant_reference(distilling_teacher, tokenizer, chat_prompts)
-    teacher_chat = evaluate_assistant({"teacher": distilling_teacher}, chat, tokenizer)["teacher"] if chat else None
+    with measured_like_trained():
+        teacher_chat = (
+            evaluate_assistant({"teacher": distilling_teacher}, chat, tokenizer)["teacher"] if chat else None
+        )
     tokens_per_step = config.rows_per_step * max_length
     run_configs = {
         strategy: replace(config, **STRATEGIES[strategy], output_dir=str(output_dir / "runs" / strategy))
@@ -228,8 +235,11 @@ def run_lab(
     block_scores = {("block_influence", 1): scores}  # scored once above
     for pruning, spec in specs.items():
         student, pruned_config = spec.build(teacher, calibration, block_scores=block_scores)
-        pruned_ppl = evaluate_splits({"pruned": student}, eval_splits)
-        pruned_chat = evaluate_assistant({"pruned": student}, chat, tokenizer, answer=0)["pruned"] if chat else None
+        with measured_like_trained():
+            pruned_ppl = evaluate_splits({"pruned": student}, eval_splits)
+            pruned_chat = (
+                evaluate_assistant({"pruned": student}, chat, tokenizer, answer=0)["pruned"] if chat else None
+            )
         if reference is None:  # every recovery % is measured against the first pruning's pruned student
             reference = {split: by_model["pruned"] for split, by_model in pruned_ppl.items()}
             reference_chat = pruned_chat

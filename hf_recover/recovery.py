@@ -80,7 +80,8 @@ class RecoveryResult:
     train_runtime: float | None = None
     wall_time: float | None = None
     precision: str | None = None
-    """The type the student trained in and every model was evaluated in: "bfloat16" under `--bf16`, else "float32"."""
+    """The type the student trained in: "bfloat16" under `--bf16` (every model is then evaluated in it too),
+    "float16" under `--fp16` (mixed precision for training only), else "float32"."""
     phase_seconds: dict[str, float] = field(default_factory=dict)
     """Wall seconds of each phase of `run_recovery`: evaluation before, training, evaluation after."""
     log_history: list[dict[str, Any]] = field(default_factory=list)
@@ -205,7 +206,7 @@ def run_recovery(
         train_tokens=int(tokens),
         train_runtime=runtime,
         log_history=history,
-        precision="bfloat16" if bf16 else "float32",
+        precision="bfloat16" if bf16 else "float16" if getattr(args, "fp16", False) else "float32",
         phase_seconds=phases,
     )
     result.wall_time = time.perf_counter() - start

@@ -49,6 +49,7 @@ def cached_build(
         "spec": spec.to_dict(),
         "calibration": dataset_fingerprint(calibration) if calibration is not None else None,
         "build": {name: value for name, value in build_kwargs.items() if name != "block_scores"},
+        "device": next(teacher.parameters()).device.type,
         "torch": torch.__version__,
         "hf_recover": __version__,
     }
@@ -60,22 +61,37 @@ def cached_build(
         except Exception as err:  # noqa: BLE001 - whatever fails to read, a damaged entry is built again and replaced
             logger.warning("The cached start in %s is damaged (%s): building it again.", folder, err)
     student, pruned_config = spec.build(teacher, calibration, **build_kwargs)
-    partial = folder.with_name(f"{digest}.{os.getpid()}.partial")
+    if _is_main_process():  # one writer under torchrun; the other ranks built the same start
+        try:
+            _save(folder, student, pruned_config, key)
+        except OSError as err:  # a read-only or full cache costs the next run a build, not this run its start
+            logger.warning(
+                "The pruned start could not be cached in %s (%s): the next run builds it again.", folder, err
+            )
+    return student, pruned_config, False
+
+
+def _save(folder: Path, student: nn.Module, pruned_config: PrunedConfig, key: dict[str, Any]) -> None:
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     student.save_pretrained(partial)
     pruned_config.save_pretrained(partial)
     (partial / "key.json").write_text(json.dumps(key, sort_keys=True, default=str), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
     partial.replace(folder)  # whole or absent
-    return student, pruned_config, False
+
+
+def _is_main_process() -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
 
 
 def _load(folder: Path, teacher: nn.Module) -> tuple[nn.Module, PrunedConfig]:
-    """The start saved in `folder`, as `spec.build` returns it: the teacher's type, device, attention implementation,
-    name and gradient flags (so that its fingerprint, and the perplexities cached under it, are the built one's)."""
+    """The start saved in `folder`, as `spec.build` returns it: the teacher's type, device, attention implementation
+    and name (so that its fingerprint, and the perplexities cached under it, are the built one's), trainable."""
     parameter, config = next(teacher.parameters()), teacher.config
     student = load_pruned(folder, dtype=parameter.dtype, attn_implementation=config._attn_implementation)
     student.config._name_or_path = config._name_or_path
-    student.to(parameter.device).requires_grad_(parameter.requires_grad)
+    student.to(parameter.device).requires_grad_(True)  # as spec.build leaves it: the student trains
     print(f"The pruned start read from the cache (built in an earlier run): {folder}")
     return student, PrunedConfig.from_pretrained(folder)

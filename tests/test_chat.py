@@ -162,6 +162,9 @@ def test_chat_retention_equals_a_hand_computation(tiny_chat_tokenizer):
             student, teacher, prompts, tokenizer=tok, max_new_tokens=6, answer=False
         )
     assert former.nll == public.nll
+    with pytest.warns(FutureWarning, match="former order"):  # a teacher of None, given positionally, as before
+        former = hf_recover.evaluate_chat_retention(student, None, None, tok, reference=reference, answer=False)
+    assert former.nll == pytest.approx(nll / count, rel=1e-5)
     with pytest.raises(TypeError, match="positionally"):
         hf_recover.evaluate_chat_retention(student, tok, prompts)
     with pytest.raises(TypeError, match="twice"):

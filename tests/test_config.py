@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_recover import DistillationConfig
@@ -211,5 +212,6 @@ def test_bf16_on_a_machine_without_an_accelerator_trains_on_the_cpu(tmp_path, mo
     assert DistillationConfig(output_dir=str(tmp_path), bf16=True).use_cpu  # Trainer would refuse bf16 without it
     assert not DistillationConfig(output_dir=str(tmp_path)).use_cpu  # float32: nothing changed
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # a GPU is there: its own checks decide
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: False)  # an old one
     with pytest.raises(ValueError, match="bf16"):
         DistillationConfig(output_dir=str(tmp_path), bf16=True)

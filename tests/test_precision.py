@@ -3,6 +3,7 @@ follows the run's type (perplexities within a stated tolerance of float32's, cac
 recovery run that says which type it ran in."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +24,11 @@ def test_the_cpu_has_bf16_when_either_instruction_set_is_there(monkeypatch, avx5
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert bf16_supported("cpu") is expected
-    assert bf16_supported("meta") is False  # no native bfloat16 to speak of: float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert bf16_supported("cuda") is True  # asked without emulation: an Ampere GPU or later
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert bf16_supported("cuda") is False  # emulated only: float32
 
 
 def test_the_default_follows_the_device_a_trainer_would_pick(monkeypatch):
@@ -80,3 +85,11 @@ def test_with_precision_sets_bf16_and_auto_follows_the_hardware(tmp_path, monkey
         precision.with_precision(DistillationConfig(output_dir=str(tmp_path), bf16=True), "float32")
     with pytest.raises(ValueError, match="precision takes auto, float32, bfloat16"):
         precision.with_precision(config, "half")
+    half = SimpleNamespace(bf16=False, fp16=True, use_cpu=False)  # float16 asked for: auto leaves it alone
+    monkeypatch.setattr(precision, "bf16_default", lambda: True)
+    assert precision.with_precision(half, "auto") is half
+    with pytest.raises(ValueError, match="contradicts --fp16"):
+        precision.with_precision(half, "bfloat16")
+    on_cpu = SimpleNamespace(bf16=False, fp16=False, use_cpu=True)  # use_cpu: the CPU decides, not a GPU beside it
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: device != "cpu")
+    assert precision.with_precision(on_cpu, "auto") is on_cpu

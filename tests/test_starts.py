@@ -31,6 +31,10 @@ def test_a_second_build_reads_the_same_start_back(calibration, tmp_path, monkeyp
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     torch.testing.assert_close(read(ids).logits, built(ids).logits, rtol=0, atol=0)
 
+    teacher.requires_grad_(False)  # a frozen teacher (as a trainer leaves it): the start trains all the same
+    assert all(p.requires_grad for p in cached_build(spec, teacher, calibration)[0].parameters())
+    teacher.requires_grad_(True)
+
     for other_spec, other_data in (
         (PruneSpec.parse("angular:1:heal=lstsq"), calibration),
         (spec, calibration.select([0])),

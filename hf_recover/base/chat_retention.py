@@ -219,7 +219,7 @@ def evaluate_chat_retention(
 def _positional(values: tuple, tokenizer: Any, teacher: Any, prompts: Any) -> tuple[Any, Any, Any]:
     """`(tokenizer, teacher, prompts)` from `evaluate_chat_retention`'s positional arguments after the model: the
     tokenizer alone, or the former `(teacher, prompts, tokenizer)`."""
-    if not isinstance(values[0], torch.nn.Module):
+    if not isinstance(values[0], torch.nn.Module) and not (values[0] is None and len(values) > 1):
         if len(values) > 1 or tokenizer is not None:
             raise TypeError(
                 "evaluate_chat_retention takes the model and the tokenizer positionally; give teacher=, prompts= "

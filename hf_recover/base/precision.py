@@ -39,11 +39,14 @@ def bf16_default() -> bool:
     return bf16_supported("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@contextlib.contextmanager
 def autocast_to(bf16: bool, device: torch.device | str):
-    """`torch.autocast` to bfloat16 on `device`'s type when `bf16`, else a context that changes nothing."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    """`torch.autocast` to bfloat16 on `device`'s type (and on the CPU, where a model left there, such as the cut
+    beside a GPU run, computes as the others do) when `bf16`; else a context that changes nothing."""
+    with contextlib.ExitStack() as stack:
+        for kind in sorted({torch.device(device).type, "cpu"}) if bf16 else ():
+            stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
+        yield
 
 
 def compute_dtype(parameter: torch.Tensor) -> torch.dtype:
@@ -68,5 +71,8 @@ def with_precision(args: Any, precision: str | None) -> Any:
         raise ValueError(f"precision takes {', '.join(PRECISIONS)} (or None: bf16 decides), got {precision!r}.")
     if precision == "float32" and (args.bf16 or args.fp16):
         raise ValueError("--precision float32 contradicts --bf16 / --fp16: give one of them.")
-    bf16 = precision == "bfloat16" or (precision == "auto" and bf16_default()) or args.bf16
+    if precision == "bfloat16" and args.fp16:
+        raise ValueError("--precision bfloat16 contradicts --fp16: give one of them.")
+    native = bf16_supported("cpu") if args.use_cpu else bf16_default()
+    bf16 = precision == "bfloat16" or (precision == "auto" and native and not args.fp16) or args.bf16
     return args if bf16 == args.bf16 else dataclasses.replace(args, bf16=bf16)  # replace: Trainer's checks run again

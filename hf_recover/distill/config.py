@@ -270,7 +270,7 @@ class DistillationConfig(TrainingArguments):
             and metric.removeprefix("eval_") in (*LOSS_COMPONENTS, OBJECTIVE_NAME)
         ):
             self.greater_is_better = False
-        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not torch.accelerator.is_available():
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not _has_accelerator():
             # Trainer runs on the CPU anyway, but refuses bf16 there unless told use_cpu: a CPU-only machine needs no
             # such flag to train in bfloat16 (base/precision.py says where that is fast)
             self.use_cpu = True
@@ -361,3 +361,9 @@ class DistillationConfig(TrainingArguments):
         `DistillationConfig.for_depth_recovery(output_dir="out", max_steps=200)`.
         """
         return cls(**{**cls.DEPTH_RECOVERY_RECIPE, **overrides})
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator (torch.accelerator from torch 2.6; CUDA before)."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
