@@ -88,6 +88,17 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
+@pytest.fixture
+def packed_blocks(tiny_tokenizer):
+    """Two short texts packed into blocks of 16 tokens: evaluation or calibration data for the tiny models."""
+    from datasets import Dataset
+
+    from hf_recover.base.data import prepare_recovery_dataset
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * 8, "A river runs through the green valley. " * 8]
+    return prepare_recovery_dataset(Dataset.from_dict({"text": texts}), tiny_tokenizer, max_length=16)
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_tokenizer():
     return build_tiny_chat_tokenizer()

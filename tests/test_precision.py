@@ -8,11 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import build_tiny_model
-from datasets import Dataset
 
 import hf_recover.base.precision as precision
 import hf_recover.distill.evaluation_cache as evaluation_cache
-from hf_recover.base.data import prepare_recovery_dataset
 from hf_recover.base.evaluation import evaluate_perplexity
 from hf_recover.base.precision import autocast_to, bf16_supported, compute_dtype, dtype_name
 
@@ -52,13 +50,10 @@ def test_autocast_to_turns_bf16_on_only_when_asked():
     assert dtype_name(torch.bfloat16) == "bfloat16"
 
 
-@pytest.fixture
-def data(tiny_tokenizer):
-    texts = ["The quick brown fox jumps over the lazy dog. " * 8, "A river runs through the green valley. " * 8]
-    return prepare_recovery_dataset(Dataset.from_dict({"text": texts}), tiny_tokenizer, max_length=16)
-
-
-def test_perplexity_under_bf16_stays_within_a_percent_of_float32_and_is_cached_apart(data, tmp_path, monkeypatch):
+def test_perplexity_under_bf16_stays_within_a_percent_of_float32_and_is_cached_apart(
+    packed_blocks, tmp_path, monkeypatch
+):
+    data = packed_blocks
     monkeypatch.setenv("HF_RECOVER_CACHE", str(tmp_path))
     model = build_tiny_model(seed=0)
     full, hit = evaluation_cache.cached_perplexity(model, data)

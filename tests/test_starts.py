@@ -4,18 +4,15 @@ back, equal to the one built (weights, configuration, PrunedConfig, outputs); an
 import pytest
 import torch
 from conftest import build_tiny_model
-from datasets import Dataset
 
-from hf_recover.base.data import prepare_recovery_dataset
 from hf_recover.distill.evaluation_cache import model_fingerprint
 from hf_recover.prune.spec import PruneSpec
 from hf_recover.starts import FOLDER, cached_build
 
 
 @pytest.fixture
-def calibration(tiny_tokenizer):
-    texts = ["The quick brown fox jumps over the lazy dog. " * 8, "A river runs through the green valley. " * 8]
-    return prepare_recovery_dataset(Dataset.from_dict({"text": texts}), tiny_tokenizer, max_length=16)
+def calibration(packed_blocks):
+    return packed_blocks
 
 
 def test_a_second_build_reads_the_same_start_back(calibration, tmp_path, monkeypatch):
