@@ -135,12 +135,12 @@ def evaluation(teacher, splits, bf16: bool) -> dict:
 
 
 def generation(model, tokenizer, prompts, args, bf16: bool) -> dict:
-    from hf_recover.base.chat import end_of_turn_ids
+    from hf_recover.base.chat import end_of_turn_ids, pad_id
     from hf_recover.base.generation import Sampling, generate_completions
     from hf_recover.base.precision import autocast_to
 
     stop = end_of_turn_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     sampling = Sampling(max_new_tokens=args.new_tokens)
     with autocast_to(bf16, "cpu"):
         generate_completions(model, prompts[:2], stop_ids=stop, pad_id=pad, sampling=Sampling(max_new_tokens=4))

@@ -139,6 +139,14 @@ def render_prompt(tokenizer: Any, prompt: str | Sequence[Mapping[str, str]], *, 
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The token batches of prompts are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token to pad batches with.")
+    return pad
+
+
 def end_of_turn_ids(model: Any, tokenizer: Any) -> list[int]:
     """Every token id that ends a turn, as the model and its tokenizer declare them: the generation config's
     `eos_token_id` (an int or a list) and the tokenizer's `eos_token_id`."""

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .answer_quality import REPEAT_N, answer_quality
-from .chat import check_prompts, end_of_turn_ids, render_prompt, repeated_ngram_rate
+from .chat import check_prompts, end_of_turn_ids, pad_id, render_prompt, repeated_ngram_rate
 from .constants import IGNORE_INDEX
 from .generation import Sampling, generate_completions
 from .instruction_following import check_instruction_prompts, score_instruction_following
@@ -333,16 +333,9 @@ def gap_closed(teacher_nll: float, pruned_nll: float, nll: float) -> float:
 def _answer(model, tokenizer, prompt_ids, max_new_tokens, batch_size, desc) -> list[list[int]]:
     with tqdm(total=len(prompt_ids), desc=desc, leave=False) as progress:
         return generate_completions(
-            model, prompt_ids, stop_ids=end_of_turn_ids(model, tokenizer), pad_id=_pad_id(tokenizer),
+            model, prompt_ids, stop_ids=end_of_turn_ids(model, tokenizer), pad_id=pad_id(tokenizer),
             sampling=Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size, on_batch=progress.update,
         )  # fmt: skip
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("The tokenizer has neither a pad nor an eos token to pad batches with.")
-    return pad
 
 
 @torch.inference_mode()
@@ -350,7 +343,7 @@ def _score_answers(model, prompt_ids, answer_ids, tokenizer, batch_size: int) ->
     """Summed NLL under `model` of the answers' tokens given their prompts (teacher-forced), how many of them are the
     model's top-1, and their number."""
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     rows = [(p, a) for p, a in zip(prompt_ids, answer_ids) if a]
     nll = agree = tokens = 0
     was_training = model.training
