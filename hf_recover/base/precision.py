@@ -58,17 +58,17 @@ def compute_dtype(parameter: torch.Tensor) -> torch.dtype:
     return parameter.dtype
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """`torch.bfloat16` -> "bfloat16": the name tables and cards show."""
-    return str(dtype).removeprefix("torch.")
+def check_precision(precision: str | None) -> None:
+    """A `ValueError` unless `precision` is one of `PRECISIONS` or None."""
+    if precision not in (None, *PRECISIONS):
+        raise ValueError(f"--precision takes {', '.join(PRECISIONS)} (or nothing: --bf16 decides), got {precision!r}.")
 
 
 def with_precision(args: Any, precision: str | None) -> Any:
     """`args` (`TrainingArguments`) computing in `precision`, one of `PRECISIONS`; None leaves `bf16` as it is."""
+    check_precision(precision)
     if precision is None:
         return args
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision takes {', '.join(PRECISIONS)} (or None: bf16 decides), got {precision!r}.")
     if precision == "float32" and (args.bf16 or args.fp16):
         raise ValueError("--precision float32 contradicts --bf16 / --fp16: give one of them.")
     if precision == "bfloat16" and args.fp16:

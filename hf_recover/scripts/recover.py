@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..base.loading import load_model, resolve_dtype
-from ..base.precision import PRECISIONS, with_precision
+from ..base.precision import check_precision, with_precision
 from ..distill.config import DistillationConfig
 from .arguments import (
     DEFAULT,
@@ -77,8 +77,7 @@ class RecoverArguments:
     )
 
     def __post_init__(self):
-        if self.precision not in (None, *PRECISIONS):
-            raise ValueError(f"--precision takes {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        check_precision(self.precision)  # when the flags are read, before any work
 
 
 RECOVER_DEFAULTS = {
@@ -184,7 +183,7 @@ def main(
     elif mix_args.train_tokens:
         config.max_steps = -(-mix_args.train_tokens // (rows_per_step * data_args.max_length))
     reference = assistant_reference(teacher, tokenizer, mix_args.chat_prompts) if chat else None
-    setup_done = {"teacher, data, reference answers": time.perf_counter()}  # each phase's end, for the table
+    setup = {"teacher, data, reference answers": time.perf_counter() - start}  # each phase's seconds, for the table
 
     if spec is not None:
         spec.check(teacher, calibration)
@@ -202,7 +201,7 @@ def main(
         cut = None
         student, _ = load_model(recover_args.student)
         pruned_config = PrunedConfig.find_for(student)
-    setup_done["prune and heal"] = time.perf_counter()
+    setup["prune and heal"] = time.perf_counter() - start - sum(setup.values())
     # The trainer applies teacher_dtype only to a teacher it loads itself; this one was loaded here.
     teacher.to(resolve_dtype(recover_args.teacher, config.teacher_dtype))
     teacher_cache = None
@@ -237,8 +236,6 @@ def main(
         on_policy=on_policy,
     )
     result.wall_time = time.perf_counter() - start
-    ends = [start, *setup_done.values()]
-    setup = {name: end - begin for name, begin, end in zip(setup_done, ends, ends[1:], strict=False)}
     result.phase_seconds = {**setup, **result.phase_seconds}
     pruned = spec.to_dict() if spec is not None else recover_args.student
     write_results(output_dir, result, {"strategy": strategy_summary(config), "prune": pruned})
