@@ -240,3 +240,34 @@ def test_head_logits_are_the_models_own_logits():
     capped = head_logits(model, final[0])
     torch.testing.assert_close(capped, 0.5 * torch.tanh(logits / 0.5))
     assert capped.abs().max() < 0.5 < logits.abs().max()
+
+
+def test_an_lm_head_given_no_position_skips_its_weight(monkeypatch):
+    """Inside `final_hidden_states`, a forward that keeps no position (`no_logits`) leaves the lm_head's weight alone
+    (under autocast `nn.Linear` would cast the whole of it first), while a forward that keeps positions gives the
+    model's own logits; the head's forward is its own again after the block."""
+    import torch.nn.functional as F
+
+    from hf_recover.distill.lm_head import final_hidden_states, no_logits
+
+    model = build_tiny_model(seed=0, vocab_size=VOCAB)
+    head = model.get_output_embeddings()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids).logits
+    calls, linear = [], F.linear
+
+    def counted(x, weight, *args, **kwargs):
+        calls.append(weight is head.weight)
+        return linear(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", counted)
+    with torch.autocast("cpu", dtype=torch.bfloat16), final_hidden_states(model, True) as final:
+        outputs = model(input_ids=ids, logits_to_keep=no_logits(ids.device))
+    assert not any(calls) and outputs.logits.shape == (2, 0, VOCAB)
+    assert final[0].shape == (2, 7, model.config.hidden_size)
+    with final_hidden_states(model, True):
+        torch.testing.assert_close(model(input_ids=ids).logits, want)
+    assert calls.count(True) == 1 and "forward" not in head.__dict__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, logits_to_keep=no_logits(ids.device))
+    assert calls.count(True) == 2  # without the block, the head runs (the check can fail)

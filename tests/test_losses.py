@@ -932,3 +932,53 @@ def test_every_divergence_has_its_docstring_in_its_source():
         assert written[name].split("\n")[0] == entry.function.__doc__.split("\n")[0], name
         assert "forward_kl" in written[name] or name == "forward_kl", name  # the shared arguments are documented once
     assert "num_items_in_batch" in written["forward_kl"] and "Returns:" in written["forward_kl"]
+
+
+def test_lm_heads_multiply_in_bfloat16_under_bf16_autocast():
+    """Under bfloat16 autocast an lm_head source multiplies as the model's own `nn.Linear` would there: logits from
+    bfloat16 products, upcast before any softmax; the weight's gradient summed in float32. The reference builds the
+    logits with bfloat16 matmuls by hand; without autocast the same call matches float32 products instead."""
+    from hf_recover.base.losses import LMHeadInputs
+    from hf_recover.base.losses.chunking import head_matmul_dtype
+
+    torch.manual_seed(0)
+    states, weight, bias, _, _ = make_fused_inputs(3, 29, 16, 61, bias=True)
+    labels = make_inputs(3, 29, 61, ignore=0.2)[2]
+    teacher_states, teacher_weight = torch.randn(3, 29, 24), torch.randn(61, 24) / 24**0.5 * 3
+    kwargs = dict(ce_weight=0.7, kd_weight=1.3, temperature=1.5, chunk_size=7)
+
+    def reference(half: bool):
+        leaves = [t.clone().requires_grad_() for t in (states, weight, bias)]
+        cast = (lambda t: t.bfloat16()) if half else (lambda t: t)
+        student = F.linear(*(cast(t) for t in leaves)).float()
+        teacher = F.linear(cast(teacher_states), cast(teacher_weight)).float()
+        result = distillation_loss(student, teacher, labels, **kwargs)
+        result.loss.backward()
+        return result.loss, [leaf.grad for leaf in leaves]
+
+    def fused(autocast: bool):
+        leaves = [t.clone().requires_grad_() for t in (states, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            heads = LMHeadInputs(*leaves), LMHeadInputs(teacher_states, teacher_weight)
+            result = distillation_loss(*heads, labels, **kwargs)
+        result.loss.backward()
+        assert result.loss.dtype == torch.float32 and all(leaf.grad.dtype == torch.float32 for leaf in leaves)
+        return result.loss, [leaf.grad for leaf in leaves]
+
+    (half_loss, half_grads), (full_loss, full_grads) = reference(True), reference(False)
+    got_loss, got_grads = fused(True)
+    torch.testing.assert_close(got_loss, half_loss, rtol=1e-5, atol=1e-6)  # the same bfloat16 logits
+    assert not torch.allclose(got_loss, full_loss, rtol=1e-5, atol=1e-6)  # which float32 products would not give
+    for got, want in zip(got_grads, half_grads):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)  # backward's products in bfloat16 too
+    got_loss, got_grads = fused(False)
+    torch.testing.assert_close(got_loss, full_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(got_grads, full_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # float16 autocast keeps float32 products: a token's gradient would underflow in float16.
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert head_matmul_dtype(weight) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head_matmul_dtype(weight) == torch.bfloat16
+        assert head_matmul_dtype(weight.double()) == torch.float64  # only float32 weights are autocast's
+    assert head_matmul_dtype(weight.bfloat16()) == torch.bfloat16

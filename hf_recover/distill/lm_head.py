@@ -123,14 +123,43 @@ def first_output(module: nn.Module | None):
         handle.remove()
 
 
+@contextmanager
 def final_hidden_states(model: nn.Module, enabled: bool):
-    """Capture what `model`'s lm_head reads, its final norm's output (`first_output`), when `enabled`.
+    """Capture what `model`'s lm_head reads, its final norm's output (`first_output`), when `enabled`; and inside
+    the block, let the lm_head skip a call that keeps no position (`no_logits`).
 
-    The fused lm_head reads it this way rather than through `output_hidden_states`, which would keep every layer's
-    hidden states alive until the loss is computed: for the teacher, `num_layers × tokens × hidden` of memory that
-    nothing else needs.
+    The fused lm_head reads the hidden states this way rather than through `output_hidden_states`, which would keep
+    every layer's hidden states alive until the loss is computed: for the teacher, `num_layers × tokens × hidden`
+    of memory that nothing else needs. An lm_head given no position computes nothing, but under autocast
+    `nn.Linear` still casts its whole `(vocab, hidden)` weight first; skipped, that copy is saved in every forward.
     """
-    return first_output(final_norm(model) if enabled else None)
+    with first_output(final_norm(model) if enabled else None) as captured, _empty_calls_skipped(model, enabled):
+        yield captured
+
+
+@contextmanager
+def _empty_calls_skipped(model: nn.Module, enabled: bool):
+    """Inside the block, `model`'s lm_head answers an input with no position with empty logits, without running."""
+    head = base_model(model).get_output_embeddings() if enabled else None
+    if not isinstance(head, nn.Linear):
+        yield
+        return
+    own = head.__dict__.get("forward")  # an instance forward of its own (accelerate's hooks set one): restored
+    forward = head.forward
+
+    def skip_empty(hidden, *args, **kwargs):
+        if hidden.numel() == 0:
+            return hidden.new_empty(*hidden.shape[:-1], head.out_features)
+        return forward(hidden, *args, **kwargs)
+
+    head.forward = skip_empty
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def no_logits(device: torch.device) -> torch.Tensor:

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..base.constants import IGNORE_INDEX
 from ..base.generation import Sampling
 from ..base.losses import DIVERGENCES, distillation_loss
+from ..base.precision import autocast_to
 from ..base.pruned_config import PrunedConfig
 from .alignment import (
     build_layer_map,
@@ -358,16 +359,19 @@ class DistillationTrainer(SavesRecoveredModels, Trainer):
             if clip is not None:  # an on-policy batch with clipped per-token divergences (no CE: its weight is 0)
                 own = {**own, "max_token_divergence": clip}
             if fused or clip is not None:
-                result = distillation_loss(
-                    student_side,
-                    teacher_side,
-                    labels,
-                    divergence=args.divergence,
-                    ce_weight=self._ce_weight * scale,
-                    kd_weight=kd_weight * scale,
-                    **common,
-                    **own,
-                )
+                # Under --bf16 a fused lm_head multiplies in bfloat16, as the model's own lm_head would have; the
+                # divergence and cross-entropy stay float32 (the losses upcast the logits).
+                with autocast_to(args.bf16, labels.device):
+                    result = distillation_loss(
+                        student_side,
+                        teacher_side,
+                        labels,
+                        divergence=args.divergence,
+                        ce_weight=self._ce_weight * scale,
+                        kd_weight=kd_weight * scale,
+                        **common,
+                        **own,
+                    )
                 terms.update(ce=result.ce, kd=result.kd)
                 loss = result.loss
             else:

@@ -60,6 +60,19 @@ def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+def head_matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The type an lm_head source runs its matrix products in: bfloat16 under bfloat16 autocast on the weight's
+    device (as the model's own `nn.Linear` would run them there), else the weight's own type.
+
+    Only the products change: logits are upcast before any softmax, and the weight's gradient is summed in float32.
+    float16 autocast keeps the weight's type, since a token's gradient (about 1 / tokens times a probability) would
+    underflow in float16 before the loss scale is applied.
+    """
+    kind = weight.device.type
+    autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    return torch.bfloat16 if weight.dtype == torch.float32 and autocast == torch.bfloat16 else weight.dtype
+
+
 HEAD_BLOCK_TOKENS = 128
 """With automatic chunks, an lm_head source computes the logits of at least this many positions at once (the
 divergence still walks them in chunks). The head's three matrix products (logits, hidden-state and weight
@@ -157,7 +170,8 @@ class StudentLogits(_GivenWhole):
 
 class _Head:
     """A model's final hidden states `(B, T, H)` and lm_head `(V, H)` (+ bias). `softcap` applies Gemma's final logit
-    soft-capping, `cap · tanh(z / cap)`, to each chunk's logits."""
+    soft-capping, `cap · tanh(z / cap)`, to each chunk's logits. The head's products run in `head_matmul_dtype`,
+    decided when the source is made (under the caller's autocast)."""
 
     def __init__(
         self,
@@ -170,6 +184,16 @@ class _Head:
         self.softcap = softcap
         self._flat = hidden_states.reshape(-1, hidden_states.size(-1))  # (B, T, H) -> (B·T, H)
         self._buffers: dict[str, torch.Tensor] = {}
+        self.matmul_dtype = head_matmul_dtype(weight)
+        self._operands: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias in `matmul_dtype`, cast once per loss (the weights themselves when already in it)."""
+        if self._operands is None:
+            _, weight, bias = self.inputs
+            cast = self.matmul_dtype
+            self._operands = (weight.to(cast), None if bias is None else bias.to(cast))
+        return self._operands
 
     def _buffer(self, name: str, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
         """`(rows, columns)` memory that every block reuses: on CPU a fresh tensor above 32 MiB is a fresh `mmap`,
@@ -180,13 +204,14 @@ class _Head:
         return buffer[:rows]
 
     def release(self) -> None:
-        """Free the blocks' buffers once the loop is done."""
+        """Free the blocks' buffers (and the cast weight) once the loop is done."""
         self._buffers.clear()
+        self._operands = None
 
     def _block_logits_of(self, index, vocab: int, dtype: torch.dtype) -> torch.Tensor:
         """The block's `(n, vocab)` logits in `dtype`, computed as the model's lm_head does (then upcast) into the
         reused buffer, soft-capped when the model caps them."""
-        _, weight, bias = self.inputs
+        weight, bias = self.operands()
         hidden, weight = self._flat[index], weight[:vocab]  # rows past `vocab` are the teacher's padding
         bias = None if bias is None else bias[:vocab]
         logits = self._buffer("logits", hidden.size(0), vocab, dtype)
@@ -196,7 +221,7 @@ class _Head:
             else:
                 torch.addmm(bias, hidden, weight.T, out=logits)
         else:
-            logits.copy_(F.linear(hidden, weight, bias))  # in the weight's precision, then upcast
+            logits.copy_(F.linear(hidden.to(weight.dtype), weight, bias))  # in the head's precision, then upcast
         if self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
@@ -243,7 +268,7 @@ class StudentHead(_Head):
 
     def end_block(self, index, mask: torch.Tensor | None) -> None:
         """The block's gradient (dL/dlogits, `(n, V)`) on to the hidden states, the weight and the bias."""
-        _, weight, _ = self.inputs
+        weight, _ = self.operands()
         grad, capped = self._block_grad, self._block_logits
         self._block_grad = self._block_logits = None
         if grad is None:
@@ -253,18 +278,19 @@ class StudentHead(_Head):
         if self.softcap is not None:  # through cap · tanh(z / cap): times 1 − tanh²
             grad.mul_(capped.div_(self.softcap).square_().neg_().add_(1))
         del capped
-        grad = grad.to(weight.dtype)
         hidden_grad, weight_grad, bias_grad = self._grads
-        if hidden_grad is not None:
-            hidden_grad[index] = (grad @ weight).to(hidden_grad.dtype)  # (n, V) @ (V, H)
-        if weight_grad is not None:
-            hidden = self._flat[index]
-            if weight_grad.dtype == weight.dtype:
-                weight_grad.addmm_(grad.T, hidden)  # (V, n) @ (n, H), without a (V, H) temporary
-            else:
-                weight_grad += grad.T @ hidden.to(weight.dtype)  # half-precision weight, float32 sum
         if bias_grad is not None:
             bias_grad += grad.sum(0)
+        if weight_grad is not None:
+            # In the accumulator's type, without a (V, H) temporary: a bfloat16 product would cost a (V, H) result
+            # and its conversion per block, more than the float32 product it saves.
+            hidden = self._flat[index]
+            if weight_grad.dtype == hidden.dtype == grad.dtype:
+                weight_grad.addmm_(grad.T, hidden)  # (V, n) @ (n, H)
+            else:  # a half-precision model: its own type's product, summed in float32
+                weight_grad += grad.to(weight.dtype).T @ hidden.to(weight.dtype)
+        if hidden_grad is not None:
+            hidden_grad[index] = (grad.to(weight.dtype) @ weight).to(hidden_grad.dtype)  # (n, V) @ (V, H)
 
     def finish(self, invalid: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden_grad, weight_grad, bias_grad = self._grads
