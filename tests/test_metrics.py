@@ -72,6 +72,27 @@ def test_perplexity_metric_equals_evaluate_perplexity(tiny_llama, perplexity_met
     assert result["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_nll_in_chunks_is_the_whole_batch_cross_entropy(monkeypatch, dtype):
+    """Scored a few rows at a time (chunks of 3 positions here, the last one short) against the naive formula: each
+    position's -log softmax at its next label, in float32, ignored labels skipped."""
+    import hf_recover.base.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "NLL_CHUNK_ELEMENTS", 3 * 50)
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 9, 50, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    labels[0, 4], labels[1, 8] = IGNORE_INDEX, IGNORE_INDEX
+    nll, tokens = next_token_nll(logits, labels)
+    logp = logits.float().log_softmax(-1)
+    want = [
+        sum(-logp[b, t, labels[b, t + 1]].item() for t in range(8) if labels[b, t + 1] != IGNORE_INDEX)
+        for b in range(2)
+    ]
+    assert nll.dtype == torch.float32 and tokens.tolist() == [7, 7]
+    torch.testing.assert_close(nll, torch.tensor(want), rtol=1e-5, atol=1e-5)
+
+
 def test_recovery_metric_equals_recovery_metrics_and_the_hand_value(recovery_metric):
     result = recovery_metric.compute(teacher_perplexity=[20.0], pruned_perplexity=[60.0], recovered_perplexity=[30.0])
     assert result["recovery"] == pytest.approx(0.75)  # (60 - 30) / (60 - 20)

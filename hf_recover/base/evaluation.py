@@ -16,6 +16,10 @@ from tqdm.auto import tqdm
 from .constants import IGNORE_INDEX
 from .data import iter_batches, num_batches
 
+NLL_CHUNK_ELEMENTS = 2**22
+"""`next_token_nll` upcasts and scores this many logits at a time (16 MiB in float32): below the size at which
+glibc maps every fresh block anew (32 MiB), so its temporaries are recycled instead of page-faulted in again."""
+
 
 def evaluate_perplexity(
     model: torch.nn.Module,
@@ -115,12 +119,17 @@ def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     `logits` (B, T, V) and `labels` (B, T), not shifted: position `t` is scored against label `t + 1`, and labels
     equal to -100 are skipped. Returns two (B,) tensors, `nll_sum` and `tokens`.
     """
-    # (B, T, V) -> predictions for positions 0..T-2 against labels 1..T-1
-    shift_logits = logits[:, :-1].float()
+    # (B, T, V) -> predictions for positions 0..T-2 against labels 1..T-1, a few float32 rows at a time: whole
+    # float32 copies of a batch's logits (and their log-softmax) would each be several times the logits' own memory
     shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(
-        shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(shift_labels.shape)
+    nll = torch.empty(shift_labels.shape, dtype=torch.float32, device=logits.device)
+    step = max(1, NLL_CHUNK_ELEMENTS // logits.size(-1))
+    for row in range(logits.size(0)):
+        for start in range(0, shift_labels.size(1), step):
+            scored = slice(start, min(start + step, shift_labels.size(1)))
+            nll[row, scored] = F.cross_entropy(
+                logits[row, scored].float(), shift_labels[row, scored], ignore_index=IGNORE_INDEX, reduction="none"
+            )
     return nll.sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
 
 
