@@ -318,3 +318,29 @@ def test_several_greedy_answers_per_prompt_and_bad_filters_are_refused(tmp_path,
         AnswerFilter(max_repeated_ngram_rate=1.5)
     with pytest.raises(ValueError, match="max_answers_per_prompt must be a positive int"):
         AnswerFilter(max_answers_per_prompt=0)
+
+
+def test_the_build_reports_its_generation_speed_beside_a_forwards(tmp_path, teacher, tok, caplog, monkeypatch):
+    """The build counts the new tokens it generated and logs their rate beside a teacher forward's over the last
+    batch's rows; the clock counts exactly the completions' tokens."""
+    import logging
+
+    import hf_recover.distill.teacher_data as teacher_data
+    from hf_recover.base.generation import GenerationClock, forward_tokens_per_second
+
+    clock = GenerationClock()
+    assert clock.timed([[1, 2]], lambda: [[5, 6, 7], []]) == [[5, 6, 7], []]
+    assert clock.new_tokens == 3 and clock.seconds > 0 and clock.last == ([[1, 2]], [[5, 6, 7], []])
+    assert forward_tokens_per_second(teacher, [[5, 6, 7], [1, 2]], pad_id=0) > 0
+    seen = []
+    monkeypatch.setattr(
+        teacher_data, "forward_tokens_per_second", lambda model, rows, pad: seen.append(rows) or 1234.0
+    )
+    prompts = ["The quick fox?", "A river runs?"]
+    with caplog.at_level(logging.INFO, logger=teacher_data.__name__):
+        out = build_teacher_data(teacher, tok, tmp_path / "d", prompts=prompts, num_prompts=0, answer_sampling=ANSWERS)
+    data = load_teacher_data(out, teacher=teacher, tokenizer=tok)
+    written = sum(len(row["input_ids"]) - row["prompt_length"] for row in data)
+    message = next(record.getMessage() for record in caplog.records if "new tokens" in record.getMessage())
+    assert message.startswith(f"Teacher data: {written} new tokens in ") and "reads 1234 tokens/s" in message
+    assert sorted(seen[0]) == sorted(row["input_ids"] for row in data)  # the forward reads the rows just written

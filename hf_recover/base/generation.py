@@ -4,6 +4,7 @@ generate through `generate_completions`; on a GPU fleet this is the seam where a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -141,3 +142,44 @@ def _cut_after_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
         if token in stops:
             return tokens[: position + 1]
     return tokens
+
+
+@dataclass
+class GenerationClock:
+    """New tokens written and the seconds spent writing them, summed over the calls it `timed`; `last` keeps the
+    last call's prompts and completions, the rows `forward_tokens_per_second` reads to compare a forward with it."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+    last: tuple[list, list] = ((), ())
+
+    def timed(self, prompts: Sequence, write: Callable[[], list[list[int]]]) -> list[list[int]]:
+        """`write()`'s completions of `prompts`, counted and timed."""
+        started = time.perf_counter()
+        completions = write()
+        self.seconds += time.perf_counter() - started
+        self.new_tokens += sum(len(completion) for completion in completions)
+        self.last = (list(prompts), completions)
+        return completions
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@torch.inference_mode()
+def forward_tokens_per_second(model, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> float:
+    """A teacher-forced forward's throughput over `sequences` (right-padded batches; the padding is not counted):
+    what generation of the same tokens is measured against."""
+    device = next(model.parameters()).device
+    sequences = [list(sequence) for sequence in sequences if len(sequence)]
+    started, tokens = time.perf_counter(), 0
+    for start in range(0, len(sequences), batch_size):
+        rows = sequences[start : start + batch_size]
+        width = max(map(len, rows))
+        ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+        model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        tokens += int(mask.sum())
+    seconds = time.perf_counter() - started
+    return tokens / seconds if seconds > 0 else 0.0

@@ -68,7 +68,7 @@ from ..base.chat import (
 from ..base.chat_retention import ChatReference, chat_reference, load_chat_prompts
 from ..base.constants import IGNORE_INDEX
 from ..base.defaults.assets import cache_root
-from ..base.generation import Sampling, generate_completions
+from ..base.generation import GenerationClock, Sampling, forward_tokens_per_second, generate_completions
 from ..base.version import __version__
 from .answer_filter import (
     KEEP_ALL_ANSWERS,
@@ -229,6 +229,7 @@ def build_teacher_data(
                 rows = writer.samples(unit["count"], sample_sampling, unit_seed)
             build.save(index, _as_dataset(rows))
             progress.update(unit["count"])
+    writer.report_speed()
     build.finish(lambda shards: _finished_metadata(output_dir, plan, shards))
     return Path(output_dir)
 
@@ -396,7 +397,7 @@ class _Writer:
         self.teacher, self.tokenizer, self.filter, self.per_prompt = teacher, tokenizer, prompt_filter, per_prompt
         self.stop_ids = end_of_turn_ids(teacher, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.given, self.stop_loops = generate, stop_loops
+        self.given, self.stop_loops, self.pad, self.clock = generate, stop_loops, pad, GenerationClock()
         self.generate = generate or (
             lambda model, ids, sampling, seed, stop_loops=False: generate_completions(
                 model, ids, stop_ids=self.stop_ids, pad_id=pad, sampling=sampling, batch_size=batch_size, seed=seed,
@@ -406,9 +407,20 @@ class _Writer:
         self.special_ids = set(tokenizer.all_special_ids)
 
     def _complete(self, prompt_ids, sampling, seed, *, answers: bool = False) -> list[list[int]]:
-        if answers and self.stop_loops and self.given is None:  # a given engine decides its own stopping
-            return self.generate(self.teacher, prompt_ids, sampling, seed, stop_loops=True)
-        return self.generate(self.teacher, prompt_ids, sampling, seed)
+        # a given engine decides its own stopping
+        stop = {"stop_loops": True} if answers and self.stop_loops and self.given is None else {}
+        return self.clock.timed(prompt_ids, lambda: self.generate(self.teacher, prompt_ids, sampling, seed, **stop))
+
+    def report_speed(self) -> None:
+        """Log the build's generation throughput beside a teacher forward's over the last batch's rows."""
+        clock = self.clock
+        if clock.new_tokens:
+            rows = [list(prompt) + list(answer) for prompt, answer in zip(*clock.last)]
+            forward = forward_tokens_per_second(self.teacher, rows, self.pad)
+            logger.info(
+                "Teacher data: %d new tokens in %.0f s, %.0f tokens/s; a teacher forward over the same rows reads "
+                "%.0f tokens/s.", clock.new_tokens, clock.seconds, clock.tokens_per_second, forward,
+            )  # fmt: skip
 
     def answers(self, prompts: list[Any], source: str, sampling: Sampling, seed: int) -> list[dict[str, Any]]:
         if not prompts:
