@@ -86,11 +86,13 @@ def teacher_top_k(
         chunk_top, chunk_ids = chunk.topk(k, dim=-1, sorted=True)  # the top-k of z is the top-k of log p
         chunk_top = chunk_top.float()
         shifted = chunk.float() - chunk_top[:, :1]  # z − max z <= 0, a new tensor: the logits stay untouched
-        log_normaliser = shifted.exp().sum(-1, keepdim=True).log_()  # log Σ exp(z − max z)
+        exp_shifted = shifted.exp()
+        log_normaliser = exp_shifted.sum(-1, keepdim=True).log_()  # log Σ exp(z − max z)
         # Σ_tail p^(1/T) as a sum of its own small terms (1 − Σ top would cancel); an empty tail is log 0 = -inf.
         chunk_tails = []
         for temperature in temperatures:
-            powered = shifted.exp() if temperature == 1.0 else shifted.mul(1.0 / temperature).exp_()
+            # at T = 1 the exponentials above, zeroed on the top-k in place: no other temperature reads them
+            powered = exp_shifted if temperature == 1.0 else shifted.mul(1.0 / temperature).exp_()
             tail = powered.scatter_(1, chunk_ids, 0.0).sum(-1, keepdim=True).log_()
             chunk_tails.append(tail - log_normaliser / temperature)  # p^(1/T) = exp((z − max z − log Σ) / T)
         ids.append(chunk_ids)
