@@ -4,6 +4,7 @@ generate through `generate_completions`; on a GPU fleet this is the seam where a
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -173,13 +174,15 @@ def forward_tokens_per_second(model, sequences: Sequence[Sequence[int]], pad_id:
     what generation of the same tokens is measured against."""
     device = next(model.parameters()).device
     sequences = [list(sequence) for sequence in sequences if len(sequence)]
+    # the logits of the last position only, where the forward can skip the others (as generation's steps do)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     started, tokens = time.perf_counter(), 0
     for start in range(0, len(sequences), batch_size):
         rows = sequences[start : start + batch_size]
         width = max(map(len, rows))
         ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
-        model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        model(input_ids=ids, attention_mask=mask, use_cache=False, **last_only)
         tokens += int(mask.sum())
     seconds = time.perf_counter() - started
     return tokens / seconds if seconds > 0 else 0.0

@@ -229,8 +229,8 @@ def build_teacher_data(
                 rows = writer.samples(unit["count"], sample_sampling, unit_seed)
             build.save(index, _as_dataset(rows))
             progress.update(unit["count"])
-    writer.report_speed()
     build.finish(lambda shards: _finished_metadata(output_dir, plan, shards))
+    writer.report_speed()  # after the data is whole: a figure for the log, never a reason to lose the build
     return Path(output_dir)
 
 
