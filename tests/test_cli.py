@@ -184,6 +184,28 @@ def test_evaluate_measures_the_assistant_with_a_chat_teacher(workspace, tiny_cha
     assert assistant["pruned"]["top1_agreement"] < 1.0  # another model: not the teacher's every token
 
 
+def test_evaluate_computes_in_the_precision_asked(workspace, monkeypatch, capsys):
+    """`--precision bfloat16` evaluates every model under bfloat16 autocast and says so in the table; float32, the
+    default, leaves autocast off."""
+    import hf_recover.base.evaluation as evaluation
+
+    ws, seen, score = workspace, [], evaluation.score_models
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "score_models", spy)
+    for precision, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        seen.clear()
+        out = ws / f"eval-{precision}.json"
+        cli(["evaluate", "--model", str(ws / "teacher"), "--precision", precision, "--output_file", str(out),
+             *data_flags(ws, "evaluate")])  # fmt: skip
+        assert seen and set(seen) == {dtype} and f"computed in {precision}" in capsys.readouterr().out
+        perplexity = json.loads(out.read_text())["perplexity"]
+        assert all(value > 0 for split in perplexity.values() for value in split.values())
+
+
 def test_output_folder_is_never_overwritten_without_asking(workspace):
     ws = workspace
     (ws / "taken").mkdir()
@@ -228,6 +250,11 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
         ),
         (["recover", "--prune", "last:2", "--chat_prompts", "my.json"], ValueError, "got 'my.json'"),
         (["evaluate", "--model", "./m", "--chat_prompts", "my.json"], ValueError, "got 'my.json'"),
+        (
+            ["evaluate", "--model", "./m", "--precision", "fp16"],
+            ValueError,
+            "--precision takes auto, float32, bfloat16",
+        ),
         (["recover", "--prune", "last:2", "--train_tokens", "0"], ValueError, r"--train_tokens\) .* got 0"),
         (["recover", "--prune", "last:2", "--train_tokens", "-1000"], ValueError, "got -1000"),
         (["recover", "--prune", "last:2", "--chat_fraction", "-0.2"], ValueError, "got -0.2"),

@@ -8,6 +8,7 @@ default corpus, the held-out domains (--held_out).
 With `--teacher` and `--pruned`, recovery % and retention follow. With `--teacher` and a chat template, the
 assistant is measured too: every model against the teacher's greedy answers to `--chat_prompts` (perplexity of
 those answers, top-1 agreement, repeated 4-grams of its own answers; log-perplexity recovery with `--pruned`).
+`--precision bfloat16` (or `auto`) computes in bfloat16 under autocast; the table's last line says which type.
 `--tasks` runs lm-eval tasks
 (needs `pip install lm-eval`), including local task files from `--include_path` that work offline;
 with `--teacher`, capability retention (mean accuracy of the model over the teacher's) is reported.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..base.loading import load_model
+from ..base.precision import PRECISIONS, autocast_to, bf16_supported
 from .arguments import (
     EvaluationArguments,
     check_chat_prompts,
@@ -44,6 +46,17 @@ class EvaluateArguments:
         metadata={"help": "The assistant's prompts (with --teacher): test, dev (hf_recover's own) or none."},
     )
     output_file: str | None = field(default=None, metadata={"help": "Write the figures as JSON here."})
+    precision: str = field(
+        default="float32",
+        metadata={
+            "help": "The type the models compute in: float32, bfloat16, or auto: bfloat16 where the CPU or GPU "
+            "computes it natively (AVX512-BF16 or AMX, Ampere on), else float32. The figures themselves are float32."
+        },
+    )
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:  # when the flags are read, before any model is loaded
+            raise ValueError(f"--precision takes {', '.join(PRECISIONS)}, got {self.precision!r}.")
 
 
 def make_parser(subparsers=None):
@@ -70,11 +83,15 @@ def main(args: EvaluateArguments, data_args: EvaluationArguments):
             models[name], tok = load_model(path)
             tokenizer = tokenizer or tok
     eval_splits = prepare_eval_splits(load_text_splits(data_args), tokenizer, data_args)
-    result = RecoveryResult(perplexity=evaluate_splits(models, eval_splits))
-    if "teacher" in models and args.chat_prompts != "none" and has_chat_template(tokenizer):
-        reference = assistant_reference(models["teacher"], tokenizer, args.chat_prompts)
-        scores = evaluate_assistant(models, reference, tokenizer)
-        result.assistant = chat_retention_table(scores)
+    device = next(models["recovered"].parameters()).device
+    bf16 = args.precision == "bfloat16" or (args.precision == "auto" and bf16_supported(device))
+    with autocast_to(bf16, device):
+        result = RecoveryResult(perplexity=evaluate_splits(models, eval_splits))
+        result.precision = "bfloat16" if bf16 else "float32"
+        if "teacher" in models and args.chat_prompts != "none" and has_chat_template(tokenizer):
+            reference = assistant_reference(models["teacher"], tokenizer, args.chat_prompts)
+            scores = evaluate_assistant(models, reference, tokenizer)
+            result.assistant = chat_retention_table(scores)
     figures = {"perplexity": result.perplexity}
     if result.assistant:
         figures["assistant"] = result.assistant
