@@ -7,6 +7,8 @@ supports (`SUPPORTED_ARCHITECTURES`) are described in one place.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -19,6 +21,14 @@ GLU_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 ONE_PLUS_WEIGHT_NORMS = ("Gemma3RMSNorm",)
 """Norms that compute `x / rms(x) * (1 + weight)` (Gemma); the others compute `x / rms(x) * weight`."""
+
+
+def accepts(model: nn.Module | None, argument: str) -> bool:
+    """Whether the model's forward takes `argument`."""
+    if model is None:
+        return False
+    forward = getattr(model, "_original_forward", model.forward)  # accelerate may wrap forward for autocast
+    return argument in inspect.signature(forward).parameters
 
 
 def check_supported(model: nn.Module) -> None:

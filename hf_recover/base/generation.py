@@ -4,13 +4,14 @@ generate through `generate_completions`; on a GPU fleet this is the seam where a
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import StoppingCriteria
+
+from .anatomy import accepts
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def forward_tokens_per_second(model, sequences: Sequence[Sequence[int]], pad_id:
     device = next(model.parameters()).device
     sequences = [list(sequence) for sequence in sequences if len(sequence)]
     # the logits of the last position only, where the forward can skip the others (as generation's steps do)
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last_only = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     started, tokens = time.perf_counter(), 0
     for start in range(0, len(sequences), batch_size):
         rows = sequences[start : start + batch_size]

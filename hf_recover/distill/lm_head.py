@@ -14,12 +14,12 @@ transformers classes, and a plain `nn.Linear` head; everything else keeps the mo
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..base.anatomy import accepts
 from ..base.constants import SUPPORTED_ARCHITECTURES
 from ..base.losses import LMHeadInputs
 
@@ -41,14 +41,6 @@ def base_model(model: nn.Module) -> nn.Module:
 def text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def accepts(model: nn.Module | None, argument: str) -> bool:
-    """Whether the model's forward takes `argument`."""
-    if model is None:
-        return False
-    forward = getattr(model, "_original_forward", model.forward)  # accelerate may wrap forward for autocast
-    return argument in inspect.signature(forward).parameters
 
 
 def _declared_type_problem(model: nn.Module) -> str | None:

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..base.anatomy import accepts
 from ..base.constants import IGNORE_INDEX
 from ..base.generation import Sampling
 from ..base.losses import DIVERGENCES, distillation_loss
@@ -40,7 +41,6 @@ from .alignment import (
 from .cached_training import split_cached_teacher, training_cache_columns
 from .config import OBJECTIVE_NAME, DistillationConfig
 from .lm_head import (
-    accepts,
     final_hidden_states,
     fused_head_problem,
     is_peft_model,
