@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .answer_quality import REPEAT_N, answer_quality
 from .chat import check_prompts, end_of_turn_ids, pad_id, render_prompt, repeated_ngram_rate
 from .constants import IGNORE_INDEX
-from .generation import Sampling, generate_completions
+from .generation import Sampling, generate_completions, right_padded
 from .instruction_following import check_instruction_prompts, score_instruction_following
 
 CHAT_PROMPTS_FILE = "chat_prompts.json"
@@ -351,14 +351,10 @@ def _score_answers(model, prompt_ids, answer_ids, tokenizer, batch_size: int) ->
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            width = max(len(p) + len(a) for p, a in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            ids, mask = right_padded([[*p, *a] for p, a in chunk], pad)
+            labels = torch.full_like(ids, IGNORE_INDEX)
             for r, (p, a) in enumerate(chunk):
-                ids[r, : len(p) + len(a)] = torch.as_tensor([*p, *a])
                 labels[r, len(p) : len(p) + len(a)] = torch.as_tensor(a)
-                mask[r, : len(p) + len(a)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
             targets = labels[:, 1:].to(device)  # (B, T-1): position t predicts token t + 1
             valid = targets != IGNORE_INDEX

@@ -179,11 +179,20 @@ def forward_tokens_per_second(model, sequences: Sequence[Sequence[int]], pad_id:
     last_only = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     started, tokens = time.perf_counter(), 0
     for start in range(0, len(sequences), batch_size):
-        rows = sequences[start : start + batch_size]
-        width = max(map(len, rows))
-        ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
-        model(input_ids=ids, attention_mask=mask, use_cache=False, **last_only)
+        ids, mask = right_padded(sequences[start : start + batch_size], pad_id)
+        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **last_only)
         tokens += int(mask.sum())
     seconds = time.perf_counter() - started
     return tokens / seconds if seconds > 0 else 0.0
+
+
+def right_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B, width)` ids of `sequences` padded on the right with `pad_id`, and their attention mask (teacher-forced
+    batches; generation pads on the left)."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.as_tensor(list(sequence))
+        mask[row, : len(sequence)] = 1
+    return ids, mask
