@@ -10,7 +10,6 @@ hf_recover's cache (`cache_root()/starts/<key>`) with its `pruned_config.json`, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from .base.loading import load_pruned
 from .base.pruned_config import PrunedConfig
 from .base.version import __version__
 from .distill.evaluation_cache import model_fingerprint
-from .distill.fingerprints import dataset_fingerprint
+from .distill.fingerprints import dataset_fingerprint, key_digest
 
 logger = logging.getLogger(__name__)
 FOLDER = "starts"
@@ -53,8 +52,7 @@ def cached_build(
         "torch": torch.__version__,
         "hf_recover": __version__,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    folder = Path(cache_root(cache_dir)) / FOLDER / digest
+    folder = Path(cache_root(cache_dir)) / FOLDER / key_digest(key)
     if (folder / "key.json").is_file():
         try:
             return (*_load(folder, teacher), True)

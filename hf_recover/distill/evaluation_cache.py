@@ -22,7 +22,7 @@ from ..base.evaluation import evaluate_perplexity
 from ..base.evaluation import evaluate_splits as evaluate_splits_uncached
 from ..base.precision import compute_dtype
 from ..base.version import __version__
-from .fingerprints import dataset_fingerprint, weights_fingerprint
+from .fingerprints import dataset_fingerprint, key_digest, weights_fingerprint
 
 FOLDER = "perplexity"
 
@@ -53,8 +53,7 @@ def cached_perplexity(
         "torch": torch.__version__,
         "hf_recover": __version__,
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_root(cache_dir)) / FOLDER / f"{digest}.json"
+    path = Path(cache_root(cache_dir)) / FOLDER / f"{key_digest(key)}.json"
     if path.is_file():
         try:
             return float(json.loads(path.read_text(encoding="utf-8"))["perplexity"]), True

@@ -14,6 +14,12 @@ from torch import nn
 from ..base.data import MODEL_INPUT_COLUMNS
 
 
+def key_digest(key: dict[str, Any]) -> str:
+    """The name a cache entry is stored under: 24 hex digits of the sha256 of `key` as JSON (keys sorted; a value
+    JSON cannot write, as its `str`). The same key always names the same entry."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 of a model's parameters and buffers (names, dtypes, shapes and bytes), independent of its device."""
     digest = hashlib.sha256()
