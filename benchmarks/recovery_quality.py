@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,7 @@ from protocol import QUICK_TEACHER_DATA, demo_protocol, quiet_run_args, use_core
 
 from hf_recover import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_recover.base.chat_retention import (  # noqa: E402
+    PROMPT_SETS,
     answer_prompts,
     chat_reference,
     chat_retention_table,
@@ -68,7 +70,7 @@ from hf_recover.base.chat_retention import (  # noqa: E402
 )
 from hf_recover.base.generation import Sampling  # noqa: E402
 from hf_recover.base.instruction_following import load_instruction_prompts  # noqa: E402
-from hf_recover.distill.answer_filter import KEEP_ALL_ANSWERS  # noqa: E402
+from hf_recover.distill.answer_filter import GOOD_ANSWERS, KEEP_ALL_ANSWERS  # noqa: E402
 from hf_recover.prune.spec import PruneSpec  # noqa: E402
 from hf_recover.recovery import (  # noqa: E402
     DEMO_DEFAULTS,
@@ -102,6 +104,21 @@ def parse_args(argv=None):
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="Override a field of the hf_recover recipes."
     )
     parser.add_argument("--chat_fraction", type=float, default=None, help="The mixture's share of teacher answers.")
+    parser.add_argument(
+        "--num_prompts", type=int, default=None, help="Prompts of the mixture's teacher data (NUM_PROMPTS)."
+    )
+    parser.add_argument(
+        "--max_answer_tokens",
+        type=int,
+        default=None,
+        help="Train only on the teacher's good answers of at most this many tokens (GOOD_ANSWERS' own cap).",
+    )
+    parser.add_argument(
+        "--prompts",
+        choices=PROMPT_SETS,
+        default="test",
+        help="The assistant's prompts: 'dev' to choose a recipe, 'test' (the default) to report it.",
+    )
     parser.add_argument(
         "--prune",
         default=DEMO_DEFAULTS["prune"],
@@ -164,8 +181,13 @@ class NaiveDistillationTrainer(Trainer):
 
 
 def mixture_settings(args) -> dict:
-    """The demo's mixture (`teacher_mixture`'s defaults, which the demo uses) with this run's `--chat_fraction`."""
+    """The demo's mixture (`teacher_mixture`'s defaults, which the demo uses) with this run's `--chat_fraction`,
+    `--num_prompts` and `--max_answer_tokens`."""
     settings = {} if args.chat_fraction is None else {"chat_fraction": args.chat_fraction}
+    if args.num_prompts is not None:
+        settings["num_prompts"] = args.num_prompts
+    if args.max_answer_tokens is not None:
+        settings["answer_filter"] = dataclasses.replace(GOOD_ANSWERS, max_answer_tokens=args.max_answer_tokens)
     if args.quick:  # a small teacher data of its own
         settings.update(QUICK_TEACHER_DATA)
     return settings
@@ -179,8 +201,8 @@ def main(argv=None) -> dict:
     teacher, tokenizer, text, calibration = protocol.teacher, protocol.tokenizer, protocol.text, protocol.calibration
     data_args, eval_splits = protocol.data_args, protocol.eval_splits
     tuning = {split: eval_splits[split] for split in TUNING_SPLITS}
-    prompts = load_chat_prompts("test")[: 8 if args.quick else None]
-    instructions = load_instruction_prompts("test")[: 8 if args.quick else None]
+    prompts = load_chat_prompts(args.prompts)[: 8 if args.quick else None]
+    instructions = load_instruction_prompts(args.prompts)[: 8 if args.quick else None]
 
     results = {"tokens": args.tokens, "recipes": {}}
     chat, results["throughput"] = _reference_and_throughput(teacher, tokenizer, prompts, instructions)

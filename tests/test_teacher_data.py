@@ -293,6 +293,14 @@ def test_several_answers_per_prompt_are_kept_with_their_figures_and_filtered_on_
     assert [m[-1]["content"] for m in first["messages"]] == ["Rain runs downhill into them.", "It burns hydrogen."]
     unfiltered = AnswerFilter(finished_only=False, drop_refusals=False, max_repeated_ngram_rate=None)
     assert len(load_teacher_data(out, answer_filter=unfiltered)) == 6
+    # the length cap counts the answer's tokens with its end-of-turn, by hand: at that count an answer stays
+    lengths = {m[-1]["content"]: len(tok(m[-1]["content"], add_special_tokens=False)["input_ids"]) + 1 for m in
+               good["messages"]}  # fmt: skip
+    shortest = min(lengths.values())
+    assert len(set(lengths.values())) > 1  # the cap below tells the answers apart
+    capped = load_teacher_data(out, answer_filter=AnswerFilter(max_answer_tokens=shortest))
+    assert [m[-1]["content"] for m in capped["messages"]] == [a for a, n in lengths.items() if n == shortest]
+    assert max(capped["answer_tokens"]) == shortest
 
     report = read_teacher_data_metadata(out)["answers"]  # what the card reports, by hand
     assert (report["answers"], report["prompts"]) == (6, 3)
@@ -301,6 +309,7 @@ def test_several_answers_per_prompt_are_kept_with_their_figures_and_filtered_on_
     assert (report["kept_answers"], report["kept_prompts"]) == (3, 2)
     card = " ".join((out / "README.md").read_text().split())
     assert "83.3% end" in card and "16.7% refuse" in card and "keeps 3 answers to 2 prompts" in card
+    assert "(`GOOD_ANSWERS`: finished, no refusal, no loop)" in card  # the default filter, in words
 
 
 def test_several_greedy_answers_per_prompt_and_bad_filters_are_refused(tmp_path, teacher, tok):
@@ -318,6 +327,9 @@ def test_several_greedy_answers_per_prompt_and_bad_filters_are_refused(tmp_path,
         AnswerFilter(max_repeated_ngram_rate=1.5)
     with pytest.raises(ValueError, match="max_answers_per_prompt must be a positive int"):
         AnswerFilter(max_answers_per_prompt=0)
+    for bad in (0, -5, True, 2.5):
+        with pytest.raises(ValueError, match="max_answer_tokens must be a positive int or None"):
+            AnswerFilter(max_answer_tokens=bad)
 
 
 def test_the_build_reports_its_generation_speed_beside_a_forwards(tmp_path, teacher, tok, caplog, monkeypatch):
@@ -344,3 +356,16 @@ def test_the_build_reports_its_generation_speed_beside_a_forwards(tmp_path, teac
     message = next(record.getMessage() for record in caplog.records if "new tokens" in record.getMessage())
     assert message.startswith(f"Teacher data: {written} new tokens in ") and "reads 1234 tokens/s" in message
     assert sorted(seen[0]) == sorted(row["input_ids"] for row in data)  # the forward reads the rows just written
+
+
+def test_the_data_card_names_what_the_answer_filter_keeps():
+    from dataclasses import asdict
+
+    from hf_recover.distill.answer_filter import KEEP_ALL_ANSWERS, AnswerFilter
+    from hf_recover.distill.teacher_data_card import _kept_are
+
+    capped = AnswerFilter(max_answer_tokens=256, max_answers_per_prompt=1)
+    assert _kept_are(asdict(capped)) == "finished, no refusal, no loop, at most 256 tokens, at most 1 per prompt"
+    assert _kept_are(asdict(KEEP_ALL_ANSWERS)) == "every answer"
+    earlier = {key: value for key, value in asdict(AnswerFilter()).items() if key != "max_answer_tokens"}
+    assert _kept_are(earlier) == "finished, no refusal, no loop"  # a card written before the length cap

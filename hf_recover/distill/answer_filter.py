@@ -27,14 +27,19 @@ class AnswerFilter:
     """Drop answers whose share of repeated 4-grams exceeds this (None: keep all)."""
     max_answers_per_prompt: int | None = None
     """Keep at most this many of a prompt's answers that pass, the first ones written (None: all)."""
+    max_answer_tokens: int | None = None
+    """Drop answers longer than this many tokens, end-of-turn included (None: any length). A student learns the
+    length of the answers it is trained on: trained on answers longer than the budget it is judged in, it does not
+    finish within it."""
 
     def __post_init__(self):
         rate = self.max_repeated_ngram_rate
         if rate is not None and not 0 <= rate <= 1:
             raise ValueError(f"max_repeated_ngram_rate is a share in [0, 1] or None, got {rate!r}.")
-        most = self.max_answers_per_prompt
-        if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
-            raise ValueError(f"max_answers_per_prompt must be a positive int or None, got {most!r}.")
+        for name in ("max_answers_per_prompt", "max_answer_tokens"):
+            most = getattr(self, name)
+            if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {most!r}.")
 
     def keeps(self, row: dict[str, Any]) -> bool:
         """Whether one row passes (`max_answers_per_prompt` aside, which counts rows)."""
@@ -43,8 +48,12 @@ class AnswerFilter:
         too_repetitive = self.max_repeated_ngram_rate is not None and (
             row["repeated_ngram_rate"] > self.max_repeated_ngram_rate
         )
+        too_long = self.max_answer_tokens is not None and row["answer_tokens"] > self.max_answer_tokens
         return not (
-            (self.finished_only and not row["finished"]) or (self.drop_refusals and row["refusal"]) or too_repetitive
+            (self.finished_only and not row["finished"])
+            or (self.drop_refusals and row["refusal"])
+            or too_repetitive
+            or too_long
         )
 
 
