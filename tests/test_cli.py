@@ -243,6 +243,12 @@ def test_output_folder_is_never_overwritten_without_asking(workspace):
         ),
         (["recover", "--prune", "last:2", "--answer_top_p", "0"], ValueError, "top_p must be in"),
         (["recover", "--prune", "last:2", "--answers_per_prompt", "0"], ValueError, "got 0"),
+        (["recover", "--prune", "last:2", "--max_answer_tokens", "0"], ValueError, "--max_answer_tokens: .* got 0"),
+        (
+            ["recover", "--prune", "last:2", "--max_answer_tokens", "256", "--no_filter_answers"],
+            ValueError,
+            "--no_filter_answers reads every answer",
+        ),
         (
             ["recover", "--prune", "last:2", "--on_policy_steps", "3", "--sample_fraction", "0.2"],
             ValueError,
@@ -485,3 +491,14 @@ def test_precision_is_checked_and_the_demo_follows_the_hardware():
     assert recover_args.precision is None  # recover: --bf16 decides, as in Trainer
     (demo_args, *_) = command_module("demo").make_parser().parse_args_into_dataclasses([])
     assert demo_args.precision == "auto"  # the demo: bfloat16 where the hardware has it
+
+
+def test_the_answer_filter_flags_build_the_filter_training_reads():
+    from hf_recover.distill.answer_filter import GOOD_ANSWERS, KEEP_ALL_ANSWERS
+    from hf_recover.scripts.arguments import MixtureArguments
+
+    assert MixtureArguments().teacher_data_settings()["answer_filter"] == GOOD_ANSWERS
+    assert MixtureArguments(filter_answers=False).answer_filter() == KEEP_ALL_ANSWERS
+    capped = MixtureArguments(max_answer_tokens=200).answer_filter()
+    assert capped.max_answer_tokens == 200 and capped.finished_only and capped.drop_refusals
+    assert capped.max_repeated_ngram_rate == GOOD_ANSWERS.max_repeated_ngram_rate

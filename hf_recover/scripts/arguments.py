@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,13 @@ class MixtureArguments:
             "loop (GOOD_ANSWERS); --no_filter_answers trains on every answer."
         },
     )
+    max_answer_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --filter_answers: train only on the teacher's answers of at most this many tokens, "
+            "end-of-turn included (default: GOOD_ANSWERS' own cap)."
+        },
+    )
     train_tokens: int | None = field(
         default=None,
         metadata={
@@ -182,6 +189,15 @@ class MixtureArguments:
             sampling = Sampling(self.answer_temperature, self.answer_top_p, self.answer_tokens)
         except ValueError as error:
             raise ValueError(f"--answer_temperature / --answer_top_p / --answer_tokens: {error}") from error
+        if self.max_answer_tokens is not None and not self.filter_answers:
+            raise ValueError(
+                f"--max_answer_tokens {self.max_answer_tokens} caps the answers --filter_answers keeps, and "
+                "--no_filter_answers reads every answer: drop one of the two."
+            )
+        try:
+            self.answer_filter()
+        except ValueError as error:
+            raise ValueError(f"--max_answer_tokens: {error}") from error
         if isinstance(self.answers_per_prompt, bool) or self.answers_per_prompt < 1:
             raise ValueError(f"--answers_per_prompt must be an int >= 1, got {self.answers_per_prompt!r}.")
         if self.answers_per_prompt > 1 and sampling.greedy:
@@ -193,15 +209,25 @@ class MixtureArguments:
     def teacher_data_settings(self) -> dict[str, Any]:
         """`teacher_mixture`'s keyword arguments for how the teacher data is written and read."""
         from ..base.generation import Sampling
-        from ..distill.answer_filter import GOOD_ANSWERS, KEEP_ALL_ANSWERS
 
         return {
             "teacher_data": self.teacher_data, "chat_fraction": self.chat_fraction,
             "sample_fraction": self.sample_fraction, "num_prompts": self.num_prompts, "num_samples": self.num_samples,
             "answer_tokens": self.answer_tokens, "answers_per_prompt": self.answers_per_prompt,
             "answer_sampling": Sampling(self.answer_temperature, self.answer_top_p, self.answer_tokens),
-            "answer_filter": GOOD_ANSWERS if self.filter_answers else KEEP_ALL_ANSWERS,
+            "answer_filter": self.answer_filter(),
         }  # fmt: skip
+
+    def answer_filter(self):
+        """The `AnswerFilter` these flags ask for: `GOOD_ANSWERS` (capped at `--max_answer_tokens` where given), or
+        `KEEP_ALL_ANSWERS` with `--no_filter_answers`."""
+        from ..distill.answer_filter import GOOD_ANSWERS, KEEP_ALL_ANSWERS
+
+        if not self.filter_answers:
+            return KEEP_ALL_ANSWERS
+        if self.max_answer_tokens is None:
+            return GOOD_ANSWERS
+        return replace(GOOD_ANSWERS, max_answer_tokens=self.max_answer_tokens)
 
     @property
     def uses_teacher_data(self) -> bool:
