@@ -309,7 +309,7 @@ def test_several_answers_per_prompt_are_kept_with_their_figures_and_filtered_on_
     assert (report["kept_answers"], report["kept_prompts"]) == (3, 2)
     card = " ".join((out / "README.md").read_text().split())
     assert "83.3% end" in card and "16.7% refuse" in card and "keeps 3 answers to 2 prompts" in card
-    assert "(`GOOD_ANSWERS`: finished, no refusal, no loop)" in card  # the default filter, in words
+    assert "(`GOOD_ANSWERS`: finished, no refusal, no loop, at most 256 tokens)" in card  # the default, in words
 
 
 def test_several_greedy_answers_per_prompt_and_bad_filters_are_refused(tmp_path, teacher, tok):
@@ -368,4 +368,5 @@ def test_the_data_card_names_what_the_answer_filter_keeps():
     assert _kept_are(asdict(capped)) == "finished, no refusal, no loop, at most 256 tokens, at most 1 per prompt"
     assert _kept_are(asdict(KEEP_ALL_ANSWERS)) == "every answer"
     earlier = {key: value for key, value in asdict(AnswerFilter()).items() if key != "max_answer_tokens"}
+    assert "max_answer_tokens" in asdict(AnswerFilter())
     assert _kept_are(earlier) == "finished, no refusal, no loop"  # a card written before the length cap

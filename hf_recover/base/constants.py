@@ -24,10 +24,13 @@ ANSWER_TOKENS = 384
 ANSWER_TEMPERATURE = 0.7
 ANSWER_TOP_P = 1.0
 ANSWERS_PER_PROMPT = 2
-NUM_PROMPTS = 128
+NUM_PROMPTS = 256
+KEPT_ANSWER_TOKENS = 256
 """How the recovery mixture's teacher data is written by default (`--teacher_data auto`): two answers sampled at
-temperature 0.7 to each of 128 prompts the teacher writes itself, each up to 384 tokens, of which training reads those
-that finish, do not refuse and do not loop (`GOOD_ANSWERS`). A 135M teacher's greedy answers to its own prompts finish
-within 128 tokens 29% of the time and refuse 20% of the time; sampled and given 384 tokens, half of them finish, and
-the filter keeps about 40% of them, enough for the mixture's share (docs/recovery.md has the figures). No nucleus:
-sorting the vocabulary at each step costs a quarter of the generation's speed on CPU."""
+temperature 0.7 to each of 256 prompts the teacher writes itself, each up to 384 tokens, of which training reads those
+that finish within 256 tokens, do not refuse and do not loop (`GOOD_ANSWERS`). A 135M teacher's greedy answers to its
+own prompts finish within 128 tokens 29% of the time and refuse 20% of the time; sampled and given 384 tokens, half of
+them finish; the filter keeps 23% of them, 22,244 tokens, enough for the mixture's share. A student trained on the
+answers that finish within 384 tokens (207 tokens on average) writes answers too long to end within the budget it is
+judged in; within 256 (136 on average), it finishes as often as the teacher (docs/recovery.md has the figures). No
+nucleus: sorting the vocabulary at each step costs a quarter of the generation's speed on CPU."""

@@ -2,9 +2,10 @@
 
 Every answer `hf_recover.distill.teacher_data.build_teacher_data` writes is kept with its figures (`finished`,
 `refusal`, `repeated_ngram_rate`; `hf_recover.base.answer_quality`). An `AnswerFilter` decides which ones training
-reads: by default (`GOOD_ANSWERS`) those that end with the end-of-turn token, do not refuse and repeat at most 20% of
-their 4-grams. A small teacher's greedy answers loop and never stop, and it declines some of the requests it wrote
-itself: a student trained on those learns to loop, never to stop, and to refuse. `answer_report` gives the shares the
+reads: by default (`GOOD_ANSWERS`) those that end with the end-of-turn token within 256 tokens, do not refuse and
+repeat at most 20% of their 4-grams. A small teacher's greedy answers loop and never stop, and it declines some of the
+requests it wrote itself: a student trained on those learns to loop, never to stop, and to refuse; one trained on
+answers longer than the budget it answers in does not finish within it. `answer_report` gives the shares the
 teacher data's card reports.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from ..base.constants import KEPT_ANSWER_TOKENS
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,9 @@ class AnswerFilter:
 
 
 KEEP_ALL_ANSWERS = AnswerFilter(finished_only=False, drop_refusals=False, max_repeated_ngram_rate=None)
-GOOD_ANSWERS = AnswerFilter()
-"""The answers recovery trains on by default: finished, no refusal, at most 20% repeated 4-grams."""
+GOOD_ANSWERS = AnswerFilter(max_answer_tokens=KEPT_ANSWER_TOKENS)
+"""The answers recovery trains on by default: finished within `KEPT_ANSWER_TOKENS` (256) tokens, no refusal, at most
+20% repeated 4-grams."""
 
 
 def answer_report(rows, answer_filter: AnswerFilter = GOOD_ANSWERS) -> dict[str, Any]:

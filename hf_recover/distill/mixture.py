@@ -98,7 +98,8 @@ def teacher_mixture(
                 raise ValueError(
                     f"The teacher data in {folder} holds {held:,} tokens of {kind}s (those the answer filter keeps); "
                     f"the mixture asks for {quotas[kind]:,} ({fraction} of {train_tokens:,}). Write more of them "
-                    "(num_prompts / --num_prompts, num_samples / --num_samples, answers_per_prompt), or lower the "
+                    "(num_prompts / --num_prompts, num_samples / --num_samples, answers_per_prompt), keep longer "
+                    "answers (the answer filter's max_answer_tokens / --max_answer_tokens), or lower the "
                     f"{kind} fraction."
                 )
     quotas["text"] = train_tokens - sum(quotas.values())

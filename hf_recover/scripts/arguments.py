@@ -145,15 +145,15 @@ class MixtureArguments:
     filter_answers: bool = field(
         default=True,
         metadata={
-            "help": "Train only on the teacher's answers that finish within --answer_tokens, do not refuse and do not "
-            "loop (GOOD_ANSWERS); --no_filter_answers trains on every answer."
+            "help": "Train only on the teacher's answers that finish within --max_answer_tokens, do not refuse and do "
+            "not loop (GOOD_ANSWERS); --no_filter_answers trains on every answer."
         },
     )
     max_answer_tokens: int | None = field(
         default=None,
         metadata={
             "help": "With --filter_answers: train only on the teacher's answers of at most this many tokens, "
-            "end-of-turn included (default: GOOD_ANSWERS' own cap)."
+            "end-of-turn included (default: GOOD_ANSWERS' own, 256)."
         },
     )
     train_tokens: int | None = field(
