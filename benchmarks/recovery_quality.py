@@ -5,6 +5,7 @@
     python benchmarks/recovery_quality.py --quick          # a smoke run: 2,048 tokens, 4 evaluation blocks, 8 prompts
     python benchmarks/recovery_quality.py --only mixture --set learning_rate=2e-4 --chat_fraction 0.5
     python benchmarks/recovery_quality.py --only text mixture --prune angular:6:heal=local   # another heal
+    python benchmarks/recovery_quality.py --only mixture --prompts dev --max_answer_tokens 384   # choose on dev
 
 The protocol is `hf-recover demo`'s: SmolLM2-135M-Instruct (30 blocks) and the default offline corpus (400 training
 documents packed into 256-token blocks), 6 blocks removed, 61,440 training tokens for every recipe:

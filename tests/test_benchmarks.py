@@ -38,3 +38,19 @@ def test_a_benchmark_that_does_not_start_fails(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         load_benchmark(refuses).main(["--no-such-flag"])
     assert exit_.value.code == 2
+
+
+def test_recovery_quality_chooses_on_dev_and_passes_the_teacher_data_flags_on(monkeypatch):
+    from hf_recover.distill.answer_filter import GOOD_ANSWERS
+
+    monkeypatch.syspath_prepend(str(FOLDER))
+    benchmark = load_benchmark(FOLDER / "recovery_quality.py")
+    assert benchmark.mixture_settings(benchmark.parse_args([])) == {}  # the demo's mixture
+    args = benchmark.parse_args(["--prompts", "dev", "--num_prompts", "64", "--max_answer_tokens", "100"])
+    assert args.prompts == "dev"
+    settings = benchmark.mixture_settings(args)
+    assert settings["num_prompts"] == 64
+    assert settings["answer_filter"].max_answer_tokens == 100
+    assert settings["answer_filter"].max_repeated_ngram_rate == GOOD_ANSWERS.max_repeated_ngram_rate
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--prompts", "train"])
