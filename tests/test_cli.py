@@ -495,10 +495,15 @@ def test_precision_is_checked_and_the_demo_follows_the_hardware():
 
 def test_the_answer_filter_flags_build_the_filter_training_reads():
     from hf_recover.distill.answer_filter import GOOD_ANSWERS, KEEP_ALL_ANSWERS
-    from hf_recover.scripts.arguments import MixtureArguments
 
-    assert MixtureArguments().teacher_data_settings()["answer_filter"] == GOOD_ANSWERS
-    assert MixtureArguments(filter_answers=False).answer_filter() == KEEP_ALL_ANSWERS
-    capped = MixtureArguments(max_answer_tokens=200).answer_filter()
+    parser = command_module("recover").make_parser()
+
+    def answer_filter(argv):
+        mixture = next(a for a in parser.parse_args_into_dataclasses(argv) if hasattr(a, "teacher_data_settings"))
+        return mixture.teacher_data_settings()["answer_filter"]
+
+    assert answer_filter([]) == GOOD_ANSWERS
+    assert answer_filter(["--no_filter_answers"]) == KEEP_ALL_ANSWERS
+    capped = answer_filter(["--max_answer_tokens", "200"])
     assert capped.max_answer_tokens == 200 and capped.finished_only and capped.drop_refusals
     assert capped.max_repeated_ngram_rate == GOOD_ANSWERS.max_repeated_ngram_rate
