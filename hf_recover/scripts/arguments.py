@@ -13,6 +13,7 @@ from ..base.constants import (
     ANSWER_TOP_P,
     ANSWERS_PER_PROMPT,
     CHAT_FRACTION,
+    KEPT_ANSWER_TOKENS,
     NUM_PROMPTS,
 )
 from ..base.data import CALIBRATION_BLOCKS, DEFAULT_CORPUS, EVAL_BLOCKS, EVAL_MAX_LENGTH, check_mixture
@@ -153,7 +154,7 @@ class MixtureArguments:
         default=None,
         metadata={
             "help": "With --filter_answers: train only on the teacher's answers of at most this many tokens, "
-            "end-of-turn included (default: GOOD_ANSWERS' own, 256)."
+            f"end-of-turn included (default: GOOD_ANSWERS' own, {KEPT_ANSWER_TOKENS})."
         },
     )
     train_tokens: int | None = field(
